@@ -17,7 +17,7 @@ import itsdangerous
 from .errors import BadSignature, MalformedToken
 
 __all__ = ["Route", "TokenCodec", "NONE", "new_sid", "cookie_values", "path_param",
-           "query_param", "strip_path_param"]
+           "query_param", "strip_path_param", "add_path_param"]
 
 NONE = "NONE"
 _SALT = "tandem.route"
@@ -139,3 +139,13 @@ def strip_path_param(path: str, name: str) -> str:
         if 0 <= j < end:
             end = j
     return path[:i] + path[end:]
+
+
+def add_path_param(url: str, name: str, token: str) -> str:
+    """`url` with `;name=token` on its path (any earlier such parameter replaced)."""
+    cut = len(url)
+    for sep in "?#":
+        j = url.find(sep)
+        if 0 <= j < cut:
+            cut = j
+    return strip_path_param(url[:cut], name) + ";" + name + "=" + token + url[cut:]

@@ -1,0 +1,207 @@
+"""The ASGI middleware that gives every request its replicated session.
+
+It reads the route token (cookie, then `;jsessionid=` path parameter, then query parameter),
+removes the path parameter from the path the app sees, puts the session at
+`scope["session"]`, and when the response head is ready commits the session and adds
+`Set-Cookie` if the token changed. It also answers `/__tandem/health` and piggy-backs the
+cluster view for the proxy (`X-Tandem-Cluster`) when the proxy's `X-Tandem-View` is stale.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import structlog
+
+from .config import Config
+from .errors import TokenError
+from .logs import short
+from .manager import SessionManager, SessionMoved
+from .session import Session
+from .store import Primary
+from .token import (
+    Route,
+    TokenCodec,
+    add_path_param,
+    cookie_values,
+    path_param,
+    query_param,
+    strip_path_param,
+)
+
+__all__ = ["TandemMiddleware", "ASGIApp"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = structlog.get_logger("tandem.http")
+
+HEALTH_PATH = "/__tandem/health"
+
+
+class TandemMiddleware:
+    """Wraps an ASGI app with tandem's sessions."""
+
+    def __init__(self, app: ASGIApp, *, manager: SessionManager, config: Config) -> None:
+        # configuration
+        self.app = app
+        self.manager = manager
+        self.codec = TokenCodec(config.cluster.secrets)
+        s = config.session
+        self.cookie_name = s.cookie_name
+        self.param_name = s.cookie_name.lower()
+        self.url_rewriting = s.url_rewriting
+        attrs = f"; Path={s.cookie_path}; HttpOnly; SameSite={s.cookie_samesite}"
+        if s.cookie_secure or s.cookie_samesite == "None":
+            attrs += "; Secure"
+        self._cookie_attrs = attrs
+        self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
+        # run-time state
+        self.draining = False
+        self.bad_tokens = 0
+
+    # --- SessionContext -----------------------------------------------------------------
+
+    def route_of(self, record: Primary) -> Route:
+        return Route(record.sid, self.manager.me.id, record.secondary)
+
+    def encode_url(self, url: str, record: Primary) -> str:
+        return add_path_param(url, self.param_name, self.codec.encode(self.route_of(record)))
+
+    # --- ASGI ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == HEALTH_PATH:
+            await self._health(send)
+            return
+
+        cookie: str | None = None
+        proxy_view: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"cookie":
+                cookie = value.decode("latin-1") if cookie is None else (
+                    cookie + "; " + value.decode("latin-1"))
+            elif name == b"x-tandem-view":
+                proxy_view = value
+        route = self._route(scope, cookie)
+        if self.url_rewriting and ";" in scope["path"]:
+            scope["path"] = strip_path_param(scope["path"], self.param_name)
+            raw = scope.get("raw_path")
+            if raw:
+                scope["raw_path"] = strip_path_param(raw.decode("latin-1"),
+                                                     self.param_name).encode("latin-1")
+
+        manager = self.manager
+        record = await manager.open(route)
+        session = Session(record, create=manager.new_session, context=self)
+        scope["session"] = session
+        scope["tandem.server"] = manager.me.id
+        committed = False
+        replaced = False  # the app's response was replaced by ours (session moved)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal committed, replaced
+            if replaced:
+                return
+            mtype = message["type"]
+            if not committed and mtype in ("http.response.start", "websocket.accept"):
+                committed = True
+                try:
+                    result = await manager.commit(session)
+                except SessionMoved:
+                    if mtype == "websocket.accept":
+                        await send({"type": "websocket.close", "code": 1012})
+                    else:
+                        await _send_moved(send)
+                    replaced = True
+                    return
+                headers = list(message.get("headers", ()))
+                if result.cleared:
+                    if route is not None:
+                        headers.append((b"set-cookie", self._clear_cookie))
+                elif result.route is not None and result.route != route:
+                    token = self.codec.encode(result.route)
+                    headers.append((b"set-cookie", (
+                        f"{self.cookie_name}={token}{self._cookie_attrs}").encode("latin-1")))
+                if proxy_view is not None:
+                    view_hash, view_header = manager.membership.view()
+                    if proxy_view != view_hash.encode():
+                        headers.append((b"x-tandem-cluster", view_header.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if not committed and session.record is not None:
+                # The handler failed: its changes are dropped, the session stays as it was.
+                committed = True
+                try:
+                    await manager.commit(session, discard=True)
+                except SessionMoved:
+                    pass
+            raise
+        if session.record is not None and not session.invalidated:
+            # Changes made after the response head (streaming handlers, websockets).
+            try:
+                await manager.commit(session)
+            except SessionMoved:
+                pass
+
+    def _route(self, scope: Scope, cookie: str | None) -> Route | None:
+        tokens: list[str] = []
+        if cookie is not None:
+            tokens.extend(cookie_values(cookie, self.cookie_name))
+        if self.url_rewriting:
+            raw = scope.get("raw_path")
+            target = raw.decode("latin-1") if raw else scope["path"]
+            if ";" in target:
+                t = path_param(target, self.param_name)
+                if t:
+                    tokens.append(t)
+            qs = scope.get("query_string") or b""
+            if qs:
+                t = query_param("?" + qs.decode("latin-1"), self.param_name)
+                if t:
+                    tokens.append(t)
+        for token in tokens:
+            try:
+                return self.codec.decode(token)
+            except TokenError as exc:
+                self.bad_tokens += 1
+                sid = token.split("!", 1)[0] if "!" in token else None
+                log.warning("bad_token", reason=type(exc).__name__, sid=short(sid))
+        return None
+
+    async def _health(self, send: Send) -> None:
+        m = self.manager
+        body = json.dumps({
+            "server": m.me.id,
+            "state": "draining" if self.draining else "up",
+            "peers": m.membership.states(),
+            "primaries": len(m.store.primaries),
+            "replicas": len(m.store.replicas),
+            "view": m.membership.view()[0],
+            "stats": m.stats,
+        }).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _send_moved(send: Send) -> None:
+    body = b"session moved to another server; retry\n"
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"0")]})
+    await send({"type": "http.response.body", "body": body})

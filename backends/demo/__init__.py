@@ -1,0 +1,86 @@
+"""The bundled demo app of `tandem up`: a counter that shows where its session lives.
+
+Plain ASGI (no framework). `/` shows the page, `/inc` increments and redirects back,
+`/api` returns JSON, `/reset` invalidates the session.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+__all__ = ["app"]
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>tandem demo</title>
+<style>
+body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 40em; margin: 3em auto; color: #222; }}
+.count {{ font-size: 4em; font-weight: 700; }}
+table {{ border-collapse: collapse; }} td {{ padding: .2em 1em .2em 0; }}
+a.button {{ display: inline-block; padding: .4em 1em; border: 1px solid #888; border-radius: 4px;
+           text-decoration: none; color: #222; margin-right: .5em; }}
+code {{ background: #f3f3f3; padding: 0 .3em; }}
+</style></head><body>
+<h1>tandem demo</h1>
+<div class="count">{count}</div>
+<p><a class="button" href="{inc}">+1</a><a class="button" href="{reset}">new session</a></p>
+<table>
+<tr><td>served by</td><td><b>{server}</b></td></tr>
+<tr><td>session primary</td><td>{primary}</td></tr>
+<tr><td>session secondary</td><td>{secondary}</td></tr>
+<tr><td>session id</td><td><code>{sid}…</code></td></tr>
+</table>
+<p>Kill the primary (<code>kill -9</code> its process, or Ctrl-Z its terminal) and press +1:
+the count survives, served by the old secondary, which picks a new secondary.</p>
+</body></html>
+"""
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            msg = await receive()
+            await send({"type": msg["type"] + ".complete"})
+            if msg["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] != "http":
+        return
+    session = scope["session"]
+    path = scope["path"]
+    if path == "/inc":
+        session["count"] = session.get("count", 0) + 1
+        await _send(send, 303, b"", [(b"location", session.encode_url("/").encode())])
+        return
+    if path == "/reset":
+        if "count" in session:
+            session.invalidate()
+        await _send(send, 303, b"", [(b"location", b"/")])
+        return
+    count = session.get("count", 0)
+    if "count" not in session:
+        session["count"] = 0
+    route = session.route
+    info = {"count": count, "server": scope.get("tandem.server"),
+            "primary": route.primary if route else None,
+            "secondary": (route.secondary or "NONE") if route else None}
+    if path == "/api":
+        body = json.dumps(info).encode()
+        await _send(send, 200, body, [(b"content-type", b"application/json")])
+        return
+    if path != "/":
+        await _send(send, 404, b"not found\n", [(b"content-type", b"text/plain")])
+        return
+    page = _PAGE.format(
+        count=count, server=html.escape(str(info["server"])),
+        primary=html.escape(str(info["primary"])), secondary=html.escape(str(info["secondary"])),
+        sid=html.escape(session.id[:8]), inc=html.escape(session.encode_url("/inc")),
+        reset=html.escape(session.encode_url("/reset")))
+    await _send(send, 200, page.encode(), [(b"content-type", b"text/html; charset=utf-8"),
+                                           (b"cache-control", b"no-store")])
+
+
+async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

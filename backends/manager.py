@@ -1,0 +1,494 @@
+"""Where sessions live and how they move: the per-request logic of a backend server.
+
+A request carrying token (SID, P, S) at server X (DESIGN.md §3):
+- X holds the primary: use it.
+- X holds the replica and P is failed: promote it (same version), pick a new secondary.
+- otherwise fetch the session from P, then S (the holder keeps a demoted copy until the new
+  secondary has the state, then is told to release it); X becomes primary.
+- found nowhere: a new session, and `session_lost` is logged.
+
+Changes are committed when the handler has completed: applied to the primary and, with
+`session.replication = "sync"`, acknowledged by the secondary before the response leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from .config import Config, ServerConfig
+from .errors import PeerTimeout, PeerUnavailable, ReplicationError
+from .logs import short
+from .peers import Membership, PeerState
+from .ranking import choose_secondary
+from .session import Session
+from .store import LocalStore, Primary, Replica
+from .token import Route
+
+__all__ = ["SessionManager", "CommitResult", "SessionMoved"]
+
+log = structlog.get_logger("tandem.sessions")
+
+
+class SessionMoved(ReplicationError):
+    """Another server took this session over while this request ran; it was not committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    route: Route | None       # the token the client must hold after this response
+    cleared: bool = False     # the session was invalidated: clear the client's token
+
+
+class SessionManager:
+    """Sessions of one server: resolve tokens, commit changes, replicate, expire."""
+
+    def __init__(self, *, config: Config, me: str, membership: Membership) -> None:
+        # configuration
+        self.config = config
+        self.me: ServerConfig = config.server(me)
+        self.mode = config.session.replication
+        self._timeout = config.cluster.replication_timeout_s
+        # state
+        self.membership = membership
+        self.store = LocalStore(max_inactive_s=config.session.max_inactive_s)
+        self._opening: dict[str, asyncio.Future[Primary | None]] = {}
+        self._touched: dict[str, dict[str, float]] = {}   # secondary -> sid -> last_access
+        self._async_dirty: dict[str, None] = {}           # sids awaiting an async flush
+        self._flush_now = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stats: dict[str, int] = {k: 0 for k in (
+            "created", "promoted", "fetched", "lost", "replicated", "replication_failures",
+            "expired", "invalidated", "moved")}
+        membership.on_change(self._peer_changed)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="session-sweeper"))
+        self._tasks.append(asyncio.create_task(self._touch_loop(), name="session-touch"))
+        if self.mode == "async":
+            self._tasks.append(asyncio.create_task(self._async_loop(), name="async-replication"))
+
+    async def close(self) -> None:
+        if self.mode == "async":
+            await self._flush_async()  # what was acknowledged goes out before we stop
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- per request: resolve -----------------------------------------------------------
+
+    def new_session(self) -> Primary:
+        record = self.store.create()
+        self.stats["created"] += 1
+        log.info("session_created", sid=short(record.sid))
+        return record
+
+    async def open(self, route: Route | None) -> Primary | None:
+        """The primary record for a request's token, taken over here if need be."""
+        if route is None:
+            return None
+        record = self.store.primaries.get(route.sid)
+        if record is not None:
+            if record.expired(time.time()):
+                self._expire([record], [])
+                return None
+            return record
+        pending = self._opening.get(route.sid)
+        if pending is not None:  # a concurrent request is already taking it over
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Primary | None] = asyncio.get_running_loop().create_future()
+        self._opening[route.sid] = fut
+        try:
+            record = await self._take_over(route)
+            fut.set_result(record)
+            return record
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
+            raise
+        finally:
+            del self._opening[route.sid]
+
+    async def _take_over(self, route: Route) -> Primary | None:
+        sid = route.sid
+        local = self.store.replicas.get(sid)
+        best: dict[str, Any] | None = None
+        source = "replica"
+        holders: dict[str, int] = {}  # server -> version of the copy it keeps
+        if local is None or self.membership.is_alive(local.primary):
+            # Ask the servers the token names (and the primary our replica names).
+            asked = []
+            for peer in (route.primary, route.secondary, local.primary if local else None):
+                if peer is None or peer == self.me.id or peer in asked:
+                    continue
+                asked.append(peer)
+                if not self.membership.is_alive(peer):
+                    continue
+                state = await self._fetch(peer, sid)
+                if state is None:
+                    continue
+                holders[peer] = int(state["v"])
+                if best is None or state["v"] > best["v"]:
+                    best, source = state, peer
+                if state.get("kind") == "primary":
+                    break  # the authoritative copy
+        if local is not None and (best is None or local.version >= best["v"]):
+            if time.time() - local.last_access > local.max_inactive_s:
+                self.store.replicas.pop(sid, None)
+                log.info("session_expired", sid=short(sid))
+                return None
+            record = self.store.promote(local)
+            self.stats["promoted"] += 1
+            log.info("promoted", sid=short(sid), version=record.version,
+                     old_primary=local.primary)
+        elif best is not None:
+            self.store.replicas.pop(sid, None)
+            record = Primary(sid, data=best["data"], version=int(best["v"]),
+                             max_inactive_s=float(best["max_inactive_s"]),
+                             created=float(best["created"]),
+                             last_access=float(best["last_access"]))
+            if time.time() - record.last_access > record.max_inactive_s:
+                for peer in holders:
+                    self._send(peer, {"op": "invalidate", "sids": [sid]})
+                log.info("session_expired", sid=short(sid))
+                return None
+            self.store.primaries[sid] = record
+            self.stats["fetched"] += 1
+            log.info("fetched", sid=short(sid), version=record.version, from_=source)
+        else:
+            self.stats["lost"] += 1
+            log.warning("session_lost", sid=short(sid), primary=route.primary,
+                        secondary=route.secondary)
+            return None
+        # Protect the taken-over state before the handler runs: the new secondary gets it
+        # now (a holder that already has this version is kept), the other holders let go.
+        if self.mode != "none":
+            secondary = self._choose_secondary()
+            self.store.assign_secondary(record, secondary)
+            if secondary is not None and holders.get(secondary) == record.version:
+                record.sent_version = record.acked_version = record.version
+            record.stale_holders = {p for p in holders if p != secondary}
+            await self.replicate(record)
+        return record
+
+    async def _fetch(self, peer: str, sid: str) -> dict[str, Any] | None:
+        try:
+            reply = await self.membership.links[peer].call(
+                {"op": "fetch", "sid": sid}, timeout=self._timeout)
+        except (PeerUnavailable, PeerTimeout) as exc:
+            self._peer_error(peer, exc)
+            return None
+        return reply if reply.get("found") else None
+
+    # --- per request: commit ------------------------------------------------------------
+
+    async def commit(self, session: Session, *, discard: bool = False) -> CommitResult:
+        """Apply the request's changes and replicate them (sync: acknowledged first)."""
+        record = session.record
+        if record is None:
+            return CommitResult(None)
+        if self.store.primaries.get(record.sid) is not record:
+            # taken over by another server, invalidated or expired meanwhile
+            self.stats["moved"] += 1
+            raise SessionMoved("session is no longer primary here", peer=self.me.id)
+        if session.invalidated:
+            await self._invalidate(record)
+            return CommitResult(None, cleared=True)
+        if not discard:
+            changes = session.collect_changes()
+            for error in changes.errors:
+                log.error("session_value_unserializable", sid=short(record.sid), error=error)
+            if changes.max_inactive_s is not None:
+                record.max_inactive_s = changes.max_inactive_s
+            if changes:
+                record.apply(changes.set, changes.deleted)
+            if session.regenerate_requested:
+                record = await self._regenerate(record)
+                session._attach(record)
+            session.reset()
+        record.last_access = time.time()
+        if record.version == 0:
+            record.version = 1  # a new session is committed once, even with no keys
+        if self.mode != "none":
+            if record.version != record.sent_version or record.secondary is None:
+                await self.replicate(record)
+            elif record.secondary is not None:
+                self._touched.setdefault(record.secondary, {})[record.sid] = record.last_access
+        return CommitResult(Route(record.sid, self.me.id, record.secondary))
+
+    async def _regenerate(self, old: Primary) -> Primary:
+        record = self.store.create()
+        record.data, record.version = old.data, old.version
+        record.max_inactive_s, record.created = old.max_inactive_s, old.created
+        await self._invalidate(old)
+        log.info("session_id_regenerated", old=short(old.sid), new=short(record.sid))
+        return record
+
+    async def _invalidate(self, record: Primary) -> None:
+        self.store.remove(record.sid)
+        self.stats["invalidated"] += 1
+        log.info("session_invalidated", sid=short(record.sid))
+        holders = {record.secondary, *record.stale_holders} - {None}
+        msg = {"op": "invalidate", "sids": [record.sid]}
+        if self.mode == "sync":  # a replica must not outlive an acknowledged invalidation
+            await asyncio.gather(*(self._call_quietly(p, dict(msg)) for p in holders if p))
+        else:
+            for peer in holders:
+                if peer:
+                    self._send(peer, dict(msg))
+
+    # --- replication (primary side) -----------------------------------------------------
+
+    async def replicate(self, record: Primary) -> None:
+        """Bring the secondary up to date (sync: wait for its ack; async: queue it)."""
+        if self.mode == "async":
+            self._async_dirty[record.sid] = None
+            if len(self._async_dirty) >= self.config.session.async_flush_threshold:
+                self._flush_now.set()
+            if record.secondary is None or not self.membership.is_alive(record.secondary):
+                self.store.assign_secondary(record, self._choose_secondary())
+            return
+        await self._replicate_now(record)
+
+    async def _replicate_now(self, record: Primary) -> None:
+        for _ in range(len(self.config.servers)):
+            peer = record.secondary
+            if peer is None or not self.membership.is_alive(peer):
+                peer = self._choose_secondary()
+                self.store.assign_secondary(record, peer)
+                if peer is None:
+                    log.warning("session_unprotected", sid=short(record.sid))
+                    return
+            msg = self._replicate_msg(record)
+            try:
+                reply = await self.membership.links[peer].call(msg, timeout=self._timeout)
+            except (PeerUnavailable, PeerTimeout) as exc:
+                self.stats["replication_failures"] += 1
+                self._peer_error(peer, exc)
+                continue
+            if self.store.primaries.get(record.sid) is not record:
+                return  # invalidated or moved while we waited
+            if reply.get("ok"):
+                record.acked_version = max(record.acked_version, int(msg["v"]))
+                self.stats["replicated"] += 1
+                log.debug("replicated", sid=short(record.sid), to=peer, version=msg["v"],
+                          full="data" in msg)
+                self._release_stale(record)
+                return
+            if reply.get("need_full"):
+                record.sent_version = -1
+                continue
+            if reply.get("moved"):
+                self.store.remove(record.sid)
+                self.stats["moved"] += 1
+                log.warning("session_moved", sid=short(record.sid), to=reply["moved"])
+                raise SessionMoved(f"session is primary at {reply['moved']}", peer=peer)
+            log.error("replication_rejected", sid=short(record.sid), peer=peer,
+                      reply=reply.get("error"))
+            return
+        log.warning("session_unprotected", sid=short(record.sid))
+
+    def _replicate_msg(self, record: Primary) -> dict[str, Any]:
+        msg: dict[str, Any] = {"op": "replicate", "sid": record.sid, "v": record.version,
+                               "max_inactive_s": record.max_inactive_s,
+                               "created": record.created, "last_access": record.last_access}
+        if record.sent_version < 0:
+            msg["data"] = record.data
+        else:
+            data = record.data
+            msg["base"] = record.sent_version
+            msg["set"] = {k: data[k] for k in record.pending if k in data}
+            msg["del"] = [k for k in record.pending if k not in data]
+        record.sent_version = record.version
+        record.pending.clear()
+        return msg
+
+    def _release_stale(self, record: Primary) -> None:
+        if record.stale_holders:
+            for peer in record.stale_holders - {record.secondary}:
+                self._send(peer, {"op": "release", "sid": record.sid})
+            record.stale_holders = set()
+
+    def _choose_secondary(self) -> str | None:
+        chosen = choose_secondary(self.me, self.membership.alive_peers(),
+                                  self.store.replica_counts)
+        return None if chosen is None else chosen.id
+
+    async def _flush_async(self) -> None:
+        sids, self._async_dirty = list(self._async_dirty), {}
+        records = [r for sid in sids if (r := self.store.primaries.get(sid)) is not None]
+        await asyncio.gather(*(self._replicate_now(r) for r in records), return_exceptions=True)
+
+    async def _async_loop(self) -> None:
+        interval = self.config.session.async_flush_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), interval)
+            self._flush_now.clear()
+            if self._async_dirty:
+                await self._flush_async()
+
+    # --- membership events --------------------------------------------------------------
+
+    def _peer_error(self, peer: str, exc: Exception) -> None:
+        link = self.membership.links.get(peer)
+        if link is not None:
+            link.fail(str(exc))
+
+    async def _peer_changed(self, peer: str, state: PeerState, cause: str) -> None:
+        if self.mode == "none":
+            return
+        if state is PeerState.ALIVE:
+            orphans = list(self.store.primaries_with_secondary(None))
+        else:
+            orphans = list(self.store.primaries_with_secondary(peer))
+            for record in orphans:
+                self.store.assign_secondary(record, None)
+        if orphans:
+            await self._reprotect(orphans, cause=f"{peer} {state.value}")
+
+    async def _reprotect(self, records: list[Primary], *, cause: str) -> None:
+        started = time.monotonic()
+        sem = asyncio.Semaphore(64)
+
+        async def one(record: Primary) -> None:
+            async with sem:
+                if self.store.primaries.get(record.sid) is record:
+                    with contextlib.suppress(ReplicationError):
+                        await self._replicate_now(record)
+
+        await asyncio.gather(*(one(r) for r in records))
+        log.info("reprotected", sessions=len(records), cause=cause,
+                 seconds=round(time.monotonic() - started, 3))
+
+    # --- background: touch and expiry ---------------------------------------------------
+
+    async def _touch_loop(self) -> None:
+        interval = min(self.config.cluster.heartbeat_interval_s,
+                       self.config.session.max_inactive_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            touched, self._touched = self._touched, {}
+            for peer, items in touched.items():
+                self._send(peer, {"op": "touch", "items": items})
+
+    async def _sweep_loop(self) -> None:
+        interval = max(0.1, min(30.0, self.config.session.max_inactive_s / 10))
+        while True:
+            await asyncio.sleep(interval)
+            primaries, replicas = self.store.expired()
+            if primaries or replicas:
+                self._expire(primaries, replicas)
+
+    def _expire(self, primaries: list[Primary], replicas: list[Replica]) -> None:
+        by_peer: dict[str, list[str]] = {}
+        for record in primaries:
+            self.store.remove(record.sid)
+            if record.secondary is not None:
+                by_peer.setdefault(record.secondary, []).append(record.sid)
+        for peer, sids in by_peer.items():
+            self._send(peer, {"op": "invalidate", "sids": sids})
+        self.stats["expired"] += len(primaries)
+        log.info("sessions_expired", primaries=len(primaries), replicas=len(replicas))
+
+    # --- replica side: messages from peers ----------------------------------------------
+
+    def handle(self, peer: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+        op = msg.get("op")
+        if op == "ping":
+            return {"op": "pong"}
+        if op == "replicate":
+            return self._on_replicate(peer, msg)
+        if op == "fetch":
+            return self._on_fetch(peer, msg["sid"])
+        if op == "release":
+            replica = self.store.replicas.get(msg["sid"])
+            if replica is not None and replica.primary == peer:
+                del self.store.replicas[msg["sid"]]
+            return None
+        if op == "invalidate":
+            for sid in msg["sids"]:
+                replica = self.store.replicas.get(sid)
+                if replica is not None and replica.primary == peer:
+                    del self.store.replicas[sid]
+            return {"ok": True}
+        if op == "touch":
+            now = time.monotonic()
+            for sid, last_access in msg["items"].items():
+                replica = self.store.replicas.get(sid)
+                if replica is not None and replica.primary == peer:
+                    replica.last_access = max(replica.last_access, last_access)
+                    replica.last_heard = now
+            return None
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _on_replicate(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        sid = msg["sid"]
+        version = int(msg["v"])
+        if sid in self.store.primaries:
+            # We took this session over (the sender was thought failed): ours wins.
+            return {"ok": False, "moved": self.me.id}
+        replica = self.store.replicas.get(sid)
+        if "data" in msg:
+            if replica is not None and replica.version > version:
+                return {"ok": True, "stale": True}  # never go back to an older version
+            replica = Replica(sid, data=msg["data"], version=version,
+                              max_inactive_s=float(msg["max_inactive_s"]),
+                              created=float(msg["created"]),
+                              last_access=float(msg["last_access"]), primary=peer)
+            self.store.replicas[sid] = replica
+            return {"ok": True}
+        if replica is None or replica.version != msg["base"]:
+            if replica is not None and replica.version >= version:
+                return {"ok": True, "stale": True}
+            return {"ok": False, "need_full": True}
+        replica.data.update(msg["set"])
+        for key in msg["del"]:
+            replica.data.pop(key, None)
+        replica.version = version
+        replica.primary = peer
+        replica.max_inactive_s = float(msg["max_inactive_s"])
+        replica.last_access = float(msg["last_access"])
+        replica.last_heard = time.monotonic()
+        return {"ok": True}
+
+    def _on_fetch(self, peer: str, sid: str) -> dict[str, Any]:
+        record = self.store.primaries.get(sid)
+        if record is not None:
+            state = record.state()
+            self.store.demote(record, new_primary=peer)  # kept until the new secondary has it
+            log.info("session_handed_over", sid=short(sid), to=peer, version=record.version)
+            return {"found": True, "kind": "primary", **state}
+        replica = self.store.replicas.get(sid)
+        if replica is not None:
+            replica.primary = peer
+            replica.last_heard = time.monotonic()
+            return {"found": True, "kind": "replica", "sid": sid, "v": replica.version,
+                    "data": replica.data, "max_inactive_s": replica.max_inactive_s,
+                    "created": replica.created, "last_access": replica.last_access}
+        return {"found": False}
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _send(self, peer: str, msg: dict[str, Any]) -> None:
+        link = self.membership.links.get(peer)
+        if link is not None:
+            link.send(msg)
+
+    async def _call_quietly(self, peer: str, msg: dict[str, Any]) -> None:
+        link = self.membership.links.get(peer)
+        if link is None:
+            return
+        try:
+            await link.call(msg, timeout=self._timeout)
+        except (PeerUnavailable, PeerTimeout) as exc:
+            self._peer_error(peer, exc)

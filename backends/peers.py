@@ -1,0 +1,320 @@
+"""Membership and the replication channel between servers.
+
+Each server dials every peer once (an outbound `PeerLink` carries our requests and their
+replies) and accepts the peers' own links (`ReplicationListener`). Liveness: a link pings
+every `heartbeat_interval_s`; a peer is failed when nothing was heard from it for
+`missed_heartbeats` intervals, or at once when a replication connection closes unexpectedly.
+Failed peers are re-dialled in the background and are alive again after a new handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from . import wire
+from .config import Config, ServerConfig
+from .errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
+
+__all__ = ["PeerState", "PeerLink", "Membership", "ReplicationListener"]
+
+log = structlog.get_logger("tandem.peers")
+
+Handler = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+
+
+class PeerState(enum.Enum):
+    UNKNOWN = "unknown"  # not reached since this server started
+    ALIVE = "alive"      # outbound link authenticated and heard from recently
+    FAILED = "failed"    # link lost, refused or silent; re-dialled in the background
+    LEFT = "left"        # said goodbye (graceful shutdown); re-dialled in the background
+
+
+class PeerLink:
+    """Our outbound connection to one peer: calls with replies, pings, reconnection."""
+
+    def __init__(self, *, me: str, peer: ServerConfig, config: Config,
+                 on_state: Callable[[str, PeerState, str], None]) -> None:
+        # configuration
+        self.me = me
+        self.peer = peer
+        self._cluster = config.cluster
+        self._on_state = on_state
+        # connection state
+        self.state = PeerState.UNKNOWN
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self.last_heard = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()  # wakes the reconnect loop early
+        self._closing = False
+
+    @property
+    def alive(self) -> bool:
+        return self.state is PeerState.ALIVE
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"peer-link-{self.peer.id}")
+
+    async def close(self, *, goodbye: bool = True) -> None:
+        self._closing = True
+        if goodbye and self._writer is not None and self.alive:
+            with contextlib.suppress(Exception):
+                wire.write_frame(self._writer, {"op": "leaving"})
+                await asyncio.wait_for(self._writer.drain(), 0.5)
+        self._drop("closing")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # --- calls --------------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        """Fire and forget; False when the link is down."""
+        if not self.alive or self._writer is None:
+            return False
+        wire.write_frame(self._writer, msg)
+        return True
+
+    async def call(self, msg: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """Send `msg` and wait for its reply; PeerUnavailable or PeerTimeout otherwise."""
+        if not self.alive or self._writer is None:
+            raise PeerUnavailable(f"peer is {self.state.value}", peer=self.peer.id)
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        msg["id"] = rid
+        try:
+            wire.write_frame(self._writer, msg)
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise PeerTimeout(f"no reply within {timeout:.3g}s", peer=self.peer.id) from None
+        finally:
+            self._pending.pop(rid, None)
+
+    def fail(self, cause: str) -> None:
+        """Declare the peer failed (timeout, heartbeat loss, inbound closure) and re-dial."""
+        if self.state in (PeerState.FAILED, PeerState.LEFT):
+            return
+        self._set_state(PeerState.FAILED, cause)
+        self._drop(cause)
+
+    def left(self) -> None:
+        self._set_state(PeerState.LEFT, "left")
+        self._drop("left")
+
+    def kick(self) -> None:
+        """Try to reconnect now (the peer just dialled us, so it is probably back)."""
+        self._kick.set()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _set_state(self, state: PeerState, cause: str) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        self._on_state(self.peer.id, state, cause)
+
+    def _drop(self, cause: str) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(PeerUnavailable(f"connection lost ({cause})", peer=self.peer.id))
+        self._pending.clear()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._closing:
+            try:
+                await self._connect()
+                backoff = 0.05
+                await self._serve()
+            except (OSError, ReplicationError, TimeoutError) as exc:
+                if self.state is PeerState.ALIVE:
+                    self.fail(f"connection lost: {exc}")
+                elif self.state is PeerState.UNKNOWN and isinstance(exc, HandshakeFailed):
+                    log.warning("peer_refused", peer=self.peer.id, reason=str(exc))
+            if self._closing:
+                return
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), backoff)
+            backoff = min(backoff * 2, self._cluster.heartbeat_interval_s)
+
+    async def _connect(self) -> None:
+        addr = self.peer.replication
+        timeout = self._cluster.peer_connect_timeout_s
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(addr.host, addr.port), timeout)
+        try:
+            await asyncio.wait_for(wire.dial_handshake(
+                reader, writer, me=self.me, peer=self.peer.id, cluster=self._cluster.name,
+                secrets_=self._cluster.secrets), timeout)
+        except BaseException:
+            writer.close()
+            raise
+        self._reader, self._writer = reader, writer
+        self.last_heard = time.monotonic()
+        self._set_state(PeerState.ALIVE, "handshake")
+
+    async def _serve(self) -> None:
+        pinger = asyncio.create_task(self._ping())
+        try:
+            while True:
+                msg = await wire.read_frame(self._reader, peer=self.peer.id)
+                self.last_heard = time.monotonic()
+                fut = self._pending.get(msg.get("re", 0))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        finally:
+            pinger.cancel()
+
+    async def _ping(self) -> None:
+        interval = self._cluster.heartbeat_interval_s
+        limit = interval * self._cluster.missed_heartbeats
+        while self.alive and self._writer is not None:
+            wire.write_frame(self._writer, {"op": "ping"})
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.last_heard > limit:
+                self.fail(f"missed {self._cluster.missed_heartbeats} heartbeats")
+                return
+            if self._writer is not None and self._writer.transport.get_write_buffer_size() > (
+                    16 * 1024 * 1024):
+                self.fail("peer is not reading its replication connection")
+                return
+
+
+class Membership:
+    """The cluster as this server sees it: which peers are alive, and the view hash."""
+
+    def __init__(self, *, config: Config, me: str) -> None:
+        self.config = config
+        self.me = config.server(me)
+        self.links: dict[str, PeerLink] = {
+            s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed)
+            for s in config.servers if s.id != me
+        }
+        self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []
+        self._view: tuple[str, str] | None = None
+
+    def on_change(self, fn: Callable[[str, PeerState, str], Awaitable[None] | None]) -> None:
+        self._listeners.append(fn)
+
+    def start(self) -> None:
+        for link in self.links.values():
+            link.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(link.close() for link in self.links.values()))
+
+    def is_alive(self, peer: str) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.alive
+
+    def alive_peers(self) -> list[ServerConfig]:
+        return [link.peer for link in self.links.values() if link.alive]
+
+    def states(self) -> dict[str, str]:
+        return {pid: link.state.value for pid, link in self.links.items()}
+
+    def view(self) -> tuple[str, str]:
+        """(hash, header value) of the live members and their http addresses."""
+        if self._view is None:
+            members = [self.me, *self.alive_peers()]
+            listing = ", ".join(f"{s.id}={s.http}" for s in sorted(members, key=lambda s: s.id))
+            digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+            self._view = (digest, f"{digest}; {listing}")
+        return self._view
+
+    def _changed(self, peer: str, state: PeerState, cause: str) -> None:
+        self._view = None
+        if state is PeerState.ALIVE:
+            log.info("peer_alive", peer=peer)
+        elif state is PeerState.LEFT:
+            log.info("peer_left", peer=peer)
+        else:
+            log.warning("peer_failed", peer=peer, cause=cause)
+        for fn in self._listeners:
+            result = fn(peer, state, cause)
+            if asyncio.iscoroutine(result):
+                asyncio.get_running_loop().create_task(result)
+
+
+class ReplicationListener:
+    """Accepts the peers' links, authenticates them, and answers their messages."""
+
+    def __init__(self, *, membership: Membership, handler: Handler) -> None:
+        self._membership = membership
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        addr = self._membership.me.replication
+        self._server = await asyncio.start_server(self._accept, addr.host, addr.port)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._conns):
+            writer.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        m = self._membership
+        cluster = m.config.cluster
+        try:
+            peer = await asyncio.wait_for(wire.accept_handshake(
+                reader, writer, me=m.me.id, cluster=cluster.name, secrets_=cluster.secrets,
+                known=m.config.server_ids), cluster.peer_connect_timeout_s)
+        except (ReplicationError, OSError, TimeoutError) as exc:
+            peername = writer.get_extra_info("peername")
+            log.warning("peer_refused", remote=str(peername), reason=str(exc))
+            writer.close()
+            return
+        self._conns.add(writer)
+        link = m.links[peer]
+        if not link.alive:
+            link.kick()  # it dialled us, so it is up: dial it back now
+        graceful = False
+        try:
+            while True:
+                msg = await wire.read_frame(reader, peer=peer)
+                if msg.get("op") == "leaving":
+                    graceful = True
+                    link.left()
+                    continue
+                try:
+                    reply = self._handler(peer, msg)
+                except Exception:  # a bug must not kill the channel: answer and log
+                    log.exception("replication_handler_error", peer=peer, op=msg.get("op"))
+                    reply = {"ok": False, "error": "internal error"}
+                rid = msg.get("id")
+                if rid is not None:
+                    writer.write(wire.encode_frame({"re": rid, **(reply or {"ok": True})}))
+                elif reply is not None:
+                    writer.write(wire.encode_frame(reply))
+        except (ReplicationError, OSError) as exc:
+            if not graceful and not isinstance(exc, PeerUnavailable | OSError):
+                log.warning("replication_protocol_error", peer=peer, error=str(exc))
+            if not graceful and not self._closing:
+                link.fail("replication connection closed")
+        finally:
+            self._conns.discard(writer)
+            writer.close()

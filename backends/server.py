@@ -1,0 +1,116 @@
+"""One backend server: the app on its `http` address, the replication channel on its
+`replication` address, membership, the session manager — started and stopped in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import os
+import signal
+import sys
+from types import TracebackType
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .asgi import ASGIApp, TandemMiddleware
+from .config import Config
+from .host import AsgiHost, Lifespan
+from .logs import configure
+from .manager import SessionManager
+from .peers import Membership, ReplicationListener
+from .wsgi import WsgiToAsgi
+
+__all__ = ["BackendServer", "load_app", "run"]
+
+log = structlog.get_logger("tandem.backend")
+
+
+def load_app(ref: str, interface: str = "auto") -> ASGIApp:
+    """Import `module:attr` and return it as an ASGI app (WSGI apps are adapted)."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--app must be MODULE:ATTR, got {ref!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if interface == "auto":
+        call = obj if inspect.isfunction(obj) or inspect.ismethod(obj) else getattr(
+            obj, "__call__", None)
+        interface = "asgi" if inspect.iscoroutinefunction(call) else "wsgi"
+    if interface == "wsgi":
+        return WsgiToAsgi(obj)
+    if interface != "asgi":
+        raise ValueError(f"--interface must be auto, asgi or wsgi, got {interface!r}")
+    return obj  # type: ignore[no-any-return]
+
+
+class BackendServer:
+    """Async context manager running one server of the cluster."""
+
+    def __init__(self, *, config: Config, server_id: str, app: ASGIApp) -> None:
+        self.config = config
+        self.me = config.server(server_id)
+        self.membership = Membership(config=config, me=server_id)
+        self.manager = SessionManager(config=config, me=server_id, membership=self.membership)
+        self.listener = ReplicationListener(membership=self.membership,
+                                            handler=self.manager.handle)
+        self.middleware = TandemMiddleware(app, manager=self.manager, config=config)
+        self.lifespan = Lifespan(app)
+        self._runner: web.ServerRunner | None = None
+
+    async def __aenter__(self) -> BackendServer:
+        await self.lifespan.startup()
+        await self.listener.start()
+        self.membership.start()
+        self.manager.start()
+        host = AsgiHost(self.middleware, server=(self.me.http.host, self.me.http.port))
+        self._runner = web.ServerRunner(web.Server(host, access_log=None), handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.me.http.host, self.me.http.port,
+                           shutdown_timeout=10.0, reuse_address=True)
+        await site.start()
+        log.info("backend_started", http=str(self.me.http),
+                 replication=str(self.me.replication), replication_mode=self.manager.mode)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        # 1. stop accepting requests, let in-flight ones finish (bounded)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        # 2. flush queued replication, stop background tasks
+        await self.manager.close()
+        # 3. say goodbye to the peers, close the replication channel
+        await self.membership.close()
+        await self.listener.close()
+        # 4. the application's own shutdown
+        await self.lifespan.shutdown()
+        log.info("backend_stopped")
+
+
+def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -> int:
+    """Run one backend until SIGINT/SIGTERM."""
+    configure(component="backend", server=server_id)
+    with contextlib.suppress(ImportError):
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    app = load_app(app_ref, interface)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with BackendServer(config=config, server_id=server_id, app=app):
+            await stop.wait()
+            log.info("backend_stopping")
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,103 @@
+"""The replication channel's wire format: length-prefixed JSON frames and the handshake.
+
+Frame: 4-byte big-endian length, then a UTF-8 JSON object. The handshake is a mutual
+challenge-response over the cluster secrets (HMAC-SHA256): the listener sends a nonce, the
+dialler proves it knows a secret and names itself, the listener proves it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import HandshakeFailed, PeerUnavailable, ProtocolViolation
+
+__all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "dial_handshake",
+           "accept_handshake"]
+
+MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+def encode_frame(msg: dict[str, Any]) -> bytes:
+    body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    return _LEN.pack(len(body)) + body
+
+
+def write_frame(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+    writer.write(encode_frame(msg))
+
+
+async def read_frame(reader: asyncio.StreamReader, *, peer: str) -> dict[str, Any]:
+    try:
+        head = await reader.readexactly(4)
+        (size,) = _LEN.unpack(head)
+        if size > MAX_FRAME:
+            raise ProtocolViolation(f"frame of {size} bytes exceeds {MAX_FRAME}", peer=peer)
+        body = await reader.readexactly(size)
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        raise PeerUnavailable("connection closed", peer=peer) from exc
+    try:
+        msg = json.loads(body)
+    except ValueError as exc:
+        raise ProtocolViolation("frame is not JSON", peer=peer) from exc
+    if not isinstance(msg, dict):
+        raise ProtocolViolation("frame is not a JSON object", peer=peer)
+    return msg
+
+
+def _mac(secret: str, *parts: str) -> str:
+    return hmac.new(secret.encode(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _verify(secrets_: Sequence[str], mac: object, *parts: str) -> bool:
+    if not isinstance(mac, str):
+        return False
+    return any(hmac.compare_digest(_mac(s, *parts), mac) for s in secrets_)
+
+
+async def dial_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                         me: str, peer: str, cluster: str, secrets_: Sequence[str]) -> None:
+    """Authenticate an outgoing connection to `peer` (raises HandshakeFailed)."""
+    challenge = await read_frame(reader, peer=peer)
+    if challenge.get("op") != "challenge" or not isinstance(challenge.get("nonce"), str):
+        raise HandshakeFailed("expected a challenge", peer=peer)
+    if challenge.get("server") != peer:
+        raise HandshakeFailed(f"answered as {challenge.get('server')!r}", peer=peer)
+    server_nonce: str = challenge["nonce"]
+    my_nonce = secrets.token_hex(16)
+    write_frame(writer, {"op": "hello", "id": me, "nonce": my_nonce,
+                         "mac": _mac(secrets_[0], "dial", cluster, server_nonce, my_nonce, me)})
+    reply = await read_frame(reader, peer=peer)
+    if reply.get("op") != "welcome":
+        raise HandshakeFailed(f"refused: {reply.get('reason', 'no reason given')}", peer=peer)
+    if not _verify(secrets_, reply.get("mac"), "accept", cluster, my_nonce, server_nonce, peer):
+        raise HandshakeFailed("peer does not know the cluster secret", peer=peer)
+
+
+async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                           me: str, cluster: str, secrets_: Sequence[str],
+                           known: Sequence[str]) -> str:
+    """Authenticate an incoming connection; returns the peer's server id."""
+    nonce = secrets.token_hex(16)
+    write_frame(writer, {"op": "challenge", "server": me, "nonce": nonce})
+    hello = await read_frame(reader, peer="?")
+    peer = hello.get("id")
+    their_nonce = hello.get("nonce")
+    if hello.get("op") != "hello" or not isinstance(peer, str) or not isinstance(their_nonce, str):
+        raise HandshakeFailed("expected hello", peer=str(peer))
+    if peer not in known or peer == me:
+        write_frame(writer, {"op": "refused", "reason": "unknown server id"})
+        raise HandshakeFailed("not a member of this cluster", peer=peer)
+    if not _verify(secrets_, hello.get("mac"), "dial", cluster, nonce, their_nonce, peer):
+        write_frame(writer, {"op": "refused", "reason": "bad credentials"})
+        raise HandshakeFailed("wrong cluster secret", peer=peer)
+    write_frame(writer, {"op": "welcome",
+                         "mac": _mac(secrets_[0], "accept", cluster, their_nonce, nonce, me)})
+    return peer
