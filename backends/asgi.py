@@ -150,7 +150,7 @@ class TandemMiddleware:
                 except SessionMoved:
                     pass
             raise
-        if session.record is not None and not session.invalidated:
+        if session.record is not None and not session.invalidated and session.dirty:
             # Changes made after the response head (streaming handlers, websockets).
             try:
                 await manager.commit(session)

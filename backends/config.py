@@ -7,6 +7,7 @@ file. `TANDEM_SECRETS` (comma-separated) overrides `cluster.secrets`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -67,7 +68,7 @@ def _positive() -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class ClusterSection:
     name: str = "tandem"
-    secrets: tuple[str, ...] = ("change-me",)
+    secrets: tuple[str, ...] = field(default=("change-me",), repr=False)
     heartbeat_interval_s: float = field(default=10.0, metadata=_positive())
     missed_heartbeats: int = field(default=3, metadata={"min": 1})
     # How long a replicate or fetch may wait for a peer before it is declared failed.
@@ -196,7 +197,8 @@ def loads(text: str, *, source: str = "<memory>",
 
     unknown = set(raw) - set(_SECTIONS) - {"servers"}
     for key in sorted(unknown):
-        raise ConfigError("unknown section or key", key=key, value=raw[key], file=source)
+        raise ConfigError("unknown section or key", key=key, value=_shown(key, raw[key]),
+                          file=source)
 
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -253,7 +255,7 @@ def _build(cls: type, table: dict[str, Any], *, prefix: str, source: str) -> Any
     for key, value in table.items():
         dotted = f"{prefix}.{key}"
         if key not in fields:
-            raise ConfigError("unknown key", key=dotted, value=value, file=source)
+            raise ConfigError("unknown key", key=dotted, value=_shown(dotted, value), file=source)
         values[key] = _coerce(hints[key], value, fields[key].metadata, dotted, source)
     missing = [n for n, f in fields.items() if n not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -263,10 +265,18 @@ def _build(cls: type, table: dict[str, Any], *, prefix: str, source: str) -> Any
     return cls(**values)
 
 
+def _shown(key: str, value: Any) -> Any:
+    """What an error may print of a value: never anything under a secret-looking key."""
+    if any(word in key.lower() for word in ("secret", "password")):
+        return "***"
+    if isinstance(value, dict):  # a misplaced table may hold secrets too
+        return {k: _shown(k, v) for k, v in value.items()}
+    return value
+
+
 def _coerce(hint: Any, value: Any, meta: Mapping[str, Any], key: str, source: str) -> Any:
     def bad(msg: str) -> ConfigError:
-        shown = "***" if "secret" in key else value
-        return ConfigError(msg, key=key, value=shown, file=source)
+        return ConfigError(msg, key=key, value=_shown(key, value), file=source)
 
     if hint in (Address, Address | None):
         if value in ("", "off", "none") and hint is not Address:
@@ -286,6 +296,8 @@ def _coerce(hint: Any, value: Any, meta: Mapping[str, Any], key: str, source: st
             raise bad(f"expected a number ({hint.__name__})")
         if hint is int and not isinstance(value, int):
             raise bad("expected a whole number")
+        if not math.isfinite(value):
+            raise bad("must be a finite number")
         lo = meta.get("min")
         if lo is not None and (value < lo or (meta.get("exclusive") and value == lo)):
             raise bad(f"must be {'>' if meta.get('exclusive') else '>='} {lo}")

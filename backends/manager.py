@@ -88,6 +88,8 @@ class SessionManager:
 
     def new_session(self) -> Primary:
         record = self.store.create()
+        if self.mode != "none":  # chosen now, so that links built by the handler name it
+            self.store.assign_secondary(record, self._choose_secondary())
         self.stats["created"] += 1
         log.info("session_created", sid=short(record.sid))
         return record

@@ -226,6 +226,13 @@ class Session(MutableMapping[str, Any]):
         self._set.clear()
         self._deleted.clear()
         self._max_inactive_s = None
+        self._regenerate = False
+
+    @property
+    def dirty(self) -> bool:
+        """Anything for a commit to look at (values handed out, set, deleted, flags)?"""
+        return bool(self._cache or self._set or self._deleted or self._regenerate
+                    or self._max_inactive_s is not None)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -41,7 +41,8 @@ class Route:
         return f"{self.sid}!{self.primary}!{self.secondary or NONE}"
 
     def __repr__(self) -> str:  # never print a whole SID
-        return f"Route({self.sid[:6]}…, {self.primary}, {self.secondary or NONE})"
+        shown = self.sid[:6] if len(self.sid) > 12 else ""
+        return f"Route({shown}…, {self.primary}, {self.secondary or NONE})"
 
 
 class TokenCodec:
@@ -58,6 +59,9 @@ class TokenCodec:
         self._cache_size = cache_size
 
     def encode(self, route: Route) -> str:
+        for part in (route.sid, route.primary, route.secondary or NONE):
+            if not part or "!" in part or not part.isascii():
+                raise ValueError(f"cannot encode {route!r}: empty, '!' or non-ASCII part")
         return self._signer.sign(route.payload).decode("ascii")
 
     def decode(self, token: str) -> Route:
@@ -66,17 +70,22 @@ class TokenCodec:
         if route is not None:
             return route
         try:
-            payload = self._signer.unsign(token).decode("ascii")
+            raw = self._signer.unsign(token)
         except (itsdangerous.BadSignature, UnicodeError, ValueError) as exc:
             raise BadSignature("route token signature does not verify") from exc
+        try:
+            payload = raw.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise MalformedToken("route token payload is not ASCII") from exc
         parts = payload.split("!")
         if len(parts) != 3 or not all(parts):
             raise MalformedToken("route token payload is not SID!PRIMARY!SECONDARY")
         sid, primary, secondary = parts
         route = Route(sid, primary, None if secondary == NONE else secondary)
-        if len(self._cache) >= self._cache_size:
-            del self._cache[next(iter(self._cache))]  # oldest first
-        self._cache[token] = route
+        if self._cache_size > 0:
+            if len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]  # oldest first
+            self._cache[token] = route
         return route
 
 
@@ -128,14 +137,19 @@ def query_param(target: str, name: str) -> str | None:
 
 
 def strip_path_param(path: str, name: str) -> str:
-    """The path with its `;name=…` parameter removed (what the application sees)."""
+    """The path with its `;name=…` parameter removed (what the application sees).
+
+    Only the path is searched: a query string is left as it is.
+    """
     key = ";" + name + "="
-    i = path.find(key)
+    q = path.find("?")
+    limit = len(path) if q < 0 else q
+    i = path.find(key, 0, limit)
     if i < 0:
         return path
-    end = len(path)
-    for sep in ";/?":
-        j = path.find(sep, i + len(key))
+    end = limit
+    for sep in ";/":
+        j = path.find(sep, i + len(key), limit)
         if 0 <= j < end:
             end = j
     return path[:i] + path[end:]

@@ -436,7 +436,7 @@ OUT_OF_RANGE = [
 def test_out_of_range_value_is_rejected_naming_the_key(name: str, key: str, value: Any) -> None:
     err = config_error(section(name, **{key: value}))
     assert_names(err, f"{name}.{key}", value)
-    assert "must be >" in str(err)
+    assert "must be >" in str(err) or "finite" in str(err)
 
 
 BOUNDARIES = [
@@ -458,11 +458,6 @@ def test_boundary_value_is_accepted(name: str, key: str, value: Any) -> None:
     assert getattr(getattr(cfg, name), key) == value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the range check compares with < and ==, which are both false for NaN, so "
-    "`nan` passes as a timeout/interval instead of failing at load time",
-)
 @pytest.mark.parametrize(
     ("name", "key"),
     [
@@ -609,11 +604,6 @@ def test_load_passes_environ_through(tmp_path: Path) -> None:
     assert load(path, environ={"TANDEM_SECRETS": "k"}).cluster.secrets == ("k",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the unknown-key error echoes the value unmasked, so a misspelled secrets key "
-    "(or secrets written above the [cluster] header) prints the secret",
-)
 @pytest.mark.parametrize(
     "text",
     [

@@ -1,0 +1,70 @@
+"""Applications the end-to-end tests run behind tandem: the same counter as ASGI and WSGI.
+
+GET /count        increments session["counter"], returns JSON with where it was served
+GET /peek         returns the same JSON without changing anything
+GET /bad          tries to store a non-serializable value; returns the TypeError message
+GET /mutate       appends to a list in place (no __setitem__)
+GET /invalidate   invalidates the session
+GET /regenerate   regenerates the session id
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _handle(path: str, session: Any, server: str) -> tuple[int, dict[str, Any]]:
+    info: dict[str, Any] = {}
+    if path == "/count":
+        session["counter"] = session.get("counter", 0) + 1
+    elif path == "/bad":
+        try:
+            session["bad"] = object()
+        except TypeError as exc:
+            info["error"] = str(exc)
+    elif path == "/mutate":
+        items = session.setdefault("items", [])
+        items.append(len(items))
+    elif path == "/invalidate":
+        session.invalidate()
+        return 200, {"invalidated": True, "server": server}
+    elif path == "/regenerate":
+        session.regenerate_id()
+    elif path != "/peek":
+        return 404, {"error": "not found"}
+    route = session.route
+    info.update({
+        "counter": session.get("counter", 0),
+        "items": session.get("items"),
+        "keys": sorted(session),
+        "server": server,
+        "primary": route.primary if route else None,
+        "secondary": route.secondary if route else None,
+        "next": session.encode_url("/count"),
+    })
+    return 200, info
+
+
+async def asgi_counter(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            msg = await receive()
+            await send({"type": msg["type"] + ".complete"})
+            if msg["type"] == "lifespan.shutdown":
+                return
+    status, info = _handle(scope["path"], scope["session"], scope["tandem.server"])
+    body = json.dumps(info).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def wsgi_counter(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    status, info = _handle(environ["PATH_INFO"], environ["tandem.session"],
+                           environ["tandem.server"])
+    body = json.dumps(info).encode()
+    start_response(f"{status} {'OK' if status == 200 else 'Not Found'}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
