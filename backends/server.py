@@ -41,9 +41,10 @@ def load_app(ref: str, interface: str = "auto") -> ASGIApp:
     for part in attr.split("."):
         obj = getattr(obj, part)
     if interface == "auto":
-        call = obj if inspect.isfunction(obj) or inspect.ismethod(obj) else getattr(
-            obj, "__call__", None)
-        interface = "asgi" if inspect.iscoroutinefunction(call) else "wsgi"
+        # a coroutine function, or an object whose __call__ is one (Starlette, Django ASGI)
+        is_async = inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+            type(obj).__call__)
+        interface = "asgi" if is_async else "wsgi"
     if interface == "wsgi":
         return WsgiToAsgi(obj)
     if interface != "asgi":

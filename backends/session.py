@@ -59,7 +59,7 @@ class Session(MutableMapping[str, Any]):
         self._record = record
         self._create = create
         # per-request state
-        self._cache: dict[str, Any] = {}        # key -> value handed to the app (for in-place edits)
+        self._cache: dict[str, Any] = {}        # key -> value handed out (in-place edits)
         self._set: dict[str, str] = {}          # key -> serialized value assigned this request
         self._deleted: set[str] = set()
         self._invalidated = False

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .asgi import Message, Receive, Scope, Send
+from .asgi import Receive, Scope, Send
 
 __all__ = ["WsgiToAsgi"]
 

@@ -1,0 +1,81 @@
+"""`tandem up` with the embedded default cluster, as the README tells a newcomer to run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from backends.config import default_config_path, load
+from tests.cluster import ROOT
+
+
+def _get(url: str) -> tuple[int, str, dict[str, str]]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.status, resp.read().decode(), dict(resp.headers)
+
+
+def _pids_of(server: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"backend --config .* --server {server} "],
+                         capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_tandem_up_serves_the_demo_survives_a_kill_and_stops_cleanly(tmp_path: Path):
+    cfg = load(default_config_path())
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen([sys.executable, "-m", "proxy.cli", "up"], cwd=tmp_path,
+                          stdout=log, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    base = f"http://{cfg.proxy.listen}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, page, _ = _get(base + "/")
+                break
+            except OSError:
+                assert up.poll() is None, (tmp_path / "up.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+                time.sleep(0.2)
+        assert status == 200 and "tandem demo" in page
+        assert "tandem is up: http://127.0.0.1:8080/" in (tmp_path / "up.log").read_text()
+
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        # the demo's links carry the token for cookie-less clients; the opener keeps cookies
+        for _ in range(3):
+            opener.open(base + "/inc", timeout=5).read()
+        info = json.loads(opener.open(base + "/api", timeout=5).read())
+        assert info["count"] == 3 and info["secondary"] not in (None, "NONE")
+        for pid in _pids_of(info["primary"]):
+            os.kill(pid, signal.SIGKILL)
+        opener.open(base + "/inc", timeout=5).read()
+        after = json.loads(opener.open(base + "/api", timeout=5).read())
+        assert after["count"] == 4 and after["server"] == info["secondary"]
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(timeout=30)
+        finally:
+            log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()
+    assert not any(_pids_of(s.id) for s in cfg.servers)
+
+
+@pytest.mark.timeout(120)
+def test_the_wheel_embeds_the_default_cluster_and_the_demo(tmp_path: Path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("tandem_proxy-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "backends/default.toml" in names
+    assert "backends/demo/__init__.py" in names
+    assert any(n.endswith("entry_points.txt") for n in names)
