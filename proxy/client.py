@@ -1,0 +1,383 @@
+"""The client side: one protocol instance per client connection, parsing requests with
+httptools (llhttp) and handing each to an `Exchange`.
+
+Pipelined requests are answered strictly one at a time, in order: requests that arrive
+while one is in flight wait in a queue (their bodies buffered) and reading pauses until
+the queue is empty. A request llhttp rejects (smuggling vectors included) is answered
+with 400 and the connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+import structlog
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+
+from .errors import (
+    BodyTooLarge,
+    ClientError,
+    ClientProtocolError,
+    HeadTooLarge,
+    MethodNotAllowed,
+    UnsupportedVersion,
+)
+from .exchange import Exchange
+from .headers import forwarded_for, request_head, scan_request, simple_response
+from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .context import ProxyContext
+    from .upstream import UpstreamProtocol
+
+__all__ = ["ClientProtocol"]
+
+log = structlog.get_logger("tandem.proxy")
+
+# Why reading from the client is paused (a bit each; reading resumes when none is left).
+_PIPELINE = 1  # a request is queued behind the one in flight
+_PENDING = 2  # body held while no backend connection is ready
+_UPSTREAM = 4  # the backend's write buffer is full
+_HALTED = 8  # the connection is being refused or closed: read nothing more
+_UPGRADE = 16  # bytes after an upgrade request wait for the backend's answer
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "ctx",
+        # per connection
+        "transport", "write", "writelines", "parser", "client_ip", "for_node", "active",
+        "queue", "incoming", "read_paused", "write_paused", "closed", "last_active",
+        "pending_error", "tunnel", "upgrade_buf",
+        # per request being parsed
+        "url", "headers", "trailers", "in_head", "head_size", "head_pending", "body_size",
+    )
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.client_ip = b"unknown"
+        self.for_node = b"for=unknown"
+        self.active: Exchange | None = None  # the request being answered
+        self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
+        self.incoming: Exchange | None = None  # the request whose body is being parsed
+        self.read_paused = 0  # bit set of the _PIPELINE... reasons above
+        self.write_paused = False
+        self.closed = False
+        self.last_active = 0.0
+        self.pending_error: ClientError | None = None  # to answer once the queue is empty
+        self.tunnel: Tunnel | None = None
+        self.upgrade_buf: list[bytes] | None = None
+
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.in_head = False
+        self.head_size = 0
+        self.head_pending = 0
+        self.body_size = 0
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.write = transport.write
+        self.writelines = transport.writelines
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            ip = str(peer[0])
+            self.client_ip = ip.encode("ascii")
+            self.for_node = forwarded_for(ip)
+        self.last_active = self.ctx.loop.time()
+        self.ctx.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ctx.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+            return
+        if self.active is not None:
+            self.active.abort()
+        for ex in self.queue:
+            ex.abort()
+        self.queue.clear()
+        self.active = self.incoming = None
+
+    def eof_received(self) -> bool | None:
+        return None  # half-closed clients are closed once the response is written
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.read_paused |= _HALTED
+            if self.transport is not None:
+                self.transport.close()
+
+    def is_idle(self) -> bool:
+        return self.active is None and self.tunnel is None and self.upgrade_buf is None
+
+    def close_if_idle(self, now: float, idle_s: float) -> None:
+        """Close a keep-alive connection with no request in flight for idle_s (slow heads
+        included)."""
+        if self.is_idle() and now - self.last_active > idle_s:
+            self.close()
+
+    # --- flow control -------------------------------------------------------------------------
+
+    def _pause(self, bit: int) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_paused |= bit
+
+    def _resume(self, bit: int) -> None:
+        if self.read_paused & bit:
+            self.read_paused &= ~bit
+            if not self.read_paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    def pause_reading_pending(self) -> None:
+        self._pause(_PENDING)
+
+    def resume_reading_pending(self) -> None:
+        self._resume(_PENDING)
+
+    def pause_reading_upstream(self) -> None:
+        self._pause(_UPSTREAM)
+
+    def resume_reading_upstream(self) -> None:
+        self._resume(_UPSTREAM)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_upstream()
+        elif self.active is not None and self.active.upstream is not None:
+            self.active.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_upstream()
+        elif self.active is not None and self.active.upstream is not None:
+            self.active.upstream.resume_reading()
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self.upgrade_buf is not None:
+            self.upgrade_buf.append(data)
+            self._pause(_UPGRADE)
+            return
+        if self.read_paused & _HALTED:
+            return
+        was_in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.upgrade_buf = [data[exc.args[0]:]]
+            self._pause(_UPGRADE)
+        except HttpParserCallbackError as exc:
+            err = exc.__context__
+            if isinstance(err, ClientError):
+                self._reject(err)
+            else:
+                self._internal_error(err if err is not None else exc)
+        except HttpParserError as exc:
+            self._reject(ClientProtocolError(f"malformed request: {exc}"))
+        else:
+            if self.in_head and was_in_head:
+                # A head still incomplete after a whole chunk: bound what llhttp buffers.
+                self.head_pending += len(data)
+                if self.head_pending > self.ctx.max_head:
+                    self._reject(HeadTooLarge("request head too large"))
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.url = b""
+        self.headers = []
+        self.trailers = None
+        self.head_size = 0
+        self.head_pending = 0
+        self.body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > self.ctx.max_head:
+            raise HeadTooLarge("request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.ctx.max_head:
+            raise HeadTooLarge("request head too large")
+        if self.in_head:
+            self.headers.append((name, value))
+        else:
+            if self.trailers is None:
+                self.trailers = []
+            self.trailers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        ctx = self.ctx
+        parser = self.parser
+        version = parser.get_http_version()
+        http10 = version == "1.0"
+        if not http10 and version != "1.1":
+            raise UnsupportedVersion(f"HTTP/{version} is not supported")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
+        upgrade = parser.should_upgrade()
+        rh = scan_request(self.headers, http10=http10)
+        if rh.host is None and not http10:
+            raise ClientProtocolError("HTTP/1.1 request without Host")
+        has_body = rh.chunked or bool(rh.content_length)
+        if ctx.max_body and rh.content_length is not None and rh.content_length > ctx.max_body:
+            raise BodyTooLarge(f"request body larger than {ctx.max_body} bytes")
+        url = self.url
+        ex = Exchange(
+            self, ctx,
+            method=method,
+            head=request_head(method, url, rh, client_ip=self.client_ip,
+                              for_node=self.for_node, default_host=ctx.default_host,
+                              upgrade=upgrade),
+            route=ctx.tokens.route(rh.cookie, url),
+            keep_alive=parser.should_keep_alive() and not upgrade,
+            http10=http10,
+            upgrade=upgrade,
+            expect_continue=rh.expect_continue and has_body,
+            chunked=rh.chunked,
+        )
+        self.incoming = ex
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self._pause(_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.incoming
+        if ex is None:
+            return
+        max_body = self.ctx.max_body
+        if max_body:
+            self.body_size += len(body)
+            if self.body_size > max_body:
+                raise BodyTooLarge(f"request body larger than {max_body} bytes")
+        if ex.chunked_in:
+            ex.feed_body(b"%x\r\n" % len(body) + body + b"\r\n")
+        else:
+            ex.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.incoming
+        if ex is not None:
+            self.incoming = None
+            ex.feed_end(self.trailers)
+
+    # --- answering ----------------------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange, *, keep: bool) -> None:
+        """The active exchange has written its whole response."""
+        if ex is not self.active:
+            return
+        self.active = None
+        self._resume(_PENDING | _UPSTREAM)
+        if self.closed:
+            return
+        if self.incoming is ex:  # answered before its body was read: cannot continue
+            keep = False
+        if not keep or (self.ctx.closing and not self.queue):
+            self.close()
+            return
+        if self.queue:
+            nxt = self.active = self.queue.popleft()
+            if not self.queue:
+                self._resume(_PIPELINE)
+            self.ctx.loop.call_soon(self._start, nxt)
+            return
+        if self.pending_error is not None:
+            self._answer_error(self.pending_error)
+            return
+        self.last_active = self.ctx.loop.time()
+
+    def _start(self, ex: Exchange) -> None:
+        if ex is not self.active or ex.finished or self.closed:
+            return
+        try:
+            ex.start()
+        except Exception as exc:
+            ex.on_internal_error(exc)
+
+    def start_tunnel(self, ex: Exchange, up: UpstreamProtocol, rest: bytes) -> None:
+        """The backend answered 101: pass bytes through both ways from now on."""
+        self.active = None
+        self.queue.clear()
+        tunnel = self.tunnel = up.tunnel = Tunnel(self, up)
+        buffered, self.upgrade_buf = self.upgrade_buf, None
+        if rest:
+            self.write(rest)
+        if buffered:
+            tunnel.from_client(b"".join(buffered))
+        if self.write_paused:
+            up.pause_reading()
+        self._resume(_UPGRADE | _PIPELINE | _PENDING)
+
+    def _reject(self, err: ClientError) -> None:
+        """The request being parsed is refused: answer it in turn, then close."""
+        self._pause(_HALTED)
+        self.ctx.metrics.client_errors += 1
+        log.info("client_error", status=err.status, error=str(err),
+                 client=self.client_ip.decode("ascii", "replace"))
+        ex, self.incoming = self.incoming, None
+        if ex is not None:
+            if ex is self.active:
+                ex.fail_client(err)
+                return
+            if ex in self.queue:
+                self.queue.remove(ex)
+            ex.abort()
+        self.pending_error = err
+        if self.active is None:
+            self._answer_error(err)
+
+    def _answer_error(self, err: ClientError) -> None:
+        self.pending_error = None
+        text = str(err) or err.reason.decode("ascii")
+        self.write(simple_response(err.status, err.reason, text, close=True))
+        self.ctx.metrics.responses[err.status // 100] += 1
+        self.close()
+
+    def _internal_error(self, exc: BaseException) -> None:
+        self.ctx.metrics.internal_errors += 1
+        log.error("internal_error", client=self.client_ip.decode("ascii", "replace"),
+                  exc_info=exc)
+        self._pause(_HALTED)
+        active = self.active
+        if active is not None and not active.finished:
+            active.on_internal_error(exc)  # answers 500 unless already responding
+            return
+        self.write(simple_response(500, b"Internal Server Error", "internal proxy error",
+                                   close=True))
+        self.ctx.metrics.responses[5] += 1
+        self.close()

@@ -1,0 +1,54 @@
+"""What every connection of one proxy shares: settings read once from the cluster file,
+the backend table, the token reader, the counters and the set of open client connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from backends.config import Config
+from backends.token import TokenCodec
+
+from .metrics import Metrics
+from .router import Backend, Router
+from .tokens import TokenReader
+from .upstream import Pool
+
+__all__ = ["ProxyContext"]
+
+
+class ProxyContext:
+    """Settings and shared state of one running proxy (one event loop)."""
+
+    def __init__(self, config: Config, *, loop: asyncio.AbstractEventLoop,
+                 max_idle_per_backend: int = 128) -> None:
+        p = config.proxy
+        # configuration (copied to plain attributes: read on every request)
+        self.loop = loop
+        self.retry = p.retry  # idempotent | all | none
+        self.retry_body_max = p.retry_body_max_bytes
+        # A body not yet sent anywhere is held up to this size before the client is paused.
+        self.pending_max = max(p.retry_body_max_bytes, 65536)
+        self.max_head = p.max_head_bytes
+        self.max_body = p.max_body_bytes  # 0: unlimited
+        self.io_timeout_s = p.io_timeout_s
+        self.keepalive_s = p.keepalive_s
+        self.max_skip_s = p.max_skip_s
+        self.retry_after = str(max(1, math.ceil(p.max_skip_s))).encode("ascii")
+        self.default_host = str(p.listen).encode("ascii")
+
+        # shared state
+        self.metrics = Metrics()
+        self.tokens = TokenReader(TokenCodec(config.cluster.secrets), self.metrics,
+                                  cookie_name=config.session.cookie_name,
+                                  url_rewriting=config.session.url_rewriting)
+
+        def pool_for(backend: Backend) -> Pool:
+            return Pool(backend, loop=loop, connect_timeout_s=p.connect_timeout_s,
+                        keepalive_s=p.keepalive_s, max_idle=max_idle_per_backend)
+
+        self.router = Router(config.servers, max_skip_s=p.max_skip_s, pool_factory=pool_for)
+        self.connections: set[Any] = set()  # open ClientProtocol instances
+        self.closing = False  # shutting down: finish in-flight requests, keep nothing alive

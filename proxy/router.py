@@ -1,0 +1,224 @@
+"""The backend table: states, bad marks, candidate order, round-robin and the dynamic view.
+
+Candidate order for a request (WebLogic plug-in rules, DESIGN.md section 2):
+1. the session's primary, then its secondary, when usable (not down, not marked bad,
+   in the cluster's view; draining still counts for a session that lives there);
+2. the other backends that take new sessions (up), round-robin;
+3. backends the cluster no longer lists in its view (last resort, not bad);
+4. only when nothing above is left: every eligible backend again, bad marks ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from backends.config import Address, ServerConfig
+from backends.token import Route
+
+from .errors import BadStateTransition, UnknownBackend
+
+__all__ = ["BackendState", "Backend", "Router", "LATENCY_BOUNDS_S"]
+
+# Upper bounds (seconds) of the per-backend latency histogram; the last bucket is +Inf.
+LATENCY_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0)
+
+
+class BackendState(enum.Enum):
+    UP = "up"  # takes new sessions and the requests of its existing sessions
+    DRAINING = "draining"  # no new sessions; requests of its existing sessions still routed
+    DOWN = "down"  # takes nothing: sessions fail over to their secondary
+
+    @classmethod
+    def parse(cls, text: str) -> BackendState:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise BadStateTransition(text) from None
+
+
+class Backend:
+    """One backend server: where it is, what state it is in, what it has done."""
+
+    __slots__ = (
+        # identity
+        "id", "address", "learned",
+        # state
+        "state", "admin_state", "healthy", "bad_until", "in_view", "pool",
+        "probe_successes", "probe_failures",
+        # counters (rendered at scrape time)
+        "routed", "failovers", "connect_errors", "io_errors", "latency_counts",
+        "latency_sum_s",
+    )
+
+    def __init__(self, backend_id: str, address: Address, *, learned: bool = False) -> None:
+        self.id = backend_id
+        self.address = address
+        self.learned = learned  # added by a cluster view, not in the cluster file
+
+        self.state = BackendState.UP  # effective: admin_state, lowered to DOWN when unhealthy
+        self.admin_state = BackendState.UP
+        self.healthy = True
+        self.bad_until = 0.0  # time.monotonic() before which the backend is skipped
+        self.in_view = True  # listed as live by the cluster's last view
+        self.pool: Any = None
+        self.probe_successes = 0
+        self.probe_failures = 0
+
+        self.routed = 0
+        self.failovers = 0
+        self.connect_errors = 0
+        self.io_errors = 0
+        self.latency_counts = [0] * (len(LATENCY_BOUNDS_S) + 1)
+        self.latency_sum_s = 0.0
+
+    def __repr__(self) -> str:
+        return f"Backend({self.id}, {self.address}, {self.state.value})"
+
+    def refresh_state(self) -> None:
+        if self.admin_state is BackendState.DOWN or not self.healthy:
+            self.state = BackendState.DOWN
+        else:
+            self.state = self.admin_state
+
+    def observe_latency(self, seconds: float) -> None:
+        i = 0
+        for bound in LATENCY_BOUNDS_S:
+            if seconds <= bound:
+                break
+            i += 1
+        self.latency_counts[i] += 1
+        self.latency_sum_s += seconds
+
+
+class Router:
+    """Chooses backends for requests and keeps the table current."""
+
+    def __init__(self, servers: Iterable[ServerConfig], *, max_skip_s: float,
+                 pool_factory: Callable[[Backend], Any],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        # configuration
+        self._max_skip_s = max_skip_s
+        self._pool_factory = pool_factory
+        self._clock = clock
+        # table
+        self._by_id: dict[str, Backend] = {}
+        self._order: list[Backend] = []
+        for srv in servers:
+            self._add(srv.id, srv.http, learned=False)
+        self._rr = random.randrange(len(self._order)) if self._order else 0
+        # dynamic view: the hash the proxy announces in X-Tandem-View
+        self.view_hash = "-"
+        self.view_tail = b"X-Tandem-View: -\r\n\r\n"
+        self.views_applied = 0
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    @property
+    def backends(self) -> list[Backend]:
+        return list(self._order)
+
+    def get(self, backend_id: str) -> Backend:
+        b = self._by_id.get(backend_id)
+        if b is None:
+            raise UnknownBackend(backend_id, list(self._by_id))
+        return b
+
+    def is_bad(self, backend: Backend) -> bool:
+        return backend.bad_until > self._clock()
+
+    # --- candidate order ----------------------------------------------------------------------
+
+    def candidates(self, route: Route | None) -> list[Backend]:
+        """Backends to try for a request, in order (may be empty)."""
+        now = self._clock()
+        order = self._order
+        start = self._rr % len(order) if order else 0
+        self._rr += 1
+        rotated = order[start:] + order[:start]
+        up = BackendState.UP
+        own: list[Backend] = []
+        if route is not None:
+            for backend_id in (route.primary, route.secondary):
+                b = self._by_id.get(backend_id) if backend_id else None
+                if b is not None and b.state is not BackendState.DOWN and b not in own:
+                    own.append(b)
+        out = [b for b in own if b.in_view and b.bad_until <= now]
+        for b in rotated:
+            if b.state is up and b.in_view and b.bad_until <= now and b not in out:
+                out.append(b)
+        if len(out) == len(order):
+            return out
+        # Out of the cluster's view: still tried when everything else failed.
+        for b in (*own, *rotated):
+            if (not b.in_view and b.bad_until <= now and b not in out
+                    and (b.state is up or b in own)):
+                out.append(b)
+        if not out:  # all are bad: try them all again (WebLogic rule)
+            for b in (*own, *rotated):
+                if b not in out and (b.state is up or b in own):
+                    out.append(b)
+        return out
+
+    # --- marks and states ---------------------------------------------------------------------
+
+    def mark_bad(self, backend: Backend) -> None:
+        """Skip this backend for max_skip_s (after a connect failure, io timeout or 503)."""
+        if self._max_skip_s > 0:
+            backend.bad_until = self._clock() + self._max_skip_s
+
+    def set_admin_state(self, backend_id: str, state: BackendState | str) -> Backend:
+        b = self.get(backend_id)
+        b.admin_state = state if isinstance(state, BackendState) else BackendState.parse(state)
+        b.refresh_state()
+        if b.admin_state is BackendState.UP:
+            b.bad_until = 0.0  # an operator's "up" clears a passive mark
+        return b
+
+    def set_healthy(self, backend: Backend, healthy: bool) -> bool:
+        """Record an active-probe verdict; True when it changed the backend's state."""
+        before = backend.state
+        backend.healthy = healthy
+        backend.refresh_state()
+        if healthy and before is BackendState.DOWN:
+            backend.bad_until = 0.0
+        return backend.state is not before
+
+    # --- dynamic server list ------------------------------------------------------------------
+
+    def apply_view(self, view_hash: str, members: Mapping[str, Address]) -> list[str]:
+        """Adopt a cluster view; returns the ids of backends added to the table."""
+        added = []
+        for backend_id, address in members.items():
+            b = self._by_id.get(backend_id)
+            if b is None:
+                self._add(backend_id, address, learned=True)
+                added.append(backend_id)
+            elif b.address != address:
+                old_pool = b.pool
+                b.address = address
+                b.pool = self._pool_factory(b)
+                if old_pool is not None:
+                    old_pool.close()
+        for b in self._order:
+            b.in_view = b.id in members
+        self.view_hash = view_hash
+        self.view_tail = b"X-Tandem-View: " + view_hash.encode("ascii") + b"\r\n\r\n"
+        self.views_applied += 1
+        return added
+
+    def _add(self, backend_id: str, address: Address, *, learned: bool) -> Backend:
+        b = Backend(backend_id, address, learned=learned)
+        b.pool = self._pool_factory(b)
+        self._by_id[backend_id] = b
+        self._order.append(b)
+        return b
+
+    def close(self) -> None:
+        for b in self._order:
+            if b.pool is not None:
+                b.pool.close()

@@ -1,0 +1,174 @@
+"""Assembly of the proxy: the client listener, the admin listener, health probes and
+housekeeping, started and stopped as one async context manager; `run()` for the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from types import TracebackType
+
+import structlog
+from aiohttp import web
+
+from backends.config import Config
+from backends.logs import configure
+
+from .admin import make_admin_app
+from .client import ClientProtocol
+from .context import ProxyContext
+from .health import HealthProber
+
+__all__ = ["ProxyServer", "run"]
+
+log = structlog.get_logger("tandem.proxy")
+
+
+class ProxyServer:
+    """A running proxy: `async with ProxyServer(cfg) as srv:` binds, serves, shuts down."""
+
+    def __init__(self, config: Config, *, drain_timeout_s: float = 10.0,
+                 max_idle_per_backend: int = 128) -> None:
+        # configuration
+        self.config = config
+        self._drain_timeout_s = drain_timeout_s
+        self._max_idle_per_backend = max_idle_per_backend
+        # lifetime of one start/stop
+        self.ctx: ProxyContext | None = None
+        self.listen_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._prober: HealthProber | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ProxyServer:
+        loop = asyncio.get_running_loop()
+        p = self.config.proxy
+        ctx = self.ctx = ProxyContext(self.config, loop=loop,
+                                      max_idle_per_backend=self._max_idle_per_backend)
+        try:
+            self._server = await loop.create_server(
+                lambda: ClientProtocol(ctx), p.listen.host, p.listen.port, backlog=1024)
+            self.listen_address = _bound(self._server.sockets[0].getsockname())
+            if p.admin is not None:
+                self._admin = web.AppRunner(make_admin_app(ctx), access_log=None,
+                                            handle_signals=False)
+                await self._admin.setup()
+                site = web.TCPSite(self._admin, p.admin.host, p.admin.port)
+                await site.start()
+                self.admin_address = _bound(self._admin.addresses[0])
+            self._prober = HealthProber(
+                ctx.router, interval_s=p.health_interval_s, rise=p.health_rise,
+                fall=p.health_fall,
+                timeout_s=min(p.io_timeout_s, p.connect_timeout_s + max(1.0, p.health_interval_s)))
+            await self._prober.__aenter__()
+            self._housekeeping = loop.create_task(self._housekeep())
+        except BaseException:
+            await self.shutdown()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.shutdown()
+
+    async def _housekeep(self) -> None:
+        """Close idle client connections and expired pooled ones, about once a second."""
+        ctx = self.ctx
+        assert ctx is not None
+        period = min(1.0, ctx.keepalive_s / 2)
+        while True:
+            await asyncio.sleep(period)
+            now = ctx.loop.time()
+            for conn in list(ctx.connections):
+                conn.close_if_idle(now, ctx.keepalive_s)
+            for b in ctx.router.backends:
+                b.pool.sweep()
+
+    async def shutdown(self) -> None:
+        """Stop like a runbook; safe to call more than once."""
+        ctx = self.ctx
+        # 1. Stop accepting: no new client connection from here on.
+        if self._server is not None:
+            self._server.close()
+        if ctx is not None:
+            # 2. Drain: idle keep-alive connections and tunnels close now, in-flight
+            #    requests get their response (with Connection: close), within a bound.
+            ctx.closing = True
+            for conn in list(ctx.connections):
+                if conn.is_idle() or conn.tunnel is not None:
+                    conn.close()
+            deadline = ctx.loop.time() + self._drain_timeout_s
+            while ctx.connections and ctx.loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            for conn in list(ctx.connections):
+                log.warning("drain_timeout_abort", client=conn.client_ip.decode("ascii"))
+                if conn.transport is not None:
+                    conn.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        # 3. Stop background tasks: housekeeping, then health probes.
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+            self._housekeeping = None
+        if self._prober is not None:
+            await self._prober.__aexit__(None, None, None)
+            self._prober = None
+        # 4. Close the keep-alive pools to the backends.
+        if ctx is not None:
+            ctx.router.close()
+        # 5. Close the admin listener last: status stays visible while draining.
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+
+
+def _bound(sockname: object) -> tuple[str, int]:
+    assert isinstance(sockname, tuple)
+    return str(sockname[0]), int(sockname[1])
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return None
+    return uvloop.new_event_loop
+
+
+def run(config: Config) -> int:
+    """Run the proxy until SIGINT or SIGTERM; the process exit code."""
+    configure(component="proxy")
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(config))
+
+
+async def _serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with ProxyServer(config) as srv:
+            log.info("proxy_started",
+                     listen="{}:{}".format(*srv.listen_address or ("?", 0)),
+                     admin="{}:{}".format(*srv.admin_address) if srv.admin_address else None,
+                     backends=[f"{s.id}={s.http}" for s in config.servers],
+                     loop=type(loop).__module__.split(".")[0])
+            await stop.wait()
+            log.info("proxy_stopping")
+    except OSError as exc:
+        log.error("proxy_failed", error=str(exc))
+        return 1
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    log.info("proxy_stopped")
+    return 0

@@ -1,0 +1,70 @@
+"""Reading the route token of a request: cookie, then path parameter, then query parameter.
+
+A token that does not verify is treated as absent (the request is routed as a new
+session), counted and logged as `bad_token` with at most the claimed SID prefix.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+import structlog
+
+from backends.errors import TokenError
+from backends.logs import short
+from backends.token import Route, TokenCodec, cookie_values, path_param, query_param
+
+from .metrics import Metrics
+
+__all__ = ["TokenReader"]
+
+log = structlog.get_logger("tandem.proxy")
+
+
+class TokenReader:
+    """Finds and verifies the route token of a request."""
+
+    __slots__ = ("_codec", "_metrics", "_cookie", "_param", "_path_key", "_query_key",
+                 "_url_rewriting")
+
+    def __init__(self, codec: TokenCodec, metrics: Metrics, *, cookie_name: str,
+                 url_rewriting: bool) -> None:
+        self._codec = codec
+        self._metrics = metrics
+        self._cookie = cookie_name
+        self._param = cookie_name.lower()
+        self._path_key = (";" + self._param + "=").encode("ascii")
+        self._query_key = (self._param + "=").encode("ascii")
+        self._url_rewriting = url_rewriting
+
+    def route(self, cookie: bytes | None, target: bytes) -> Route | None:
+        """The verified route of a request, or None (no token, or none that verifies)."""
+        if cookie is not None:
+            for value in cookie_values(cookie.decode("latin-1"), self._cookie):
+                route = self._decode(value, "cookie")
+                if route is not None:
+                    return route
+        if self._url_rewriting and self._query_key in target:
+            text = target.decode("latin-1")
+            if self._path_key in target:
+                value = path_param(text, self._param)
+                if value is not None:
+                    route = self._decode(value, "path")
+                    if route is not None:
+                        return route
+            value = query_param(text, self._param)
+            if value is not None:
+                route = self._decode(unquote(value) if "%" in value else value, "query")
+                if route is not None:
+                    return route
+        return None
+
+    def _decode(self, token: str, where: str) -> Route | None:
+        try:
+            return self._codec.decode(token)
+        except TokenError as exc:
+            self._metrics.bad_tokens += 1
+            claimed = token.split("!", 1)[0] if "!" in token else None
+            log.warning("bad_token", where=where, error=type(exc).__name__,
+                        sid=short(claimed))
+            return None

@@ -1,0 +1,298 @@
+"""Connections to backends: the upstream protocol (httptools response parser) and a
+keep-alive pool per backend (bounded idle connections, idle timeout `proxy.keepalive_s`).
+
+An upstream connection serves one exchange at a time; the exchange receives the parser's
+events and decides what they mean (relay, fail over, retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
+
+from .errors import UpstreamConnectError, map_connect_errors
+
+if TYPE_CHECKING:
+    from .router import Backend
+
+__all__ = ["UpstreamProtocol", "Pool"]
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to a backend."""
+
+    __slots__ = (
+        "pool", "transport", "parser",
+        # per exchange
+        "exchange", "head_only", "interim", "in_body", "status", "reason", "headers",
+        "trailers", "keep_alive", "got_bytes", "until_close", "reading_paused", "writing_paused",
+        # lifetime
+        "requests", "idle_since", "activity", "tunnel",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+
+        self.exchange: Any = None
+        self.head_only = False  # response to HEAD: complete when its head is
+        self.interim = False  # parsing a 1xx interim response
+        self.in_body = False  # headers after this point are trailers
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.keep_alive = False
+        self.got_bytes = False  # any byte of a response seen for the current exchange
+        self.until_close = False  # response body delimited by connection close
+        self.reading_paused = False
+        self.writing_paused = False
+
+        self.requests = 0  # exchanges completed on this connection
+        self.idle_since = 0.0
+        self.activity = 0  # bumped on every read and body write (for the io timer)
+        self.tunnel: Any = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def attach(self, exchange: Any, *, head_only: bool, pause_reading: bool) -> None:
+        self.exchange = exchange
+        self.head_only = head_only
+        self.got_bytes = False
+        self.until_close = False
+        if pause_reading:
+            self.pause_reading()
+
+    def release(self) -> None:
+        """The exchange is over and the connection can carry another one."""
+        self.exchange = None
+        self.requests += 1
+        if self.reading_paused:
+            self.resume_reading()
+        self.pool.put(self)
+
+    def close(self) -> None:
+        """Close without telling the exchange (it already knows)."""
+        self.exchange = None
+        self.pool.discard(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.exchange = None
+        self.pool.discard(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
+            return
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.on_upstream_lost(self, exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost reports it
+
+    # --- flow control -------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_client()
+        elif self.exchange is not None:
+            self.exchange.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_client()
+        elif self.exchange is not None:
+            self.exchange.upstream_resume_writing()
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.activity += 1
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
+        ex = self.exchange
+        if ex is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            if self.exchange is not None:
+                self.exchange.on_upgrade(self, data[exc.args[0]:])
+        except HttpParserCallbackError as exc:
+            ex.on_internal_error(exc.__context__ or exc)
+        except HttpParserError as exc:
+            if self.exchange is not None:
+                self.exchange.on_bad_response(self, exc)
+            else:
+                self.close()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.trailers = None
+        self.in_body = False
+        self.reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:
+            if self.trailers is None:
+                self.trailers = []
+            self.trailers.append((name, value))
+        else:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_body = True
+        parser = self.parser
+        status = self.status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
+        ex = self.exchange
+        if ex is None:
+            return
+        if status < 200 and status != 101:
+            self.interim = True  # 100 Continue, 103 Early Hints: not relayed
+            return
+        ex.on_response_head(self, status, self.reason, self.headers)
+        if self.head_only and self.exchange is ex and status != 101:
+            # A response to HEAD has no body whatever its framing fields say; the parser
+            # does not know the method, so this one is finished here and replaced.
+            self.parser = HttpResponseParser(self)
+            ex.on_response_complete(self, None)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        ex = self.exchange
+        if ex is not None and not self.head_only:
+            ex.on_response_complete(self, self.trailers)
+
+
+class Pool:
+    """Idle keep-alive connections to one backend, most recently used first."""
+
+    __slots__ = ("backend", "_loop", "_connect_timeout_s", "_keepalive_s", "_max_idle", "_idle",
+                 "_closed")
+
+    def __init__(self, backend: Backend, *, loop: asyncio.AbstractEventLoop,
+                 connect_timeout_s: float, keepalive_s: float, max_idle: int) -> None:
+        self.backend = backend
+        self._loop = loop
+        self._connect_timeout_s = connect_timeout_s
+        self._keepalive_s = keepalive_s
+        self._max_idle = max_idle
+        self._idle: list[UpstreamProtocol] = []
+        self._closed = False
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def take(self) -> UpstreamProtocol | None:
+        """An idle connection that still looks alive, or None."""
+        idle = self._idle
+        while idle:
+            up = idle.pop()
+            transport = up.transport
+            if transport is None or transport.is_closing():
+                continue
+            if self._loop.time() - up.idle_since > self._keepalive_s:
+                transport.close()
+                continue
+            return up
+        return None
+
+    def put(self, up: UpstreamProtocol) -> None:
+        transport = up.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._closed or len(self._idle) >= self._max_idle:
+            transport.close()
+            return
+        up.idle_since = self._loop.time()
+        self._idle.append(up)
+
+    def discard(self, up: UpstreamProtocol) -> None:
+        try:
+            self._idle.remove(up)
+        except ValueError:
+            pass
+
+    async def connect(self) -> UpstreamProtocol:
+        """Open a new connection (raises UpstreamConnectError or UpstreamConnectTimeout)."""
+        if self._closed:
+            raise UpstreamConnectError("pool closed", backend_id=self.backend.id)
+        address = self.backend.address
+        with map_connect_errors(self.backend.id):
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, protocol = await self._loop.create_connection(
+                    lambda: UpstreamProtocol(self), address.host, address.port)
+        return protocol
+
+    def clear_idle(self) -> None:
+        """Close every idle connection (one was found dead: the others may be too)."""
+        idle, self._idle = self._idle, []
+        for up in idle:
+            if up.transport is not None:
+                up.transport.close()
+
+    def sweep(self) -> None:
+        """Close connections idle for longer than keepalive_s (oldest are at the front)."""
+        deadline = self._loop.time() - self._keepalive_s
+        idle = self._idle
+        n = 0
+        while n < len(idle) and idle[n].idle_since < deadline:
+            n += 1
+        if n:
+            expired = idle[:n]
+            del idle[:n]
+            for up in expired:
+                if up.transport is not None:
+                    up.transport.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.clear_idle()
