@@ -91,8 +91,7 @@ class ClientProtocol(asyncio.Protocol):
     # --- connection ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.write = transport.write
         self.writelines = transport.writelines
         peer = transport.get_extra_info("peername")

@@ -64,8 +64,7 @@ class UpstreamProtocol(asyncio.Protocol):
     # --- lifecycle ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def attach(self, exchange: Any, *, head_only: bool, pause_reading: bool) -> None:
         self.exchange = exchange
