@@ -62,8 +62,8 @@ class TandemMiddleware:
         self._cookie_attrs = attrs
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
         # run-time state
-        self.draining = False
         self.bad_tokens = 0
+        self.inflight = 0  # requests being handled (a drain waits for them)
 
     # --- SessionContext -----------------------------------------------------------------
 
@@ -83,7 +83,18 @@ class TandemMiddleware:
         if scope["path"] == HEALTH_PATH:
             await self._health(send)
             return
+        if self.manager.draining:
+            # Sessions are being handed over: the proxy fails this over to the secondary.
+            await _send_unavailable(send, b"server draining; retry\n", kind)
+            return
+        self.inflight += 1
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self.inflight -= 1
 
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
         cookie: str | None = None
         proxy_view: bytes | None = None
         for name, value in scope["headers"]:
@@ -118,10 +129,8 @@ class TandemMiddleware:
                 try:
                     result = await manager.commit(session)
                 except SessionMoved:
-                    if mtype == "websocket.accept":
-                        await send({"type": "websocket.close", "code": 1012})
-                    else:
-                        await _send_moved(send)
+                    await _send_unavailable(send, b"session moved to another server; retry\n",
+                                            kind)
                     replaced = True
                     return
                 headers = list(message.get("headers", ()))
@@ -186,7 +195,7 @@ class TandemMiddleware:
         m = self.manager
         body = json.dumps({
             "server": m.me.id,
-            "state": "draining" if self.draining else "up",
+            "state": "draining" if m.draining else "up",
             "peers": m.membership.states(),
             "primaries": len(m.store.primaries),
             "replicas": len(m.store.replicas),
@@ -199,8 +208,11 @@ class TandemMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _send_moved(send: Send) -> None:
-    body = b"session moved to another server; retry\n"
+async def _send_unavailable(send: Send, body: bytes, kind: str) -> None:
+    """503 (server-initiated failover at the proxy); a websocket is closed with 1012."""
+    if kind == "websocket":
+        await send({"type": "websocket.close", "code": 1012})
+        return
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"0")]})

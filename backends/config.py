@@ -75,6 +75,8 @@ class ClusterSection:
     replication_timeout_s: float = field(default=2.0, metadata=_positive())
     # How long a connection attempt to a peer's replication address may take.
     peer_connect_timeout_s: float = field(default=1.0, metadata=_positive())
+    # SIGTERM: how long a server may take to finish requests and hand its sessions over.
+    drain_timeout_s: float = field(default=30.0, metadata={"min": 0.0})
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,9 +62,10 @@ class SessionManager:
         self._async_dirty: dict[str, None] = {}           # sids awaiting an async flush
         self._flush_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False
         self.stats: dict[str, int] = {k: 0 for k in (
             "created", "promoted", "fetched", "lost", "replicated", "replication_failures",
-            "expired", "invalidated", "moved")}
+            "expired", "invalidated", "moved", "handed_over", "taken_over")}
         membership.on_change(self._peer_changed)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -143,6 +144,9 @@ class SessionManager:
                     best, source = state, peer
                 if state.get("kind") == "primary":
                     break  # the authoritative copy
+        raced = self.store.primaries.get(sid)
+        if raced is not None:  # handed over to us while we asked around
+            return raced
         if local is not None and (best is None or local.version >= best["v"]):
             if time.time() - local.last_access > local.max_inactive_s:
                 self.store.replicas.pop(sid, None)
@@ -347,7 +351,7 @@ class SessionManager:
             link.fail(str(exc))
 
     async def _peer_changed(self, peer: str, state: PeerState, cause: str) -> None:
-        if self.mode == "none":
+        if self.mode == "none" or self.draining:
             return
         if state is PeerState.ALIVE:
             orphans = list(self.store.primaries_with_secondary(None))
@@ -355,6 +359,8 @@ class SessionManager:
             orphans = list(self.store.primaries_with_secondary(peer))
             for record in orphans:
                 self.store.assign_secondary(record, None)
+                if state is PeerState.DRAINING:  # it still holds the copy: release it after
+                    record.stale_holders.add(peer)
         if orphans:
             await self._reprotect(orphans, cause=f"{peer} {state.value}")
 
@@ -371,6 +377,73 @@ class SessionManager:
         await asyncio.gather(*(one(r) for r in records))
         log.info("reprotected", sessions=len(records), cause=cause,
                  seconds=round(time.monotonic() - started, 3))
+
+    # --- draining: hand everything over before stopping ---------------------------------
+
+    async def drain(self, *, timeout: float) -> None:
+        """Hand every primary to its secondary and let the primaries re-home our replicas."""
+        self.draining = True
+        started = time.monotonic()
+        deadline = started + timeout
+        self.membership.broadcast({"op": "draining"})
+        if self.mode == "async":
+            await self._flush_async()
+        sem = asyncio.Semaphore(64)
+
+        async def hand_over(record: Primary) -> None:
+            async with sem:
+                if self.store.primaries.get(record.sid) is not record:
+                    return  # fetched away meanwhile
+                targets = [p for p in (record.secondary,) if p
+                           and p in {s.id for s in self.membership.alive_peers()}]
+                targets += [s.id for s in self.membership.alive_peers() if s.id not in targets]
+                for peer in targets:
+                    msg = {"op": "takeover", **record.state()}
+                    try:
+                        reply = await self.membership.links[peer].call(
+                            msg, timeout=max(0.1, min(self._timeout * 2,
+                                                      deadline - time.monotonic())))
+                    except (PeerUnavailable, PeerTimeout) as exc:
+                        self._peer_error(peer, exc)
+                        continue
+                    if reply.get("ok"):
+                        # the taker protected it with its own secondary before answering
+                        if self.store.primaries.get(record.sid) is record:
+                            self.store.remove(record.sid)
+                        self.stats["handed_over"] += 1
+                        return
+                log.warning("session_not_handed_over", sid=short(record.sid))
+
+        await asyncio.gather(*(hand_over(r) for r in list(self.store.primaries.values())))
+        # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
+        while self.store.replicas and self.membership.alive_peers() and (
+                time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        log.info("drained", handed_over=self.stats["handed_over"],
+                 primaries_left=len(self.store.primaries), replicas_left=len(self.store.replicas),
+                 seconds=round(time.monotonic() - started, 3))
+
+    async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A draining peer hands us a session it was primary for: we become its primary."""
+        sid = msg["sid"]
+        if self.draining:
+            return {"ok": False, "draining": True}
+        if sid in self.store.primaries or sid in self._opening:
+            return {"ok": True}  # already ours, or being fetched by a request right now
+        replica = self.store.replicas.pop(sid, None)
+        record = Primary(sid, data=msg["data"], version=int(msg["v"]),
+                         max_inactive_s=float(msg["max_inactive_s"]),
+                         created=float(msg["created"]), last_access=float(msg["last_access"]))
+        if replica is not None and replica.version > record.version:
+            record.data, record.version = replica.data, replica.version
+        self.store.primaries[sid] = record
+        record.stale_holders = {peer}
+        self.stats["taken_over"] += 1
+        if self.mode != "none":
+            await self.replicate(record)  # protected before we acknowledge
+        log.info("taken_over", sid=short(sid), from_=peer, version=record.version,
+                 secondary=record.secondary)
+        return {"ok": True}
 
     # --- background: touch and expiry ---------------------------------------------------
 
@@ -404,10 +477,14 @@ class SessionManager:
 
     # --- replica side: messages from peers ----------------------------------------------
 
-    def handle(self, peer: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+    def handle(self, peer: str, msg: dict[str, Any]) -> Any:
         op = msg.get("op")
         if op == "ping":
             return {"op": "pong"}
+        if op == "takeover":
+            return self._on_takeover(peer, msg)
+        if op == "draining":
+            return None
         if op == "replicate":
             return self._on_replicate(peer, msg)
         if op == "fetch":

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import hashlib
+import inspect
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -28,12 +29,15 @@ __all__ = ["PeerState", "PeerLink", "Membership", "ReplicationListener"]
 
 log = structlog.get_logger("tandem.peers")
 
-Handler = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+Reply = dict[str, Any] | None
+# A handler answers at once, or returns an awaitable when the answer needs network work.
+Handler = Callable[[str, dict[str, Any]], Reply | Awaitable[Reply]]
 
 
 class PeerState(enum.Enum):
     UNKNOWN = "unknown"  # not reached since this server started
     ALIVE = "alive"      # outbound link authenticated and heard from recently
+    DRAINING = "draining"  # alive, but leaving: serves fetches, takes no new replicas
     FAILED = "failed"    # link lost, refused or silent; re-dialled in the background
     LEFT = "left"        # said goodbye (graceful shutdown); re-dialled in the background
 
@@ -60,7 +64,8 @@ class PeerLink:
 
     @property
     def alive(self) -> bool:
-        return self.state is PeerState.ALIVE
+        """Reachable for calls (a draining peer still answers fetches)."""
+        return self.state is PeerState.ALIVE or self.state is PeerState.DRAINING
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"peer-link-{self.peer.id}")
@@ -108,6 +113,10 @@ class PeerLink:
             return
         self._set_state(PeerState.FAILED, cause)
         self._drop(cause)
+
+    def draining(self) -> None:
+        if self.state is PeerState.ALIVE:
+            self._set_state(PeerState.DRAINING, "draining")
 
     def left(self) -> None:
         self._set_state(PeerState.LEFT, "left")
@@ -224,7 +233,12 @@ class Membership:
         return link is not None and link.alive
 
     def alive_peers(self) -> list[ServerConfig]:
-        return [link.peer for link in self.links.values() if link.alive]
+        """Peers that may take new replicas (alive and not draining)."""
+        return [link.peer for link in self.links.values() if link.state is PeerState.ALIVE]
+
+    def broadcast(self, msg: dict[str, Any]) -> None:
+        for link in self.links.values():
+            link.send(dict(msg))
 
     def states(self) -> dict[str, str]:
         return {pid: link.state.value for pid, link in self.links.items()}
@@ -244,6 +258,8 @@ class Membership:
             log.info("peer_alive", peer=peer)
         elif state is PeerState.LEFT:
             log.info("peer_left", peer=peer)
+        elif state is PeerState.DRAINING:
+            log.info("peer_draining", peer=peer)
         else:
             log.warning("peer_failed", peer=peer, cause=cause)
         for fn in self._listeners:
@@ -260,6 +276,7 @@ class ReplicationListener:
         self._handler = handler
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._closing = False
 
     async def start(self) -> None:
@@ -296,20 +313,24 @@ class ReplicationListener:
         try:
             while True:
                 msg = await wire.read_frame(reader, peer=peer)
-                if msg.get("op") == "leaving":
+                op = msg.get("op")
+                if op == "leaving":
                     graceful = True
                     link.left()
                     continue
+                if op == "draining":
+                    link.draining()
                 try:
                     reply = self._handler(peer, msg)
                 except Exception:  # a bug must not kill the channel: answer and log
-                    log.exception("replication_handler_error", peer=peer, op=msg.get("op"))
+                    log.exception("replication_handler_error", peer=peer, op=op)
                     reply = {"ok": False, "error": "internal error"}
-                rid = msg.get("id")
-                if rid is not None:
-                    writer.write(wire.encode_frame({"re": rid, **(reply or {"ok": True})}))
-                elif reply is not None:
-                    writer.write(wire.encode_frame(reply))
+                if inspect.isawaitable(reply):
+                    task = asyncio.ensure_future(self._answer_later(writer, peer, msg, reply))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    continue
+                self._answer(writer, msg, reply)
         except (ReplicationError, OSError) as exc:
             if not graceful and not isinstance(exc, PeerUnavailable | OSError):
                 log.warning("replication_protocol_error", peer=peer, error=str(exc))
@@ -318,3 +339,21 @@ class ReplicationListener:
         finally:
             self._conns.discard(writer)
             writer.close()
+
+    @staticmethod
+    def _answer(writer: asyncio.StreamWriter, msg: dict[str, Any], reply: Reply) -> None:
+        rid = msg.get("id")
+        if rid is not None:
+            writer.write(wire.encode_frame({"re": rid, **(reply or {"ok": True})}))
+        elif reply is not None:
+            writer.write(wire.encode_frame(reply))
+
+    async def _answer_later(self, writer: asyncio.StreamWriter, peer: str,
+                            msg: dict[str, Any], pending: Awaitable[Reply]) -> None:
+        try:
+            reply = await pending
+        except Exception:
+            log.exception("replication_handler_error", peer=peer, op=msg.get("op"))
+            reply = {"ok": False, "error": "internal error"}
+        if not writer.is_closing():
+            self._answer(writer, msg, reply)

@@ -11,6 +11,7 @@ import inspect
 import os
 import signal
 import sys
+import time
 from types import TracebackType
 from typing import Any
 
@@ -81,17 +82,30 @@ class BackendServer:
                  replication=str(self.me.replication), replication_mode=self.manager.mode)
         return self
 
+    async def drain(self) -> None:
+        """Refuse new requests (503), finish in-flight ones, hand sessions to the peers."""
+        timeout = self.config.cluster.drain_timeout_s
+        deadline = time.monotonic() + timeout
+        self.manager.draining = True
+        log.info("backend_draining", inflight=self.middleware.inflight)
+        while self.middleware.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.manager.drain(timeout=max(0.0, deadline - time.monotonic()))
+
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        # 1. stop accepting requests, let in-flight ones finish (bounded)
+        # 1. refuse new requests, finish in-flight ones, hand the sessions over (bounded)
+        if not self.manager.draining and self.config.cluster.drain_timeout_s > 0:
+            await self.drain()
+        # 2. stop the HTTP listener
         if self._runner is not None:
             await self._runner.cleanup()
-        # 2. flush queued replication, stop background tasks
+        # 3. flush queued replication, stop background tasks
         await self.manager.close()
-        # 3. say goodbye to the peers, close the replication channel
+        # 4. say goodbye to the peers, close the replication channel
         await self.membership.close()
         await self.listener.close()
-        # 4. the application's own shutdown
+        # 5. the application's own shutdown
         await self.lifespan.shutdown()
         log.info("backend_stopped")
 

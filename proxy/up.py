@@ -3,6 +3,8 @@
 A small supervisor: starts the servers, waits until they answer, starts the proxy, prints
 the URL, restarts a server process that dies (unless told not to), and on Ctrl-C/SIGTERM
 stops everything — servers first get SIGTERM (a clean leave), then SIGKILL after a bound.
+SIGHUP restarts the servers one by one (a rolling restart): each drains — hands its
+sessions to their secondaries — exits, starts again and rejoins before the next one goes.
 """
 
 from __future__ import annotations
@@ -44,15 +46,35 @@ def _backend_cmd(path: str, server: str, app: str, interface: str) -> list[str]:
             "--server", server, "--app", app, "--interface", interface]
 
 
+def _wait_rejoined(cfg: Config, server: str, timeout: float) -> bool:
+    """Until `server` answers and sees every other server alive."""
+    url = f"http://{cfg.server(server).http}/__tandem/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            health = _get_json(url)
+            if all(v == "alive" for v in health.get("peers", {}).values()):
+                return True
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -> int:
     stopping = False
+    rolling = False
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stopping, rolling
+        if signum == signal.SIGHUP:
+            rolling = True
+        else:
+            stopping = True
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     env = child_env()
     children: dict[str, subprocess.Popen[bytes]] = {}
     cmds: dict[str, list[str]] = {}
@@ -87,6 +109,9 @@ def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -
                   "Ctrl-C stops all of it\n", file=sys.stderr, flush=True)
         while not stopping:
             time.sleep(0.2)
+            if rolling:
+                rolling = False
+                _rolling_restart(cfg, children, cmds, env)
             for name, child in list(children.items()):
                 code = child.poll()
                 if code is None or stopping:
@@ -100,6 +125,27 @@ def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -
         return 0
     finally:
         _stop_all(children)
+
+
+def _rolling_restart(cfg: Config, children: dict[str, subprocess.Popen[bytes]],
+                     cmds: dict[str, list[str]], env: dict[str, str]) -> None:
+    drain = cfg.cluster.drain_timeout_s + 10.0
+    for s in cfg.servers:
+        print(f"tandem: rolling restart: {s.id} draining", file=sys.stderr, flush=True)
+        child = children[s.id]
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=drain)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        children[s.id] = subprocess.Popen(cmds[s.id], env=env)
+        if not _wait_rejoined(cfg, s.id, timeout=60.0):
+            print(f"tandem: rolling restart stopped: {s.id} did not rejoin",
+                  file=sys.stderr, flush=True)
+            return
+    print("tandem: rolling restart done", file=sys.stderr, flush=True)
 
 
 def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
