@@ -72,7 +72,7 @@ def test_tandem_up_serves_the_demo_survives_a_kill_and_stops_cleanly(tmp_path: P
 
 @pytest.mark.timeout(120)
 def test_the_wheel_embeds_the_default_cluster_and_the_demo(tmp_path: Path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                     "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("tandem_proxy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
