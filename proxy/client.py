@@ -60,6 +60,7 @@ class ClientProtocol(asyncio.Protocol):
         "pending_error", "tunnel", "upgrade_buf",
         # per request being parsed
         "url", "headers", "trailers", "in_head", "head_size", "head_pending", "body_size",
+        "completed",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -87,6 +88,7 @@ class ClientProtocol(asyncio.Protocol):
         self.head_size = 0
         self.head_pending = 0
         self.body_size = 0
+        self.completed = 0  # messages completed in the chunk being parsed
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.read_paused & _HALTED:
             return
         was_in_head = self.in_head
+        self.completed = 0
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -200,8 +203,9 @@ class ClientProtocol(asyncio.Protocol):
         except HttpParserError as exc:
             self._reject(ClientProtocolError(f"malformed request: {exc}"))
         else:
-            if self.in_head and was_in_head:
-                # A head still incomplete after a whole chunk: bound what llhttp buffers.
+            if self.in_head and (was_in_head or not self.completed):
+                # A head still incomplete at the end of a chunk that held nothing else:
+                # bound what llhttp buffers before a header line is complete.
                 self.head_pending += len(data)
                 if self.head_pending > self.ctx.max_head:
                     self._reject(HeadTooLarge("request head too large"))
@@ -289,6 +293,7 @@ class ClientProtocol(asyncio.Protocol):
             ex.feed_body(body)
 
     def on_message_complete(self) -> None:
+        self.completed += 1
         ex = self.incoming
         if ex is not None:
             self.incoming = None
