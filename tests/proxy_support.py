@@ -350,7 +350,8 @@ class Env:
     @property
     def admin_url(self) -> str:
         assert self.proxy.admin_address is not None
-        return "http://%s:%d" % self.proxy.admin_address
+        host, port = self.proxy.admin_address
+        return f"http://{host}:{port}"
 
     async def get(self, path: str, **kw: Any) -> tuple[int, str, Any]:
         async with self.http.get(self.url + path, **kw) as resp:
