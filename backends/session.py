@@ -50,7 +50,7 @@ class Changes:
 class Session(MutableMapping[str, Any]):
     """One request's view of a session; changes reach the store when the handler completes."""
 
-    __slots__ = ("_record", "_create", "_cache", "_set", "_deleted", "_invalidated",
+    __slots__ = ("_record", "_create", "_cache", "_read_as", "_set", "_deleted", "_invalidated",
                  "_regenerate", "_max_inactive_s", "_context", "__weakref__")
 
     def __init__(self, record: Primary | None, *, create: Callable[[], Primary],
@@ -60,6 +60,7 @@ class Session(MutableMapping[str, Any]):
         self._create = create
         # per-request state
         self._cache: dict[str, Any] = {}        # key -> value handed out (in-place edits)
+        self._read_as: dict[str, str] = {}      # key -> serialized form when it was read
         self._set: dict[str, str] = {}          # key -> serialized value assigned this request
         self._deleted: set[str] = set()
         self._invalidated = False
@@ -141,7 +142,12 @@ class Session(MutableMapping[str, Any]):
         elif key in self._deleted or self._record is None or key not in self._record.data:
             raise KeyError(key)
         else:
-            value = codec.loads(self._record.data[key])
+            # Compare against what was read, not against what is stored at commit time: a
+            # concurrent request may have committed this key since, and a value we only
+            # read must not overwrite it.
+            serialized = self._record.data[key]
+            self._read_as[key] = serialized
+            value = codec.loads(serialized)
         self._cache[key] = value
         return value
 
@@ -200,6 +206,7 @@ class Session(MutableMapping[str, Any]):
         if self._record is None:
             return changes
         stored = self._record.data
+        read_as = self._read_as
         for key, value in self._cache.items():
             if key in self._deleted:
                 continue
@@ -210,8 +217,7 @@ class Session(MutableMapping[str, Any]):
                 if key in self._set:  # the last replicable value assigned this request
                     changes.set[key] = self._set[key]
                 continue
-            before = self._set.get(key, stored.get(key, _MISSING))
-            if now != before or key in self._set:
+            if key in self._set or now != read_as.get(key, _MISSING):
                 changes.set[key] = now
         for key, serialized in self._set.items():
             if key not in changes.set and key not in self._deleted and key not in self._cache:
@@ -223,6 +229,7 @@ class Session(MutableMapping[str, Any]):
     def reset(self) -> None:
         """Forget this request's changes (the values it holds are re-read from the store)."""
         self._cache.clear()
+        self._read_as.clear()
         self._set.clear()
         self._deleted.clear()
         self._max_inactive_s = None

@@ -6,17 +6,29 @@ GET /bad          tries to store a non-serializable value; returns the TypeError
 GET /mutate       appends to a list in place (no __setitem__)
 GET /invalidate   invalidates the session
 GET /regenerate   regenerates the session id
+GET /incr/KEY     increments session[KEY]
+GET /set?key=K&value=V&sleep=S   sets session[K] = V, then sleeps S seconds (WSGI: in the thread)
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
+from urllib.parse import parse_qs
 
 
-def _handle(path: str, session: Any, server: str) -> tuple[int, dict[str, Any]]:
+def _handle(path: str, session: Any, server: str, query: str = "") -> tuple[int, dict[str, Any]]:
     info: dict[str, Any] = {}
-    if path == "/count":
+    if path.startswith("/incr/"):
+        key = path[len("/incr/"):]
+        session[key] = session.get(key, 0) + 1
+        info[key] = session[key]
+    elif path == "/set":
+        args = {k: v[0] for k, v in parse_qs(query).items()}
+        session[args["key"]] = args["value"]
+        time.sleep(float(args.get("sleep", 0)))
+    elif path == "/count":
         session["counter"] = session.get("counter", 0) + 1
     elif path == "/bad":
         try:
@@ -38,6 +50,7 @@ def _handle(path: str, session: Any, server: str) -> tuple[int, dict[str, Any]]:
         "counter": session.get("counter", 0),
         "items": session.get("items"),
         "keys": sorted(session),
+        "values": {k: session[k] for k in session if k not in ("counter", "items")},
         "server": server,
         "primary": route.primary if route else None,
         "secondary": route.secondary if route else None,
@@ -53,7 +66,8 @@ async def asgi_counter(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": msg["type"] + ".complete"})
             if msg["type"] == "lifespan.shutdown":
                 return
-    status, info = _handle(scope["path"], scope["session"], scope["tandem.server"])
+    status, info = _handle(scope["path"], scope["session"], scope["tandem.server"],
+                           scope["query_string"].decode())
     body = json.dumps(info).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
@@ -63,7 +77,7 @@ async def asgi_counter(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 def wsgi_counter(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     status, info = _handle(environ["PATH_INFO"], environ["tandem.session"],
-                           environ["tandem.server"])
+                           environ["tandem.server"], environ["QUERY_STRING"])
     body = json.dumps(info).encode()
     start_response(f"{status} {'OK' if status == 200 else 'Not Found'}",
                    [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
