@@ -124,6 +124,9 @@ class PersistenceSection:
     mode: str = field(default="sync", metadata=_choice("sync", "batched"))
     flush_interval_s: float = field(default=1.0, metadata=_positive())
     flush_threshold: int = field(default=100, metadata={"min": 1})
+    # How long one store operation (or a connection attempt) may take before it counts
+    # as failed; a request never waits longer than this on the store.
+    timeout_s: float = field(default=2.0, metadata=_positive())
 
 
 @dataclass(frozen=True, slots=True)
