@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote
 
 import structlog
 
@@ -19,6 +21,7 @@ from .config import Config
 from .errors import TokenError
 from .logs import short
 from .manager import SessionManager, SessionMoved
+from .rewrite import UrlRewriteMiddleware
 from .session import Session
 from .store import Primary
 from .token import (
@@ -31,7 +34,7 @@ from .token import (
     strip_path_param,
 )
 
-__all__ = ["TandemMiddleware", "ASGIApp"]
+__all__ = ["TandemMiddleware", "ASGIApp", "current_session"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,6 +45,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = structlog.get_logger("tandem.http")
 
 HEALTH_PATH = "/__tandem/health"
+
+# The session of the request being handled, for glue that cannot see the scope or environ
+# (Django's SessionStore); WSGI worker threads run in a copy of the request's context.
+current_session: ContextVar[Session | None] = ContextVar("tandem_session", default=None)
 
 
 class TandemMiddleware:
@@ -61,6 +68,12 @@ class TandemMiddleware:
             attrs += "; Secure"
         self._cookie_attrs = attrs
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
+        # With URL rewriting, links in responses to cookie-less clients carry the token; the
+        # rewriter sits outside the commit, so it sees the token the client must hold next.
+        self._handler: ASGIApp = self._handle
+        if s.url_rewriting:
+            self._handler = UrlRewriteMiddleware(self._handle, param_name=self.param_name,
+                                                 token_of=self._url_token)
         # run-time state
         self.bad_tokens = 0
         self.inflight = 0  # requests being handled (a drain waits for them)
@@ -71,7 +84,14 @@ class TandemMiddleware:
         return Route(record.sid, self.manager.me.id, record.secondary)
 
     def encode_url(self, url: str, record: Primary) -> str:
+        if not self.url_rewriting:  # the token in a URL would be ignored
+            return url
         return add_path_param(url, self.param_name, self.codec.encode(self.route_of(record)))
+
+    def _url_token(self, scope: Scope) -> str | None:
+        session = scope.get("session")
+        route = session.route if session is not None else None
+        return None if route is None else self.codec.encode(route)
 
     # --- ASGI ---------------------------------------------------------------------------
 
@@ -89,7 +109,7 @@ class TandemMiddleware:
             return
         self.inflight += 1
         try:
-            await self._handle(scope, receive, send)
+            await self._handler(scope, receive, send)
         finally:
             self.inflight -= 1
 
@@ -103,8 +123,10 @@ class TandemMiddleware:
                     cookie + "; " + value.decode("latin-1"))
             elif name == b"x-tandem-view":
                 proxy_view = value
-        route = self._route(scope, cookie)
-        if self.url_rewriting and ";" in scope["path"]:
+        route, via = self._route(scope, cookie)
+        # Stripped even when URL rewriting is off (then the token there is ignored), so
+        # that links rewritten earlier still lead to the page.
+        if ";" in scope["path"]:
             scope["path"] = strip_path_param(scope["path"], self.param_name)
             raw = scope.get("raw_path")
             if raw:
@@ -116,6 +138,7 @@ class TandemMiddleware:
         session = Session(record, create=manager.new_session, context=self)
         scope["session"] = session
         scope["tandem.server"] = manager.me.id
+        scope["tandem.token_via"] = via  # "cookie" | "path" | "query" | None
         committed = False
         replaced = False  # the app's response was replaced by ours (session moved)
 
@@ -148,6 +171,7 @@ class TandemMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        bound = current_session.set(session)
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
@@ -159,6 +183,8 @@ class TandemMiddleware:
                 except SessionMoved:
                     pass
             raise
+        finally:
+            current_session.reset(bound)
         if session.record is not None and not session.invalidated and session.dirty:
             # Changes made after the response head (streaming handlers, websockets).
             try:
@@ -166,30 +192,31 @@ class TandemMiddleware:
             except SessionMoved:
                 pass
 
-    def _route(self, scope: Scope, cookie: str | None) -> Route | None:
-        tokens: list[str] = []
+    def _route(self, scope: Scope, cookie: str | None) -> tuple[Route | None, str | None]:
+        """The verified route of the request and where its token came from."""
+        tokens: list[tuple[str, str]] = []
         if cookie is not None:
-            tokens.extend(cookie_values(cookie, self.cookie_name))
+            tokens.extend((t, "cookie") for t in cookie_values(cookie, self.cookie_name))
         if self.url_rewriting:
             raw = scope.get("raw_path")
             target = raw.decode("latin-1") if raw else scope["path"]
             if ";" in target:
                 t = path_param(target, self.param_name)
                 if t:
-                    tokens.append(t)
+                    tokens.append((t, "path"))
             qs = scope.get("query_string") or b""
             if qs:
                 t = query_param("?" + qs.decode("latin-1"), self.param_name)
                 if t:
-                    tokens.append(t)
-        for token in tokens:
+                    tokens.append((unquote(t) if "%" in t else t, "query"))
+        for token, via in tokens:
             try:
-                return self.codec.decode(token)
+                return self.codec.decode(token), via
             except TokenError as exc:
                 self.bad_tokens += 1
                 sid = token.split("!", 1)[0] if "!" in token else None
                 log.warning("bad_token", reason=type(exc).__name__, sid=short(sid))
-        return None
+        return None, None
 
     async def _health(self, send: Send) -> None:
         m = self.manager

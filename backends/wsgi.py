@@ -8,6 +8,7 @@ pulled from the app's iterable in the pool, a batch at a time.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -49,8 +50,10 @@ class WsgiToAsgi:
                 break
         environ = _environ(scope, bytes(body))
         loop = asyncio.get_running_loop()
+        # The app's threads see the request's context variables (its session, log context).
+        run = contextvars.copy_context().run
         status, headers, chunks, rest, closer = await loop.run_in_executor(
-            self.executor, _start, self.app, environ)
+            self.executor, run, _start, self.app, environ)
         code = int(status.split(" ", 1)[0])
         await send({"type": "http.response.start", "status": code, "headers": [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
@@ -62,10 +65,10 @@ class WsgiToAsgi:
                     return
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
-                chunks, rest = await loop.run_in_executor(self.executor, _pull, rest)
+                chunks, rest = await loop.run_in_executor(self.executor, run, _pull, rest)
         finally:
             if closer is not None:
-                await loop.run_in_executor(self.executor, closer)
+                await loop.run_in_executor(self.executor, run, closer)
 
 
 def _start(app: WSGIApp, environ: dict[str, Any]) -> tuple[

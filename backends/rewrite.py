@@ -1,0 +1,290 @@
+"""URL rewriting of responses, for clients that do not keep cookies (`;jsessionid=TOKEN`).
+
+An ASGI middleware. When the request's token did not come by cookie and the response
+carries a session token, it adds `;<param>=TOKEN` to same-origin URLs: the `Location` of
+redirects, and the `href`, `src`, `action` and `formaction` attributes of HTML bodies.
+
+It streams: a body that is not HTML, or is compressed (`Content-Encoding`), passes through
+untouched, message by message. HTML is rewritten chunk by chunk; only a tag cut by a chunk
+boundary is carried over to the next chunk (bounded by `max_carry_bytes`). The response head
+is held until the first body message: a body sent in one message gets its exact
+`Content-Length`, a streamed one loses it (the server then sends it chunked).
+
+tandem's `TandemMiddleware` wraps it around its session handling when
+`session.url_rewriting = true`, so the head it sees is the committed one and the token is
+the one the client must hold after this response.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .token import add_path_param
+
+__all__ = ["UrlRewriteMiddleware", "TokenOf", "Origin", "rewrite_url", "rewrite_html"]
+
+# the ASGI types, as in backends.asgi (which imports this module)
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+TokenOf = Callable[[Scope], "str | None"]
+
+_HTML_TYPES = (b"text/html", b"application/xhtml+xml")
+_URL_ATTRS = frozenset({b"href", b"src", b"action", b"formaction"})
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+# A start tag: its name, then attributes; a quoted value may hold '>' and may be cut off by
+# the end of the buffer. The match ends with '>' unless the buffer ended inside the tag.
+_TAG = re.compile(rb"""<[A-Za-z][^\s/>"']*(?:[^>"']|"[^"]*(?:"|\Z)|'[^']*(?:'|\Z))*>?""")
+# One attribute: name, and optionally '=' and a value (double-, single- or un-quoted).
+_ATTR = re.compile(rb"""([^\s"'>/=]+)(?:(\s*=\s*)("[^"]*"|'[^']*'|[^\s"'>]+))?""")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class Origin:
+    """The origin a request was made to, as the client sees it, and its path (for links)."""
+
+    __slots__ = ("host", "port", "path")
+
+    def __init__(self, scope: Scope) -> None:
+        host = ""
+        proto = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"host" and not host:
+                host = value.decode("latin-1").strip().lower()
+            elif name == b"x-forwarded-proto" and not proto:
+                proto = value.decode("latin-1").split(",", 1)[0].strip().lower()
+        scheme = proto or scope.get("scheme", "http")
+        if not host and scope.get("server"):
+            server_host, server_port = scope["server"][:2]
+            host = f"{server_host}:{server_port}"
+        self.host, self.port = _split_host(host, scheme)
+        raw = scope.get("raw_path") or scope.get("path", "/").encode("utf-8")
+        self.path = raw.decode("latin-1")
+
+    def same(self, scheme: str, netloc: str) -> bool:
+        """Is `scheme://netloc` this origin? (scheme only supplies the default port)"""
+        host, port = _split_host(netloc.rpartition("@")[2].lower(), scheme.lower())
+        return host == self.host and port == self.port
+
+
+def _split_host(netloc: str, scheme: str) -> tuple[str, str]:
+    if netloc.startswith("["):  # IPv6 literal
+        end = netloc.find("]")
+        host, rest = netloc[:end + 1], netloc[end + 1:]
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = netloc.partition(":")
+    return host, port or _DEFAULT_PORTS.get(scheme, "")
+
+
+def rewrite_url(url: str, *, param: str, token: str, origin: Origin) -> str:
+    """`url` with `;param=token` when it points to `origin`; otherwise `url` itself."""
+    stripped = url.strip()
+    if not stripped or stripped[0] == "#":
+        return url  # this same document: no request is made
+    if stripped[0] == "?":
+        # A query-only reference keeps the current path, and with it any (older) token in
+        # the path: name the last segment explicitly so the new token takes its place.
+        last = origin.path.rsplit("/", 1)[-1]
+        return add_path_param("./" + last + stripped, param, token)
+    if stripped.startswith("//"):
+        scheme, rest = "http", stripped[2:]
+        absolute = True
+    elif _SCHEME.match(stripped):
+        scheme, _, rest = stripped.partition(":")
+        if scheme.lower() not in ("http", "https") or not rest.startswith("//"):
+            return url  # mailto:, javascript:, data:, tel: ...
+        rest = rest[2:]
+        absolute = True
+    else:
+        absolute = False
+    if absolute:
+        cut = len(rest)
+        for sep in "/?#":
+            j = rest.find(sep)
+            if 0 <= j < cut:
+                cut = j
+        if not origin.same(scheme, rest[:cut]):
+            return url
+        if cut == len(rest) or rest[cut] != "/":  # no path: the token needs one
+            head = stripped[:len(stripped) - len(rest) + cut]
+            stripped = head + "/" + rest[cut:]
+        return add_path_param(stripped, param, token)
+    path_end = len(stripped)
+    for sep in "?#":
+        j = stripped.find(sep)
+        if 0 <= j < path_end:
+            path_end = j
+    last = stripped[:path_end].rsplit("/", 1)[-1].partition(";")[0]
+    if last in (".", ".."):  # a dot segment with a parameter would no longer be one
+        stripped = stripped[:path_end] + "/" + stripped[path_end:]
+    return add_path_param(stripped, param, token)
+
+
+def _rewrite_tag(tag: bytes, *, param: str, token: str, origin: Origin) -> bytes:
+    out: list[bytes] = []
+    last = 0
+    name_end = 1
+    while name_end < len(tag) and tag[name_end] not in b" \t\r\n\f/>\"'":
+        name_end += 1
+    for m in _ATTR.finditer(tag, name_end):
+        value = m.group(3)
+        if value is None or m.group(1).lower() not in _URL_ATTRS:
+            continue
+        quote = value[:1] if value[:1] in (b'"', b"'") else b""
+        inner = value[1:-1] if quote else value
+        url = inner.decode("latin-1")
+        new = rewrite_url(url, param=param, token=token, origin=origin)
+        if new is url:
+            continue
+        start = m.start(3)
+        out += (tag[last:start], quote, new.encode("latin-1"), quote)
+        last = m.end(3)
+    if not out:
+        return tag
+    out.append(tag[last:])
+    return b"".join(out)
+
+
+def rewrite_html(data: bytes, *, param: str, token: str, origin: Origin,
+                 final: bool) -> tuple[bytes, bytes]:
+    """Rewrite the tags of an HTML fragment: (rewritten output, carry-over).
+
+    The carry-over is a tag cut off by the end of `data` (empty when `final`): prepend it
+    to the next fragment.
+    """
+    out: list[bytes] = []
+    last = 0
+    carry = b""
+    for m in _TAG.finditer(data):
+        tag = m.group()
+        if tag[-1:] != b">":  # cut off by the end of the buffer
+            if not final:
+                out.append(data[last:m.start()])
+                carry = data[m.start():]
+                last = len(data)
+            break
+        new = _rewrite_tag(tag, param=param, token=token, origin=origin)
+        if new is not tag:
+            out += (data[last:m.start()], new)
+            last = m.end()
+    if not final and last < len(data) and data.endswith(b"<"):
+        out.append(data[last:-1])
+        carry = b"<"
+        last = len(data)
+    if last == 0 and not carry:
+        return data, b""
+    out.append(data[last:])
+    return b"".join(out), carry
+
+
+class UrlRewriteMiddleware:
+    """Adds the session token to same-origin URLs of responses to cookie-less clients."""
+
+    def __init__(self, app: ASGIApp, *, param_name: str, token_of: TokenOf,
+                 max_carry_bytes: int = 16384) -> None:
+        self.app = app
+        self.param = param_name
+        self.token_of = token_of  # the token after this response (None: nothing to add)
+        self.max_carry_bytes = max_carry_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, _Response(self, scope, send).send)
+
+
+class _Response:
+    """The rewriting state of one response."""
+
+    __slots__ = ("mw", "scope", "downstream", "token", "origin", "head", "html", "carry")
+
+    def __init__(self, mw: UrlRewriteMiddleware, scope: Scope, send: Send) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.downstream = send
+        self.token: str | None = None
+        self.origin: Origin | None = None
+        self.head: Message | None = None   # held until the first body message (HTML only)
+        self.html = False
+        self.carry = b""
+
+    async def send(self, message: Message) -> None:
+        mtype = message["type"]
+        if mtype == "http.response.start":
+            await self._start(message)
+        elif mtype == "http.response.body" and self.html:
+            await self._body(message)
+        else:
+            if self.head is not None:
+                await self._flush_head(None)
+            await self.downstream(message)
+
+    async def _start(self, message: Message) -> None:
+        scope = self.scope
+        # Decided now, not when the request arrived: the session layer inside has read the
+        # token by now and committed the session, so the token is the one to hand out.
+        if scope.get("tandem.token_via") == "cookie":
+            await self.downstream(message)
+            return
+        token = self.mw.token_of(scope)
+        if token is None:
+            await self.downstream(message)
+            return
+        self.token, self.origin = token, Origin(scope)
+        status = message["status"]
+        headers: list[Any] = list(message.get("headers", ()))
+        content_type = encoding = b""
+        for i, (name, value) in enumerate(headers):
+            lname = name.lower()
+            if lname == b"location" and 300 <= status < 400:
+                url = value.decode("latin-1")
+                new = rewrite_url(url, param=self.mw.param, token=token, origin=self.origin)
+                if new is not url:
+                    headers[i] = (name, new.encode("latin-1"))
+            elif lname == b"content-type":
+                content_type = value.lower()
+            elif lname == b"content-encoding":
+                encoding = value.strip().lower()
+        message = {**message, "headers": headers}
+        self.html = (content_type.split(b";", 1)[0].strip() in _HTML_TYPES
+                     and encoding in (b"", b"identity") and status not in (204, 304)
+                     and not _wide_charset(content_type))
+        if self.html:
+            self.head = message
+        else:
+            await self.downstream(message)
+
+    async def _body(self, message: Message) -> None:
+        assert self.token is not None and self.origin is not None
+        more = message.get("more_body", False)
+        data = self.carry + message.get("body", b"")
+        out, self.carry = rewrite_html(data, param=self.mw.param, token=self.token,
+                                       origin=self.origin, final=not more)
+        if len(self.carry) > self.mw.max_carry_bytes:  # not a tag after all: let it go
+            out, self.carry = out + self.carry, b""
+        if self.head is not None:
+            exact = not more and self.scope.get("method") != "HEAD"
+            await self._flush_head(len(out) if exact else None)
+        if out or not more:
+            await self.downstream({**message, "body": out})
+
+    async def _flush_head(self, length: int | None) -> None:
+        head, self.head = self.head, None
+        assert head is not None
+        headers = [(k, v) for k, v in head["headers"] if k.lower() != b"content-length"]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        await self.downstream({**head, "headers": headers})
+
+
+def _wide_charset(content_type: bytes) -> bool:
+    """UTF-16/32 bodies are not ASCII-compatible: the byte patterns above do not apply."""
+    i = content_type.find(b"charset=")
+    return i >= 0 and content_type[i + 8:].strip(b"\"' ").startswith((b"utf-16", b"utf-32"))
