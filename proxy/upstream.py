@@ -206,7 +206,8 @@ class UpstreamProtocol(asyncio.Protocol):
             self.interim = False
             return
         ex = self.exchange
-        if ex is not None and not self.head_only:
+        if ex is not None and not self.head_only and self.status != 101:
+            # (101: the parser pauses right after this and the tunnel takes over)
             ex.on_response_complete(self, self.trailers)
 
 

@@ -60,6 +60,8 @@ class AppBackend:
         self.hits: Counter[str] = Counter()
         self.health_status = 200
         self.unavailable = False  # answer 503 to everything but the health check
+        self.view: tuple[str, str] | None = None  # (hash, X-Tandem-Cluster value)
+        self.seen_views: list[str | None] = []  # X-Tandem-View of each request
         self.extra_headers: dict[str, str] = {}
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -70,7 +72,11 @@ class AppBackend:
             if self.unavailable and request.path != "/__tandem/health":
                 self.hits["503"] += 1
                 return web.Response(status=503, text=f"{self.id} unavailable")
+            self.seen_views.append(request.headers.get("X-Tandem-View"))
             resp: web.StreamResponse = await handler(request)
+            if (self.view is not None and not resp.prepared
+                    and request.headers.get("X-Tandem-View") != self.view[0]):
+                resp.headers["X-Tandem-Cluster"] = self.view[1]
             return resp
 
         app = web.Application(middlewares=[maybe_unavailable])

@@ -1,0 +1,107 @@
+"""Candidate order of the backend table (pure: no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.config import Address, ServerConfig
+from backends.token import Route
+from proxy.errors import BadStateTransition, UnknownBackend
+from proxy.router import Backend, BackendState, Router
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_router(n: int = 4, max_skip_s: float = 10.0) -> tuple[Router, Clock]:
+    servers = [ServerConfig(f"s{i}", Address("127.0.0.1", 9000 + i),
+                            Address("127.0.0.1", 9100 + i)) for i in range(1, n + 1)]
+    clock = Clock()
+    return Router(servers, max_skip_s=max_skip_s, pool_factory=lambda b: None,
+                  clock=clock), clock
+
+
+def ids(backends: list[Backend]) -> list[str]:
+    return [b.id for b in backends]
+
+
+def test_primary_then_secondary_then_the_others_round_robin():
+    router, _ = make_router()
+    route = Route("sid", "s3", "s1")
+    orders = [ids(router.candidates(route)) for _ in range(4)]
+    assert all(o[:2] == ["s3", "s1"] and sorted(o[2:]) == ["s2", "s4"] for o in orders)
+    assert {tuple(o[2:]) for o in orders} == {("s2", "s4"), ("s4", "s2")}
+
+
+def test_new_sessions_rotate_from_a_random_start():
+    router, _ = make_router()
+    firsts = [router.candidates(None)[0].id for _ in range(8)]
+    assert sorted(firsts) == ["s1", "s1", "s2", "s2", "s3", "s3", "s4", "s4"]
+    assert firsts[:4] == firsts[4:]
+
+
+def test_bad_marks_skip_until_max_skip_s_and_all_bad_tries_all_again():
+    router, clock = make_router(3)
+    route = Route("sid", "s1", "s2")
+    router.mark_bad(router.get("s1"))
+    assert ids(router.candidates(route))[:2] == ["s2", "s3"]
+    assert "s1" not in ids(router.candidates(route))
+    for b in router.backends:
+        router.mark_bad(b)
+    assert ids(router.candidates(route)) == ["s1", "s2", "s3"]  # the WebLogic rule
+    assert sorted(ids(router.candidates(None))) == ["s1", "s2", "s3"]
+    clock.now += 10.1
+    assert ids(router.candidates(route))[0] == "s1"
+
+
+def test_draining_keeps_its_sessions_but_takes_no_new_ones():
+    router, _ = make_router(3)
+    router.set_admin_state("s1", "draining")
+    for _ in range(3):
+        assert "s1" not in ids(router.candidates(None))
+    assert ids(router.candidates(Route("sid", "s1", "s2")))[:2] == ["s1", "s2"]
+    assert ids(router.candidates(Route("sid", "s2", "s1")))[:2] == ["s2", "s1"]
+
+
+def test_down_takes_nothing_even_as_a_last_resort():
+    router, _ = make_router(2)
+    router.set_admin_state("s1", BackendState.DOWN)
+    assert ids(router.candidates(Route("sid", "s1", "s2"))) == ["s2"]
+    router.set_admin_state("s2", "down")
+    assert router.candidates(Route("sid", "s1", "s2")) == []
+    assert router.candidates(None) == []
+
+
+def test_unhealthy_is_down_whatever_the_admin_state():
+    router, _ = make_router(2)
+    b = router.get("s1")
+    router.set_admin_state("s1", "draining")
+    assert router.set_healthy(b, False) and b.state is BackendState.DOWN
+    assert router.set_healthy(b, True) and b.state is BackendState.DRAINING
+
+
+def test_out_of_view_backends_come_last():
+    router, _ = make_router(3)
+    added = router.apply_view("v1", {"s2": Address("127.0.0.1", 9002),
+                                     "s3": Address("127.0.0.1", 9003),
+                                     "s7": Address("127.0.0.1", 9007)})
+    assert added == ["s7"]
+    order = ids(router.candidates(Route("sid", "s1", "s2")))
+    assert order[0] == "s2" and order[-1] == "s1" and sorted(order[1:3]) == ["s3", "s7"]
+    assert "s1" in ids(router.candidates(None))  # last resort for new sessions too
+    assert ids(router.candidates(None))[-1] == "s1"
+    assert router.view_tail == b"X-Tandem-View: v1\r\n\r\n"
+
+
+def test_unknown_ids_and_bad_states_raise_with_a_sentence():
+    router, _ = make_router(2)
+    with pytest.raises(UnknownBackend, match="known: s1, s2"):
+        router.set_admin_state("s9", "up")
+    with pytest.raises(BadStateTransition, match="one of up, draining, down"):
+        router.set_admin_state("s1", "sideways")
+    assert ids(router.candidates(Route("sid", "s9", None))) != []  # unknown primary: skipped
