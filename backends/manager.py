@@ -25,6 +25,7 @@ from .config import Config, ServerConfig
 from .errors import PeerTimeout, PeerUnavailable, ReplicationError
 from .logs import short
 from .peers import Membership, PeerState
+from .persistence.persister import Persister, make_persister
 from .ranking import choose_secondary
 from .session import Session
 from .store import LocalStore, Primary, Replica
@@ -33,6 +34,11 @@ from .token import Route
 __all__ = ["SessionManager", "CommitResult", "SessionMoved"]
 
 log = structlog.get_logger("tandem.sessions")
+
+
+def _age(state: dict[str, Any]) -> tuple[int, int]:
+    """How recent a copy is: (epoch, version) — a newer epoch wins over any version."""
+    return int(state.get("e", 0)), int(state["v"])
 
 
 class SessionMoved(ReplicationError):
@@ -61,11 +67,15 @@ class SessionManager:
         self._touched: dict[str, dict[str, float]] = {}   # secondary -> sid -> last_access
         self._async_dirty: dict[str, None] = {}           # sids awaiting an async flush
         self._flush_now = asyncio.Event()
+        # sessions taken over from a peer that was unreachable: peer -> sid -> our epoch
+        self._superseded: dict[str, dict[str, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.draining = False
         self.stats: dict[str, int] = {k: 0 for k in (
             "created", "promoted", "fetched", "lost", "replicated", "replication_failures",
-            "expired", "invalidated", "moved", "handed_over", "taken_over")}
+            "expired", "invalidated", "moved", "handed_over", "taken_over", "superseded")}
+        # session.persistence: where sessions found nowhere in memory are loaded from
+        self.persister: Persister | None = make_persister(config, stats=self.stats)
         membership.on_change(self._peer_changed)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -75,6 +85,8 @@ class SessionManager:
         self._tasks.append(asyncio.create_task(self._touch_loop(), name="session-touch"))
         if self.mode == "async":
             self._tasks.append(asyncio.create_task(self._async_loop(), name="async-replication"))
+        if self.persister is not None:
+            self.persister.start()
 
     async def close(self) -> None:
         if self.mode == "async":
@@ -84,6 +96,8 @@ class SessionManager:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.persister is not None:  # batched writes flushed, then the store closed
+            await self.persister.close()
 
     # --- per request: resolve -----------------------------------------------------------
 
@@ -126,7 +140,11 @@ class SessionManager:
         local = self.store.replicas.get(sid)
         best: dict[str, Any] | None = None
         source = "replica"
-        holders: dict[str, int] = {}  # server -> version of the copy it keeps
+        holders: dict[str, tuple[int, int]] = {}  # server -> (epoch, version) of its copy
+        # servers that may still think they are primary but cannot be told now
+        unreachable = {p for p in (route.primary, local.primary if local else None)
+                       if p is not None and p != self.me.id
+                       and not self.membership.is_alive(p)}
         if local is None or self.membership.is_alive(local.primary):
             # Ask the servers the token names (and the primary our replica names).
             asked = []
@@ -139,26 +157,32 @@ class SessionManager:
                 state = await self._fetch(peer, sid)
                 if state is None:
                     continue
-                holders[peer] = int(state["v"])
-                if best is None or state["v"] > best["v"]:
+                holders[peer] = _age(state)
+                if best is None or _age(state) > _age(best):
                     best, source = state, peer
                 if state.get("kind") == "primary":
                     break  # the authoritative copy
+        if best is None and local is None and self.persister is not None:
+            best, source = await self.persister.load(sid), "store"  # found nowhere in memory
         raced = self.store.primaries.get(sid)
         if raced is not None:  # handed over to us while we asked around
             return raced
-        if local is not None and (best is None or local.version >= best["v"]):
+        if local is not None and (best is None or (local.epoch, local.version) >= _age(best)):
             if time.time() - local.last_access > local.max_inactive_s:
                 self.store.replicas.pop(sid, None)
                 log.info("session_expired", sid=short(sid))
                 return None
+            origin = (local.epoch, local.version)
             record = self.store.promote(local)
             self.stats["promoted"] += 1
             log.info("promoted", sid=short(sid), version=record.version,
                      old_primary=local.primary)
         elif best is not None:
+            origin = _age(best)
             self.store.replicas.pop(sid, None)
             record = Primary(sid, data=best["data"], version=int(best["v"]),
+                             epoch=max(int(best.get("e", 0)),
+                                       local.epoch if local else 0) + 1,
                              max_inactive_s=float(best["max_inactive_s"]),
                              created=float(best["created"]),
                              last_access=float(best["last_access"]))
@@ -175,12 +199,15 @@ class SessionManager:
             log.warning("session_lost", sid=short(sid), primary=route.primary,
                         secondary=route.secondary)
             return None
+        for peer in unreachable:  # told to let go when it is back (it may be only hung)
+            self._superseded.setdefault(peer, {})[sid] = record.epoch
         # Protect the taken-over state before the handler runs: the new secondary gets it
         # now (a holder that already has this version is kept), the other holders let go.
         if self.mode != "none":
             secondary = self._choose_secondary()
             self.store.assign_secondary(record, secondary)
-            if secondary is not None and holders.get(secondary) == record.version:
+            if secondary is not None and holders.get(secondary) == origin:
+                # it keeps exactly this copy: the next delta (new epoch) brings it along
                 record.sent_version = record.acked_version = record.version
             record.stale_holders = {p for p in holders if p != secondary}
             await self.replicate(record)
@@ -209,6 +236,7 @@ class SessionManager:
         if session.invalidated:
             await self._invalidate(record)
             return CommitResult(None, cleared=True)
+        first, first_version = record, record.version
         if not discard:
             changes = session.collect_changes()
             for error in changes.errors:
@@ -229,6 +257,9 @@ class SessionManager:
                 await self.replicate(record)
             elif record.secondary is not None:
                 self._touched.setdefault(record.secondary, {})[record.sid] = record.last_access
+        if self.persister is not None:  # after replication: a write (sync: awaited) or a touch
+            await self.persister.committed(
+                record, changed=record is not first or record.version != first_version)
         return CommitResult(Route(record.sid, self.me.id, record.secondary))
 
     async def _regenerate(self, old: Primary) -> Primary:
@@ -243,6 +274,8 @@ class SessionManager:
         self.store.remove(record.sid)
         self.stats["invalidated"] += 1
         log.info("session_invalidated", sid=short(record.sid))
+        if self.persister is not None:
+            await self.persister.invalidated(record.sid)
         holders = {record.secondary, *record.stale_holders} - {None}
         msg = {"op": "invalidate", "sids": [record.sid]}
         if self.mode == "sync":  # a replica must not outlive an acknowledged invalidation
@@ -305,6 +338,7 @@ class SessionManager:
 
     def _replicate_msg(self, record: Primary) -> dict[str, Any]:
         msg: dict[str, Any] = {"op": "replicate", "sid": record.sid, "v": record.version,
+                               "e": record.epoch,
                                "max_inactive_s": record.max_inactive_s,
                                "created": record.created, "last_access": record.last_access}
         if record.sent_version < 0:
@@ -351,6 +385,10 @@ class SessionManager:
             link.fail(str(exc))
 
     async def _peer_changed(self, peer: str, state: PeerState, cause: str) -> None:
+        if state is PeerState.ALIVE and peer in self._superseded:
+            superseded = self._superseded.pop(peer)
+            self._send(peer, {"op": "supersede", "sids": superseded})
+            log.info("supersede_sent", peer=peer, sessions=len(superseded))
         if self.mode == "none" or self.draining:
             return
         if state is PeerState.ALIVE:
@@ -430,12 +468,11 @@ class SessionManager:
             return {"ok": False, "draining": True}
         if sid in self.store.primaries or sid in self._opening:
             return {"ok": True}  # already ours, or being fetched by a request right now
-        replica = self.store.replicas.pop(sid, None)
+        self.store.replicas.pop(sid, None)  # our replica is the same state, or older
         record = Primary(sid, data=msg["data"], version=int(msg["v"]),
+                         epoch=int(msg.get("e", 0)) + 1,
                          max_inactive_s=float(msg["max_inactive_s"]),
                          created=float(msg["created"]), last_access=float(msg["last_access"]))
-        if replica is not None and replica.version > record.version:
-            record.data, record.version = replica.data, replica.version
         self.store.primaries[sid] = record
         record.stale_holders = {peer}
         self.stats["taken_over"] += 1
@@ -473,6 +510,8 @@ class SessionManager:
         for peer, sids in by_peer.items():
             self._send(peer, {"op": "invalidate", "sids": sids})
         self.stats["expired"] += len(primaries)
+        if self.persister is not None:
+            self.persister.expired([r.sid for r in primaries])
         log.info("sessions_expired", primaries=len(primaries), replicas=len(replicas))
 
     # --- replica side: messages from peers ----------------------------------------------
@@ -484,6 +523,9 @@ class SessionManager:
         if op == "takeover":
             return self._on_takeover(peer, msg)
         if op == "draining":
+            return None
+        if op == "supersede":
+            self._on_supersede(peer, msg["sids"])
             return None
         if op == "replicate":
             return self._on_replicate(peer, msg)
@@ -512,33 +554,54 @@ class SessionManager:
 
     def _on_replicate(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         sid = msg["sid"]
-        version = int(msg["v"])
-        if sid in self.store.primaries:
-            # We took this session over (the sender was thought failed): ours wins.
-            return {"ok": False, "moved": self.me.id}
+        version, epoch = int(msg["v"]), int(msg.get("e", 0))
+        mine = self.store.primaries.get(sid)
+        if mine is not None:
+            if mine.epoch >= epoch:
+                # We took this session over (the sender was thought failed): ours wins.
+                return {"ok": False, "moved": self.me.id}
+            self._drop_superseded(mine, by=peer)  # we were the stale one
         replica = self.store.replicas.get(sid)
+        if replica is not None and epoch < replica.epoch:
+            return {"ok": False, "moved": replica.primary}  # a newer primary exists
         if "data" in msg:
-            if replica is not None and replica.version > version:
+            if replica is not None and epoch == replica.epoch and replica.version > version:
                 return {"ok": True, "stale": True}  # never go back to an older version
-            replica = Replica(sid, data=msg["data"], version=version,
+            replica = Replica(sid, data=msg["data"], version=version, epoch=epoch,
                               max_inactive_s=float(msg["max_inactive_s"]),
                               created=float(msg["created"]),
                               last_access=float(msg["last_access"]), primary=peer)
             self.store.replicas[sid] = replica
             return {"ok": True}
         if replica is None or replica.version != msg["base"]:
-            if replica is not None and replica.version >= version:
+            if replica is not None and epoch == replica.epoch and replica.version >= version:
                 return {"ok": True, "stale": True}
             return {"ok": False, "need_full": True}
         replica.data.update(msg["set"])
         for key in msg["del"]:
             replica.data.pop(key, None)
         replica.version = version
+        replica.epoch = epoch
         replica.primary = peer
         replica.max_inactive_s = float(msg["max_inactive_s"])
         replica.last_access = float(msg["last_access"])
         replica.last_heard = time.monotonic()
         return {"ok": True}
+
+    def _on_supersede(self, peer: str, sids: dict[str, int]) -> None:
+        """`peer` took these sessions over while we were unreachable: let go of ours."""
+        for sid, epoch in sids.items():
+            mine = self.store.primaries.get(sid)
+            if mine is not None and mine.epoch < epoch:
+                self._drop_superseded(mine, by=peer)
+            replica = self.store.replicas.get(sid)
+            if replica is not None and replica.epoch < epoch:
+                del self.store.replicas[sid]
+
+    def _drop_superseded(self, record: Primary, *, by: str) -> None:
+        self.store.remove(record.sid)
+        self.stats["superseded"] += 1
+        log.warning("session_superseded", sid=short(record.sid), by=by, epoch=record.epoch)
 
     def _on_fetch(self, peer: str, sid: str) -> dict[str, Any]:
         record = self.store.primaries.get(sid)
@@ -552,8 +615,9 @@ class SessionManager:
             replica.primary = peer
             replica.last_heard = time.monotonic()
             return {"found": True, "kind": "replica", "sid": sid, "v": replica.version,
-                    "data": replica.data, "max_inactive_s": replica.max_inactive_s,
-                    "created": replica.created, "last_access": replica.last_access}
+                    "e": replica.epoch, "data": replica.data,
+                    "max_inactive_s": replica.max_inactive_s, "created": replica.created,
+                    "last_access": replica.last_access}
         return {"found": False}
 
     # --- helpers ------------------------------------------------------------------------

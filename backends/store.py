@@ -17,16 +17,19 @@ __all__ = ["Primary", "Replica", "LocalStore"]
 class Primary:
     """A session served by this server."""
 
-    __slots__ = ("sid", "data", "version", "max_inactive_s", "created", "last_access",
+    __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
                  "secondary", "sent_version", "acked_version", "pending", "stale_holders")
 
     def __init__(self, sid: str, *, data: dict[str, str] | None = None, version: int = 0,
-                 max_inactive_s: float, created: float | None = None,
+                 epoch: int = 0, max_inactive_s: float, created: float | None = None,
                  last_access: float | None = None) -> None:
         now = time.time()
         self.sid = sid
         self.data: dict[str, str] = {} if data is None else data
         self.version = version                 # bumped by every commit that changes something
+        # bumped by every change of primary (promotion, fetch, hand-over): a copy from an
+        # older epoch is stale, however high its version
+        self.epoch = epoch
         self.max_inactive_s = max_inactive_s
         self.created = now if created is None else created
         self.last_access = now if last_access is None else last_access
@@ -50,7 +53,7 @@ class Primary:
 
     def state(self) -> dict[str, object]:
         """The full state as it travels on the replication channel."""
-        return {"sid": self.sid, "v": self.version, "data": self.data,
+        return {"sid": self.sid, "v": self.version, "e": self.epoch, "data": self.data,
                 "max_inactive_s": self.max_inactive_s, "created": self.created,
                 "last_access": self.last_access}
 
@@ -58,14 +61,16 @@ class Primary:
 class Replica:
     """A copy of a session whose primary is another server."""
 
-    __slots__ = ("sid", "data", "version", "max_inactive_s", "created", "last_access",
+    __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
                  "primary", "last_heard")
 
-    def __init__(self, sid: str, *, data: dict[str, str], version: int, max_inactive_s: float,
-                 created: float, last_access: float, primary: str) -> None:
+    def __init__(self, sid: str, *, data: dict[str, str], version: int, epoch: int,
+                 max_inactive_s: float, created: float, last_access: float,
+                 primary: str) -> None:
         self.sid = sid
         self.data = data
         self.version = version
+        self.epoch = epoch
         self.max_inactive_s = max_inactive_s
         self.created = created
         self.last_access = last_access
@@ -96,9 +101,10 @@ class LocalStore:
         return record
 
     def promote(self, replica: Replica) -> Primary:
-        """Turn a replica into a primary served here (same version)."""
+        """Turn a replica into a primary served here (same version, next epoch)."""
         self.replicas.pop(replica.sid, None)
         record = Primary(replica.sid, data=replica.data, version=replica.version,
+                         epoch=replica.epoch + 1,
                          max_inactive_s=replica.max_inactive_s, created=replica.created,
                          last_access=replica.last_access)
         self.primaries[record.sid] = record
@@ -108,7 +114,8 @@ class LocalStore:
         """Keep a primary's state as a replica of `new_primary` (it moved there)."""
         self.remove(record.sid)
         replica = Replica(record.sid, data=record.data, version=record.version,
-                          max_inactive_s=record.max_inactive_s, created=record.created,
+                          epoch=record.epoch, max_inactive_s=record.max_inactive_s,
+                          created=record.created,
                           last_access=record.last_access, primary=new_primary)
         self.replicas[record.sid] = replica
         return replica

@@ -46,8 +46,9 @@ class Cluster:
                  app: str = "tests.apps:asgi_counter", interface: str = "auto",
                  secrets: list[str] | None = None, session: dict[str, Any] | None = None,
                  proxy: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None,
-                 ) -> None:
+                 log_level: str = "DEBUG") -> None:
         self.tmp = tmp
+        self.log_level = log_level
         self.app = app
         self.interface = interface
         servers = servers or [{"id": f"s{i + 1}"} for i in range(n)]
@@ -60,10 +61,12 @@ class Cluster:
         lines += [f"{k} = {json.dumps(v)}" for k, v in (cluster or {}).items()]
         lines += ["", "[session]", *(f"{k} = {json.dumps(v)}" for k, v in
                                      (session or {}).items())]
+        # `proxy` may override these defaults
+        proxy = {"connect_timeout_s": 1.0, "io_timeout_s": 5.0, "max_skip_s": 10.0,
+                 **(proxy or {})}
         lines += ["", "[proxy]", f'listen = "127.0.0.1:{self.proxy_port}"',
-                  f'admin = "127.0.0.1:{self.admin_port}"', "connect_timeout_s = 1.0",
-                  "io_timeout_s = 5.0", "max_skip_s = 10.0",
-                  *(f"{k} = {json.dumps(v)}" for k, v in (proxy or {}).items())]
+                  f'admin = "127.0.0.1:{self.admin_port}"',
+                  *(f"{k} = {json.dumps(v)}" for k, v in proxy.items())]
         for i, spec in enumerate(servers):
             http, repl = ports[2 * i], ports[2 * i + 1]
             self.servers[spec["id"]] = {"http": http, "proc": None, **spec}
@@ -79,7 +82,7 @@ class Cluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TANDEM_LOG_LEVEL="DEBUG")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), TANDEM_LOG_LEVEL=self.log_level)
         env.pop("TANDEM_SECRETS", None)
         return subprocess.Popen([sys.executable, "-m", "proxy.cli", *args], cwd=ROOT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -183,6 +186,15 @@ class Cluster:
                 except ValueError:
                     pass
         return out
+
+    def wait_event(self, name: str, event: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The process's `event` log entries, once there is at least one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(name) if e.get("event") == event]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     # --- addresses ----------------------------------------------------------------------
 

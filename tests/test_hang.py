@@ -1,0 +1,71 @@
+"""A hung server (SIGSTOP): detected by the proxy's io timeout and by missed heartbeats;
+idempotent requests fail over, others get 502; when it resumes, its stale copies yield."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.error
+import urllib.request
+
+from tests.cluster import Client
+
+
+def post(c: Client, path: str) -> tuple[int, str]:
+    req = urllib.request.Request(c.base + path, data=b"x=1", method="POST",
+                                 headers={"Cookie": f"JSESSIONID={c.token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_hung_primary(make_cluster):
+    cluster = make_cluster(proxy={"io_timeout_s": 1.0},
+                           cluster={"replication_timeout_s": 0.5}).start()
+    clients: list[Client] = []
+    while sum(c.route[1] == "s1" for c in clients) < 4:
+        c = Client(cluster.proxy_url)
+        c.get("/count")
+        clients.append(c)
+    victims = [c for c in clients if c.route[1] == "s1"]
+    for c in victims:
+        assert c.get("/count")[1]["counter"] == 2
+    stale = victims[0].token
+
+    cluster.kill("s1", signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status, text = post(victims[0], "/count")
+        assert status == 502 and "no response" in text, (status, text)
+        for c in victims:
+            _, _, secondary = c.route
+            status, body = c.get("/count")
+            assert status == 200 and body["counter"] == 3, body
+            assert body["server"] == secondary and c.route[1] == secondary
+            assert c.route[2] not in ("s1", "NONE")
+        assert time.monotonic() - started < 8
+        # the peers found it dead by missed heartbeats (3 x 0.5 s)
+        deadline = time.monotonic() + 5
+        while any(cluster.health(s)["peers"]["s1"] != "failed" for s in ("s2", "s3")):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        cluster.kill("s1", signal.SIGCONT)
+
+    cluster.wait_formed(["s1", "s2", "s3"])
+    # s1 resumed believing it was primary of those sessions, and it processed the POST it
+    # held; the new primaries told it to let go (higher epoch): no stale copy is served.
+    deadline = time.monotonic() + 5
+    while cluster.health("s1")["primaries"] > 0:
+        assert time.monotonic() < deadline, cluster.health("s1")
+        time.sleep(0.1)
+    assert cluster.wait_event("s1", "session_superseded")
+    replay = Client(cluster.url("s1"))
+    replay.token = stale
+    status, body = replay.get("/peek")
+    assert status == 200 and body["counter"] == 3  # the current value, fetched back
+    for c in victims[1:]:
+        status, body = c.get("/count")
+        assert status == 200 and body["counter"] == 4
