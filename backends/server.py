@@ -20,10 +20,12 @@ from aiohttp import web
 
 from .asgi import ASGIApp, TandemMiddleware
 from .config import Config
+from .errors import ConfigError
 from .host import AsgiHost, Lifespan
 from .logs import configure
 from .manager import SessionManager
 from .peers import Membership, ReplicationListener
+from .persistence import StoreError
 from .wsgi import WsgiToAsgi
 
 __all__ = ["BackendServer", "load_app", "run"]
@@ -68,6 +70,9 @@ class BackendServer:
         self._runner: web.ServerRunner | None = None
 
     async def __aenter__(self) -> BackendServer:
+        # the session store first: a backend that cannot reach its store does not serve
+        if self.manager.persister is not None:
+            await self.manager.persister.open()
         await self.lifespan.startup()
         await self.listener.start()
         self.membership.start()
@@ -100,7 +105,7 @@ class BackendServer:
         # 2. stop the HTTP listener
         if self._runner is not None:
             await self._runner.cleanup()
-        # 3. flush queued replication, stop background tasks
+        # 3. flush queued replication and store writes, stop background tasks, close the store
         await self.manager.close()
         # 4. say goodbye to the peers, close the replication channel
         await self.membership.close()
@@ -127,5 +132,14 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
             await stop.wait()
             log.info("backend_stopping")
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except StoreError as exc:  # unreachable at start-up: the masked DSN and the cause
+        log.error("store_unavailable", store=exc.store, where=exc.where, error=str(exc))
+        print(f"tandem: backend {server_id} cannot open its session store: {exc}",
+              file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"tandem: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0

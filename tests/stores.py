@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -69,7 +70,7 @@ class RedisServer:
         self.exe = redis_binary()
         self.dir = tmp
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_ports(1)[0]
+        self.port = _cluster_port() if cluster else free_ports(1)[0]
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -104,6 +105,25 @@ class RedisServer:
 
     def stop(self) -> None:
         _stop(self.proc)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too (Redis wants <= 55535)."""
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        socks = []
+        try:
+            for p in (port, port + 10000):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 class RedisClusterServers:

@@ -62,8 +62,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 def row(sid: str, version: int = 1, *, counter: int = 1, last_access: float | None = None,
-        max_inactive_s: float = 60.0) -> StoredSession:
-    state = {"sid": sid, "v": version, "data": {"counter": json.dumps(counter)},
+        max_inactive_s: float = 60.0, epoch: int = 0) -> StoredSession:
+    state = {"sid": sid, "v": version, "e": epoch, "data": {"counter": json.dumps(counter)},
              "max_inactive_s": max_inactive_s, "created": 1000.0,
              "last_access": time.time() if last_access is None else last_access}
     return StoredSession.of(state)
@@ -94,6 +94,12 @@ async def test_an_older_version_never_replaces_a_newer_one(store: SessionStore) 
     await store.save([row(sid, 6, counter=6)])
     got = await store.load(sid, now=time.time())
     assert got is not None and got.version == 6 and json.loads(got.body)["data"]["counter"] == "6"
+    # a new primary (next epoch) wins over a higher version of the old one
+    await store.save([row(sid, 6, counter=60, epoch=1)])
+    await store.save([row(sid, 9, counter=9, epoch=0)])
+    got = await store.load(sid, now=time.time())
+    assert got is not None and got.age == (1, 6)
+    assert got.state(store=store.kind, where=store.where)["e"] == 1
 
 
 async def test_touch_moves_last_access_only_and_never_creates(store: SessionStore) -> None:

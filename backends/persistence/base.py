@@ -30,6 +30,12 @@ class StoredSession(NamedTuple):
     body: str                # JSON: {"data": {...}, "created": ...}
     last_access: float       # seconds since the epoch
     max_inactive_s: float
+    epoch: int = 0           # bumped by every change of primary: an older epoch is stale
+
+    @property
+    def age(self) -> tuple[int, int]:
+        """Which of two copies is newer: the higher epoch, then the higher version."""
+        return self.epoch, self.version
 
     @property
     def expires_at(self) -> float:
@@ -40,7 +46,7 @@ class StoredSession(NamedTuple):
         body = json.dumps({"data": state["data"], "created": state["created"]},
                           separators=(",", ":"))
         return cls(str(state["sid"]), int(state["v"]), body, float(state["last_access"]),
-                   float(state["max_inactive_s"]))
+                   float(state["max_inactive_s"]), int(state.get("e", 0)))
 
     def state(self, *, store: str, where: str) -> State:
         """Back to the replication-channel shape (`Primary.state()`)."""
@@ -52,7 +58,7 @@ class StoredSession(NamedTuple):
         except (ValueError, TypeError, KeyError) as exc:
             raise StoreCorrupt(f"session {self.sid[:8]} cannot be decoded: {exc}",
                                store=store, where=where) from exc
-        return {"sid": self.sid, "v": self.version, "data": data,
+        return {"sid": self.sid, "v": self.version, "e": self.epoch, "data": data,
                 "max_inactive_s": self.max_inactive_s, "created": created,
                 "last_access": self.last_access}
 
@@ -74,7 +80,7 @@ class SessionStore(Protocol):
         """The stored session, or None when it is absent or expired at `now`."""
 
     async def save(self, rows: Sequence[StoredSession]) -> None:
-        """Insert or replace; a row never replaces a stored row of a higher version."""
+        """Insert or replace; a row never replaces a newer stored row (`StoredSession.age`)."""
 
     async def touch(self, items: Mapping[str, tuple[float, float]]) -> None:
         """Move last access (sid -> (last_access, max_inactive_s)) forward, nothing else."""

@@ -85,7 +85,7 @@ class FileStore:
         try:
             d = json.loads(raw)
             row = StoredSession(d["sid"], int(d["v"]), d["body"], float(d["last_access"]),
-                                float(d["max_inactive_s"]))
+                                float(d["max_inactive_s"]), int(d.get("e", 0)))
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreCorrupt(f"{path.name}: {exc}", store=self.kind, where=self.where) from exc
         if row.sid != sid:  # a sha256 collision, or a file copied by hand
@@ -110,12 +110,13 @@ class FileStore:
                 path = self._file(row.sid)
                 with contextlib.suppress(StoreCorrupt):  # a corrupt file is replaced
                     old = self._read(path, row.sid)
-                    if old is not None and old[0].version > row.version:
+                    if old is not None and old[0].age > row.age:
                         continue  # never go back to an older version
                 path.parent.mkdir(exist_ok=True)
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
                                      f"{_TMP_SUFFIX}")
-                text = json.dumps({"sid": row.sid, "v": row.version, "body": row.body,
+                text = json.dumps({"sid": row.sid, "v": row.version, "e": row.epoch,
+                                   "body": row.body,
                                    "last_access": row.last_access,
                                    "max_inactive_s": row.max_inactive_s})
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -37,21 +37,24 @@ CREATE TABLE IF NOT EXISTS tandem_sessions (
     body           text NOT NULL,
     last_access    double precision NOT NULL,
     max_inactive_s double precision NOT NULL,
-    expires_at     double precision NOT NULL
+    expires_at     double precision NOT NULL,
+    epoch          bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tandem_sessions_expires_at ON tandem_sessions (expires_at);
 """
 
 _UPSERT = """
-INSERT INTO tandem_sessions AS t (sid, version, body, last_access, max_inactive_s, expires_at)
-VALUES ($1, $2, $3, $4::float8, $5::float8, $4::float8 + $5::float8)
+INSERT INTO tandem_sessions AS t
+    (sid, version, body, last_access, max_inactive_s, epoch, expires_at)
+VALUES ($1, $2, $3, $4::float8, $5::float8, $6, $4::float8 + $5::float8)
 ON CONFLICT (sid) DO UPDATE SET
     version = EXCLUDED.version,
+    epoch = EXCLUDED.epoch,
     body = EXCLUDED.body,
     last_access = GREATEST(t.last_access, EXCLUDED.last_access),
     max_inactive_s = EXCLUDED.max_inactive_s,
     expires_at = GREATEST(t.last_access, EXCLUDED.last_access) + EXCLUDED.max_inactive_s
-WHERE t.version <= EXCLUDED.version
+WHERE (t.epoch, t.version) <= (EXCLUDED.epoch, EXCLUDED.version)
 """
 
 _TOUCH = """
@@ -61,7 +64,7 @@ WHERE t.sid = u.sid AND t.last_access < u.a
 """
 
 _LOAD = """
-SELECT sid, version, body, last_access, max_inactive_s FROM tandem_sessions
+SELECT sid, version, body, last_access, max_inactive_s, epoch FROM tandem_sessions
 WHERE sid = $1 AND expires_at >= $2
 """
 

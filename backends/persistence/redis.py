@@ -1,10 +1,10 @@
 """Sessions offloaded to Redis (`persistence.url`) or a Redis Cluster (`persistence.urls`).
 
-One hash per session, `tandem:session:<sid>` with fields v (version), b (body), a (last
-access), m (max inactive, seconds), and a TTL equal to what is left of max_inactive, so
+One hash per session, `tandem:session:<sid>` with fields v (version), e (epoch), b (body),
+a (last access), m (max inactive, seconds), and a TTL equal to what is left of max_inactive, so
 Redis itself expires sessions (the sweeper has nothing to do). Saves and touches are small
-Lua scripts on one key, so they work the same on a cluster: a save never replaces a higher
-version, a touch never creates a key. Batches travel as one pipeline.
+Lua scripts on one key, so they work the same on a cluster: a save never replaces a newer
+copy (epoch, then version), a touch never creates a key. Batches travel as one pipeline.
 
 A write is acknowledged once it is in Redis's memory; whether it survives a restart of Redis
 depends on Redis's own persistence (`appendonly yes`, `appendfsync`).
@@ -28,13 +28,17 @@ __all__ = ["RedisStore"]
 
 _PREFIX = "tandem:session:"
 
-# KEYS[1] session; ARGV: version, body, last_access, max_inactive_s, ttl_ms
+# KEYS[1] session; ARGV: version, body, last_access, max_inactive_s, ttl_ms, epoch
 _SAVE = """
-local cur = redis.call('HGET', KEYS[1], 'v')
-if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
-local a = redis.call('HGET', KEYS[1], 'a')
-if a and tonumber(a) > tonumber(ARGV[3]) then ARGV[3] = a end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2], 'a', ARGV[3], 'm', ARGV[4])
+local cur = redis.call('HMGET', KEYS[1], 'e', 'v', 'a')
+if cur[2] then
+  local e, v = tonumber(cur[1] or '0'), tonumber(cur[2])
+  local ne, nv = tonumber(ARGV[6]), tonumber(ARGV[1])
+  if e > ne or (e == ne and v > nv) then return 0 end
+end
+if cur[3] and tonumber(cur[3]) > tonumber(ARGV[3]) then ARGV[3] = cur[3] end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2], 'a', ARGV[3], 'm', ARGV[4],
+           'e', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -112,10 +116,10 @@ class RedisStore:
 
     async def load(self, sid: str, *, now: float) -> StoredSession | None:
         with self._errors():
-            v, b, a, m = await self._client.hmget(_PREFIX + sid, "v", "b", "a", "m")
+            v, b, a, m, e = await self._client.hmget(_PREFIX + sid, "v", "b", "a", "m", "e")
         if v is None or b is None:
             return None
-        row = StoredSession(sid, int(v), b.decode(), float(a), float(m))
+        row = StoredSession(sid, int(v), b.decode(), float(a), float(m), int(e or 0))
         return None if row.expires_at < now else row
 
     async def save(self, rows: Sequence[StoredSession]) -> None:
@@ -126,7 +130,7 @@ class RedisStore:
                     if r.expires_at > now:
                         pipe.eval(_SAVE, 1, _PREFIX + r.sid, r.version, r.body,
                                   repr(r.last_access), repr(r.max_inactive_s),
-                                  _ttl_ms(r.expires_at, now))
+                                  _ttl_ms(r.expires_at, now), r.epoch)
                 await pipe.execute()
 
     async def touch(self, items: Mapping[str, tuple[float, float]]) -> None:

@@ -30,21 +30,24 @@ CREATE TABLE IF NOT EXISTS tandem_sessions (
     body           TEXT NOT NULL,
     last_access    REAL NOT NULL,
     max_inactive_s REAL NOT NULL,
-    expires_at     REAL NOT NULL
+    expires_at     REAL NOT NULL,
+    epoch          INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tandem_sessions_expires_at ON tandem_sessions (expires_at);
 """
 
 _UPSERT = """
-INSERT INTO tandem_sessions (sid, version, body, last_access, max_inactive_s, expires_at)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO tandem_sessions
+    (sid, version, body, last_access, max_inactive_s, epoch, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (sid) DO UPDATE SET
     version = excluded.version,
+    epoch = excluded.epoch,
     body = excluded.body,
     last_access = max(last_access, excluded.last_access),
     max_inactive_s = excluded.max_inactive_s,
     expires_at = max(last_access, excluded.last_access) + excluded.max_inactive_s
-WHERE version <= excluded.version
+WHERE (epoch, version) <= (excluded.epoch, excluded.version)
 """
 
 _TOUCH = """
@@ -113,8 +116,8 @@ class SqliteStore:
     async def load(self, sid: str, *, now: float) -> StoredSession | None:
         def q(db: sqlite3.Connection) -> StoredSession | None:
             row = db.execute(
-                "SELECT sid, version, body, last_access, max_inactive_s FROM tandem_sessions"
-                " WHERE sid = ? AND expires_at >= ?", (sid, now)).fetchone()
+                "SELECT sid, version, body, last_access, max_inactive_s, epoch"
+                " FROM tandem_sessions WHERE sid = ? AND expires_at >= ?", (sid, now)).fetchone()
             return None if row is None else StoredSession(*row)
         return await self._run_db(q)
 
