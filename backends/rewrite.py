@@ -23,7 +23,8 @@ from typing import Any
 
 from .token import add_path_param
 
-__all__ = ["UrlRewriteMiddleware", "TokenOf", "Origin", "rewrite_url", "rewrite_html"]
+__all__ = ["UrlRewriteMiddleware", "HtmlRewriter", "TokenOf", "Origin", "rewrite_url",
+           "rewrite_html"]
 
 # the ASGI types, as in backends.asgi (which imports this module)
 Scope = MutableMapping[str, Any]
@@ -38,10 +39,13 @@ _URL_ATTRS = frozenset({b"href", b"src", b"action", b"formaction"})
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 # A start tag: its name, then attributes; a quoted value may hold '>' and may be cut off by
-# the end of the buffer. The match ends with '>' unless the buffer ended inside the tag.
-_TAG = re.compile(rb"""<[A-Za-z][^\s/>"']*(?:[^>"']|"[^"]*(?:"|\Z)|'[^']*(?:'|\Z))*>?""")
+# the end of the buffer. Group 2 (the closing '>') is missing when the buffer ended first.
+_TAG = re.compile(rb"""<([A-Za-z][^\s/>"']*)(?:[^>"']|"[^"]*(?:"|\Z)|'[^']*(?:'|\Z))*(>)?""")
 # One attribute: name, and optionally '=' and a value (double-, single- or un-quoted).
 _ATTR = re.compile(rb"""([^\s"'>/=]+)(?:(\s*=\s*)("[^"]*"|'[^']*'|[^\s"'>]+))?""")
+# elements whose text is not HTML: passed over up to their end tag
+_RAW_TEXT = {name: re.compile(b"</" + name + rb"[\s/>]", re.I) for name in (b"script", b"style")}
+_RAW_END_MAX = len(b"</script>")  # what may be kept back while looking for that end tag
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -151,36 +155,69 @@ def _rewrite_tag(tag: bytes, *, param: str, token: str, origin: Origin) -> bytes
     return b"".join(out)
 
 
-def rewrite_html(data: bytes, *, param: str, token: str, origin: Origin,
-                 final: bool) -> tuple[bytes, bytes]:
-    """Rewrite the tags of an HTML fragment: (rewritten output, carry-over).
+class HtmlRewriter:
+    """Rewrites the URLs in the tags of an HTML body fed to it chunk by chunk.
 
-    The carry-over is a tag cut off by the end of `data` (empty when `final`): prepend it
-    to the next fragment.
+    Only a tag cut off by the end of a chunk is kept back for the next one, up to
+    `max_carry_bytes` (beyond that it is not a tag after all and goes out as it is). The
+    text of `<script>` and `<style>` elements is passed over.
     """
-    out: list[bytes] = []
-    last = 0
-    carry = b""
-    for m in _TAG.finditer(data):
-        tag = m.group()
-        if tag[-1:] != b">":  # cut off by the end of the buffer
-            if not final:
-                out.append(data[last:m.start()])
-                carry = data[m.start():]
-                last = len(data)
-            break
-        new = _rewrite_tag(tag, param=param, token=token, origin=origin)
-        if new is not tag:
-            out += (data[last:m.start()], new)
-            last = m.end()
-    if not final and last < len(data) and data.endswith(b"<"):
-        out.append(data[last:-1])
-        carry = b"<"
-        last = len(data)
-    if last == 0 and not carry:
-        return data, b""
-    out.append(data[last:])
-    return b"".join(out), carry
+
+    __slots__ = ("param", "token", "origin", "max_carry_bytes", "_carry", "_raw_end")
+
+    def __init__(self, *, param: str, token: str, origin: Origin,
+                 max_carry_bytes: int = 16384) -> None:
+        self.param = param
+        self.token = token
+        self.origin = origin
+        self.max_carry_bytes = max_carry_bytes
+        self._carry = b""
+        self._raw_end: re.Pattern[bytes] | None = None  # inside <script>/<style>: its end
+
+    def feed(self, data: bytes, *, final: bool = False) -> bytes:
+        """The rewritten output for `data` so far; with `final`, everything that is left."""
+        buf = self._carry + data if self._carry else data
+        self._carry = b""
+        out: list[bytes] = []
+        pos = 0
+        while pos < len(buf):
+            if self._raw_end is not None:
+                end = self._raw_end.search(buf, pos)
+                if end is None:
+                    keep = 0 if final else min(len(buf) - pos, _RAW_END_MAX)
+                    out.append(buf[pos:len(buf) - keep])
+                    self._carry = buf[len(buf) - keep:]
+                    break
+                out.append(buf[pos:end.start()])
+                pos = end.start()
+                self._raw_end = None
+                continue
+            m = _TAG.search(buf, pos)
+            if m is None:
+                keep = 1 if not final and buf.endswith(b"<") else 0
+                out.append(buf[pos:len(buf) - keep])
+                self._carry = buf[len(buf) - keep:]
+                break
+            tag = m.group()
+            if m.group(2) is None:  # cut off by the end of the chunk
+                if final or len(buf) - m.start() > self.max_carry_bytes:
+                    out.append(buf[pos:])  # not a tag after all
+                else:
+                    out.append(buf[pos:m.start()])
+                    self._carry = buf[m.start():]
+                break
+            out += (buf[pos:m.start()], _rewrite_tag(tag, param=self.param, token=self.token,
+                                                     origin=self.origin))
+            pos = m.end()
+            name = m.group(1).lower()
+            if name in _RAW_TEXT and not tag.endswith(b"/>"):
+                self._raw_end = _RAW_TEXT[name]
+        return b"".join(out)
+
+
+def rewrite_html(html: bytes, *, param: str, token: str, origin: Origin) -> bytes:
+    """A whole HTML document, rewritten."""
+    return HtmlRewriter(param=param, token=token, origin=origin).feed(html, final=True)
 
 
 class UrlRewriteMiddleware:
@@ -203,23 +240,20 @@ class UrlRewriteMiddleware:
 class _Response:
     """The rewriting state of one response."""
 
-    __slots__ = ("mw", "scope", "downstream", "token", "origin", "head", "html", "carry")
+    __slots__ = ("mw", "scope", "downstream", "head", "html")
 
     def __init__(self, mw: UrlRewriteMiddleware, scope: Scope, send: Send) -> None:
         self.mw = mw
         self.scope = scope
         self.downstream = send
-        self.token: str | None = None
-        self.origin: Origin | None = None
         self.head: Message | None = None   # held until the first body message (HTML only)
-        self.html = False
-        self.carry = b""
+        self.html: HtmlRewriter | None = None
 
     async def send(self, message: Message) -> None:
         mtype = message["type"]
         if mtype == "http.response.start":
             await self._start(message)
-        elif mtype == "http.response.body" and self.html:
+        elif mtype == "http.response.body" and self.html is not None:
             await self._body(message)
         else:
             if self.head is not None:
@@ -237,7 +271,7 @@ class _Response:
         if token is None:
             await self.downstream(message)
             return
-        self.token, self.origin = token, Origin(scope)
+        origin = Origin(scope)
         status = message["status"]
         headers: list[Any] = list(message.get("headers", ()))
         content_type = encoding = b""
@@ -245,7 +279,7 @@ class _Response:
             lname = name.lower()
             if lname == b"location" and 300 <= status < 400:
                 url = value.decode("latin-1")
-                new = rewrite_url(url, param=self.mw.param, token=token, origin=self.origin)
+                new = rewrite_url(url, param=self.mw.param, token=token, origin=origin)
                 if new is not url:
                     headers[i] = (name, new.encode("latin-1"))
             elif lname == b"content-type":
@@ -253,22 +287,19 @@ class _Response:
             elif lname == b"content-encoding":
                 encoding = value.strip().lower()
         message = {**message, "headers": headers}
-        self.html = (content_type.split(b";", 1)[0].strip() in _HTML_TYPES
-                     and encoding in (b"", b"identity") and status not in (204, 304)
-                     and not _wide_charset(content_type))
-        if self.html:
+        if (content_type.split(b";", 1)[0].strip() in _HTML_TYPES
+                and encoding in (b"", b"identity") and status not in (204, 304)
+                and not _wide_charset(content_type)):
+            self.html = HtmlRewriter(param=self.mw.param, token=token, origin=origin,
+                                     max_carry_bytes=self.mw.max_carry_bytes)
             self.head = message
         else:
             await self.downstream(message)
 
     async def _body(self, message: Message) -> None:
-        assert self.token is not None and self.origin is not None
+        assert self.html is not None
         more = message.get("more_body", False)
-        data = self.carry + message.get("body", b"")
-        out, self.carry = rewrite_html(data, param=self.mw.param, token=self.token,
-                                       origin=self.origin, final=not more)
-        if len(self.carry) > self.mw.max_carry_bytes:  # not a tag after all: let it go
-            out, self.carry = out + self.carry, b""
+        out = self.html.feed(message.get("body", b""), final=not more)
         if self.head is not None:
             exact = not more and self.scope.get("method") != "HEAD"
             await self._flush_head(len(out) if exact else None)
