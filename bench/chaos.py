@@ -1,0 +1,519 @@
+"""Failover under fire: N sessions doing read-modify-write through the proxy while backends
+are killed, hung and restarted; every acknowledged value is checked.
+
+    python bench/chaos.py --sessions 200 --duration 60 --scenario all --out bench/out/chaos
+
+Starts a real cluster (3 backends + the proxy, `tests/cluster.py`), runs the clients
+(`bench/chaos_load.py`), runs the fault schedule below in a thread, then judges the
+histories (`bench/chaos_check.py`), writes `summary.json`, `timeline.png`, `attempts.csv.gz`
+and keeps the processes' JSON logs in `<out>/cluster/`. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.chaos_check import (  # noqa: E402
+    Fault,
+    check_session,
+    failures_by_cause,
+    percentiles,
+    recovery,
+    reprotection,
+    timeline,
+)
+from bench.chaos_load import SessionClient, run_clients  # noqa: E402
+from bench.chaos_plot import draw_timeline  # noqa: E402
+from tests.cluster import Cluster  # noqa: E402
+
+SERVERS = ("s1", "s2", "s3")
+
+# The fault schedule: steps run one after the other while the clients run.
+#   ("sigkill"|"sigstop"|"sigcont"|"sigterm", server)  send the signal (sigkill/sigterm:
+#                                                        and wait until the process exited)
+#   ("restart", server)   start the process again, wait until it serves and the cluster
+#                         has re-formed (every server sees every other one alive)
+#   ("sleep", seconds)
+SCENARIOS: dict[str, list[tuple[str, Any]]] = {
+    "kill": [("sigkill", "s1"), ("sleep", 5.0), ("restart", "s1"), ("sleep", 5.0)],
+    "hang": [("sigstop", "s2"), ("sleep", 5.0), ("sigcont", "s2"), ("sleep", 5.0)],
+    "rolling": [step for sid in SERVERS
+                for step in (("sigterm", sid), ("restart", sid), ("sleep", 2.0))]
+               + [("sleep", 3.0)],
+}
+SCENARIOS["all"] = SCENARIOS["kill"] + SCENARIOS["hang"] + SCENARIOS["rolling"]
+SCENARIOS["none"] = []  # the load alone: a baseline
+FAULT_KINDS = ("sigkill", "sigstop", "sigterm")
+
+
+class FaultRunner:
+    """Runs a schedule against the cluster (blocking calls: run it in a thread)."""
+
+    def __init__(self, cluster: Cluster, steps: list[tuple[str, Any]], t0: float) -> None:
+        self.cluster = cluster
+        self.steps = steps
+        self.t0 = t0
+        self.events: list[tuple[float, str, str]] = []   # (t, kind, label)
+        self.faults: list[Fault] = []
+        self.notes: list[str] = []
+        self.error: BaseException | None = None
+        self.cancel = threading.Event()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _open(self, target: str) -> Fault | None:
+        return next((f for f in reversed(self.faults)
+                     if f.target == target and f.t_back is None), None)
+
+    def run(self) -> None:
+        try:
+            for op, arg in self.steps:
+                if self.cancel.is_set():
+                    return
+                self._step(op, arg)
+        except BaseException as exc:  # reported in the summary; the load still stops cleanly
+            self.error = exc
+            self.notes.append(f"schedule failed at {self.now():.2f}s: {exc!r}")
+
+    def _step(self, op: str, arg: Any) -> None:
+        c = self.cluster
+        if op == "sleep":
+            self.cancel.wait(float(arg))
+            return
+        if op in FAULT_KINDS:
+            sig = {"sigkill": signal.SIGKILL, "sigstop": signal.SIGSTOP,
+                   "sigterm": signal.SIGTERM}[op]
+            t = self.now()
+            self.faults.append(Fault(op, arg, t))
+            self.events.append((t, op, f"{op.upper()} {arg}"))
+            c.kill(arg, sig)
+            if op == "sigterm":
+                code = c.servers[arg]["proc"].returncode
+                self.events.append((self.now(), "exited", f"{arg} exited ({code})"))
+                self.notes.append(f"{arg} drained and exited with {code} after "
+                                  f"{self.now() - t:.2f}s")
+            return
+        if op == "sigcont":
+            c.kill(arg, signal.SIGCONT)
+            t = self.now()
+            self.events.append((t, "sigcont", f"SIGCONT {arg}"))
+            fault = self._open(arg)
+            if fault is not None:
+                fault.t_back = t
+            return
+        if op == "restart":
+            t = self.now()
+            self.events.append((t, "restart", f"restart {arg}"))
+            c.start_server(arg)
+            fault = self._open(arg)
+            if fault is not None:
+                fault.t_back = self.now()
+            c.wait_formed()
+            self.events.append((self.now(), "rejoined", f"{arg} rejoined"))
+            self.notes.append(f"{arg} restarted: serving after {self.now() - t:.2f}s")
+            return
+        raise ValueError(f"unknown schedule step {op!r}")
+
+
+# --- logs -------------------------------------------------------------------------------
+
+def _log_events(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    try:
+        return cluster.events(name)
+    except FileNotFoundError:
+        return []
+
+
+def _rel(event: dict[str, Any], t0_wall: float) -> float | None:
+    ts = event.get("timestamp")
+    if not ts:
+        return None
+    return datetime.fromisoformat(ts).timestamp() - t0_wall
+
+
+def analyse_logs(cluster: Cluster, faults: list[Fault], t0_wall: float) -> dict[str, Any]:
+    """Detection times (into `faults`) and counts of the events that matter, per process."""
+    counts: dict[str, dict[str, int]] = {}
+    detections: dict[str, list[tuple[float, str, str]]] = {}
+    reprotected: list[dict[str, Any]] = []
+    interesting = {"peer_failed", "peer_draining", "peer_left", "promoted", "fetched",
+                   "session_lost", "session_unprotected", "session_moved",
+                   "replication_rejected", "session_not_handed_over", "taken_over",
+                   "reprotected", "failover", "upstream_failed", "no_backend",
+                   "upstream_timeout", "upstream_truncated", "internal_error", "app_error",
+                   "replication_handler_error", "drained"}
+    for name in (*cluster.servers, "proxy"):
+        per: dict[str, int] = {}
+        for e in _log_events(cluster, name):
+            ev = e.get("event", "")
+            if ev in interesting or e.get("level") in ("error", "critical"):
+                key = ev if ev != "failover" else f"failover:{e.get('cause')}"
+                per[key] = per.get(key, 0) + 1
+            t = _rel(e, t0_wall)
+            if t is None:
+                continue
+            if ev in ("peer_failed", "peer_draining", "peer_left"):
+                detections.setdefault(e["peer"], []).append((t, name, ev))
+            elif ev == "reprotected":
+                reprotected.append({"t": round(t, 3), "server": name, "cause": e.get("cause"),
+                                    "sessions": e.get("sessions"), "seconds": e.get("seconds")})
+        counts[name] = dict(sorted(per.items()))
+    for f in faults:
+        seen = sorted(d for d in detections.get(f.target, []) if d[0] >= f.t - 0.05)
+        if seen:
+            f.t_detected = seen[0][0]
+    return {"event_counts": counts, "reprotected": sorted(reprotected, key=lambda r: r["t"])}
+
+
+def scrape_metrics(cluster: Cluster) -> dict[str, float]:
+    url = f"http://127.0.0.1:{cluster.admin_port}/__tandem/metrics"
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        return {"error": str(exc)}  # type: ignore[dict-item]
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        if "latency" in name or "backend_state" in name:
+            continue
+        out[name] = float(value)
+    return out
+
+
+# --- CPU --------------------------------------------------------------------------------
+
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def _pid_cpu_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+async def cpu_sampler(stop: asyncio.Event, cluster: Cluster, samples: list[dict[str, float]]
+                      ) -> None:
+    """Every second: how busy the machine was, and how much of it was this run's processes
+    (the cluster and the load generator) — the rest is someone else's load on the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    ncpu = os.cpu_count() or 1
+
+    def pids() -> list[int]:
+        procs = [v["proc"] for v in cluster.servers.values()] + [cluster.proxy_proc]
+        return [os.getpid(), *(p.pid for p in procs if p is not None)]
+
+    last_ticks = {pid: _pid_cpu_ticks(pid) or 0 for pid in pids()}
+    busy0, total0 = _cpu_times()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        busy, total = _cpu_times()
+        own = 0
+        for pid in pids():
+            now = _pid_cpu_ticks(pid)
+            if now is not None:
+                own += now - last_ticks.get(pid, 0)
+                last_ticks[pid] = now
+        if total > total0:
+            machine = (busy - busy0) / (total - total0) * ncpu
+            own_cores = own / tick / ((total - total0) / tick / ncpu)
+            samples.append({"machine": machine, "own": own_cores})
+        busy0, total0 = busy, total
+
+
+def process_cpu(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds (user + system) of each cluster process still running (since its start)."""
+    procs = {sid: v["proc"] for sid, v in cluster.servers.items()}
+    procs["proxy"] = cluster.proxy_proc
+    out = {}
+    for name, proc in procs.items():
+        ticks = None if proc is None else _pid_cpu_ticks(proc.pid)
+        if ticks is not None:
+            out[name] = round(ticks / os.sysconf("SC_CLK_TCK"), 2)
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "cluster").mkdir(parents=True)
+    session: dict[str, Any] = {"replication": args.replication}
+    proxy = {"io_timeout_s": args.io_timeout, "max_skip_s": args.max_skip}
+    cluster = Cluster(out / "cluster", n=len(SERVERS), app=args.app, session=session,
+                      proxy=proxy, cluster={"drain_timeout_s": 15.0},
+                      log_level=args.log_level)
+    steps = [("sleep", args.warmup), *SCENARIOS[args.scenario]]
+    try:
+        await asyncio.to_thread(cluster.start)
+        clients = [SessionClient(i, "127.0.0.1", cluster.proxy_port, timeout_s=args.timeout)
+                   for i in range(args.sessions)]
+        stop = asyncio.Event()
+        cpu: list[dict[str, float]] = []
+        t0 = time.monotonic()
+        t0_wall = time.time()
+        cpu0 = time.process_time()
+        runner = FaultRunner(cluster, steps, t0)
+        load = asyncio.create_task(run_clients(clients, t0=t0, rate=args.rate, stop=stop))
+        sampler = asyncio.create_task(cpu_sampler(stop, cluster, cpu))
+        schedule = asyncio.create_task(asyncio.to_thread(runner.run))
+        try:
+            await asyncio.sleep(args.duration)
+            await schedule  # the schedule may outlast --duration: the load goes on with it
+        finally:
+            runner.cancel.set()
+            with contextlib.suppress(BaseException):
+                await schedule
+            stop.set()
+            await load
+            await sampler
+        elapsed = time.monotonic() - t0
+        load_cpu = time.process_time() - cpu0
+        metrics = scrape_metrics(cluster)
+        proc_cpu = process_cpu(cluster)
+        health = {}
+        for sid in SERVERS:
+            try:
+                h = cluster.health(sid)
+                health[sid] = {k: h[k] for k in ("state", "primaries", "replicas", "stats")}
+            except OSError as exc:
+                health[sid] = {"error": str(exc)}
+    finally:
+        await asyncio.to_thread(cluster.close)
+    logs = analyse_logs(cluster, runner.faults, t0_wall)
+    histories = [c.history for c in clients]
+    summary = judge(args, histories, runner, logs, metrics, health, t0_wall, elapsed, load_cpu, cpu)
+    summary["cpu"]["process_cpu_s"] = proc_cpu
+    _write_attempts(out / "attempts.csv.gz", histories)
+    ts, ok, bad, p99 = timeline(histories)
+    title = (f"tandem chaos: {args.sessions} sessions x {args.rate:g} req/s, scenario "
+             f"{args.scenario}, replication {args.replication} — lost "
+             f"{summary['writes']['lost']}, duplicated {summary['writes']['duplicated']}, "
+             f"failed {summary['requests']['failed']}")
+    draw_timeline(out / "timeline.png", ts=ts, ok=ok, bad=bad, p99_ms=p99,
+                  events=runner.events, title=title)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRunner,
+          logs: dict[str, Any], metrics: dict[str, float], health: dict[str, Any],
+          t0_wall: float, elapsed: float, load_cpu: float, cpu: list[dict[str, float]],
+          ) -> dict[str, Any]:
+    verdicts = [check_session(i, h) for i, h in enumerate(histories)]
+    attempts = [a for h in histories for a in h]
+    failed = [a for a in attempts if not a.ok]
+    faults = runner.faults
+    per_fault = []
+    for f in faults:
+        entry = {"fault": f.label, "t_s": round(f.t, 3),
+                 "t_back_s": None if f.t_back is None else round(f.t_back, 3),
+                 "recovery": recovery(histories, f),
+                 "reprotection": reprotection(histories, f, faults),
+                 "failed_requests_until_back": sum(
+                     1 for a in failed if f.t <= a.end <= (f.t_back or elapsed))}
+        per_fault.append(entry)
+    lost_events = [(e, v.session) for v in verdicts for e in v.lost_events]
+    loss_detail = []
+    for (t_seen, n, acked), sess in sorted(lost_events)[:200]:
+        before = [f for f in faults if f.t <= t_seen]
+        f = before[-1] if before else None
+        loss_detail.append({
+            "session": sess, "t_seen_s": round(t_seen, 3), "lost": n,
+            "fault": f.label if f else None,
+            # how long before the fault each lost write had been acknowledged (ms)
+            "acked_before_fault_ms": [round((f.t - t) * 1000, 1) for t in acked] if f else [],
+        })
+    ages = [a for d in loss_detail for a in d["acked_before_fault_ms"]]
+    latencies = [a.end - a.start for a in attempts if a.ok]
+    summary: dict[str, Any] = {
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "config": {"sessions": args.sessions, "rate_per_session": args.rate,
+                   "scenario": args.scenario, "replication": args.replication,
+                   "proxy_io_timeout_s": args.io_timeout, "proxy_max_skip_s": args.max_skip,
+                   "client_timeout_s": args.timeout, "warmup_s": args.warmup,
+                   "heartbeat": "0.5 s x 3 (tests/cluster.py)", "cpus": os.cpu_count(),
+                   "log_level": args.log_level},
+        "code": code_version(),
+        "t0_unix": t0_wall,
+        "elapsed_s": round(elapsed, 2),
+        "requests": {"total": len(attempts), "ok": len(attempts) - len(failed),
+                     "failed": len(failed), "failed_idempotent": len(failed),
+                     "by_cause": failures_by_cause(histories),
+                     "rate_per_s": round(len(attempts) / elapsed, 1),
+                     "latency_ok": percentiles(latencies, (50, 99, 99.9))},
+        "writes": {"acked": sum(v.acked for v in verdicts),
+                   "lost": sum(v.lost for v in verdicts),
+                   "duplicated": sum(v.duplicated for v in verdicts),
+                   "ambiguous_applied_failed": sum(v.ambiguous for v in verdicts),
+                   "sessions_with_loss": sum(1 for v in verdicts if v.lost),
+                   "sessions_with_duplicate": sum(1 for v in verdicts if v.duplicated),
+                   "session_id_changes": sum(v.sid_changes for v in verdicts),
+                   "loss_events": loss_detail,
+                   "lost_acked_before_fault": percentiles([a / 1000 for a in ages]),
+                   "dup_events": [{"session": v.session, "t_s": round(t, 3), "dup": d,
+                                   "failed_since_ack": fs}
+                                  for v in verdicts for (t, d, fs) in v.dup_events][:200]},
+        "faults": per_fault,
+        "events": [{"t_s": round(t, 3), "event": label} for t, _, label in runner.events],
+        "schedule_notes": runner.notes,
+        "first_failures": [{"t_s": round(a.start, 3), "end_s": round(a.end, 3),
+                            "session": a.session, "cause": a.cause}
+                           for a in sorted(failed, key=lambda a: a.start)[:100]],
+        "cpu": _cpu_summary(cpu, load_cpu / elapsed),
+        "proxy_metrics": metrics,
+        "backend_health_at_end": health,
+        "logs": logs,
+    }
+    summary["targets"] = targets(summary)
+    return summary
+
+
+def _cpu_summary(cpu: list[dict[str, float]], load_cores: float) -> dict[str, Any]:
+    """Cores in use (of os.cpu_count()): the machine, this run's processes, everything else."""
+    if not cpu:
+        return {}
+    n = len(cpu)
+    machine = sum(c["machine"] for c in cpu) / n
+    own = sum(c["own"] for c in cpu) / n
+    return {"cores": os.cpu_count(), "machine_busy_cores_mean": round(machine, 2),
+            "machine_busy_cores_max_1s": round(max(c["machine"] for c in cpu), 2),
+            "run_cores_mean": round(own, 2), "other_load_cores_mean": round(machine - own, 2),
+            "load_generator_cores": round(load_cores, 2),
+            "seconds_machine_saturated": sum(1 for c in cpu if c["machine"] > 0.95 * (
+                os.cpu_count() or 1))}
+
+
+def targets(s: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, met or not (only for the faults this run injected)."""
+    out: dict[str, Any] = {
+        "zero_lost_writes": s["writes"]["lost"] == 0,
+        "zero_duplicated_writes": s["writes"]["duplicated"] == 0,
+        "zero_failed_idempotent_requests": s["requests"]["failed_idempotent"] == 0,
+    }
+    kills = [f for f in s["faults"] if f["fault"].startswith("sigkill")]
+    if kills:
+        worst = max(f["recovery"]["request_to_ok"].get("p99_ms", float("inf")) for f in kills)
+        out["first_good_after_sigkill_p99_le_50ms"] = {"met": worst <= 50, "p99_ms": worst}
+    worst_rp = None
+    for f in s["faults"]:
+        rp = f["reprotection"]
+        m = rp.get("since_detection", rp["since_fault"]).get("max_ms")
+        if rp["never_reprotected"]:
+            m = float("inf")
+        if m is not None:
+            worst_rp = m if worst_rp is None else max(worst_rp, m)
+    if worst_rp is not None:
+        out["every_session_reprotected_within_2s_of_detection"] = {
+            "met": worst_rp <= 2000, "worst_ms": worst_rp}
+    return out
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the runtime's files differ from it."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    dirty = git("status", "--porcelain", "--", "backends", "proxy").splitlines()
+    return {"commit": git("rev-parse", "HEAD"), "runtime_changes_uncommitted": dirty}
+
+
+def _write_attempts(path: Path, histories: list[list[Any]]) -> None:
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["session", "start_s", "end_s", "cause", "status", "counter", "server",
+                    "primary", "secondary"])
+        for h in histories:
+            for a in h:
+                w.writerow([a.session, f"{a.start:.4f}", f"{a.end:.4f}", a.cause, a.status,
+                            a.counter, a.server, a.primary, a.secondary])
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    r, w = s["requests"], s["writes"]
+    print(f"requests {r['total']} ({r['rate_per_s']}/s), ok {r['ok']}, failed {r['failed']} "
+          f"{r['by_cause']}; latency {r['latency_ok']}")
+    print(f"writes acked {w['acked']}, lost {w['lost']} (in {w['sessions_with_loss']} "
+          f"sessions), duplicated {w['duplicated']}, ambiguous {w['ambiguous_applied_failed']},"
+          f" session id changes {w['session_id_changes']}")
+    for f in s["faults"]:
+        rc, rp = f["recovery"], f["reprotection"]
+        print(f"  {f['fault']:>14} @{f['t_s']:7.2f}s  hit {rc['sessions']:3d} sessions, "
+              f"failed {f['failed_requests_until_back']:4d}; first good: request "
+              f"{rc['request_to_ok']}, fault {rc['fault_to_ok']}")
+        print(f"  {'':>14}  re-protected {rp['sessions']} sessions: detected after "
+              f"{rp.get('detected_after_ms')} ms; since detection {rp.get('since_detection')};"
+              f" never {rp['never_reprotected']}")
+    for note in s["schedule_notes"]:
+        print(f"  note: {note}")
+    print(f"cpu: {s['cpu']}")
+    print(f"targets: {json.dumps(s['targets'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sessions", type=int, default=200, help="concurrent clients (default 200)")
+    p.add_argument("--rate", type=float, default=3.0,
+                   help="requests/s of each client (default 3: 600 req/s in all)")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="seconds of load at least; it goes on until the schedule ends")
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="all")
+    p.add_argument("--replication", choices=("sync", "async"), default="sync",
+                   help="session.replication of the cluster")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="seconds of load before the first fault")
+    p.add_argument("--io-timeout", type=float, default=1.0,
+                   help="proxy.io_timeout_s: a hung backend is failed over after this")
+    p.add_argument("--max-skip", type=float, default=10.0, help="proxy.max_skip_s")
+    p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request")
+    p.add_argument("--app", default="tests.apps:asgi_counter")
+    p.add_argument("--log-level", default="INFO", help="TANDEM_LOG_LEVEL of the processes")
+    p.add_argument("--out", default="bench/out/chaos", help="output directory (replaced)")
+    args = p.parse_args(argv)
+    with contextlib.suppress(ImportError):
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    summary = asyncio.run(run(args))
+    print_summary(summary)
+    print(f"wrote {args.out}/summary.json, timeline.png, attempts.csv.gz, cluster/*.log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
