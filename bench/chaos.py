@@ -157,6 +157,7 @@ def analyse_logs(cluster: Cluster, faults: list[Fault], t0_wall: float) -> dict[
     counts: dict[str, dict[str, int]] = {}
     detections: dict[str, list[tuple[float, str, str]]] = {}
     reprotected: list[dict[str, Any]] = []
+    failovers: dict[tuple[float, str, str, str], int] = {}
     interesting = {"peer_failed", "peer_draining", "peer_left", "promoted", "fetched",
                    "session_lost", "session_unprotected", "session_moved",
                    "replication_rejected", "session_not_handed_over", "taken_over",
@@ -175,6 +176,9 @@ def analyse_logs(cluster: Cluster, faults: list[Fault], t0_wall: float) -> dict[
                 continue
             if ev in ("peer_failed", "peer_draining", "peer_left"):
                 detections.setdefault(e["peer"], []).append((t, name, ev))
+            elif ev == "failover" and name == "proxy":
+                key = (round(t, 1), e.get("from_"), e.get("to"), e.get("cause"))
+                failovers[key] = failovers.get(key, 0) + 1
             elif ev == "reprotected":
                 reprotected.append({"t": round(t, 3), "server": name, "cause": e.get("cause"),
                                     "sessions": e.get("sessions"), "seconds": e.get("seconds")})
@@ -183,7 +187,9 @@ def analyse_logs(cluster: Cluster, faults: list[Fault], t0_wall: float) -> dict[
         seen = sorted(d for d in detections.get(f.target, []) if d[0] >= f.t - 0.05)
         if seen:
             f.t_detected = seen[0][0]
-    return {"event_counts": counts, "reprotected": sorted(reprotected, key=lambda r: r["t"])}
+    return {"event_counts": counts, "reprotected": sorted(reprotected, key=lambda r: r["t"]),
+            # the proxy's failovers per 100 ms: (t, from, to, cause, count)
+            "proxy_failovers": [[*k, n] for k, n in sorted(failovers.items())][:300]}
 
 
 def scrape_metrics(cluster: Cluster) -> dict[str, float]:
@@ -384,9 +390,10 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                    "session_id_changes": sum(v.sid_changes for v in verdicts),
                    "loss_events": loss_detail,
                    "lost_acked_before_fault": percentiles([a / 1000 for a in ages]),
-                   "dup_events": [{"session": v.session, "t_s": round(t, 3), "dup": d,
-                                   "failed_since_ack": fs}
-                                  for v in verdicts for (t, d, fs) in v.dup_events][:200]},
+                   "dup_events": sorted(({"session": v.session, "t_s": round(t, 3), "dup": d,
+                                          "failed_since_ack": fs, "after": _last_fault(faults, t)}
+                                         for v in verdicts for (t, d, fs) in v.dup_events),
+                                        key=lambda d: d["t_s"])[:200]},
         "faults": per_fault,
         "events": [{"t_s": round(t, 3), "event": label} for t, _, label in runner.events],
         "schedule_notes": runner.notes,
@@ -400,6 +407,11 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
     }
     summary["targets"] = targets(summary)
     return summary
+
+
+def _last_fault(faults: list[Fault], t: float) -> str | None:
+    before = [f for f in faults if f.t <= t]
+    return f"{before[-1].label} @{before[-1].t:.2f}s" if before else None
 
 
 def _cpu_summary(cpu: list[dict[str, float]], load_cores: float) -> dict[str, Any]:
@@ -458,11 +470,12 @@ def _write_attempts(path: Path, histories: list[list[Any]]) -> None:
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)
         w.writerow(["session", "start_s", "end_s", "cause", "status", "counter", "server",
-                    "primary", "secondary"])
+                    "primary", "secondary", "sid8"])
         for h in histories:
             for a in h:
                 w.writerow([a.session, f"{a.start:.4f}", f"{a.end:.4f}", a.cause, a.status,
-                            a.counter, a.server, a.primary, a.secondary])
+                            a.counter, a.server, a.primary, a.secondary,
+                            (a.sid or "")[:8]])
 
 
 def print_summary(s: dict[str, Any]) -> None:
