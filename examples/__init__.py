@@ -1,0 +1,1 @@
+"""Example applications run behind tandem (see the README's "Frameworks" section)."""
