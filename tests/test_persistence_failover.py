@@ -139,6 +139,15 @@ def test_postgresql_fails_over_to_the_second_dsn(make_cluster, request):
         status, body = c.get("/count", base=cluster.url("s3"))
         assert status == 200 and body["counter"] == 4 and body["server"] == "s3"
 
+    # the first database is back: a background probe finds it, writes return to it
+    db1.start()
+    deadline = time.monotonic() + 15
+    while not any(e["event"] == "store_dsn_back" for e in cluster.events("s3")):
+        assert time.monotonic() < deadline, "the first DSN was never probed back"
+        time.sleep(0.2)
+    assert clients[0].get("/count", base=cluster.url("s3"))[1]["counter"] == 5
+    assert _versions(db1, clients[:1]) == [5]
+
 
 def _versions(db: Postgres, clients: list[Client]) -> list[int | None]:
     async def q() -> list[int | None]:

@@ -134,7 +134,7 @@ class Persister:
         if row is _FAILED or row is None:
             return None
         try:
-            state = row.state(store=self.store.kind, where=self.store.where)
+            state: State = row.state(store=self.store.kind, where=self.store.where)
         except StoreError as exc:
             self._failed("load", exc)
             return None

@@ -2,8 +2,9 @@
 
 `persistence.dsns` is a multi data source with the failover algorithm: every operation goes
 to the first DSN that is not marked failed; a DSN whose connection fails is marked failed
-for `_SKIP_S` and the next one is tried within the same operation, so losing one database
-costs no write. Once the first DSN answers again, writes go back to it. Loads try every
+and the next one is tried within the same operation, so losing one database costs no
+write. A failed DSN is probed in the background every `_PROBE_S` (never on a request's
+path); once it answers again, writes go back to it. Loads try every
 reachable DSN in order (a session written during a failover lives on a later one) and copy
 what they find to the current one; deletes go to every reachable DSN so an invalidated
 session cannot be found again on another. The table is created if missing.
@@ -11,11 +12,12 @@ session cannot be found again on another. The table is created if missing.
 
 from __future__ import annotations
 
-import time
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import structlog
 
 from .base import StoredSession, map_errors, mask
@@ -27,7 +29,7 @@ log = structlog.get_logger("tandem.persistence")
 
 T = TypeVar("T")
 
-_SKIP_S = 5.0          # how long a failed DSN is passed over before it is tried again
+_PROBE_S = 2.0         # how often a failed DSN is probed
 _POOL_MAX = 4          # connections per DSN: the persister writes in groups, one at a time
 
 _SCHEMA = """
@@ -93,7 +95,8 @@ class PostgresStore:
         self._connect_timeout_s = connect_timeout_s
         # per-DSN state
         self._pools: dict[int, asyncpg.Pool] = {}
-        self._failed_until: dict[int, float] = {}
+        self._failed: set[int] = set()     # marked failed: skipped until a probe succeeds
+        self._prober: asyncio.Task[None] | None = None
         self._current: int | None = None   # the DSN writes went to last
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -111,6 +114,11 @@ class PostgresStore:
                                    store=self.kind, where=self.where)
 
     async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             try:
@@ -190,10 +198,9 @@ class PostgresStore:
     # --- DSN choice ---------------------------------------------------------------------
 
     def _order(self) -> list[int]:
-        """DSN indexes to try: the ones not marked failed, in configured order, then the rest."""
-        now = time.monotonic()
-        good = [i for i in range(len(self.dsns)) if self._failed_until.get(i, 0.0) <= now]
-        return good + [i for i in range(len(self.dsns)) if i not in good]
+        """DSN indexes to try: those not marked failed in configured order (all if none)."""
+        good = [i for i in range(len(self.dsns)) if i not in self._failed]
+        return good or list(range(len(self.dsns)))
 
     async def _first(self, op: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         for i in self._order():
@@ -204,7 +211,7 @@ class PostgresStore:
                         log.warning("store_failover", store=self.kind, op=op,
                                     from_=self.masked[self._current], to=self.masked[i])
                     self._current = i
-                return res  # type: ignore[return-value]
+                return cast(T, res)
         raise self._all_failed(op)
 
     async def _on(self, i: int, op: str, fn: Callable[[asyncpg.Connection], Awaitable[Any]]
@@ -215,18 +222,41 @@ class PostgresStore:
             with map_errors(self.kind, self.masked[i], unavailable=_CONNECTION_ERRORS,
                             other=(asyncpg.PostgresError,)):
                 async with pool.acquire(timeout=self._connect_timeout_s) as conn:
-                    return await fn(conn)
+                    result = await fn(conn)
+            self._failed.discard(i)  # tried because every DSN was marked: it is back
+            return result
         except StoreUnavailable as exc:
             self._mark_failed(i, exc, op=op)
             return _FAILED
 
     def _mark_failed(self, i: int, exc: StoreError, *, op: str) -> None:
-        self._failed_until[i] = time.monotonic() + _SKIP_S
+        self._failed.add(i)
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.create_task(self._probe_loop(), name="postgresql-probe")
         pool = self._pools.pop(i, None)
         if pool is not None:
             pool.terminate()
         log.warning("store_dsn_failed", store=self.kind, dsn=self.masked[i], op=op,
-                    error=str(exc.__cause__ or exc), skip_s=_SKIP_S)
+                    error=str(exc.__cause__ or exc))
+
+    async def _probe_loop(self) -> None:
+        """Bring failed DSNs back once they answer."""
+        while self._failed:
+            await asyncio.sleep(_PROBE_S)
+            for i in sorted(self._failed):
+                try:
+                    pool = await self._pool(i)
+                    with map_errors(self.kind, self.masked[i], unavailable=_CONNECTION_ERRORS,
+                                    other=(asyncpg.PostgresError,)):
+                        async with asyncio.timeout(self._connect_timeout_s):
+                            await pool.fetchval("SELECT 1")
+                except StoreError:
+                    pool = self._pools.pop(i, None)
+                    if pool is not None:
+                        pool.terminate()
+                    continue
+                self._failed.discard(i)
+                log.info("store_dsn_back", store=self.kind, dsn=self.masked[i])
 
     def _all_failed(self, op: str) -> StoreUnavailable:
         return StoreUnavailable(f"{op}: no DSN reachable", store=self.kind, where=self.where)

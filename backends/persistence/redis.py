@@ -83,7 +83,8 @@ class RedisStore:
         with map_errors(self.kind, self.where, unavailable=(*_UNAVAILABLE, ValueError),
                         other=(rex.RedisError,)):
             if self.urls:
-                nodes, auth = [], {}
+                nodes: list[ClusterNode] = []
+                auth: dict[str, Any] = {}
                 for u in self.urls:
                     parts = urlsplit(u)
                     nodes.append(ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379))

@@ -143,7 +143,7 @@ class SqliteStore:
     # --- helpers ------------------------------------------------------------------------
 
     @staticmethod
-    def _tx(db: sqlite3.Connection, sql: str, params: list[tuple[object, ...]]) -> None:
+    def _tx(db: sqlite3.Connection, sql: str, params: Sequence[tuple[object, ...]]) -> None:
         if not params:
             return
         db.execute("BEGIN IMMEDIATE")
