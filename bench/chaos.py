@@ -228,8 +228,8 @@ def _pid_cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])
 
 
-async def cpu_sampler(stop: asyncio.Event, cluster: Cluster, samples: list[dict[str, float]]
-                      ) -> None:
+async def cpu_sampler(stop: asyncio.Event, cluster: Cluster, samples: list[dict[str, float]],
+                      t0: float) -> None:
     """Every second: how busy the machine was, and how much of it was this run's processes
     (the cluster and the load generator) — the rest is someone else's load on the machine."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -254,7 +254,8 @@ async def cpu_sampler(stop: asyncio.Event, cluster: Cluster, samples: list[dict[
         if total > total0:
             machine = (busy - busy0) / (total - total0) * ncpu
             own_cores = own / tick / ((total - total0) / tick / ncpu)
-            samples.append({"machine": machine, "own": own_cores})
+            samples.append({"t": round(time.monotonic() - t0, 2), "machine": round(machine, 3),
+                            "own": round(own_cores, 3)})
         busy0, total0 = busy, total
 
 
@@ -294,7 +295,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = time.process_time()
         runner = FaultRunner(cluster, steps, t0)
         load = asyncio.create_task(run_clients(clients, t0=t0, rate=args.rate, stop=stop))
-        sampler = asyncio.create_task(cpu_sampler(stop, cluster, cpu))
+        sampler = asyncio.create_task(cpu_sampler(stop, cluster, cpu, t0))
         schedule = asyncio.create_task(asyncio.to_thread(runner.run))
         try:
             await asyncio.sleep(args.duration)
@@ -330,7 +331,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
              f"{summary['writes']['lost']}, duplicated {summary['writes']['duplicated']}, "
              f"failed {summary['requests']['failed']}")
     draw_timeline(out / "timeline.png", ts=ts, ok=ok, bad=bad, p99_ms=p99,
-                  events=runner.events, title=title)
+                  events=runner.events, title=title, cpu=summary["cpu"].get("per_second", []))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -426,7 +427,8 @@ def _cpu_summary(cpu: list[dict[str, float]], load_cores: float) -> dict[str, An
             "run_cores_mean": round(own, 2), "other_load_cores_mean": round(machine - own, 2),
             "load_generator_cores": round(load_cores, 2),
             "seconds_machine_saturated": sum(1 for c in cpu if c["machine"] > 0.95 * (
-                os.cpu_count() or 1))}
+                os.cpu_count() or 1)),
+            "per_second": [[c["t"], c["machine"], c["own"]] for c in cpu]}
 
 
 def targets(s: dict[str, Any]) -> dict[str, Any]:
@@ -502,8 +504,8 @@ def print_summary(s: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sessions", type=int, default=200, help="concurrent clients (default 200)")
-    p.add_argument("--rate", type=float, default=3.0,
-                   help="requests/s of each client (default 3: 600 req/s in all)")
+    p.add_argument("--rate", type=float, default=2.0,
+                   help="requests/s of each client (default 2: 400 req/s in all)")
     p.add_argument("--duration", type=float, default=60.0,
                    help="seconds of load at least; it goes on until the schedule ends")
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="all")
@@ -511,8 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="session.replication of the cluster")
     p.add_argument("--warmup", type=float, default=5.0,
                    help="seconds of load before the first fault")
-    p.add_argument("--io-timeout", type=float, default=1.0,
-                   help="proxy.io_timeout_s: a hung backend is failed over after this")
+    p.add_argument("--io-timeout", type=float, default=5.0,
+                   help="proxy.io_timeout_s (default 5, as tests/cluster.py): a hung backend "
+                   "is failed over after this")
     p.add_argument("--max-skip", type=float, default=10.0, help="proxy.max_skip_s")
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request")
     p.add_argument("--app", default="tests.apps:asgi_counter")

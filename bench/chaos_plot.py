@@ -14,8 +14,9 @@ _COLOURS = {"sigkill": "tab:red", "sigstop": "tab:purple", "sigcont": "tab:purpl
 
 def draw_timeline(path: Path, *, ts: Sequence[float], ok: Sequence[int], bad: Sequence[int],
                   p99_ms: Sequence[float], events: Sequence[tuple[float, str, str]],
-                  title: str, bin_s: float = 0.1) -> None:
-    """Write a PNG; `events` are (t, kind, label)."""
+                  title: str, bin_s: float = 0.1,
+                  cpu: Sequence[Sequence[float]] = ()) -> None:
+    """Write a PNG; `events` are (t, kind, label); `cpu` rows are (t, machine, this run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +35,16 @@ def draw_timeline(path: Path, *, ts: Sequence[float], ok: Sequence[int], bad: Se
     ax3.plot(ts, p99_ms, lw=0.8, color="tab:gray")
     ax3.set_yscale("log")
     ax3.set_ylabel("p99 latency ms")
+    if cpu:
+        # CPU cores busy per second: the whole machine and this run's processes
+        ax4 = ax3.twinx()
+        ax4.step([c[0] for c in cpu], [c[1] for c in cpu], where="post", lw=0.8,
+                 color="tab:brown", label="machine cores busy")
+        ax4.step([c[0] for c in cpu], [c[2] for c in cpu], where="post", lw=0.8,
+                 color="tab:olive", label="this run's cores")
+        ax4.set_ylim(0, max(2.0, *(c[1] for c in cpu)) * 1.05)
+        ax4.set_ylabel("CPU cores")
+        ax4.legend(loc="upper right", fontsize=7)
     ax3.set_xlabel("seconds since the load started")
     top = ax1.get_ylim()[1]
     for i, (t, kind, label) in enumerate(events):
