@@ -31,23 +31,26 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.contrib.sessions.backends.base import SessionBase
-from django.contrib.sessions.middleware import SessionMiddleware as _DjangoSessionMiddleware
-from django.core.exceptions import ImproperlyConfigured
-from django.utils import timezone
-from django.utils.cache import patch_vary_headers
+# Django ships no type information (django-stubs is a separate project)
+from django.contrib.sessions.backends.base import SessionBase  # type: ignore[import-untyped]
+from django.contrib.sessions.middleware import (  # type: ignore[import-untyped]
+    SessionMiddleware as _DjangoSessionMiddleware,
+)
+from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
+from django.utils import timezone  # type: ignore[import-untyped]
+from django.utils.cache import patch_vary_headers  # type: ignore[import-untyped]
 
 from .asgi import current_session
 
 if TYPE_CHECKING:
-    from django.http import HttpRequest, HttpResponse
+    from django.http import HttpRequest, HttpResponse  # type: ignore[import-untyped]
 
     from .session import Session as TandemSession
 
 __all__ = ["SessionStore", "SessionMiddleware"]
 
 
-class SessionStore(SessionBase):
+class SessionStore(SessionBase):  # type: ignore[misc]
     """Django's session API over the tandem session of the current request."""
 
     def __init__(self, session_key: str | None = None) -> None:
@@ -83,8 +86,8 @@ class SessionStore(SessionBase):
     def _ignore_key(self, value: str | None) -> None:
         pass  # SessionBase assigns the cookie's key; tandem's token decides
 
-    session_key = property(_get_key)  # type: ignore[assignment]
-    _session_key = property(_get_key, _ignore_key)  # type: ignore[assignment]
+    session_key = property(_get_key)
+    _session_key = property(_get_key, _ignore_key)
 
     def _get_or_create_session_key(self) -> str:
         return self._bound().id
@@ -195,13 +198,13 @@ class SessionStore(SessionBase):
         pass
 
 
-class SessionMiddleware(_DjangoSessionMiddleware):
+class SessionMiddleware(_DjangoSessionMiddleware):  # type: ignore[misc]
     """Django's session middleware without its cookie (tandem's token names the session)."""
 
     def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
         session = getattr(request, "session", None)
         if not isinstance(session, SessionStore):
-            return super().process_response(request, response)  # type: ignore[no-any-return]
+            return super().process_response(request, response)
         if session.accessed:
             patch_vary_headers(response, ("Cookie",))
         session.finish(response.status_code)

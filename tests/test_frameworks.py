@@ -244,18 +244,56 @@ urlpatterns = [
 ]
 
 
+def _dj_auth_login(request: HttpRequest) -> JsonResponse:
+    from django.contrib.auth import login
+    from django.contrib.auth.models import User
+
+    login(request, User.objects.get(username=request.GET["user"]),
+          backend="django.contrib.auth.backends.ModelBackend")
+    return _dj_state(request, who=request.user.username)
+
+
+def _dj_auth_me(request: HttpRequest) -> JsonResponse:
+    return _dj_state(request, who=request.user.username)
+
+
+def _dj_auth_logout(request: HttpRequest) -> JsonResponse:
+    from django.contrib.auth import logout
+
+    logout(request)
+    return _dj_state(request, who=request.user.username)
+
+
+urlpatterns += [
+    path("auth/login", _dj_auth_login),
+    path("auth/me", _dj_auth_me),
+    path("auth/logout", _dj_auth_logout),
+]
+
+
 @pytest.fixture(scope="module")
-def django_settings() -> Any:
+def django_settings(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """This process's Django: this module's URLs, tandem's sessions, auth on SQLite."""
     from django.conf import settings
 
     if not settings.configured:
+        db = tmp_path_factory.mktemp("django") / "db.sqlite3"
         settings.configure(
             SECRET_KEY="test", ALLOWED_HOSTS=["127.0.0.1"], ROOT_URLCONF=__name__,
-            INSTALLED_APPS=[], DATABASES={}, USE_TZ=True, TIME_ZONE="UTC",
-            SESSION_ENGINE="backends.django",
-            MIDDLEWARE=["backends.django.SessionMiddleware"])
+            INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
+            DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(db)}},
+            USE_TZ=True, TIME_ZONE="UTC", SESSION_ENGINE="backends.django",
+            MIDDLEWARE=["backends.django.SessionMiddleware",
+                        "django.contrib.auth.middleware.AuthenticationMiddleware"])
         import django
+        from django.core.management import call_command
+
         django.setup()
+        from django.contrib.auth.models import User
+
+        call_command("migrate", verbosity=0)
+        User.objects.create(username="alice")
+        User.objects.create(username="bob")
     return settings
 
 
@@ -314,6 +352,35 @@ async def test_django_expiry_and_5xx(django_settings):
         async with http.get(base + "/fail") as resp:
             assert resp.status == 500
         assert (await get_json(http, base + "/peek"))["counter"] == 1  # not saved on a 5xx
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+async def test_django_auth_login_and_logout(django_settings, interface):
+    async with local_backend(django_app(interface)) as base, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(base + "/count") as resp:
+            anonymous = token_of(resp)
+        async with http.get(base + "/auth/login?user=alice",
+                            headers={"Cookie": f"JSESSIONID={anonymous}"}) as resp:
+            alice = token_of(resp)
+            assert (await resp.json())["who"] == "alice"
+        assert alice and alice.split("!")[0] != anonymous.split("!")[0]  # cycle_key()
+        as_alice = {"Cookie": f"JSESSIONID={alice}"}
+        body = await get_json(http, base + "/auth/me", headers=as_alice)
+        assert body["who"] == "alice" and body["counter"] == 1
+        assert (await get_json(http, base + "/auth/me",
+                               headers={"Cookie": f"JSESSIONID={anonymous}"}))["who"] == ""
+        # another user on the same session: login() flushes, then writes
+        async with http.get(base + "/auth/login?user=bob", headers=as_alice) as resp:
+            bob = token_of(resp)
+        assert bob and bob.split("!")[0] != alice.split("!")[0]
+        body = await get_json(http, base + "/auth/me", headers={"Cookie": f"JSESSIONID={bob}"})
+        assert body["who"] == "bob" and body["counter"] is None
+        async with http.get(base + "/auth/logout",
+                            headers={"Cookie": f"JSESSIONID={bob}"}) as resp:
+            assert token_of(resp) == ""
+        body = await get_json(http, base + "/auth/me", headers={"Cookie": f"JSESSIONID={bob}"})
+        assert body["who"] == "" and body["key"] is None
 
 
 async def test_django_own_session_middleware_works_too(django_settings):
