@@ -16,13 +16,17 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .base import StoredSession, map_errors
-from .errors import StoreCorrupt
+from .errors import StoreCorrupt, StoreUnavailable
 
 __all__ = ["FileStore"]
+
+T = TypeVar("T")
 
 _TMP_SUFFIX = ".tmp"
 _STALE_TMP_S = 600.0   # a temp file this old was left by a crashed writer
@@ -33,14 +37,24 @@ class FileStore:
 
     kind = "file"
 
-    def __init__(self, *, path: str) -> None:
+    def __init__(self, *, path: str, threads: int = 16) -> None:
+        # configuration
         self.root = Path(path)
         self.where = str(self.root)
+        self._threads = threads
+        # resources: blocking file calls run here
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open)
+        self._pool = ThreadPoolExecutor(max_workers=self._threads,
+                                        thread_name_prefix="tandem-file")
+        try:
+            await self._run(self._open)
+        except BaseException:
+            await self.close()
+            raise
 
     def _open(self) -> None:
         with map_errors(self.kind, self.where, unavailable=(OSError,)):
@@ -50,24 +64,40 @@ class FileStore:
             probe.unlink()
 
     async def close(self) -> None:
-        return None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            raise StoreUnavailable("not open", store=self.kind, where=self.where)
+        return self._pool
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor(), fn, *args)
 
     # --- operations ---------------------------------------------------------------------
 
     async def load(self, sid: str, *, now: float) -> StoredSession | None:
-        return await asyncio.to_thread(self._load, sid, now)
+        return await self._run(self._load, sid, now)
 
     async def save(self, rows: Sequence[StoredSession]) -> None:
-        await asyncio.to_thread(self._save, rows)
+        # Files are written in parallel: fsyncs issued together are committed by the
+        # filesystem's journal as one transaction, so a group costs about one fsync.
+        loop = asyncio.get_running_loop()
+        dirs = await asyncio.gather(*(loop.run_in_executor(self._executor(), self._write, r)
+                                      for r in rows))
+        await asyncio.gather(*(loop.run_in_executor(self._executor(), self._sync_dir, d)
+                               for d in {d for d in dirs if d is not None}))
 
     async def touch(self, items: Mapping[str, tuple[float, float]]) -> None:
-        await asyncio.to_thread(self._touch, dict(items))
+        await self._run(self._touch, dict(items))
 
     async def delete(self, sids: Collection[str]) -> None:
-        await asyncio.to_thread(self._delete, list(sids))
+        await self._run(self._delete, list(sids))
 
     async def sweep(self, *, now: float) -> int:
-        return await asyncio.to_thread(self._sweep, now)
+        return await self._run(self._sweep, now)
 
     # --- in the worker thread -----------------------------------------------------------
 
@@ -103,33 +133,38 @@ class FileStore:
         # touches moved the mtime only: last access is the expiry minus the timeout
         return row._replace(last_access=max(row.last_access, expires_at - row.max_inactive_s))
 
-    def _save(self, rows: Sequence[StoredSession]) -> None:
+    def _write(self, row: StoredSession) -> Path | None:
+        """Write one session file; the directory whose entry changed (None: skipped)."""
         with map_errors(self.kind, self.where, unavailable=(OSError,)):
-            dirs: set[Path] = set()
-            for row in rows:
-                path = self._file(row.sid)
-                with contextlib.suppress(StoreCorrupt):  # a corrupt file is replaced
-                    old = self._read(path, row.sid)
-                    if old is not None and old[0].age > row.age:
-                        continue  # never go back to an older version
-                path.parent.mkdir(exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-                                     f"{_TMP_SUFFIX}")
-                text = json.dumps({"sid": row.sid, "v": row.version, "e": row.epoch,
-                                   "body": row.body,
-                                   "last_access": row.last_access,
-                                   "max_inactive_s": row.max_inactive_s})
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, text.encode())
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.utime(tmp, (time.time(), row.expires_at))
-                os.replace(tmp, path)
-                dirs.add(path.parent)
-            for d in dirs:  # the rename itself must survive a crash
-                _fsync_dir(d)
+            path = self._file(row.sid)
+            with contextlib.suppress(StoreCorrupt):  # a corrupt file is replaced
+                old = self._read(path, row.sid)
+                if old is not None and old[0].age > row.age:
+                    return None  # never go back to an older version
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+                                 f"{_TMP_SUFFIX}")
+            text = json.dumps({"sid": row.sid, "v": row.version, "e": row.epoch,
+                               "body": row.body, "last_access": row.last_access,
+                               "max_inactive_s": row.max_inactive_s})
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.utime(tmp, (time.time(), row.expires_at))
+            os.replace(tmp, path)
+            return path.parent
+
+    def _sync_dir(self, path: Path) -> None:
+        """The rename itself must survive a crash."""
+        with map_errors(self.kind, self.where, unavailable=(OSError,)):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _touch(self, items: dict[str, tuple[float, float]]) -> None:
         with map_errors(self.kind, self.where, unavailable=(OSError,)):
@@ -167,10 +202,3 @@ class FileStore:
                             removed += not stale_tmp
         return removed
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -92,13 +92,15 @@ class Persister:
 
     async def open(self) -> None:
         """Connect the store; StoreError (naming the masked DSN and the cause) if it cannot."""
+        # a connection attempt per DSN (PostgreSQL tries them all), plus the schema
+        budget = self._timeout * (1 + len(getattr(self.store, "dsns", ())))
         try:
-            async with asyncio.timeout(self._timeout * 2):
+            async with asyncio.timeout(budget):
                 await self.store.open()
         except TimeoutError as exc:
             if isinstance(exc, StoreError):
                 raise
-            raise StoreTimeout(f"no answer within {self._timeout * 2:g}s",
+            raise StoreTimeout(f"no answer within {budget:g}s",
                                store=self.store.kind, where=self.store.where) from exc
         log.info("store_opened", store=self.store.kind, where=self.store.where, mode=self.mode)
 
