@@ -491,13 +491,14 @@ def print_summary(s: dict[str, Any]) -> None:
         rc, rp = f["recovery"], f["reprotection"]
         print(f"  {f['fault']:>14} @{f['t_s']:7.2f}s  hit {rc['sessions']:3d} sessions, "
               f"failed {f['failed_requests_until_back']:4d}; first good: request "
-              f"{rc['request_to_ok']}, fault {rc['fault_to_ok']}")
+              f"{rc['request_to_ok']}, fault {rc['fault_to_ok']}; all requests in the 5 s "
+              f"before {rc['latency_5s_before_fault']}")
         print(f"  {'':>14}  re-protected {rp['sessions']} sessions: detected after "
               f"{rp.get('detected_after_ms')} ms; since detection {rp.get('since_detection')};"
               f" never {rp['never_reprotected']}")
     for note in s["schedule_notes"]:
         print(f"  note: {note}")
-    print(f"cpu: {s['cpu']}")
+    print(f"cpu: { {k: v for k, v in s['cpu'].items() if k != 'per_second'} }")
     print(f"targets: {json.dumps(s['targets'])}")
 
 

@@ -145,9 +145,13 @@ def recovery(histories: Sequence[Sequence[Any]], fault: Fault) -> dict[str, Any]
         failed += sum(1 for a in attempts if fault.t < a.end <= good.end and not a.ok)
         to_ok.append(good.end - fault.t)
         waited.append(good.end - max(fault.t, first.start))
+    # for comparison: every request that completed in the 5 s before the fault
+    before = [a.end - a.start for attempts in histories for a in attempts
+              if fault.t - 5.0 <= a.end < fault.t and a.ok]
     return {"sessions": len(to_ok) + never, "never_recovered": never,
             "failed_requests": failed, "fault_to_ok": percentiles(to_ok),
-            "request_to_ok": percentiles(waited)}
+            "request_to_ok": percentiles(waited),
+            "latency_5s_before_fault": percentiles(before)}
 
 
 def _down(faults: Sequence[Fault], server: str | None, t: float) -> bool:
