@@ -30,7 +30,14 @@ from .errors import (
     UnsupportedVersion,
 )
 from .exchange import Exchange
-from .headers import forwarded_for, request_head, scan_request, simple_response
+from .headers import (
+    fast_request,
+    forwarded_for,
+    request_head,
+    scan_request,
+    simple_response,
+    trailer_block,
+)
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -48,6 +55,8 @@ _UPSTREAM = 4  # the backend's write buffer is full
 _HALTED = 8  # the connection is being refused or closed: read nothing more
 _UPGRADE = 16  # bytes after an upgrade request wait for the backend's answer
 
+_MAX_TRAILERS = 256  # trailer fields of one request
+
 
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
@@ -56,11 +65,11 @@ class ClientProtocol(asyncio.Protocol):
         "ctx",
         # per connection
         "transport", "write", "writelines", "parser", "client_ip", "for_node", "active",
-        "queue", "incoming", "read_paused", "write_paused", "closed", "last_active",
+        "queue", "incoming", "starting", "read_paused", "write_paused", "closed", "last_active",
         "pending_error", "tunnel", "upgrade_buf",
         # per request being parsed
-        "url", "headers", "trailers", "in_head", "head_size", "head_pending", "body_size",
-        "completed",
+        "url", "headers", "in_head", "head_pending", "chunk", "chunk_len", "completed",
+        "body_size",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -73,6 +82,7 @@ class ClientProtocol(asyncio.Protocol):
         self.active: Exchange | None = None  # the request being answered
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.incoming: Exchange | None = None  # the request whose body is being parsed
+        self.starting: Exchange | None = None  # to start once the current chunk is parsed
         self.read_paused = 0  # bit set of the _PIPELINE... reasons above
         self.write_paused = False
         self.closed = False
@@ -82,13 +92,13 @@ class ClientProtocol(asyncio.Protocol):
         self.upgrade_buf: list[bytes] | None = None
 
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] | None = None
-        self.in_head = False
-        self.head_size = 0
-        self.head_pending = 0
-        self.body_size = 0
+        self.headers: list[tuple[bytes, bytes]] = []  # the head's, then the trailers
+        self.in_head = True  # between requests, or inside a request head
+        self.head_pending = 0  # bytes of chunks that held only an unfinished head
+        self.chunk: bytes | None = None  # the chunk being parsed, if it began a message
+        self.chunk_len = 0  # size of the chunk being parsed
         self.completed = 0  # messages completed in the chunk being parsed
+        self.body_size = 0
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -187,8 +197,9 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.read_paused & _HALTED:
             return
-        was_in_head = self.in_head
         self.completed = 0
+        self.chunk_len = len(data)
+        self.chunk = data if self.in_head and not self.head_pending else None
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -203,44 +214,43 @@ class ClientProtocol(asyncio.Protocol):
         except HttpParserError as exc:
             self._reject(ClientProtocolError(f"malformed request: {exc}"))
         else:
-            if self.in_head and (was_in_head or not self.completed):
-                # A head still incomplete at the end of a chunk that held nothing else:
-                # bound what llhttp buffers before a header line is complete.
-                self.head_pending += len(data)
-                if self.head_pending > self.ctx.max_head:
-                    self._reject(HeadTooLarge("request head too large"))
+            if self.in_head:
+                if not self.completed:
+                    # A chunk that held nothing but an unfinished head: llhttp buffers a
+                    # header line until it is complete, so bound what can pile up.
+                    self.head_pending += len(data)
+                    if self.head_pending > self.ctx.max_head:
+                        self._reject(HeadTooLarge("request head too large"))
+            elif len(self.headers) > _MAX_TRAILERS:
+                self._reject(HeadTooLarge("too many trailer fields"))
+        self.chunk = None
+        ex = self.starting
+        if ex is not None:
+            # Started after the whole chunk is parsed: a small body that came with the
+            # head leaves in the same write as the head.
+            self.starting = None
+            self._start(ex)
 
-    # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self.in_head = True
-        self.url = b""
-        self.headers = []
-        self.trailers = None
-        self.head_size = 0
-        self.head_pending = 0
-        self.body_size = 0
+    # httptools callbacks (no on_message_begin: state is reset when a message ends)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size += len(url)
-        if self.head_size > self.ctx.max_head:
-            raise HeadTooLarge("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.ctx.max_head:
-            raise HeadTooLarge("request head too large")
-        if self.in_head:
-            self.headers.append((name, value))
-        else:
-            if self.trailers is None:
-                self.trailers = []
-            self.trailers.append((name, value))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
         ctx = self.ctx
+        url, raw = self.url, self.headers
+        self.url = b""
+        self.headers = []  # trailers, if any, go here
+        self.in_head = False
+        if self.head_pending + self.chunk_len > ctx.max_head:  # maybe too big: measure
+            size = len(url) + sum(len(n) + len(v) + 4 for n, v in raw)
+            if size > ctx.max_head:
+                raise HeadTooLarge("request head too large")
+        self.head_pending = 0
+        self.body_size = 0
         parser = self.parser
         version = parser.get_http_version()
         http10 = version == "1.0"
@@ -250,30 +260,37 @@ class ClientProtocol(asyncio.Protocol):
         if method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
         upgrade = parser.should_upgrade()
-        rh = scan_request(self.headers, http10=http10)
-        if rh.host is None and not http10:
-            raise ClientProtocolError("HTTP/1.1 request without Host")
-        has_body = rh.chunked or bool(rh.content_length)
-        if ctx.max_body and rh.content_length is not None and rh.content_length > ctx.max_body:
+        chunk = self.chunk
+        fast = (fast_request(chunk, client_ip=self.client_ip, for_node=self.for_node)
+                if chunk is not None and not self.completed else None)
+        if fast is not None:
+            head, cookie, content_length = fast.head, fast.cookie, fast.content_length
+            chunked = expect_continue = False
+        else:
+            rh = scan_request(raw, http10=http10)
+            if rh.host is None and not http10:
+                raise ClientProtocolError("HTTP/1.1 request without Host")
+            head = request_head(method, url, rh, client_ip=self.client_ip,
+                                for_node=self.for_node, default_host=ctx.default_host,
+                                upgrade=upgrade)
+            cookie, content_length, chunked = rh.cookie, rh.content_length, rh.chunked
+            expect_continue = rh.expect_continue and (chunked or bool(content_length))
+        if ctx.max_body and content_length is not None and content_length > ctx.max_body:
             raise BodyTooLarge(f"request body larger than {ctx.max_body} bytes")
-        url = self.url
         ex = Exchange(
             self, ctx,
             method=method,
-            head=request_head(method, url, rh, client_ip=self.client_ip,
-                              for_node=self.for_node, default_host=ctx.default_host,
-                              upgrade=upgrade),
-            route=ctx.tokens.route(rh.cookie, url),
+            head=head,
+            route=ctx.tokens.route(cookie, url),
             keep_alive=parser.should_keep_alive() and not upgrade,
             http10=http10,
             upgrade=upgrade,
-            expect_continue=rh.expect_continue and has_body,
-            chunked=rh.chunked,
+            expect_continue=expect_continue,
+            chunked=chunked,
         )
         self.incoming = ex
         if self.active is None:
-            self.active = ex
-            ex.start()
+            self.active = self.starting = ex
         else:
             self.queue.append(ex)
             self._pause(_PIPELINE)
@@ -294,10 +311,17 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.completed += 1
+        self.in_head = True
+        self.head_pending = 0
+        trailers = self.headers
+        if trailers:
+            self.headers = []
         ex = self.incoming
         if ex is not None:
             self.incoming = None
-            ex.feed_end(self.trailers)
+            if ex.chunked_in:
+                ex.feed_body(trailer_block(trailers))
+            ex.body_done = True
 
     # --- answering ----------------------------------------------------------------------------
 
@@ -306,7 +330,8 @@ class ClientProtocol(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
-        self._resume(_PENDING | _UPSTREAM)
+        if self.read_paused:
+            self._resume(_PENDING | _UPSTREAM)
         if self.closed:
             return
         if self.incoming is ex:  # answered before its body was read: cannot continue
@@ -331,7 +356,7 @@ class ClientProtocol(asyncio.Protocol):
         try:
             ex.start()
         except Exception as exc:
-            ex.on_internal_error(exc)
+            self._internal_error(exc)
 
     def start_tunnel(self, ex: Exchange, up: UpstreamProtocol, rest: bytes) -> None:
         """The backend answered 101: pass bytes through both ways from now on."""

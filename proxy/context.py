@@ -51,4 +51,5 @@ class ProxyContext:
 
         self.router = Router(config.servers, max_skip_s=p.max_skip_s, pool_factory=pool_for)
         self.connections: set[Any] = set()  # open ClientProtocol instances
+        self.inflight: set[Any] = set()  # Exchanges waiting on a backend (io timeout watch)
         self.closing = False  # shutting down: finish in-flight requests, keep nothing alive

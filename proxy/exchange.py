@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import structlog
@@ -26,7 +27,14 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .headers import parse_cluster_header, scan_response, simple_response, trailer_block
+from .headers import (
+    fast_response_head,
+    parse_cluster_header,
+    scan_response,
+    simple_response,
+    trailer_block,
+)
+from .router import LATENCY_BOUNDS_S
 
 if TYPE_CHECKING:
     from .client import ClientProtocol
@@ -56,9 +64,9 @@ class Exchange:
         "kept", "kept_bytes", "pending", "pending_bytes", "body_bytes", "body_done",
         # attempts
         "candidates", "next_index", "backend", "upstream", "attempts", "sent_any",
-        "stale_retried", "connecting", "timer", "timer_mark", "sent_at", "last_error",
+        "stale_retried", "connecting", "timer_mark", "quiet_since", "sent_at", "last_error",
         # response
-        "responded", "continue_sent", "chunk_out", "close_after", "finished",
+        "responded", "continue_sent", "chunk_out", "close_after", "finished", "out",
     )
 
     def __init__(self, client: ClientProtocol, ctx: ProxyContext, *, method: bytes, head: bytes,
@@ -82,7 +90,7 @@ class Exchange:
         self.body_bytes = 0
         self.body_done = False
 
-        self.candidates: list[Backend] = []
+        self.candidates: list[Backend] | None = None  # computed on the first failure
         self.next_index = 0
         self.backend: Backend | None = None
         self.upstream: UpstreamProtocol | None = None
@@ -90,8 +98,8 @@ class Exchange:
         self.sent_any = False  # some attempt wrote the head to a backend
         self.stale_retried = False
         self.connecting: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_mark = 0
+        self.timer_mark = 0  # upstream activity count when last looked at
+        self.quiet_since = 0.0  # loop time since which that count has not moved
         self.sent_at = 0.0
         self.last_error: UpstreamError | None = None
 
@@ -100,26 +108,47 @@ class Exchange:
         self.chunk_out = False
         self.close_after = False
         self.finished = False
+        # Response bytes for the client, written once per upstream read (one syscall
+        # for head and body of a small response).
+        self.out: list[bytes] = []
 
     # --- choosing and sending -----------------------------------------------------------------
 
     def start(self) -> None:
-        self.candidates = self.ctx.router.candidates(self.route)
-        self._dispatch()
+        b = self.ctx.router.first(self.route)
+        if b is None:
+            self._dispatch()
+        else:
+            self._try(b)
+
+    def _remaining(self) -> list[Backend]:
+        """Candidates not tried yet, in order (the full order is computed only when the
+        obvious first choice did not do)."""
+        if self.candidates is None:
+            tried = self.backend
+            self.candidates = [b for b in self.ctx.router.candidates(self.route)
+                               if b is not tried]
+        return self.candidates
+
+    def _has_next(self) -> bool:
+        return self.next_index < len(self._remaining())
 
     def _dispatch(self) -> None:
-        candidates = self.candidates
+        candidates = self._remaining()
         if self.next_index < len(candidates):
             b = candidates[self.next_index]
             self.next_index += 1
-            self.backend = b
-            up = b.pool.take()
-            if up is not None:
-                self._send(b, up)
-            else:
-                self.connecting = self.ctx.loop.create_task(self._connect(b))
+            self._try(b)
             return
         self._no_backend()
+
+    def _try(self, b: Backend) -> None:
+        self.backend = b
+        up = b.pool.take()
+        if up is not None:
+            self._send(b, up)
+        else:
+            self.connecting = self.ctx.loop.create_task(self._connect(b))
 
     async def _connect(self, b: Backend) -> None:
         try:
@@ -170,7 +199,10 @@ class Exchange:
             client.resume_reading_pending()
         self.sent_any = True
         self.sent_at = _perf()
-        self._arm_timer(up)
+        # io timeout watch (see check_io)
+        self.timer_mark = up.activity
+        self.quiet_since = self.ctx.loop.time()
+        self.ctx.inflight.add(self)
 
     # --- the request body (from the client protocol) ------------------------------------------
 
@@ -197,12 +229,6 @@ class Exchange:
             if self.pending_bytes > self.ctx.pending_max:
                 self.client.pause_reading_pending()
 
-    def feed_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
-        """The request message is complete (trailers only for chunked bodies)."""
-        if self.chunked_in:
-            self.feed_body(trailer_block(trailers))
-        self.body_done = True
-
     def upstream_pause_writing(self) -> None:
         self.client.pause_reading_upstream()
 
@@ -212,7 +238,7 @@ class Exchange:
     # --- the response (from the upstream protocol) --------------------------------------------
 
     def on_response_head(self, up: UpstreamProtocol, status: int, reason: bytes,
-                         raw: list[tuple[bytes, bytes]]) -> None:
+                         raw: list[tuple[bytes, bytes]], head_chunk: bytes | None) -> None:
         if self.finished:
             return
         b = self.backend
@@ -220,7 +246,7 @@ class Exchange:
         ctx = self.ctx
         if status == 503:
             ctx.router.mark_bad(b)
-            if self.kept is not None and self.next_index < len(self.candidates):
+            if self.kept is not None and self._has_next():
                 self._drop_upstream(up)
                 self._failed(UpstreamUnavailable("answered 503", backend_id=b.id,
                                                  attempt=self.attempts))
@@ -230,20 +256,29 @@ class Exchange:
             self._failed(UpstreamProtocolError("101 to a request without Upgrade",
                                                backend_id=b.id, attempt=self.attempts))
             return
-        b.observe_latency(_perf() - self.sent_at)
-        rh = scan_response(raw)
-        if rh.cluster is not None:
-            self._apply_view(rh.cluster)
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), *rh.lines]
-        if status == 101:
-            if rh.upgrade is not None:
-                parts += (b"Connection: Upgrade\r\nUpgrade: ", rh.upgrade, b"\r\n")
+        elapsed = _perf() - self.sent_at
+        b.latency_counts[bisect_left(LATENCY_BOUNDS_S, elapsed)] += 1
+        b.latency_sum_s += elapsed
+        fast = fast_response_head(head_chunk) if head_chunk is not None else None
+        if fast is not None:
+            parts = [fast[0]]
+            has_length = fast[1]
+            chunked = False
         else:
+            rh = scan_response(raw)
+            if rh.cluster is not None:
+                self._apply_view(rh.cluster)
+            parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), *rh.lines]
+            if status == 101 and rh.upgrade is not None:
+                parts += (b"Connection: Upgrade\r\nUpgrade: ", rh.upgrade, b"\r\n")
+            has_length = rh.content_length is not None
+            chunked = rh.chunked
+        if status != 101:
             if self.method == b"HEAD" or status in _NO_BODY_STATUS:
-                if rh.chunked and not self.http10:
+                if chunked and not self.http10:
                     parts.append(_CHUNKED)
-            elif rh.content_length is None:
-                up.until_close = not rh.chunked
+            elif not has_length:
+                up.until_close = not chunked
                 if self.http10:
                     self.close_after = True  # no chunked for HTTP/1.0: close-delimited
                 else:
@@ -256,7 +291,7 @@ class Exchange:
             elif self.http10:
                 parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.client.write(b"".join(parts))
+        self.out.append(b"".join(parts))
         self.responded = True
         ctx.metrics.responses[status // 100] += 1
 
@@ -264,18 +299,28 @@ class Exchange:
         if self.finished or not data:
             return
         if self.chunk_out:
-            self.client.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
-            self.client.write(data)
+            self.out.append(data)
+
+    def flush(self) -> None:
+        """Write what the last upstream read produced for the client."""
+        out = self.out
+        if out:
+            if len(out) == 1:
+                self.client.write(out[0])
+            else:
+                self.client.writelines(out)
+            out.clear()
 
     def on_response_complete(self, up: UpstreamProtocol,
                              trailers: list[tuple[bytes, bytes]] | None) -> None:
         if self.finished:
             return
-        self._cancel_timer()
+        self.ctx.inflight.discard(self)
         self.upstream = None
         if self.chunk_out:
-            self.client.write(trailer_block(trailers))
+            self.out.append(trailer_block(trailers))
         if up.keep_alive and self.body_done and not up.until_close and not self.upgrade:
             up.release()
         else:
@@ -291,6 +336,7 @@ class Exchange:
         self.upstream = None
         up.exchange = None
         self.finished = True
+        self.flush()
         self.ctx.metrics.upgrades += 1
         self.client.start_tunnel(self, up, rest)
 
@@ -354,10 +400,10 @@ class Exchange:
                         method=self.method.decode("latin-1"), error=str(exc))
             self._respond(502, b"Bad Gateway", f"bad gateway: {exc}")
             return
-        if self.next_index >= len(self.candidates):
+        if not self._has_next():
             self._no_backend()
             return
-        to = self.candidates[self.next_index].id
+        to = self._remaining()[self.next_index].id
         b.failovers += 1
         ctx.metrics.count_failover(exc.cause)
         if not exc.nothing_sent:
@@ -382,27 +428,28 @@ class Exchange:
             return
         ctx = self.ctx
         ctx.metrics.no_backend += 1
-        log.warning("no_backend", sid=self._sid(), tried=[b.id for b in self.candidates])
+        tried = [b.id for b in self.candidates or ()]
+        if self.backend is not None and self.backend.id not in tried:
+            tried.insert(0, self.backend.id)
+        log.warning("no_backend", sid=self._sid(), tried=tried)
         self._respond(503, b"Service Unavailable",
                       "no backend server is available to handle this request; retry later",
                       extra=((b"Retry-After", ctx.retry_after),))
 
-    def _arm_timer(self, up: UpstreamProtocol) -> None:
-        self.timer_mark = up.activity
-        self.timer = self.ctx.loop.call_later(self.ctx.io_timeout_s, self._on_timer)
-
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.ctx.inflight.discard(self)
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def check_io(self, now: float) -> None:
+        """Called about every io_timeout_s / 4 while in flight: enforce proxy.io_timeout_s."""
         up = self.upstream
         if up is None or self.finished:
+            self._cancel_timer()
             return
-        if up.activity != self.timer_mark:  # something moved: give it a whole period again
-            self._arm_timer(up)
+        if up.activity != self.timer_mark:  # something moved since the last look
+            self.timer_mark = up.activity
+            self.quiet_since = now
+            return
+        if now - self.quiet_since < self.ctx.io_timeout_s:
             return
         try:
             b = self.backend
@@ -454,6 +501,7 @@ class Exchange:
         if self.responded:
             self._abort_client()
             return
+        self.out.clear()
         ctx = self.ctx
         close = not (self.keep_alive and self.body_done and not ctx.closing and not self.upgrade)
         self.client.write(simple_response(status, reason, text, close=close, extra=extra))
@@ -464,11 +512,13 @@ class Exchange:
 
     def _finish(self) -> None:
         self.finished = True
+        self.flush()
         self.client.exchange_done(self, keep=not self.close_after)
 
     def _abort_client(self) -> None:
         self._stop()
         self.finished = True
+        self.flush()
         self.client.close()
 
     def abort(self) -> None:

@@ -18,6 +18,9 @@ __all__ = [
     "ResponseHeaders",
     "scan_request",
     "scan_response",
+    "FastRequest",
+    "fast_request",
+    "fast_response_head",
     "trailer_block",
     "request_head",
     "forwarded_for",
@@ -105,18 +108,18 @@ def scan_request(raw: list[tuple[bytes, bytes]], *, http10: bool,
         if kind is None:
             if n.startswith(_DROP_PREFIXES) or n in drop:
                 continue
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == _HOST:
             if rh.host is not None:
                 raise ClientProtocolError("more than one Host header")
             rh.host = value
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == _COOKIE:
             rh.cookie = value if rh.cookie is None else rh.cookie + b"; " + value
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == _CL:
             rh.content_length = int(value)  # digits only: checked by the parser
-            lines.append(name + b": " + value + b"\r\n")
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == _TE:
             if http10:
                 raise ClientProtocolError("Transfer-Encoding in an HTTP/1.0 request")
@@ -167,7 +170,7 @@ def scan_response(raw: list[tuple[bytes, bytes]],
             continue
         if n == b"content-length":
             rh.content_length = value
-        lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"%s: %s\r\n" % (name, value))
     if extra and not drop:
         return scan_response(raw, drop=frozenset(extra))
     return rh
@@ -186,6 +189,82 @@ def trailer_block(raw: list[tuple[bytes, bytes]] | None) -> bytes:
     return b"".join(parts)
 
 
+# --- fast paths: heads that need nothing but the forwarding fields ---------------------------
+#
+# Most heads carry no hop-by-hop or X-Tandem-* field. When such a head sits whole at the
+# start of the chunk just read, it is forwarded verbatim (llhttp has already validated it)
+# instead of being rebuilt field by field: one regex scan of the head in C finds every field
+# the proxy must act on, instead of a Python loop over every field (measured: about 2 µs
+# against 8 for a typical head; `in` on bytes is slower than this for short haystacks).
+# Anything unusual takes the general path above.
+
+_REQUEST_FIELDS = re.compile(
+    rb"\n((?:host|cookie|content-length|connection|keep-alive|te|trailer|transfer-encoding"
+    rb"|upgrade|forwarded|expect):|proxy-|x-tandem-|x-forwarded-)[ \t]*([^\r]*)", re.I)
+_RESPONSE_FIELDS = re.compile(
+    rb"\n(?:(?:connection|keep-alive|te|trailer|transfer-encoding|upgrade):|proxy-|x-tandem-"
+    rb"|(content-length):)", re.I)
+
+
+class FastRequest:
+    """A request head forwarded verbatim: the upstream head and the fields routing needs."""
+
+    __slots__ = ("head", "cookie", "content_length")
+
+    def __init__(self, head: bytes, cookie: bytes | None, content_length: int | None) -> None:
+        self.head = head
+        self.cookie = cookie
+        self.content_length = content_length
+
+
+def fast_request(chunk: bytes, *, client_ip: bytes, for_node: bytes) -> FastRequest | None:
+    """The upstream head of an HTTP/1.1 request whose head starts `chunk`, or None when
+    it needs the general path (a field to drop or rewrite, or the head is not whole)."""
+    end = chunk.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = chunk[:end + 2]
+    if not head[:head.find(b"\r\n")].endswith(b" HTTP/1.1"):
+        return None
+    host = cookie = length = None
+    for name, value in _REQUEST_FIELDS.findall(head):
+        name = name.lower()
+        if name == b"host:" and host is None:
+            host = value.rstrip(b" \t")
+        elif name == b"cookie:" and cookie is None:
+            cookie = value.rstrip(b" \t")
+        elif name == b"content-length:":
+            length = int(value)  # digits only, and only one: checked by the parser
+        else:
+            return None
+    if host is None:
+        return None  # the general path answers 400
+    quoted = host
+    if b'"' in host or b"\\" in host:
+        quoted = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    return FastRequest(b"".join((
+        head, b"X-Forwarded-For: ", client_ip, b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ",
+        host, b"\r\nForwarded: ", for_node, b';host="', quoted, b'";proto=http\r\n')),
+        cookie, length)
+
+
+def fast_response_head(chunk: bytes) -> tuple[bytes, bool] | None:
+    """(status line and fields verbatim, has Content-Length) of an HTTP/1.1 response
+    whose head starts `chunk` and has nothing to rewrite; else None."""
+    if not chunk.startswith(b"HTTP/1.1 "):
+        return None
+    end = chunk.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = chunk[:end + 2]
+    found = _RESPONSE_FIELDS.findall(head)
+    if not found:
+        return head, False
+    if len(found) == 1 and found[0]:
+        return head, True
+    return None
+
+
 def forwarded_for(ip: str) -> bytes:
     """The `for=` node of a Forwarded element (RFC 7239: IPv6 quoted in brackets)."""
     return (f'for="[{ip}]"' if ":" in ip else f"for={ip}").encode("ascii")
@@ -195,7 +274,9 @@ def request_head(method: bytes, target: bytes, rh: RequestHeaders, *, client_ip:
                  for_node: bytes, default_host: bytes, upgrade: bool) -> bytes:
     """The upstream request head without its last CRLF (X-Tandem-View is added per send)."""
     host = rh.host if rh.host is not None else default_host
-    quoted = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    quoted = host
+    if b'"' in host or b"\\" in host:
+        quoted = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
     xff = client_ip if rh.xff is None else rh.xff + b", " + client_ip
     element = for_node + b';host="' + quoted + b'";proto=http'
     fwd = element if rh.forwarded is None else rh.forwarded + b", " + element

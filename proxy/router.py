@@ -41,6 +41,12 @@ class BackendState(enum.Enum):
             raise BadStateTransition(text) from None
 
 
+# Module constants: attribute access on an Enum class is slow (a descriptor) in 3.11.
+_UP = BackendState.UP
+_DRAINING = BackendState.DRAINING
+_DOWN = BackendState.DOWN
+
+
 class Backend:
     """One backend server: where it is, what state it is in, what it has done."""
 
@@ -80,19 +86,10 @@ class Backend:
         return f"Backend({self.id}, {self.address}, {self.state.value})"
 
     def refresh_state(self) -> None:
-        if self.admin_state is BackendState.DOWN or not self.healthy:
-            self.state = BackendState.DOWN
+        if self.admin_state is _DOWN or not self.healthy:
+            self.state = _DOWN
         else:
             self.state = self.admin_state
-
-    def observe_latency(self, seconds: float) -> None:
-        i = 0
-        for bound in LATENCY_BOUNDS_S:
-            if seconds <= bound:
-                break
-            i += 1
-        self.latency_counts[i] += 1
-        self.latency_sum_s += seconds
 
 
 class Router:
@@ -133,6 +130,24 @@ class Router:
 
     # --- candidate order ----------------------------------------------------------------------
 
+    def first(self, route: Route | None) -> Backend | None:
+        """The first candidate when it is the obvious one (usable primary, or the next
+        usable backend round-robin); None: ask `candidates()` for the full order."""
+        now = self._clock()
+        if route is not None:
+            b = self._by_id.get(route.primary)
+            if b is not None and b.state is not _DOWN and b.in_view and b.bad_until <= now:
+                return b
+            return None
+        order = self._order
+        n = len(order)
+        for _ in range(n):
+            b = order[self._rr % n]
+            self._rr += 1
+            if b.state is _UP and b.in_view and b.bad_until <= now:
+                return b
+        return None
+
     def candidates(self, route: Route | None) -> list[Backend]:
         """Backends to try for a request, in order (may be empty)."""
         now = self._clock()
@@ -140,12 +155,12 @@ class Router:
         start = self._rr % len(order) if order else 0
         self._rr += 1
         rotated = order[start:] + order[:start]
-        up = BackendState.UP
+        up = _UP
         own: list[Backend] = []
         if route is not None:
             for backend_id in (route.primary, route.secondary):
                 b = self._by_id.get(backend_id) if backend_id else None
-                if b is not None and b.state is not BackendState.DOWN and b not in own:
+                if b is not None and b.state is not _DOWN and b not in own:
                     own.append(b)
         out = [b for b in own if b.in_view and b.bad_until <= now]
         for b in rotated:

@@ -76,17 +76,24 @@ class ProxyServer:
         await self.shutdown()
 
     async def _housekeep(self) -> None:
-        """Close idle client connections and expired pooled ones, about once a second."""
+        """Enforce io timeouts (every io_timeout_s / 4 at most); close idle client
+        connections and expired pooled ones (about once a second)."""
         ctx = self.ctx
         assert ctx is not None
-        period = min(1.0, ctx.keepalive_s / 2)
+        tick = min(1.0, ctx.io_timeout_s / 4, ctx.keepalive_s / 2)
+        sweep_every = min(1.0, ctx.keepalive_s / 2)
+        next_sweep = ctx.loop.time() + sweep_every
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(tick)
             now = ctx.loop.time()
-            for conn in list(ctx.connections):
-                conn.close_if_idle(now, ctx.keepalive_s)
-            for b in ctx.router.backends:
-                b.pool.sweep()
+            for ex in list(ctx.inflight):
+                ex.check_io(now)
+            if now >= next_sweep:
+                next_sweep = now + sweep_every
+                for conn in list(ctx.connections):
+                    conn.close_if_idle(now, ctx.keepalive_s)
+                for b in ctx.router.backends:
+                    b.pool.sweep()
 
     async def shutdown(self) -> None:
         """Stop like a runbook; safe to call more than once."""

@@ -31,8 +31,8 @@ class UpstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "pool", "transport", "parser",
         # per exchange
-        "exchange", "head_only", "interim", "in_body", "status", "reason", "headers",
-        "trailers", "keep_alive", "got_bytes", "until_close", "reading_paused", "writing_paused",
+        "exchange", "head_only", "interim", "status", "reason", "headers", "keep_alive",
+        "got_bytes", "head_chunk", "until_close", "reading_paused", "writing_paused",
         # lifetime
         "requests", "idle_since", "activity", "tunnel",
     )
@@ -45,13 +45,12 @@ class UpstreamProtocol(asyncio.Protocol):
         self.exchange: Any = None
         self.head_only = False  # response to HEAD: complete when its head is
         self.interim = False  # parsing a 1xx interim response
-        self.in_body = False  # headers after this point are trailers
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.headers: list[tuple[bytes, bytes]] = []  # the head's, then the trailers
         self.keep_alive = False
         self.got_bytes = False  # any byte of a response seen for the current exchange
+        self.head_chunk: bytes | None = None  # the chunk the response began with
         self.until_close = False  # response body delimited by connection close
         self.reading_paused = False
         self.writing_paused = False
@@ -69,6 +68,8 @@ class UpstreamProtocol(asyncio.Protocol):
     def attach(self, exchange: Any, *, head_only: bool, pause_reading: bool) -> None:
         self.exchange = exchange
         self.head_only = head_only
+        self.headers = []
+        self.reason = b""
         self.got_bytes = False
         self.until_close = False
         if pause_reading:
@@ -145,7 +146,9 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex is None:  # bytes nobody asked for: the connection cannot be trusted
             self.close()
             return
-        self.got_bytes = True
+        if not self.got_bytes:
+            self.got_bytes = True
+            self.head_chunk = data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -158,38 +161,32 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.exchange.on_bad_response(self, exc)
             else:
                 self.close()
+        if ex.out:
+            ex.flush()
 
-    # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self.headers = []
-        self.trailers = None
-        self.in_body = False
-        self.reason = b""
+    # httptools callbacks (no on_message_begin: state is reset as each part is consumed)
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.in_body:
-            if self.trailers is None:
-                self.trailers = []
-            self.trailers.append((name, value))
-        else:
-            self.headers.append((name, value))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.in_body = True
+        raw, reason = self.headers, self.reason
+        self.headers = []  # trailers, if any, go here
+        self.reason = b""
         parser = self.parser
         status = self.status = parser.get_status_code()
         self.keep_alive = parser.should_keep_alive()
         ex = self.exchange
         if ex is None:
             return
+        head_chunk, self.head_chunk = self.head_chunk, None
         if status < 200 and status != 101:
             self.interim = True  # 100 Continue, 103 Early Hints: not relayed
             return
-        ex.on_response_head(self, status, self.reason, self.headers)
+        ex.on_response_head(self, status, reason, raw, head_chunk)
         if self.head_only and self.exchange is ex and status != 101:
             # A response to HEAD has no body whatever its framing fields say; the parser
             # does not know the method, so this one is finished here and replaced.
@@ -205,10 +202,13 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
+        trailers = self.headers
+        if trailers:
+            self.headers = []
         ex = self.exchange
         if ex is not None and not self.head_only and self.status != 101:
             # (101: the parser pauses right after this and the tunnel takes over)
-            ex.on_response_complete(self, self.trailers)
+            ex.on_response_complete(self, trailers)
 
 
 class Pool:
