@@ -114,6 +114,32 @@ def test_invalidated_session_is_gone_from_the_store(make_cluster, tmp_path, requ
     assert body["counter"] == 1  # a new session: the invalidated one stays dead
 
 
+def test_expired_sessions_leave_the_store(make_cluster, tmp_path):
+    db = tmp_path / "sessions.db"
+    cluster = make_cluster(servers=SERVERS, session={"persistence": "sqlite",
+                                                     "max_inactive_s": 1.5})
+    with_persistence(cluster, path=str(db), flush_interval_s=0.2, timeout_s=1.0)
+    cluster.start(proxy=False)
+    clients = [Client(cluster.url("s1")) for _ in range(5)]
+    for c in clients:
+        c.get("/count")
+
+    async def rows() -> int:
+        store = SqliteStore(path=str(db))
+        await store.open()
+        try:  # now=0: expired rows count too, only rows physically there
+            return sum([await store.load(c.route[0], now=0) is not None for c in clients])
+        finally:
+            await store.close()
+
+    assert asyncio.run(rows()) == 5
+    deadline = time.monotonic() + 10
+    while asyncio.run(rows()):
+        assert time.monotonic() < deadline, "expired sessions stayed in the store"
+        time.sleep(0.3)
+    assert cluster.health("s1")["stats"]["expired"] == 5
+
+
 def test_postgresql_fails_over_to_the_second_dsn(make_cluster, request):
     make = request.getfixturevalue("make_postgres")
     db1, db2 = make(), make()
