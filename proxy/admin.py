@@ -49,6 +49,7 @@ def _backend_info(ctx: ProxyContext, b: Backend, now: float) -> dict[str, Any]:
         "learned": b.learned,
         "bad": bad_for > 0,
         "bad_for_s": round(bad_for, 3),
+        "bad_until": round(time.time() + bad_for, 3) if bad_for > 0 else None,  # epoch s
         "routed": b.routed,
         "failovers": b.failovers,
         "connect_errors": b.connect_errors,

@@ -383,14 +383,14 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def proxy_env(*ids: str, extra: dict[str, int] | None = None, session: str = "",
-                    **proxy: Any) -> AsyncIterator[Env]:
+                    drain_timeout_s: float = 2.0, **proxy: Any) -> AsyncIterator[Env]:
     """Start an AppBackend per id, a proxy in front of them (plus `extra` id -> port)."""
     backends = {sid: await AppBackend(sid).start() for sid in ids}
     servers = {sid: b.port for sid, b in backends.items()}
     servers.update(extra or {})
     cfg = make_config(servers, session=session, **proxy)
     try:
-        async with ProxyServer(cfg, drain_timeout_s=2.0) as srv, \
+        async with ProxyServer(cfg, drain_timeout_s=drain_timeout_s) as srv, \
                 aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
             yield Env(backends, srv, http)
     finally:
