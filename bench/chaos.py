@@ -61,6 +61,10 @@ SCENARIOS: dict[str, list[tuple[str, Any]]] = {
                 for step in (("sigterm", sid), ("restart", sid), ("sleep", 2.0))]
                + [("sleep", 3.0)],
 }
+# every server killed once (more samples of the SIGKILL path, e.g. for the async loss window)
+SCENARIOS["kills"] = [step for sid in SERVERS
+                      for step in (("sigkill", sid), ("sleep", 3.0), ("restart", sid),
+                                   ("sleep", 5.0))]
 SCENARIOS["all"] = SCENARIOS["kill"] + SCENARIOS["hang"] + SCENARIOS["rolling"]
 SCENARIOS["none"] = []  # the load alone: a baseline
 FAULT_KINDS = ("sigkill", "sigstop", "sigterm")
