@@ -128,7 +128,11 @@ class ClientProtocol(asyncio.Protocol):
         self.active = self.incoming = None
 
     def eof_received(self) -> bool | None:
-        return None  # half-closed clients are closed once the response is written
+        """The client half-closed: answer what it asked for, then close."""
+        self.read_paused |= _HALTED
+        if self.tunnel is not None or self.incoming is not None or self.active is None:
+            return None  # nothing complete to answer: close now
+        return True  # keep the transport open for the response; exchange_done closes it
 
     def close(self) -> None:
         if not self.closed:
@@ -347,6 +351,9 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.pending_error is not None:
             self._answer_error(self.pending_error)
+            return
+        if self.read_paused & _HALTED:  # half-closed by the client: nothing more will come
+            self.close()
             return
         self.last_active = self.ctx.loop.time()
 

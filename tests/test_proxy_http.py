@@ -301,3 +301,27 @@ async def test_idle_client_connections_are_closed_after_keepalive_s():
         await slow.send(b"GET /id HTTP/1.1\r\n")  # and never the rest
         assert await slow.closed(timeout=3.0)
         await slow.close()
+
+
+async def test_half_closed_client_still_gets_its_response():
+    async with proxy_env("s1") as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"GET /slow?s=0.1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.writer.write_eof()
+        resp = await client.response()
+        assert (resp.status, resp.body) == (200, b"s1")
+        assert await client.closed()
+        await client.close()
+
+
+async def test_a_stalled_upload_is_408_and_the_backend_is_not_blamed():
+    async with proxy_env("s1", io_timeout_s=0.3) as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                          b"only ten b")
+        resp = await client.response(timeout=3.0)
+        assert resp.status == 408 and await client.closed()
+        await client.close()
+        snap = await env.status()
+        assert not env.backend_status(snap, "s1")["bad"]
+        assert (await env.get("/id"))[:2] == (200, "s1")

@@ -179,3 +179,17 @@ async def test_upgrade_refused_by_the_backend_is_relayed_and_closed():
                 raise AssertionError("not a websocket endpoint")
         except aiohttp.WSServerHandshakeError as exc:
             assert exc.status == 200
+
+
+async def test_client_gone_mid_response_drops_the_upstream_connection():
+    async with proxy_env("s1") as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"GET /stream?n=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await client.reader.readexactly(100000)
+        client.writer.transport.abort()
+        await asyncio.sleep(0.2)
+        snap = await env.status()
+        assert env.backend_status(snap, "s1")["idle_connections"] == 0  # not reused
+        assert snap["client_connections"] == 0
+        status, body, _ = await env.get("/id")
+        assert (status, body) == (200, "s1")
