@@ -104,7 +104,10 @@ class UpstreamProtocol(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             self.exchange = None
-            ex.on_upstream_lost(self, exc)
+            try:
+                ex.on_upstream_lost(self, exc)
+            except Exception as err:  # a bug: the exchange answers once and closes
+                ex.on_internal_error(err)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost reports it
