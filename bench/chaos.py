@@ -355,7 +355,13 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                  "recovery": recovery(histories, f),
                  "reprotection": reprotection(histories, f, faults),
                  "failed_requests_until_back": sum(
-                     1 for a in failed if f.t <= a.end <= (f.t_back or elapsed))}
+                     1 for a in failed if f.t <= a.end <= (f.t_back or elapsed)),
+                 # the servers' own view: `reprotected` log events caused by this fault
+                 # (secondaries replaced, full state sent, ack received), with their duration
+                 "server_reprotected": [
+                     r for r in logs["reprotected"]
+                     if str(r.get("cause", "")).startswith(f.target + " ")
+                     and f.t - 0.05 <= r["t"] <= (f.t_back or elapsed)]}
         per_fault.append(entry)
     lost_events = [(e, v.session) for v in verdicts for e in v.lost_events]
     loss_detail = []
@@ -497,6 +503,8 @@ def print_summary(s: dict[str, Any]) -> None:
               f"failed {f['failed_requests_until_back']:4d}; first good: request "
               f"{rc['request_to_ok']}, fault {rc['fault_to_ok']}; all requests in the 5 s "
               f"before {rc['latency_5s_before_fault']}")
+        server = [(r["server"], r["sessions"], r["seconds"]) for r in f["server_reprotected"]]
+        print(f"  {'':>14}  server-side reprotected (server, sessions, s): {server}")
         print(f"  {'':>14}  re-protected {rp['sessions']} sessions: detected after "
               f"{rp.get('detected_after_ms')} ms; since detection {rp.get('since_detection')};"
               f" never {rp['never_reprotected']}")
