@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -50,6 +55,15 @@ def shown(driver: Any) -> tuple[int, str]:
     return count, driver.find_element(By.ID, "server").text
 
 
+def click(driver: Any, element_id: str, count: int) -> tuple[int, str]:
+    """Click, then wait for the page that shows `count`; returns what it shows."""
+    driver.find_element(By.ID, element_id).click()
+    WebDriverWait(driver, 15, ignored_exceptions=(
+        NoSuchElementException, StaleElementReferenceException)).until(
+        lambda d: shown(d)[0] == count, f"the page never showed count {count}")
+    return shown(driver)
+
+
 def test_cookieless_browser_keeps_its_session_across_pages_and_failover(make_cluster,
                                                                          browser):
     cluster = make_cluster(app="examples.flask_app:app", n=2).start(proxy=True)
@@ -58,25 +72,20 @@ def test_cookieless_browser_keeps_its_session_across_pages_and_failover(make_clu
 
     # +1 link: creates the session; the redirect back carries the token, so do the links
     for n in (1, 2, 3):
-        browser.find_element(By.ID, "inc").click()
-        assert shown(browser)[0] == n
+        click(browser, "inc", n)
     assert ";jsessionid=" in browser.current_url
     assert ";jsessionid=" in browser.find_element(By.ID, "inc").get_attribute("href")
     assert browser.get_cookies() == []  # the browser really kept no cookie
 
     # a form post: its action was rewritten too
-    browser.find_element(By.ID, "inc-post").click()
-    count, primary = shown(browser)
-    assert count == 4
+    _, primary = click(browser, "inc-post", 4)
     survivor = next(s for s in cluster.servers if s != primary)
 
     cluster.kill(primary)
 
-    browser.find_element(By.ID, "inc").click()
-    assert shown(browser) == (5, survivor)
+    assert click(browser, "inc", 5) == (5, survivor)
     # the new token (new primary) is in the links now, and it keeps working
     token = browser.current_url.split(";jsessionid=", 1)[1]
     assert f"!{survivor}!" in token
-    browser.find_element(By.ID, "inc").click()
-    assert shown(browser) == (6, survivor)
+    assert click(browser, "inc", 6) == (6, survivor)
     assert browser.get_cookies() == []
