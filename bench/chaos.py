@@ -81,6 +81,8 @@ class FaultRunner:
         self.faults: list[Fault] = []
         self.notes: list[str] = []
         self.error: BaseException | None = None
+        self.expected_down: set[str] = set()   # killed or drained by the schedule
+        self.unexpected_exits: list[dict[str, Any]] = []
         self.cancel = threading.Event()
 
     def now(self) -> float:
@@ -100,6 +102,20 @@ class FaultRunner:
             self.error = exc
             self.notes.append(f"schedule failed at {self.now():.2f}s: {exc!r}")
 
+    def check_processes(self) -> None:
+        """Note a server process that died without the schedule killing it."""
+        for sid, spec in self.cluster.servers.items():
+            proc = spec["proc"]
+            if (proc is None or sid in self.expected_down or proc.poll() is None
+                    or any(e["pid"] == proc.pid for e in self.unexpected_exits)):
+                continue
+            exit_ = {"server": sid, "pid": proc.pid, "returncode": proc.returncode,
+                     "noticed_at_s": round(self.now(), 2)}
+            self.unexpected_exits.append(exit_)
+            self.events.append((self.now(), "exited", f"{sid} died ({proc.returncode})"))
+            self.notes.append(f"{sid} (pid {proc.pid}) exited unexpectedly with "
+                              f"{proc.returncode}, noticed at {self.now():.2f}s")
+
     def _step(self, op: str, arg: Any) -> None:
         c = self.cluster
         if op == "sleep":
@@ -111,6 +127,8 @@ class FaultRunner:
             t = self.now()
             self.faults.append(Fault(op, arg, t))
             self.events.append((t, op, f"{op.upper()} {arg}"))
+            if op != "sigstop":
+                self.expected_down.add(arg)
             c.kill(arg, sig)
             if op == "sigterm":
                 code = c.servers[arg]["proc"].returncode
@@ -130,6 +148,7 @@ class FaultRunner:
             t = self.now()
             self.events.append((t, "restart", f"restart {arg}"))
             c.start_server(arg)
+            self.expected_down.discard(arg)
             fault = self._open(arg)
             if fault is not None:
                 fault.t_back = self.now()
@@ -233,7 +252,7 @@ def _pid_cpu_ticks(pid: int) -> int | None:
 
 
 async def cpu_sampler(stop: asyncio.Event, cluster: Cluster, samples: list[dict[str, float]],
-                      t0: float) -> None:
+                      t0: float, runner: FaultRunner) -> None:
     """Every second: how busy the machine was, and how much of it was this run's processes
     (the cluster and the load generator) — the rest is someone else's load on the machine."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -248,6 +267,7 @@ async def cpu_sampler(stop: asyncio.Event, cluster: Cluster, samples: list[dict[
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
+        runner.check_processes()
         busy, total = _cpu_times()
         own = 0
         for pid in pids():
@@ -299,7 +319,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = time.process_time()
         runner = FaultRunner(cluster, steps, t0)
         load = asyncio.create_task(run_clients(clients, t0=t0, rate=args.rate, stop=stop))
-        sampler = asyncio.create_task(cpu_sampler(stop, cluster, cpu, t0))
+        sampler = asyncio.create_task(cpu_sampler(stop, cluster, cpu, t0, runner))
         schedule = asyncio.create_task(asyncio.to_thread(runner.run))
         try:
             await asyncio.sleep(args.duration)
@@ -408,6 +428,7 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
         "faults": per_fault,
         "events": [{"t_s": round(t, 3), "event": label} for t, _, label in runner.events],
         "schedule_notes": runner.notes,
+        "unexpected_exits": runner.unexpected_exits,
         "first_failures": [{"t_s": round(a.start, 3), "end_s": round(a.end, 3),
                             "session": a.session, "cause": a.cause}
                            for a in sorted(failed, key=lambda a: a.start)[:100]],
