@@ -104,8 +104,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.write = transport.write
-        self.writelines = transport.writelines
+        self.write = transport.write  # type: ignore[attr-defined]
+        self.writelines = transport.writelines  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             ip = str(peer[0])

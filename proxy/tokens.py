@@ -47,14 +47,14 @@ class TokenReader:
         if self._url_rewriting and self._query_key in target:
             text = target.decode("latin-1")
             if self._path_key in target:
-                value = path_param(text, self._param)
-                if value is not None:
-                    route = self._decode(value, "path")
+                param = path_param(text, self._param)
+                if param is not None:
+                    route = self._decode(param, "path")
                     if route is not None:
                         return route
-            value = query_param(text, self._param)
-            if value is not None:
-                route = self._decode(unquote(value) if "%" in value else value, "query")
+            query = query_param(text, self._param)
+            if query is not None:
+                route = self._decode(unquote(query) if "%" in query else query, "query")
                 if route is not None:
                     return route
         return None
