@@ -28,7 +28,6 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .headers import (
-    fast_response_head,
     parse_cluster_header,
     scan_response,
     simple_response,
@@ -238,7 +237,8 @@ class Exchange:
     # --- the response (from the upstream protocol) --------------------------------------------
 
     def on_response_head(self, up: UpstreamProtocol, status: int, reason: bytes,
-                         raw: list[tuple[bytes, bytes]], head_chunk: bytes | None) -> None:
+                         raw: list[tuple[bytes, bytes]],
+                         fast: tuple[bytes, bool] | None) -> None:
         if self.finished:
             return
         b = self.backend
@@ -259,8 +259,7 @@ class Exchange:
         elapsed = _perf() - self.sent_at
         b.latency_counts[bisect_left(LATENCY_BOUNDS_S, elapsed)] += 1
         b.latency_sum_s += elapsed
-        fast = fast_response_head(head_chunk) if head_chunk is not None else None
-        if fast is not None:
+        if fast is not None:  # relayed verbatim: nothing to drop, no view piggy-backed
             parts = [fast[0]]
             has_length = fast[1]
             chunked = False

@@ -44,7 +44,9 @@ class TokenReader:
                 route = self._decode(value, "cookie")
                 if route is not None:
                     return route
-        if self._url_rewriting and self._query_key in target:
+        # (one-byte searches first: memchr, much cheaper than a substring search)
+        if (self._url_rewriting and (b"?" in target or b";" in target)
+                and self._query_key in target):
             text = target.decode("latin-1")
             if self._path_key in target:
                 param = path_param(text, self._param)

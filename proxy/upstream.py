@@ -18,6 +18,7 @@ from httptools import (
 )
 
 from .errors import UpstreamConnectError, map_connect_errors
+from .headers import fast_response_head
 
 if TYPE_CHECKING:
     from .router import Backend
@@ -29,10 +30,10 @@ class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a backend."""
 
     __slots__ = (
-        "pool", "transport", "parser",
+        "pool", "transport", "full_parser", "lean_parser", "parser",
         # per exchange
         "exchange", "head_only", "interim", "status", "reason", "headers", "keep_alive",
-        "got_bytes", "head_chunk", "until_close", "reading_paused", "writing_paused",
+        "got_bytes", "fast_head", "until_close", "reading_paused", "writing_paused",
         # lifetime
         "requests", "idle_since", "activity", "tunnel",
     )
@@ -40,7 +41,12 @@ class UpstreamProtocol(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = HttpResponseParser(self)
+        # Two parsers, chosen per response: the lean one (no per-field callbacks) when
+        # the head can be relayed verbatim, the full one otherwise. Between responses
+        # both are at a message boundary, so either can take the next one.
+        self.full_parser = HttpResponseParser(self)
+        self.lean_parser: HttpResponseParser | None = None
+        self.parser = self.full_parser  # the one parsing the current response
 
         self.exchange: Any = None
         self.head_only = False  # response to HEAD: complete when its head is
@@ -50,7 +56,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []  # the head's, then the trailers
         self.keep_alive = False
         self.got_bytes = False  # any byte of a response seen for the current exchange
-        self.head_chunk: bytes | None = None  # the chunk the response began with
+        # (head verbatim, has Content-Length) when the current response needs no rewriting
+        self.fast_head: tuple[bytes, bool] | None = None
         self.until_close = False  # response body delimited by connection close
         self.reading_paused = False
         self.writing_paused = False
@@ -151,7 +158,15 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         if not self.got_bytes:
             self.got_bytes = True
-            self.head_chunk = data
+            # First bytes of a response (not 1xx): can its head be relayed verbatim?
+            fast = self.fast_head = (fast_response_head(data) if data[9:10] != b"1"
+                                     else None)
+            if fast is None:
+                self.parser = self.full_parser
+            else:
+                if self.lean_parser is None:
+                    self.lean_parser = HttpResponseParser(_LeanCallbacks(self))
+                self.parser = self.lean_parser
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -185,15 +200,19 @@ class UpstreamProtocol(asyncio.Protocol):
         ex = self.exchange
         if ex is None:
             return
-        head_chunk, self.head_chunk = self.head_chunk, None
+        fast, self.fast_head = self.fast_head, None
         if status < 200 and status != 101:
             self.interim = True  # 100 Continue, 103 Early Hints: not relayed
             return
-        ex.on_response_head(self, status, reason, raw, head_chunk)
+        ex.on_response_head(self, status, reason, raw, fast)
         if self.head_only and self.exchange is ex and status != 101:
             # A response to HEAD has no body whatever its framing fields say; the parser
             # does not know the method, so this one is finished here and replaced.
-            self.parser = HttpResponseParser(self)
+            if parser is self.lean_parser:
+                self.lean_parser = None
+            else:
+                self.full_parser = HttpResponseParser(self)
+            self.parser = self.full_parser
             ex.on_response_complete(self, None)
 
     def on_body(self, body: bytes) -> None:
@@ -212,6 +231,17 @@ class UpstreamProtocol(asyncio.Protocol):
         if ex is not None and not self.head_only and self.status != 101:
             # (101: the parser pauses right after this and the tunnel takes over)
             ex.on_response_complete(self, trailers)
+
+
+class _LeanCallbacks:
+    """The upstream protocol's callbacks minus the per-field ones (for the lean parser)."""
+
+    __slots__ = ("on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, up: UpstreamProtocol) -> None:
+        self.on_headers_complete = up.on_headers_complete
+        self.on_body = up.on_body
+        self.on_message_complete = up.on_message_complete
 
 
 class Pool:
