@@ -256,21 +256,21 @@ class ClientProtocol(asyncio.Protocol):
         self.head_pending = 0
         self.body_size = 0
         parser = self.parser
-        version = parser.get_http_version()
-        http10 = version == "1.0"
-        if not http10 and version != "1.1":
-            raise UnsupportedVersion(f"HTTP/{version} is not supported")
         method = parser.get_method()
         if method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
-        upgrade = parser.should_upgrade()
         chunk = self.chunk
         fast = (fast_request(chunk, client_ip=self.client_ip, for_node=self.for_node)
                 if chunk is not None and not self.completed else None)
-        if fast is not None:
+        if fast is not None:  # HTTP/1.1, no Upgrade, no Transfer-Encoding, no Expect
             head, cookie, content_length = fast.head, fast.cookie, fast.content_length
-            chunked = expect_continue = False
+            http10 = upgrade = chunked = expect_continue = False
         else:
+            version = parser.get_http_version()
+            http10 = version == "1.0"
+            if not http10 and version != "1.1":
+                raise UnsupportedVersion(f"HTTP/{version} is not supported")
+            upgrade = parser.should_upgrade()
             rh = scan_request(raw, http10=http10)
             if rh.host is None and not http10:
                 raise ClientProtocolError("HTTP/1.1 request without Host")
