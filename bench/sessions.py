@@ -262,9 +262,22 @@ def wrk_script(tmp: Path, cookies: list[str]) -> Path:
 {listed}
 }}
 local i = math.random(#cookies)
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {{}} end
 request = function()
   i = i % #cookies + 1
   return wrk.format("GET", "/count", {{["Cookie"] = cookies[i]}})
+end
+function response(status, headers, body)
+  if status >= 300 then statuses[status] = (statuses[status] or 0) + 1 end
+end
+function done(summary, latency, requests)
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do
+      io.write(string.format("status %d: %d\n", code, n))
+    end
+  end
 end
 """)
     return path
@@ -274,18 +287,21 @@ def run_wrk(side: Side, script: Path, *, duration: float, connections: int,
             threads: int) -> dict[str, float]:
     before, t0 = side.cpu(), time.monotonic()
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections),
-                          "-d", f"{max(1, round(duration))}s", "-s", str(script), side.url + "/count"],
+                          "-d", f"{max(1, round(duration))}s", "-s", str(script),
+                          side.url + "/count"],
                          capture_output=True, text=True, check=True).stdout
     elapsed, used = time.monotonic() - t0, side.cpu() - before
     total = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
+    statuses = dict(re.findall(r"status (\d+): (\d+)", out))
     requests = int(total.group(1)) if total else 0
     if not requests:
         raise RuntimeError(f"wrk completed no request:\n{out}")
     return {"rps": requests / elapsed, "cpu_us": used / TICKS * 1e6 / requests,
             "requests": requests, "errors": int(errors.group(1)) if errors else 0,
-            "socket_errors": sock.group(1) if sock else ""}
+            "socket_errors": sock.group(1) if sock else "",
+            "statuses": {int(k): int(v) for k, v in statuses.items()}}
 
 
 def measure(name: str, make: Callable[[Path], Any], args: argparse.Namespace) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,14 @@ from tests.stores import (  # noqa: F401 - fixtures
 # leaves s3 with no copy in memory: only the store has them.
 SERVERS = [{"id": "s1", "group": "a", "preferred_secondary_group": "b"},
            {"id": "s2", "group": "b"}, {"id": "s3", "group": "c"}]
+
+
+def kill_both(cluster: Cluster, primary: str, secondary: str) -> None:
+    """kill -9 both copies at once: the secondary is frozen first, so it cannot promote its
+    replicas and re-replicate them to the third server when it sees the primary die."""
+    cluster.kill(secondary, signal.SIGSTOP)
+    cluster.kill(primary)
+    cluster.kill(secondary)
 
 
 def store_keys(kind: str, tmp: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
@@ -65,8 +74,7 @@ def test_sessions_survive_losing_primary_and_secondary(make_cluster, tmp_path, r
     if mode == "batched":
         time.sleep(0.6)  # the loss window: writes reach the store with the next flush
 
-    cluster.kill("s1")
-    cluster.kill("s2")
+    kill_both(cluster, "s1", "s2")
     for c in clients:
         status, body = c.get("/count", base=cluster.url("s3"))
         assert status == 200, body
@@ -108,8 +116,7 @@ def test_invalidated_session_is_gone_from_the_store(make_cluster, tmp_path, requ
     assert asyncio.run(stored()).version == 2
     assert c.get("/invalidate")[0] == 200
     assert asyncio.run(stored()) is None  # sync mode: deleted before the response left
-    cluster.kill("s1")
-    cluster.kill("s2")
+    kill_both(cluster, "s1", "s2")
     status, body = c.get("/count", base=cluster.url("s3"))
     assert body["counter"] == 1  # a new session: the invalidated one stays dead
 
@@ -159,8 +166,7 @@ def test_postgresql_fails_over_to_the_second_dsn(make_cluster, request):
     assert "store_failover" in events and "store_dsn_failed" in events
     assert cluster.health("s1")["stats"]["store_errors"] == 0  # nothing was lost
 
-    cluster.kill("s1")
-    cluster.kill("s2")
+    kill_both(cluster, "s1", "s2")
     for c in clients:
         status, body = c.get("/count", base=cluster.url("s3"))
         assert status == 200 and body["counter"] == 4 and body["server"] == "s3"

@@ -41,7 +41,7 @@ def open_store(config: Config) -> SessionStore | None:
         return None
     if kind == "file":
         from .file import FileStore
-        return FileStore(path=p.path)
+        return FileStore(path=p.path, durable=p.mode == "sync")
     if kind == "sqlite":
         from .sqlite import SqliteStore
         path = Path(p.path)

@@ -3,8 +3,10 @@
 One file per session at `<path>/<h[:2]>/<h>.json` with `h = sha256(sid)`: names never come
 from client-supplied text. Writes go to a temp file in the same directory, are fsynced, then
 `os.replace`d over the old file and the directory is fsynced, so a reader sees the old or the
-new file, never a partial one. The file's mtime is the session's expiry time: a touch is an
-`os.utime` (no rewrite) and the sweeper only needs `stat`.
+new file, never a partial one. In `batched` mode nothing is fsynced: a written file
+survives a process crash, a power loss may take the last flushes. The file's mtime is the
+session's expiry time: a touch is an `os.utime` (no rewrite) and the sweeper only needs
+`stat`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = ["FileStore"]
 
 T = TypeVar("T")
 
+_BATCH = 256            # files written per thread call (and open descriptors at most)
 _TMP_SUFFIX = ".tmp"
 _STALE_TMP_S = 600.0   # a temp file this old was left by a crashed writer
 
@@ -37,19 +40,18 @@ class FileStore:
 
     kind = "file"
 
-    def __init__(self, *, path: str, threads: int = 16) -> None:
+    def __init__(self, *, path: str, durable: bool = True) -> None:
         # configuration
         self.root = Path(path)
         self.where = str(self.root)
-        self._threads = threads
-        # resources: blocking file calls run here
+        self._durable = durable   # fsync every write (sync mode)
+        # resources: one thread makes the blocking calls (in order, no GIL contention)
         self._pool: ThreadPoolExecutor | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=self._threads,
-                                        thread_name_prefix="tandem-file")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-file")
         try:
             await self._run(self._open)
         except BaseException:
@@ -82,13 +84,8 @@ class FileStore:
         return await self._run(self._load, sid, now)
 
     async def save(self, rows: Sequence[StoredSession]) -> None:
-        # Files are written in parallel: fsyncs issued together are committed by the
-        # filesystem's journal as one transaction, so a group costs about one fsync.
-        loop = asyncio.get_running_loop()
-        dirs = await asyncio.gather(*(loop.run_in_executor(self._executor(), self._write, r)
-                                      for r in rows))
-        await asyncio.gather(*(loop.run_in_executor(self._executor(), self._sync_dir, d)
-                               for d in {d for d in dirs if d is not None}))
+        for i in range(0, len(rows), _BATCH):
+            await self._run(self._save, rows[i:i + _BATCH])
 
     async def touch(self, items: Mapping[str, tuple[float, float]]) -> None:
         await self._run(self._touch, dict(items))
@@ -133,38 +130,61 @@ class FileStore:
         # touches moved the mtime only: last access is the expiry minus the timeout
         return row._replace(last_access=max(row.last_access, expires_at - row.max_inactive_s))
 
-    def _write(self, row: StoredSession) -> Path | None:
-        """Write one session file; the directory whose entry changed (None: skipped)."""
+    def _save(self, rows: Sequence[StoredSession]) -> None:
+        """Write a batch in phases: every temp file, then the fsyncs, then the renames, then
+        the directories' fsyncs. The first fsync of a phase commits the filesystem journal
+        for the whole batch, so the others find little left to do."""
+        staged: list[tuple[int, Path, Path, float]] = []   # fd, temp file, target, expiry
         with map_errors(self.kind, self.where, unavailable=(OSError,)):
-            path = self._file(row.sid)
-            with contextlib.suppress(StoreCorrupt):  # a corrupt file is replaced
-                old = self._read(path, row.sid)
-                if old is not None and old[0].age > row.age:
-                    return None  # never go back to an older version
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-                                 f"{_TMP_SUFFIX}")
-            text = json.dumps({"sid": row.sid, "v": row.version, "e": row.epoch,
-                               "body": row.body, "last_access": row.last_access,
-                               "max_inactive_s": row.max_inactive_s})
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, text.encode())
-                os.fsync(fd)
+                for row in rows:
+                    item = self._stage(row)
+                    if item is not None:
+                        staged.append(item)
+                if self._durable:
+                    for fd, *_ in staged:
+                        os.fsync(fd)
+                dirs: set[Path] = set()
+                for fd, tmp, path, expires_at in staged:
+                    os.close(fd)
+                    os.utime(tmp, (time.time(), expires_at))
+                    os.replace(tmp, path)
+                    dirs.add(path.parent)
+                staged = []
+                if self._durable:  # the renames themselves must survive a crash
+                    for d in dirs:
+                        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                        try:
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
             finally:
-                os.close(fd)
-            os.utime(tmp, (time.time(), row.expires_at))
-            os.replace(tmp, path)
-            return path.parent
+                for fd, tmp, _, _ in staged:  # failed half-way: no temp file left behind
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
 
-    def _sync_dir(self, path: Path) -> None:
-        """The rename itself must survive a crash."""
-        with map_errors(self.kind, self.where, unavailable=(OSError,)):
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def _stage(self, row: StoredSession) -> tuple[int, Path, Path, float] | None:
+        """Write a session's new file under a temp name (None: the stored copy is newer)."""
+        path = self._file(row.sid)
+        with contextlib.suppress(StoreCorrupt):  # a corrupt file is replaced
+            old = self._read(path, row.sid)
+            if old is not None and old[0].age > row.age:
+                return None  # never go back to an older version
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+        text = json.dumps({"sid": row.sid, "v": row.version, "e": row.epoch, "body": row.body,
+                           "last_access": row.last_access,
+                           "max_inactive_s": row.max_inactive_s})
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, text.encode())
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp, path, row.expires_at
 
     def _touch(self, items: dict[str, tuple[float, float]]) -> None:
         with map_errors(self.kind, self.where, unavailable=(OSError,)):
