@@ -14,8 +14,10 @@ wrk drives `GET /count` over `--connections` keep-alive connections, cycling thr
 `--sessions` sessions created beforehand (one Cookie each), straight at the primary. For
 each run: requests/s from wrk, and CPU-µs per request of the server side — every backend
 process plus the store's processes (utime+stime from /proc, the whole process tree for
-PostgreSQL) — divided by the requests wrk completed. Each configuration gets a warm-up run,
-then `--runs` measured runs; the table shows medians. See bench/README.md.
+PostgreSQL) — divided by the requests wrk completed. All configurations run side by side;
+after a warm-up run each, the measured runs take turns (run 1 of every configuration, then
+run 2...), so a change in the machine's load hits all of them alike. The table shows
+medians. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -304,27 +306,38 @@ def run_wrk(side: Side, script: Path, *, duration: float, connections: int,
             "statuses": {int(k): int(v) for k, v in statuses.items()}}
 
 
-def measure(name: str, make: Callable[[Path], Any], args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"tandem-bench-{name}-"))
+def measure(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start every configuration, then run them in turns: run 1 of each, run 2 of each...
+    so that a change of the machine's load over time hits every configuration alike."""
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
-        with make(tmp) as side:
-            cookies = [_new_cookie(side.url, side.cookie_name) for _ in range(args.sessions)]
-            script = wrk_script(tmp, cookies)
-            run_wrk(side, script, duration=args.warmup, connections=args.connections,
-                    threads=args.threads)
-            runs = [run_wrk(side, script, duration=args.duration,
-                            connections=args.connections, threads=args.threads)
-                    for _ in range(args.runs)]
+        with ExitStack() as stack:
+            sides: dict[str, tuple[Side, Path]] = {}
+            for name in names:
+                where = tmp / name
+                where.mkdir()
+                side = stack.enter_context(maker(name)(where))
+                cookies = [_new_cookie(side.url, side.cookie_name)
+                           for _ in range(args.sessions)]
+                sides[name] = side, wrk_script(where, cookies)
+                print(f"  started {name}", flush=True)
+            for side, script in sides.values():
+                run_wrk(side, script, duration=args.warmup, connections=args.connections,
+                        threads=args.threads)
+            for i in range(args.runs):
+                for name, (side, script) in sides.items():
+                    r = run_wrk(side, script, duration=args.duration,
+                                connections=args.connections, threads=args.threads)
+                    runs[name].append(r)
+                    print(f"  run {i + 1} {name:28s} {r['rps']:7.0f} req/s "
+                          f"{r['cpu_us']:7.1f} CPU-µs/req {r['statuses'] or ''}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"config": name, "runs": runs,
-              "rps": statistics.median(r["rps"] for r in runs),
-              "cpu_us": statistics.median(r["cpu_us"] for r in runs),
-              "errors": sum(r["errors"] for r in runs)}
-    each = ", ".join(f"{r['rps']:.0f}" for r in runs)
-    print(f"  {name:28s} {result['rps']:9.0f} req/s {result['cpu_us']:8.1f} CPU-µs/req"
-          f"  (runs: {each}; non-2xx {result['errors']})", flush=True)
-    return result
+    return [{"config": name, "runs": rs,
+             "rps": statistics.median(r["rps"] for r in rs),
+             "cpu_us": statistics.median(r["cpu_us"] for r in rs),
+             "errors": sum(r["errors"] for r in rs)} for name, rs in runs.items()]
 
 
 def maker(name: str) -> Callable[[Path], Any]:
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{os.cpu_count()} CPUs; {args.runs} runs x {args.duration:g}s, "
           f"{args.connections} connections, {args.sessions} sessions", flush=True)
-    results = [measure(name, maker(name), args) for name in args.only]
+    results = measure(args.only, args)
     print()
     print("| configuration | req/s (median) | CPU-µs/req (median) | non-2xx |")
     print("|---|---:|---:|---:|")
