@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
-from tests.proxy_support import RawBackend, RawClient, metric_value, proxy_env, read_request
+from tests.proxy_support import (
+    RawBackend,
+    RawClient,
+    metric_value,
+    proxy_env,
+    read_request,
+    token,
+)
 
 
 async def _exchange(port: int, data: bytes, *, head: bool = False) -> tuple[RawClient, object]:
@@ -325,3 +333,58 @@ async def test_a_stalled_upload_is_408_and_the_backend_is_not_blamed():
         snap = await env.status()
         assert not env.backend_status(snap, "s1")["bad"]
         assert (await env.get("/id"))[:2] == (200, "s1")
+
+
+@pytest.mark.parametrize("piece", [1, 7, 61])
+async def test_requests_split_anywhere_are_parsed_the_same(piece):
+    cookie = f"JSESSIONID={token('s2', 's1')}".encode()
+    stream = (b"GET /id HTTP/1.1\r\nHost: x\r\nCookie: " + cookie + b"\r\n\r\n"
+              b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+              b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+              b"GET /headers HTTP/1.1\r\nHost: x\r\nX-Tandem-View: spoof\r\n\r\n")
+    async with proxy_env("s1", "s2") as env:
+        client = await RawClient.open(env.port)
+        for i in range(0, len(stream), piece):
+            await client.send(stream[i:i + piece])
+            if piece == 1 and i % 16 == 0:
+                await asyncio.sleep(0)
+        got = [await client.response() for _ in range(4)]
+        await client.close()
+    assert (got[0].status, got[0].body) == (200, b"s2")
+    assert [(r.status, r.body) for r in got[1:3]] == [(200, b"hello"), (200, b"abcde")]
+    names = {k.lower(): v for k, v in json.loads(got[3].body)}
+    assert names["x-tandem-view"] == "-" and names["x-forwarded-for"] == "127.0.0.1"
+
+
+async def test_responses_dribbled_in_small_pieces_are_relayed_intact():
+    responses = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Tandem-Secret: 1\r\n\r\nhello",
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok",
+    ]
+
+    async def handler(reader, writer):
+        for data in responses:
+            await read_request(reader)
+            for i in range(0, len(data), 3):
+                writer.write(data[i:i + 3])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            got = []
+            for _ in responses:
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                got.append(await client.response())
+            await client.close()
+        assert [(r.status, r.body) for r in got] == [(200, b"hello"), (201, b"abc"),
+                                                     (202, b"ok")]
+        assert not got[0].has("x-tandem-secret")
+        assert backend.connections == 1
+    finally:
+        await backend.stop()
