@@ -308,6 +308,8 @@ class Exchange:
         if out:
             if len(out) == 1:
                 self.client.write(out[0])
+            elif len(out[-1]) < 8192:  # small: one copy is cheaper than a gathered write
+                self.client.write(b"".join(out))
             else:
                 self.client.writelines(out)
             out.clear()
