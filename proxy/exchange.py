@@ -33,6 +33,7 @@ from .headers import (
     simple_response,
     trailer_block,
 )
+from .policy import may_retry, may_retry_stale
 from .router import LATENCY_BOUNDS_S
 
 if TYPE_CHECKING:
@@ -41,11 +42,10 @@ if TYPE_CHECKING:
     from .router import Backend
     from .upstream import UpstreamProtocol
 
-__all__ = ["Exchange", "IDEMPOTENT"]
+__all__ = ["Exchange"]
 
 log = structlog.get_logger("tandem.proxy")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
@@ -182,7 +182,7 @@ class Exchange:
         head = self.head + self.ctx.router.view_tail
         body = self.pending
         if self.sent_any:
-            assert self.kept is not None  # checked by _may_retry
+            assert self.kept is not None  # checked by may_retry
             body = self.kept
         transport = up.transport
         assert transport is not None
@@ -358,11 +358,9 @@ class Exchange:
                 log.warning("upstream_truncated", backend=b.id, sid=self._sid())
                 self._abort_client()
             return
-        if (up.requests > 0 and not up.got_bytes and not self.stale_retried
-                and self.kept is not None
-                and (self.method in IDEMPOTENT or self.ctx.retry == "all")):
-            # A reused keep-alive connection the backend had already closed: the request
-            # never reached the application. Same backend, fresh connection, once.
+        if may_retry_stale(method=self.method, policy=self.ctx.retry,
+                           replayable=self.kept is not None, reused=up.requests > 0,
+                           response_seen=up.got_bytes, already=self.stale_retried):
             self.stale_retried = True
             self.ctx.metrics.stale_retries += 1
             b.pool.clear_idle()
@@ -396,7 +394,8 @@ class Exchange:
             b.connect_errors += 1
         if exc.marks_bad:
             ctx.router.mark_bad(b)
-        if not self._may_retry(exc):
+        if not may_retry(exc, method=self.method, policy=ctx.retry,
+                         replayable=self.kept is not None, sent_before=self.sent_any):
             log.warning("upstream_failed", sid=self._sid(), backend=b.id, cause=exc.cause,
                         method=self.method.decode("latin-1"), error=str(exc))
             self._respond(502, b"Bad Gateway", f"bad gateway: {exc}")
@@ -411,16 +410,6 @@ class Exchange:
             ctx.metrics.retries += 1
         log.info("failover", sid=self._sid(), from_=b.id, to=to, cause=exc.cause)
         self._dispatch()
-
-    def _may_retry(self, exc: UpstreamError) -> bool:
-        if exc.nothing_sent and not self.sent_any:
-            return True
-        if self.kept is None:  # body too large to replay: it is gone
-            return False
-        if exc.nothing_sent or not exc.method_sensitive:
-            return True
-        retry = self.ctx.retry
-        return retry == "all" or (retry == "idempotent" and self.method in IDEMPOTENT)
 
     def _no_backend(self) -> None:
         err = self.last_error

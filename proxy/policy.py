@@ -1,0 +1,39 @@
+"""Failover and retry decisions (DESIGN.md section 2, steps 3-5), as pure functions.
+
+What may be sent again after a failure depends on what the failure was (its class: see
+`errors.py`), whether the request body is still held in full, and `proxy.retry`.
+"""
+
+from __future__ import annotations
+
+from .errors import UpstreamError
+
+__all__ = ["IDEMPOTENT", "may_retry", "may_retry_stale"]
+
+# RFC 9110 idempotent methods: what `proxy.retry = "idempotent"` re-sends after a failure.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+def may_retry(exc: UpstreamError, *, method: bytes, policy: str, replayable: bool,
+              sent_before: bool) -> bool:
+    """May the request go to the next candidate after `exc`?
+
+    `replayable`: every body byte received so far is still held; `sent_before`: an
+    earlier attempt already wrote the request somewhere (so a new one needs a replay).
+    """
+    if exc.nothing_sent and not sent_before:
+        return True  # connect failure on the first attempt: the body has not moved
+    if not replayable:
+        return False  # the body streamed through and is gone
+    if exc.nothing_sent or not exc.method_sensitive:
+        return True  # never reached an application, or the server declined it (503)
+    return policy == "all" or (policy == "idempotent" and method in IDEMPOTENT)
+
+
+def may_retry_stale(*, method: bytes, policy: str, replayable: bool, reused: bool,
+                    response_seen: bool, already: bool) -> bool:
+    """A reused keep-alive connection died before any response byte: the backend had
+    closed it while idle, so the request most likely never reached the application.
+    Resend once on a fresh connection to the same backend when that is safe."""
+    return (reused and not response_seen and not already and replayable
+            and (method in IDEMPOTENT or policy == "all"))
