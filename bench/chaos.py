@@ -535,6 +535,33 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"targets: {json.dumps(s['targets'])}")
 
 
+def replot(out: Path) -> None:
+    """Draw `timeline.png` again from a run's `attempts.csv.gz` and `summary.json`."""
+    from bench.chaos_load import Attempt
+
+    summary = json.loads((out / "summary.json").read_text())
+    histories: dict[int, list[Attempt]] = {}
+    with gzip.open(out / "attempts.csv.gz", "rt", newline="") as f:
+        for row in csv.DictReader(f):
+            a = Attempt(int(row["session"]), float(row["start_s"]), float(row["end_s"]),
+                        row["cause"])
+            histories.setdefault(a.session, []).append(a)
+    ts, ok, bad, p99 = timeline(list(histories.values()))
+    kinds = {"SIGKILL": "sigkill", "SIGSTOP": "sigstop", "SIGCONT": "sigcont",
+             "SIGTERM": "sigterm", "restart": "restart"}
+    events = []
+    for e in summary["events"]:
+        word = e["event"].split()[0]
+        kind = kinds.get(word) or ("rejoined" if "rejoined" in e["event"] else "exited")
+        events.append((e["t_s"], kind, e["event"]))
+    c, w, r = summary["config"], summary["writes"], summary["requests"]
+    title = (f"tandem chaos: {c['sessions']} sessions x {c['rate_per_session']:g} req/s, "
+             f"scenario {c['scenario']}, replication {c['replication']} — lost {w['lost']}, "
+             f"duplicated {w['duplicated']}, failed {r['failed']}")
+    draw_timeline(out / "timeline.png", ts=ts, ok=ok, bad=bad, p99_ms=p99, events=events,
+                  title=title, cpu=summary["cpu"].get("per_second", []))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sessions", type=int, default=200, help="concurrent clients (default 200)")
@@ -555,7 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--app", default="tests.apps:asgi_counter")
     p.add_argument("--log-level", default="INFO", help="TANDEM_LOG_LEVEL of the processes")
     p.add_argument("--out", default="bench/out/chaos", help="output directory (replaced)")
+    p.add_argument("--replot", metavar="DIR",
+                   help="only draw DIR/timeline.png again from a finished run's files")
     args = p.parse_args(argv)
+    if args.replot:
+        replot(Path(args.replot))
+        return 0
     with contextlib.suppress(ImportError):
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

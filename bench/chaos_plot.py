@@ -47,13 +47,20 @@ def draw_timeline(path: Path, *, ts: Sequence[float], ok: Sequence[int], bad: Se
         ax4.legend(loc="upper right", fontsize=7)
     ax3.set_xlabel("seconds since the load started")
     top = ax1.get_ylim()[1]
-    for i, (t, kind, label) in enumerate(events):
+    labels: list[tuple[float, str, str]] = []  # events less than 0.15 s apart share a label
+    for t, kind, label in events:
         colour = _COLOURS.get(kind, "black")
         for ax in (ax1, ax2, ax3):
             ax.axvline(t, color=colour, lw=0.9, ls="--" if kind in (
-                "restart", "rejoined", "sigcont") else "-")
-        ax1.text(t, top * (0.97 - 0.07 * (i % 4)), " " + label, color=colour, fontsize=7.5,
-                 va="top", ha="left", rotation=0)
+                "restart", "rejoined", "sigcont", "exited") else "-")
+        if labels and t - labels[-1][0] < 0.15:
+            labels[-1] = (labels[-1][0], labels[-1][1] + ", " + label, labels[-1][2])
+        else:
+            labels.append((t, label, colour))
+    for t, label, colour in labels:
+        # vertical, along their line: events a fraction of a second apart stay legible
+        ax1.text(t, top * 0.98, label + " ", color=colour, fontsize=7, va="top", ha="right",
+                 rotation=90)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
