@@ -289,10 +289,8 @@ class Pool:
         self._idle.append(up)
 
     def discard(self, up: UpstreamProtocol) -> None:
-        try:
+        if up in self._idle:
             self._idle.remove(up)
-        except ValueError:
-            pass
 
     async def connect(self) -> UpstreamProtocol:
         """Open a new connection (raises UpstreamConnectError or UpstreamConnectTimeout)."""
