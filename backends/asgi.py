@@ -134,7 +134,13 @@ class TandemMiddleware:
                                                      self.param_name).encode("latin-1")
 
         manager = self.manager
-        record = await manager.open(route)
+        try:
+            record = await manager.open(route)
+        except SessionMoved:
+            # Another server owns it now (or may, right after our own stall): the proxy
+            # fails the request over; nothing ran here.
+            await _send_unavailable(send, b"session moved to another server; retry\n", kind)
+            return
         session = Session(record, create=manager.new_session, context=self)
         scope["session"] = session
         scope["tandem.server"] = manager.me.id

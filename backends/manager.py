@@ -36,6 +36,9 @@ __all__ = ["SessionManager", "CommitResult", "SessionMoved"]
 log = structlog.get_logger("tandem.sessions")
 
 
+_EPOCH_STRIDE = 1024  # epochs are unique per server: k * stride + the server's index
+
+
 def _age(state: dict[str, Any]) -> tuple[int, int]:
     """How recent a copy is: (epoch, version) — a newer epoch wins over any version."""
     return int(state.get("e", 0)), int(state["v"])
@@ -58,6 +61,7 @@ class SessionManager:
         # configuration
         self.config = config
         self.me: ServerConfig = config.server(me)
+        self._index = config.server_ids.index(me)
         self.mode = config.session.replication
         self._timeout = config.cluster.replication_timeout_s
         # state
@@ -101,6 +105,10 @@ class SessionManager:
 
     # --- per request: resolve -----------------------------------------------------------
 
+    def next_epoch(self, after: int) -> int:
+        """An epoch newer than `after` that no other server can produce (no ties)."""
+        return (after // _EPOCH_STRIDE + 1) * _EPOCH_STRIDE + self._index
+
     def new_session(self) -> Primary:
         record = self.store.create()
         if self.mode != "none":  # chosen now, so that links built by the handler name it
@@ -141,39 +149,49 @@ class SessionManager:
         best: dict[str, Any] | None = None
         source = "replica"
         holders: dict[str, tuple[int, int]] = {}  # server -> (epoch, version) of its copy
-        # servers that may still think they are primary but cannot be told now
-        unreachable = {p for p in (route.primary, local.primary if local else None)
-                       if p is not None and p != self.me.id
-                       and not self.membership.is_alive(p)}
+        answered: set[str] = set()  # servers that answered our fetch (found or not)
         if local is None or self.membership.is_alive(local.primary):
-            # Ask the servers the token names (and the primary our replica names).
-            asked = []
-            for peer in (route.primary, route.secondary, local.primary if local else None):
+            # Ask the servers the token names and the primary our replica names; a replica
+            # elsewhere names its own primary, which is asked too (the token may be stale).
+            queue = [route.primary, route.secondary, local.primary if local else None]
+            asked: set[str] = set()
+            while queue:
+                peer = queue.pop(0)
                 if peer is None or peer == self.me.id or peer in asked:
                     continue
-                asked.append(peer)
+                asked.add(peer)
                 if not self.membership.is_alive(peer):
                     continue
                 state = await self._fetch(peer, sid)
+                if state is not None or self.membership.is_alive(peer):
+                    answered.add(peer)
                 if state is None:
                     continue
                 holders[peer] = _age(state)
-                if best is None or _age(state) > _age(best):
+                authoritative = state.get("kind") == "primary"
+                if best is None or _age(state) > _age(best) or (
+                        authoritative and _age(state) == _age(best)):
                     best, source = state, peer
-                if state.get("kind") == "primary":
-                    break  # the authoritative copy
+                if authoritative:
+                    break
+                queue.append(state.get("primary"))
         if best is None and local is None and self.persister is not None:
             best, source = await self.persister.load(sid), "store"  # found nowhere in memory
         raced = self.store.primaries.get(sid)
         if raced is not None:  # handed over to us while we asked around
             return raced
+        silent = {route.primary, local.primary if local else None} - answered - {None, self.me.id}
+        if silent and self.membership.recently_stalled() and (best or local):
+            # We were frozen: the owner we cannot reach is most likely alive and serving this
+            # session; taking it over now would make two primaries. Let the proxy retry.
+            raise SessionMoved("owner unreachable right after our own stall", peer=self.me.id)
         if local is not None and (best is None or (local.epoch, local.version) >= _age(best)):
             if time.time() - local.last_access > local.max_inactive_s:
                 self.store.replicas.pop(sid, None)
                 log.info("session_expired", sid=short(sid))
                 return None
             origin = (local.epoch, local.version)
-            record = self.store.promote(local)
+            record = self.store.promote(local, epoch=self.next_epoch(local.epoch))
             self.stats["promoted"] += 1
             log.info("promoted", sid=short(sid), version=record.version,
                      old_primary=local.primary)
@@ -181,8 +199,8 @@ class SessionManager:
             origin = _age(best)
             self.store.replicas.pop(sid, None)
             record = Primary(sid, data=best["data"], version=int(best["v"]),
-                             epoch=max(int(best.get("e", 0)),
-                                       local.epoch if local else 0) + 1,
+                             epoch=self.next_epoch(max(int(best.get("e", 0)),
+                                                       local.epoch if local else 0)),
                              max_inactive_s=float(best["max_inactive_s"]),
                              created=float(best["created"]),
                              last_access=float(best["last_access"]))
@@ -199,7 +217,8 @@ class SessionManager:
             log.warning("session_lost", sid=short(sid), primary=route.primary,
                         secondary=route.secondary)
             return None
-        for peer in unreachable:  # told to let go when it is back (it may be only hung)
+        # Named owners we could not reach may only be hung: told to let go when they are back.
+        for peer in silent:
             self._superseded.setdefault(peer, {})[sid] = record.epoch
         # Protect the taken-over state before the handler runs: the new secondary gets it
         # now (a holder that already has this version is kept), the other holders let go.
@@ -399,8 +418,37 @@ class SessionManager:
                 self.store.assign_secondary(record, None)
                 if state is PeerState.DRAINING:  # it still holds the copy: release it after
                     record.stale_holders.add(peer)
+            if state is not PeerState.DRAINING and not self.membership.recently_stalled():
+                # (after our own stall the "failed" peer is most likely alive: it was we
+                # who were silent; its sessions are promoted on request if it really died)
+                orphans += self._promote_orphans(peer)
         if orphans:
             await self._reprotect(orphans, cause=f"{peer} {state.value}")
+
+    def _promote_orphans(self, peer: str) -> list[Primary]:
+        """Promote the replicas whose primary just failed, so they have two copies again.
+
+        Waiting for each session's next request (as WebLogic does) would leave it with a
+        single copy for as long as its user is idle: a second failure would lose it. The
+        token still names the failed primary first, so the proxy's next candidate — its
+        secondary, this server — serves it, and the response carries the new token. If the
+        peer was only hung, epochs keep its stale copies from being served when it resumes.
+        """
+        replicas = [r for r in self.store.replicas.values() if r.primary == peer]
+        promoted = []
+        superseded = self._superseded.setdefault(peer, {})
+        for replica in replicas:
+            if time.time() - replica.last_access > replica.max_inactive_s:
+                del self.store.replicas[replica.sid]
+                continue
+            record = self.store.promote(replica, epoch=self.next_epoch(replica.epoch))
+            superseded[record.sid] = record.epoch
+            promoted.append(record)
+        if promoted:
+            self.stats["promoted"] += len(promoted)
+            log.info("promoted", sessions=len(promoted), old_primary=peer,
+                     cause="primary failed")
+        return promoted
 
     async def _reprotect(self, records: list[Primary], *, cause: str) -> None:
         started = time.monotonic()
@@ -470,14 +518,17 @@ class SessionManager:
             return {"ok": True}  # already ours, or being fetched by a request right now
         self.store.replicas.pop(sid, None)  # our replica is the same state, or older
         record = Primary(sid, data=msg["data"], version=int(msg["v"]),
-                         epoch=int(msg.get("e", 0)) + 1,
+                         epoch=self.next_epoch(int(msg.get("e", 0))),
                          max_inactive_s=float(msg["max_inactive_s"]),
                          created=float(msg["created"]), last_access=float(msg["last_access"]))
         self.store.primaries[sid] = record
         record.stale_holders = {peer}
         self.stats["taken_over"] += 1
         if self.mode != "none":
-            await self.replicate(record)  # protected before we acknowledge
+            try:
+                await self.replicate(record)  # protected before we acknowledge
+            except SessionMoved as exc:
+                return {"ok": False, "error": str(exc)}
         log.info("taken_over", sid=short(sid), from_=peer, version=record.version,
                  secondary=record.secondary)
         return {"ok": True}
@@ -612,9 +663,10 @@ class SessionManager:
             return {"found": True, "kind": "primary", **state}
         replica = self.store.replicas.get(sid)
         if replica is not None:
-            replica.primary = peer
+            primary, replica.primary = replica.primary, peer
             replica.last_heard = time.monotonic()
-            return {"found": True, "kind": "replica", "sid": sid, "v": replica.version,
+            return {"found": True, "kind": "replica", "primary": primary,
+                    "sid": sid, "v": replica.version,
                     "e": replica.epoch, "data": replica.data,
                     "max_inactive_s": replica.max_inactive_s, "created": replica.created,
                     "last_access": replica.last_access}

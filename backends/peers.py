@@ -46,9 +46,11 @@ class PeerLink:
     """Our outbound connection to one peer: calls with replies, pings, reconnection."""
 
     def __init__(self, *, me: str, peer: ServerConfig, config: Config,
-                 on_state: Callable[[str, PeerState, str], None]) -> None:
+                 on_state: Callable[[str, PeerState, str], None],
+                 stalled: Callable[[], bool] = lambda: False) -> None:
         # configuration
         self.me = me
+        self._stalled = stalled  # were *we* frozen just now? (then its silence is ours)
         self.peer = peer
         self._cluster = config.cluster
         self._on_state = on_state
@@ -88,11 +90,17 @@ class PeerLink:
         """Fire and forget; False when the link is down."""
         if not self.alive or self._writer is None:
             return False
-        wire.write_frame(self._writer, msg)
+        try:
+            wire.write_frame(self._writer, msg)
+        except (RuntimeError, OSError) as exc:  # the transport closed under us (uvloop)
+            self._drop(f"write failed: {exc}")
+            return False
         return True
 
     async def call(self, msg: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         """Send `msg` and wait for its reply; PeerUnavailable or PeerTimeout otherwise."""
+        if self.alive and self._writer is None:
+            await self._reconnected(timeout)  # quietly re-dialling after our own stall
         if not self.alive or self._writer is None:
             raise PeerUnavailable(f"peer is {self.state.value}", peer=self.peer.id)
         rid = next(self._ids)
@@ -104,12 +112,28 @@ class PeerLink:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise PeerTimeout(f"no reply within {timeout:.3g}s", peer=self.peer.id) from None
+        except (RuntimeError, OSError) as exc:  # the transport closed under us (uvloop)
+            self._drop(f"write failed: {exc}")
+            raise PeerUnavailable(f"connection lost: {exc}", peer=self.peer.id) from exc
         finally:
             self._pending.pop(rid, None)
+
+    async def _reconnected(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._kick.set()
+        while self.alive and self._writer is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def fail(self, cause: str) -> None:
         """Declare the peer failed (timeout, heartbeat loss, inbound closure) and re-dial."""
         if self.state in (PeerState.FAILED, PeerState.LEFT):
+            return
+        if self._stalled():
+            # We were frozen: the peer closed our links because *we* went silent. It is
+            # most likely alive; re-dial at once instead of declaring it failed.
+            log.info("peer_reconnecting", peer=self.peer.id, cause=cause)
+            self._drop(cause)
+            self._kick.set()
             return
         self._set_state(PeerState.FAILED, cause)
         self._drop(cause)
@@ -195,8 +219,15 @@ class PeerLink:
         limit = interval * self._cluster.missed_heartbeats
         while self.alive and self._writer is not None:
             wire.write_frame(self._writer, {"op": "ping"})
+            before = time.monotonic()
             await asyncio.sleep(interval)
-            if time.monotonic() - self.last_heard > limit:
+            now = time.monotonic()
+            if now - before > limit:
+                # We were stalled ourselves (stopped, or the loop blocked): the silence is
+                # ours, not the peer's. Give it a fresh interval to answer.
+                self.last_heard = now
+                continue
+            if now - self.last_heard > limit:
                 self.fail(f"missed {self._cluster.missed_heartbeats} heartbeats")
                 return
             if self._writer is not None and self._writer.transport.get_write_buffer_size() > (
@@ -212,11 +243,14 @@ class Membership:
         self.config = config
         self.me = config.server(me)
         self.links: dict[str, PeerLink] = {
-            s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed)
+            s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed,
+                           stalled=self.recently_stalled)
             for s in config.servers if s.id != me
         }
         self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []
         self._view: tuple[str, str] | None = None
+        self._stall_task: asyncio.Task[None] | None = None
+        self._stalled_at = -1e9  # monotonic time our last stall ended
 
     def on_change(self, fn: Callable[[str, PeerState, str], Awaitable[None] | None]) -> None:
         self._listeners.append(fn)
@@ -224,8 +258,33 @@ class Membership:
     def start(self) -> None:
         for link in self.links.values():
             link.start()
+        self._stall_task = asyncio.create_task(self._watch_stalls(), name="stall-watch")
+
+    def recently_stalled(self) -> bool:
+        """Were we frozen long enough, recently, for the peers to have declared us failed?
+
+        Then the failures we see now are most likely our own: the peers closed our links.
+        """
+        c = self.config.cluster
+        return time.monotonic() - self._stalled_at < 2 * c.heartbeat_interval_s * (
+            c.missed_heartbeats + 1)
+
+    async def _watch_stalls(self) -> None:
+        c = self.config.cluster
+        tick = min(0.1, c.heartbeat_interval_s / 5)
+        limit = c.heartbeat_interval_s * c.missed_heartbeats / 2
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - last > limit:
+                self._stalled_at = now
+                log.warning("stalled", seconds=round(now - last, 3))
+            last = now
 
     async def close(self) -> None:
+        if self._stall_task is not None:
+            self._stall_task.cancel()
         await asyncio.gather(*(link.close() for link in self.links.values()))
 
     def is_alive(self, peer: str) -> bool:

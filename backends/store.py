@@ -100,11 +100,11 @@ class LocalStore:
         self.primaries[sid] = record
         return record
 
-    def promote(self, replica: Replica) -> Primary:
-        """Turn a replica into a primary served here (same version, next epoch)."""
+    def promote(self, replica: Replica, *, epoch: int) -> Primary:
+        """Turn a replica into a primary served here (same version, a newer epoch)."""
         self.replicas.pop(replica.sid, None)
         record = Primary(replica.sid, data=replica.data, version=replica.version,
-                         epoch=replica.epoch + 1,
+                         epoch=epoch,
                          max_inactive_s=replica.max_inactive_s, created=replica.created,
                          last_access=replica.last_access)
         self.primaries[record.sid] = record

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -234,7 +235,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.loop.close()
 
 
+# TANDEM_PROPERTY_EXAMPLES=500 for a deeper search than the default run's.
 ReplicationMachine.TestCase.settings = settings(
-    max_examples=10, stateful_step_count=20, deadline=None,
+    max_examples=int(os.environ.get("TANDEM_PROPERTY_EXAMPLES", "20")),
+    stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestReplication = ReplicationMachine.TestCase
