@@ -221,6 +221,13 @@ def loads(text: str, *, source: str = "<memory>",
     if not sections["cluster"].secrets or any(not s for s in sections["cluster"].secrets):
         raise ConfigError("needs at least one non-empty secret", key="cluster.secrets",
                           value="***", file=source)
+    if sections["proxy"].io_timeout_s <= sections["cluster"].replication_timeout_s:
+        # A request waiting for a slow secondary's ack would be retried elsewhere by the
+        # proxy and applied twice.
+        raise ConfigError(
+            "must be greater than cluster.replication_timeout_s "
+            f"({sections['cluster'].replication_timeout_s})", key="proxy.io_timeout_s",
+            value=sections["proxy"].io_timeout_s, file=source)
     cookie = sections["session"].cookie_name
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
         raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",

@@ -500,10 +500,16 @@ class SessionManager:
                         return
                 log.warning("session_not_handed_over", sid=short(record.sid))
 
+        # Replicas whose primary is gone have no one to re-home them: we hold their only
+        # copy, so we take them over and hand them on like our own primaries.
+        for replica in [r for r in self.store.replicas.values()
+                        if not self.membership.is_alive(r.primary)]:
+            record = self.store.promote(replica, epoch=self.next_epoch(replica.epoch))
+            self._superseded.setdefault(replica.primary, {})[record.sid] = record.epoch
         await asyncio.gather(*(hand_over(r) for r in list(self.store.primaries.values())))
         # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
-        while self.store.replicas and self.membership.alive_peers() and (
-                time.monotonic() < deadline):
+        while any(self.membership.is_alive(r.primary) for r in self.store.replicas.values()) \
+                and self.membership.alive_peers() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained", handed_over=self.stats["handed_over"],
                  primaries_left=len(self.store.primaries), replicas_left=len(self.store.replicas),

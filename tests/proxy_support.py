@@ -34,7 +34,9 @@ def make_config(servers: dict[str, int], *, session: str = "", **proxy: Any) -> 
     """A cluster file for these backends (id -> http port); the proxy listens on port 0."""
     proxy.setdefault("connect_timeout_s", 1.0)
     proxy.setdefault("io_timeout_s", 5.0)
-    lines = ["[cluster]", f'secrets = ["{SECRET}"]', "", "[session]", session, "", "[proxy]"]
+    # (no replication here: a short replication timeout lets tests use short io timeouts)
+    lines = ["[cluster]", f'secrets = ["{SECRET}"]', "replication_timeout_s = 0.1", "",
+             "[session]", session, "", "[proxy]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in proxy.items()]
     for i, (sid, port) in enumerate(servers.items()):
         lines += ["", "[[servers]]", f'id = "{sid}"', f'http = "127.0.0.1:{port}"',

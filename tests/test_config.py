@@ -906,3 +906,23 @@ def test_default_source_is_memory() -> None:
         loads(section("session", replication="maybe") + ONE_SERVER, environ={})
     assert info.value.file == "<memory>"
     assert loads(ONE_SERVER, environ={}).source == "<memory>"
+
+
+def test_io_timeout_must_exceed_the_replication_timeout() -> None:
+    from backends.config import loads
+    from backends.errors import ConfigError
+
+    text = """
+[cluster]
+replication_timeout_s = 2.0
+[proxy]
+io_timeout_s = 1.5
+[[servers]]
+id = "s1"
+http = "127.0.0.1:9001"
+replication = "127.0.0.1:9101"
+"""
+    with pytest.raises(ConfigError) as err:
+        loads(text, source="dup.toml")
+    assert err.value.key == "proxy.io_timeout_s" and "replication_timeout_s" in str(err.value)
+    assert loads(text.replace("1.5", "2.5")).proxy.io_timeout_s == 2.5
