@@ -117,12 +117,15 @@ class TandemMiddleware:
         kind = scope["type"]
         cookie: str | None = None
         proxy_view: bytes | None = None
+        rid: str | None = None  # the proxy's id of this client request, same on retries
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value.decode("latin-1") if cookie is None else (
                     cookie + "; " + value.decode("latin-1"))
             elif name == b"x-tandem-view":
                 proxy_view = value
+            elif name == b"x-tandem-request-id":
+                rid = value.decode("latin-1")
         route, via = self._route(scope, cookie)
         # Stripped even when URL rewriting is off (then the token there is ignored), so
         # that links rewritten earlier still lead to the page.
@@ -135,7 +138,7 @@ class TandemMiddleware:
 
         manager = self.manager
         try:
-            record = await manager.open(route)
+            record = await manager.open(route, rid=rid)
         except SessionMoved:
             # Another server owns it now (or may, right after our own stall): the proxy
             # fails the request over; nothing ran here.
@@ -156,7 +159,7 @@ class TandemMiddleware:
             if not committed and mtype in ("http.response.start", "websocket.accept"):
                 committed = True
                 try:
-                    result = await manager.commit(session)
+                    result = await manager.commit(session, rid=rid)
                 except SessionMoved:
                     await _send_unavailable(send, b"session moved to another server; retry\n",
                                             kind)
@@ -194,7 +197,7 @@ class TandemMiddleware:
         if session.record is not None and not session.invalidated and session.dirty:
             # Changes made after the response head (streaming handlers, websockets).
             try:
-                await manager.commit(session)
+                await manager.commit(session, rid=rid)
             except SessionMoved:
                 pass
 

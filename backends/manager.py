@@ -77,7 +77,8 @@ class SessionManager:
         self.draining = False
         self.stats: dict[str, int] = {k: 0 for k in (
             "created", "promoted", "fetched", "lost", "replicated", "replication_failures",
-            "expired", "invalidated", "moved", "handed_over", "taken_over", "superseded")}
+            "expired", "invalidated", "moved", "handed_over", "taken_over", "superseded",
+            "retries_rolled_back")}
         # session.persistence: where sessions found nowhere in memory are loaded from
         self.persister: Persister | None = make_persister(config, stats=self.stats)
         membership.on_change(self._peer_changed)
@@ -117,8 +118,21 @@ class SessionManager:
         log.info("session_created", sid=short(record.sid))
         return record
 
-    async def open(self, route: Route | None) -> Primary | None:
-        """The primary record for a request's token, taken over here if need be."""
+    async def open(self, route: Route | None, *, rid: str | None = None) -> Primary | None:
+        """The primary record for a request's token, taken over here if need be.
+
+        `rid` is the proxy's id of the client request: the same on every retry. When the
+        last commit came from this very request, it was applied but its response was lost
+        (the server died, or the connection did): undo it, so the retry applies it once.
+        """
+        record = await self._open(route)
+        if rid is not None and record is not None and record.last_rid == rid:
+            record.roll_back()
+            self.stats["retries_rolled_back"] += 1
+            log.info("retry_rolled_back", sid=short(record.sid), version=record.version)
+        return record
+
+    async def _open(self, route: Route | None) -> Primary | None:
         if route is None:
             return None
         record = self.store.primaries.get(route.sid)
@@ -203,7 +217,8 @@ class SessionManager:
                                                        local.epoch if local else 0)),
                              max_inactive_s=float(best["max_inactive_s"]),
                              created=float(best["created"]),
-                             last_access=float(best["last_access"]))
+                             last_access=float(best["last_access"]),
+                             last_rid=best.get("rid"), undo=best.get("undo"))
             if time.time() - record.last_access > record.max_inactive_s:
                 for peer in holders:
                     self._send(peer, {"op": "invalidate", "sids": [sid]})
@@ -243,7 +258,8 @@ class SessionManager:
 
     # --- per request: commit ------------------------------------------------------------
 
-    async def commit(self, session: Session, *, discard: bool = False) -> CommitResult:
+    async def commit(self, session: Session, *, discard: bool = False,
+                     rid: str | None = None) -> CommitResult:
         """Apply the request's changes and replicate them (sync: acknowledged first)."""
         record = session.record
         if record is None:
@@ -262,8 +278,8 @@ class SessionManager:
                 log.error("session_value_unserializable", sid=short(record.sid), error=error)
             if changes.max_inactive_s is not None:
                 record.max_inactive_s = changes.max_inactive_s
-            if changes:
-                record.apply(changes.set, changes.deleted)
+            if changes.set or changes.deleted:
+                record.apply(changes.set, changes.deleted, rid=rid)
             if session.regenerate_requested:
                 record = await self._regenerate(record)
                 session._attach(record)
@@ -357,7 +373,7 @@ class SessionManager:
 
     def _replicate_msg(self, record: Primary) -> dict[str, Any]:
         msg: dict[str, Any] = {"op": "replicate", "sid": record.sid, "v": record.version,
-                               "e": record.epoch,
+                               "e": record.epoch, "rid": record.last_rid, "undo": record.undo,
                                "max_inactive_s": record.max_inactive_s,
                                "created": record.created, "last_access": record.last_access}
         if record.sent_version < 0:
@@ -526,7 +542,8 @@ class SessionManager:
         record = Primary(sid, data=msg["data"], version=int(msg["v"]),
                          epoch=self.next_epoch(int(msg.get("e", 0))),
                          max_inactive_s=float(msg["max_inactive_s"]),
-                         created=float(msg["created"]), last_access=float(msg["last_access"]))
+                         created=float(msg["created"]), last_access=float(msg["last_access"]),
+                         last_rid=msg.get("rid"), undo=msg.get("undo"))
         self.store.primaries[sid] = record
         record.stale_holders = {peer}
         self.stats["taken_over"] += 1
@@ -628,6 +645,7 @@ class SessionManager:
                               max_inactive_s=float(msg["max_inactive_s"]),
                               created=float(msg["created"]),
                               last_access=float(msg["last_access"]), primary=peer)
+            replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
             self.store.replicas[sid] = replica
             return {"ok": True}
         if replica is None or replica.version != msg["base"]:
@@ -640,6 +658,7 @@ class SessionManager:
         replica.version = version
         replica.epoch = epoch
         replica.primary = peer
+        replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
         replica.max_inactive_s = float(msg["max_inactive_s"])
         replica.last_access = float(msg["last_access"])
         replica.last_heard = time.monotonic()
@@ -673,7 +692,8 @@ class SessionManager:
             replica.last_heard = time.monotonic()
             return {"found": True, "kind": "replica", "primary": primary,
                     "sid": sid, "v": replica.version,
-                    "e": replica.epoch, "data": replica.data,
+                    "e": replica.epoch, "data": replica.data, "rid": replica.last_rid,
+                    "undo": replica.undo,
                     "max_inactive_s": replica.max_inactive_s, "created": replica.created,
                     "last_access": replica.last_access}
         return {"found": False}

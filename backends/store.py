@@ -18,11 +18,13 @@ class Primary:
     """A session served by this server."""
 
     __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
-                 "secondary", "sent_version", "acked_version", "pending", "stale_holders")
+                 "secondary", "sent_version", "acked_version", "pending", "stale_holders",
+                 "last_rid", "undo")
 
     def __init__(self, sid: str, *, data: dict[str, str] | None = None, version: int = 0,
                  epoch: int = 0, max_inactive_s: float, created: float | None = None,
-                 last_access: float | None = None) -> None:
+                 last_access: float | None = None, last_rid: str | None = None,
+                 undo: dict[str, str | None] | None = None) -> None:
         now = time.time()
         self.sid = sid
         self.data: dict[str, str] = {} if data is None else data
@@ -39,30 +41,48 @@ class Primary:
         self.acked_version = -1                # version the secondary acknowledged
         self.pending: set[str] = set()         # keys changed since `sent_version`
         self.stale_holders: set[str] = set()   # servers that may hold old copies to release
+        # exactly-once retries: the proxy's id of the request behind the last commit, and
+        # the values that commit replaced (None: the key was absent)
+        self.last_rid = last_rid
+        self.undo: dict[str, str | None] = undo or {}
 
     def expired(self, now: float) -> bool:
         return now - self.last_access > self.max_inactive_s
 
-    def apply(self, set_: dict[str, str], deleted: set[str]) -> None:
-        self.data.update(set_)
+    def apply(self, set_: dict[str, str], deleted: set[str], *, rid: str | None = None) -> None:
+        data = self.data
+        self.undo = {k: data.get(k) for k in (*set_, *deleted)} if rid else {}
+        self.last_rid = rid
+        data.update(set_)
         for key in deleted:
             self.data.pop(key, None)
         self.pending.update(set_)
         self.pending.update(deleted)
         self.version += 1
 
+    def roll_back(self) -> None:
+        """Undo the last commit (its request is being retried); a new version."""
+        for key, old in self.undo.items():
+            if old is None:
+                self.data.pop(key, None)
+            else:
+                self.data[key] = old
+            self.pending.add(key)
+        self.undo, self.last_rid = {}, None
+        self.version += 1
+
     def state(self) -> dict[str, object]:
         """The full state as it travels on the replication channel."""
         return {"sid": self.sid, "v": self.version, "e": self.epoch, "data": self.data,
                 "max_inactive_s": self.max_inactive_s, "created": self.created,
-                "last_access": self.last_access}
+                "last_access": self.last_access, "rid": self.last_rid, "undo": self.undo}
 
 
 class Replica:
     """A copy of a session whose primary is another server."""
 
     __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
-                 "primary", "last_heard")
+                 "primary", "last_heard", "last_rid", "undo")
 
     def __init__(self, sid: str, *, data: dict[str, str], version: int, epoch: int,
                  max_inactive_s: float, created: float, last_access: float,
@@ -76,6 +96,8 @@ class Replica:
         self.last_access = last_access
         self.primary = primary
         self.last_heard = time.monotonic()     # last message from the primary about it
+        self.last_rid: str | None = None       # as on the primary (exactly-once retries)
+        self.undo: dict[str, str | None] = {}
 
     def orphaned(self, now_mono: float) -> bool:
         """A replica whose primary stays silent expires after 2 x max_inactive."""
@@ -104,7 +126,7 @@ class LocalStore:
         """Turn a replica into a primary served here (same version, a newer epoch)."""
         self.replicas.pop(replica.sid, None)
         record = Primary(replica.sid, data=replica.data, version=replica.version,
-                         epoch=epoch,
+                         epoch=epoch, last_rid=replica.last_rid, undo=replica.undo,
                          max_inactive_s=replica.max_inactive_s, created=replica.created,
                          last_access=replica.last_access)
         self.primaries[record.sid] = record
@@ -117,6 +139,7 @@ class LocalStore:
                           epoch=record.epoch, max_inactive_s=record.max_inactive_s,
                           created=record.created,
                           last_access=record.last_access, primary=new_primary)
+        replica.last_rid, replica.undo = record.last_rid, record.undo
         self.replicas[record.sid] = replica
         return replica
 
