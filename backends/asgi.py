@@ -68,12 +68,11 @@ class TandemMiddleware:
             attrs += "; Secure"
         self._cookie_attrs = attrs
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
-        # With URL rewriting, links in responses to cookie-less clients carry the token; the
-        # rewriter sits outside the commit, so it sees the token the client must hold next.
-        self._handler: ASGIApp = self._handle
+        # With URL rewriting, links in responses to cookie-less clients carry the token.
+        self._rewriter: UrlRewriteMiddleware | None = None
         if s.url_rewriting:
-            self._handler = UrlRewriteMiddleware(self._handle, param_name=self.param_name,
-                                                 token_of=self._url_token)
+            self._rewriter = UrlRewriteMiddleware(self._handle, param_name=self.param_name,
+                                                  token_of=self._url_token)
         # run-time state
         self.bad_tokens = 0
         self.inflight = 0  # requests being handled (a drain waits for them)
@@ -109,7 +108,7 @@ class TandemMiddleware:
             return
         self.inflight += 1
         try:
-            await self._handler(scope, receive, send)
+            await self._handle(scope, receive, send)
         finally:
             self.inflight -= 1
 
@@ -127,6 +126,10 @@ class TandemMiddleware:
             elif name == b"x-tandem-request-id":
                 rid = value.decode("latin-1")
         route, via = self._route(scope, cookie)
+        if self._rewriter is not None and via != "cookie" and kind == "http":
+            # Decided once per request (a token by cookie needs no links rewritten). The
+            # rewriter sits outside the commit: it sees the token the client must hold next.
+            send = self._rewriter.wrap(scope, send)
         # Stripped even when URL rewriting is off (then the token there is ignored), so
         # that links rewritten earlier still lead to the page.
         if ";" in scope["path"]:
@@ -159,7 +162,9 @@ class TandemMiddleware:
             if not committed and mtype in ("http.response.start", "websocket.accept"):
                 committed = True
                 try:
-                    result = await manager.commit(session, rid=rid)
+                    # (a session may move to a less loaded server only when its token comes
+                    # by cookie: links in pages would still name this one)
+                    result = await manager.commit(session, rid=rid, migrate=via == "cookie")
                 except SessionMoved:
                     await _send_unavailable(send, b"session moved to another server; retry\n",
                                             kind)

@@ -77,6 +77,9 @@ class ClusterSection:
     peer_connect_timeout_s: float = field(default=1.0, metadata=_positive())
     # SIGTERM: how long a server may take to finish requests and hand its sessions over.
     drain_timeout_s: float = field(default=30.0, metadata={"min": 0.0})
+    # An overloaded server hands sessions to less loaded peers, one per request, with the
+    # new token in that response (after a rolling restart, say).
+    rebalance: bool = True
 
 
 @dataclass(frozen=True, slots=True)

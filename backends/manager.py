@@ -73,12 +73,17 @@ class SessionManager:
         self._flush_now = asyncio.Event()
         # sessions taken over from a peer that was unreachable: peer -> sid -> our epoch
         self._superseded: dict[str, dict[str, int]] = {}
+        # rebalancing: the peers' primary counts (from their load reports), and where the
+        # sessions we handed on went (a stale token still finds them)
+        self._rebalance = config.cluster.rebalance
+        self._loads: dict[str, int] = {}
+        self._moved_to: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.draining = False
         self.stats: dict[str, int] = {k: 0 for k in (
             "created", "promoted", "fetched", "lost", "replicated", "replication_failures",
             "expired", "invalidated", "moved", "handed_over", "taken_over", "superseded",
-            "retries_rolled_back")}
+            "retries_rolled_back", "migrated")}
         # session.persistence: where sessions found nowhere in memory are loaded from
         self.persister: Persister | None = make_persister(config, stats=self.stats)
         membership.on_change(self._peer_changed)
@@ -167,7 +172,8 @@ class SessionManager:
         if local is None or self.membership.is_alive(local.primary):
             # Ask the servers the token names and the primary our replica names; a replica
             # elsewhere names its own primary, which is asked too (the token may be stale).
-            queue = [route.primary, route.secondary, local.primary if local else None]
+            queue = [self._moved_to.get(sid), route.primary, route.secondary,
+                     local.primary if local else None]
             asked: set[str] = set()
             while queue:
                 peer = queue.pop(0)
@@ -259,7 +265,7 @@ class SessionManager:
     # --- per request: commit ------------------------------------------------------------
 
     async def commit(self, session: Session, *, discard: bool = False,
-                     rid: str | None = None) -> CommitResult:
+                     rid: str | None = None, migrate: bool = False) -> CommitResult:
         """Apply the request's changes and replicate them (sync: acknowledged first)."""
         record = session.record
         if record is None:
@@ -295,6 +301,14 @@ class SessionManager:
         if self.persister is not None:  # after replication: a write (sync: awaited) or a touch
             await self.persister.committed(
                 record, changed=record is not first or record.version != first_version)
+        if migrate:
+            peer = self._migration_target(record)
+            if peer is not None:
+                moved = await self._hand_over(record, peer, timeout=self._timeout)
+                if moved is not None:
+                    self.stats["migrated"] += 1
+                    log.info("session_migrated", sid=short(record.sid), to=peer)
+                    return CommitResult(moved)
         return CommitResult(Route(record.sid, self.me.id, record.secondary))
 
     async def _regenerate(self, old: Primary) -> Primary:
@@ -500,19 +514,8 @@ class SessionManager:
                            and p in {s.id for s in self.membership.alive_peers()}]
                 targets += [s.id for s in self.membership.alive_peers() if s.id not in targets]
                 for peer in targets:
-                    msg = {"op": "takeover", **record.state()}
-                    try:
-                        reply = await self.membership.links[peer].call(
-                            msg, timeout=max(0.1, min(self._timeout * 2,
-                                                      deadline - time.monotonic())))
-                    except (PeerUnavailable, PeerTimeout) as exc:
-                        self._peer_error(peer, exc)
-                        continue
-                    if reply.get("ok"):
-                        # the taker protected it with its own secondary before answering
-                        if self.store.primaries.get(record.sid) is record:
-                            self.store.remove(record.sid)
-                        self.stats["handed_over"] += 1
+                    timeout = max(0.1, min(self._timeout * 2, deadline - time.monotonic()))
+                    if await self._hand_over(record, peer, timeout=timeout) is not None:
                         return
                 log.warning("session_not_handed_over", sid=short(record.sid))
 
@@ -530,6 +533,48 @@ class SessionManager:
         log.info("drained", handed_over=self.stats["handed_over"],
                  primaries_left=len(self.store.primaries), replicas_left=len(self.store.replicas),
                  seconds=round(time.monotonic() - started, 3))
+
+    async def _hand_over(self, record: Primary, peer: str, *,
+                         timeout: float) -> Route | None:
+        """Make `peer` the session's primary; its new route, or None if it declined."""
+        try:
+            reply = await self.membership.links[peer].call(
+                {"op": "takeover", **record.state()}, timeout=timeout)
+        except (PeerUnavailable, PeerTimeout) as exc:
+            self._peer_error(peer, exc)
+            return None
+        if not reply.get("ok"):
+            return None
+        # the taker protected it with its own secondary before answering
+        if self.store.primaries.get(record.sid) is record:
+            self.store.remove(record.sid)
+            if record.secondary not in (None, peer, reply.get("secondary")):
+                self._send(record.secondary, {"op": "release", "sid": record.sid})
+        self._moved_to[record.sid] = peer
+        if len(self._moved_to) > 100_000:
+            del self._moved_to[next(iter(self._moved_to))]
+        self.stats["handed_over"] += 1
+        return Route(record.sid, peer, reply.get("secondary"))
+
+    # --- rebalancing: overloaded servers hand sessions on, one request at a time ---------
+
+    def _migration_target(self, record: Primary) -> str | None:
+        """A much less loaded peer to move this session to, or None (balanced enough)."""
+        if not self._rebalance or self.draining or not self._loads:
+            return None
+        alive = {s.id for s in self.membership.alive_peers()}
+        loads = {p: n for p, n in self._loads.items() if p in alive}
+        if not loads:
+            return None
+        mine = len(self.store.primaries)
+        mean = (mine + sum(loads.values())) / (len(loads) + 1)
+        if mine <= mean * 1.2 + 2:
+            return None
+        peer, load = min(loads.items(), key=lambda kv: (kv[1], kv[0]))
+        if load >= mean:
+            return None
+        self._loads[peer] = load + 1  # our estimate until its next report
+        return peer
 
     async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         """A draining peer hands us a session it was primary for: we become its primary."""
@@ -554,7 +599,7 @@ class SessionManager:
                 return {"ok": False, "error": str(exc)}
         log.info("taken_over", sid=short(sid), from_=peer, version=record.version,
                  secondary=record.secondary)
-        return {"ok": True}
+        return {"ok": True, "secondary": record.secondary}
 
     # --- background: touch and expiry ---------------------------------------------------
 
@@ -566,6 +611,8 @@ class SessionManager:
             touched, self._touched = self._touched, {}
             for peer, items in touched.items():
                 self._send(peer, {"op": "touch", "items": items})
+            if self._rebalance:
+                self.membership.broadcast({"op": "load", "n": len(self.store.primaries)})
 
     async def _sweep_loop(self) -> None:
         interval = max(0.1, min(30.0, self.config.session.max_inactive_s / 10))
@@ -597,6 +644,9 @@ class SessionManager:
         if op == "takeover":
             return self._on_takeover(peer, msg)
         if op == "draining":
+            return None
+        if op == "load":
+            self._loads[peer] = int(msg["n"])
             return None
         if op == "supersede":
             self._on_supersede(peer, msg["sids"])

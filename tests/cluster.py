@@ -52,13 +52,16 @@ class Cluster:
         self.app = app
         self.interface = interface
         servers = servers or [{"id": f"s{i + 1}"} for i in range(n)]
+        cluster = dict(cluster or {})
         ports = free_ports(2 * len(servers) + 2)
         self.proxy_port, self.admin_port = ports[-2], ports[-1]
         self.servers: dict[str, dict[str, Any]] = {}
         lines = ["[cluster]", 'name = "test"',
                  f"secrets = {json.dumps(secrets or ['test-secret'])}",
-                 "heartbeat_interval_s = 0.5", "missed_heartbeats = 3"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in (cluster or {}).items()]
+                 "heartbeat_interval_s = 0.5", "missed_heartbeats = 3",
+                 # tests place sessions on chosen servers; tests/test_rebalance.py turns it on
+                 f"rebalance = {json.dumps(cluster.pop('rebalance', False))}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in cluster.items()]
         lines += ["", "[session]", *(f"{k} = {json.dumps(v)}" for k, v in
                                      (session or {}).items())]
         # `proxy` may override these defaults

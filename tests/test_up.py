@@ -24,7 +24,9 @@ def _get(url: str) -> tuple[int, str, dict[str, str]]:
 
 
 def _pids_of(server: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"backend --config .* --server {server} "],
+    """Backends of *this* `tandem up` (the embedded config), not other clusters' on the box."""
+    out = subprocess.run(["pgrep", "-f", f"backend --config {default_config_path()} "
+                                         f"--server {server} "],
                          capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
