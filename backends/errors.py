@@ -15,6 +15,7 @@ __all__ = [
     "PeerTimeout",
     "HandshakeFailed",
     "ProtocolViolation",
+    "SessionMoved",
 ]
 
 
@@ -87,3 +88,7 @@ class HandshakeFailed(ReplicationError, PermissionError):
 
 class ProtocolViolation(ReplicationError):
     """The peer sent a frame that is not valid replication protocol."""
+
+
+class SessionMoved(ReplicationError):
+    """Another server took this session over while this request ran; it was not committed."""

@@ -22,11 +22,13 @@ from typing import Any
 import structlog
 
 from .config import Config, ServerConfig
-from .errors import PeerTimeout, PeerUnavailable, ReplicationError
+from .errors import PeerTimeout, PeerUnavailable, ReplicationError, SessionMoved
+from .handover import HandoverMixin
 from .logs import short
 from .peers import Membership, PeerState
 from .persistence.persister import Persister, make_persister
 from .ranking import choose_secondary
+from .replica import ReplicaSideMixin
 from .session import Session
 from .store import LocalStore, Primary, Replica
 from .token import Route
@@ -44,18 +46,18 @@ def _age(state: dict[str, Any]) -> tuple[int, int]:
     return int(state.get("e", 0)), int(state["v"])
 
 
-class SessionMoved(ReplicationError):
-    """Another server took this session over while this request ran; it was not committed."""
-
-
 @dataclass(frozen=True, slots=True)
 class CommitResult:
     route: Route | None       # the token the client must hold after this response
     cleared: bool = False     # the session was invalidated: clear the client's token
 
 
-class SessionManager:
-    """Sessions of one server: resolve tokens, commit changes, replicate, expire."""
+class SessionManager(ReplicaSideMixin, HandoverMixin):
+    """Sessions of one server: resolve tokens, commit changes, replicate, expire.
+
+    The replica side (messages from peers) is in replica.py; hand-overs (drain, take-over,
+    rebalancing) in handover.py.
+    """
 
     def __init__(self, *, config: Config, me: str, membership: Membership) -> None:
         # configuration
@@ -200,7 +202,8 @@ class SessionManager:
         raced = self.store.primaries.get(sid)
         if raced is not None:  # handed over to us while we asked around
             return raced
-        silent = {route.primary, local.primary if local else None} - answered - {None, self.me.id}
+        silent = {p for p in (route.primary, local.primary if local else None)
+                  if p is not None and p != self.me.id and p not in answered}
         if silent and self.membership.recently_stalled() and (best or local):
             # We were frozen: the owner we cannot reach is most likely alive and serving this
             # session; taking it over now would make two primaries. Let the proxy retry.
@@ -494,113 +497,6 @@ class SessionManager:
         log.info("reprotected", sessions=len(records), cause=cause,
                  seconds=round(time.monotonic() - started, 3))
 
-    # --- draining: hand everything over before stopping ---------------------------------
-
-    async def drain(self, *, timeout: float) -> None:
-        """Hand every primary to its secondary and let the primaries re-home our replicas."""
-        self.draining = True
-        started = time.monotonic()
-        deadline = started + timeout
-        self.membership.broadcast({"op": "draining"})
-        if self.mode == "async":
-            await self._flush_async()
-        sem = asyncio.Semaphore(64)
-
-        async def hand_over(record: Primary) -> None:
-            async with sem:
-                if self.store.primaries.get(record.sid) is not record:
-                    return  # fetched away meanwhile
-                targets = [p for p in (record.secondary,) if p
-                           and p in {s.id for s in self.membership.alive_peers()}]
-                targets += [s.id for s in self.membership.alive_peers() if s.id not in targets]
-                for peer in targets:
-                    timeout = max(0.1, min(self._timeout * 2, deadline - time.monotonic()))
-                    if await self._hand_over(record, peer, timeout=timeout) is not None:
-                        return
-                log.warning("session_not_handed_over", sid=short(record.sid))
-
-        # Replicas whose primary is gone have no one to re-home them: we hold their only
-        # copy, so we take them over and hand them on like our own primaries.
-        for replica in [r for r in self.store.replicas.values()
-                        if not self.membership.is_alive(r.primary)]:
-            record = self.store.promote(replica, epoch=self.next_epoch(replica.epoch))
-            self._superseded.setdefault(replica.primary, {})[record.sid] = record.epoch
-        await asyncio.gather(*(hand_over(r) for r in list(self.store.primaries.values())))
-        # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
-        while any(self.membership.is_alive(r.primary) for r in self.store.replicas.values()) \
-                and self.membership.alive_peers() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        log.info("drained", handed_over=self.stats["handed_over"],
-                 primaries_left=len(self.store.primaries), replicas_left=len(self.store.replicas),
-                 seconds=round(time.monotonic() - started, 3))
-
-    async def _hand_over(self, record: Primary, peer: str, *,
-                         timeout: float) -> Route | None:
-        """Make `peer` the session's primary; its new route, or None if it declined."""
-        try:
-            reply = await self.membership.links[peer].call(
-                {"op": "takeover", **record.state()}, timeout=timeout)
-        except (PeerUnavailable, PeerTimeout) as exc:
-            self._peer_error(peer, exc)
-            return None
-        if not reply.get("ok"):
-            return None
-        # the taker protected it with its own secondary before answering
-        if self.store.primaries.get(record.sid) is record:
-            self.store.remove(record.sid)
-            if record.secondary not in (None, peer, reply.get("secondary")):
-                self._send(record.secondary, {"op": "release", "sid": record.sid})
-        self._moved_to[record.sid] = peer
-        if len(self._moved_to) > 100_000:
-            del self._moved_to[next(iter(self._moved_to))]
-        self.stats["handed_over"] += 1
-        return Route(record.sid, peer, reply.get("secondary"))
-
-    # --- rebalancing: overloaded servers hand sessions on, one request at a time ---------
-
-    def _migration_target(self, record: Primary) -> str | None:
-        """A much less loaded peer to move this session to, or None (balanced enough)."""
-        if not self._rebalance or self.draining or not self._loads:
-            return None
-        alive = {s.id for s in self.membership.alive_peers()}
-        loads = {p: n for p, n in self._loads.items() if p in alive}
-        if not loads:
-            return None
-        mine = len(self.store.primaries)
-        mean = (mine + sum(loads.values())) / (len(loads) + 1)
-        if mine <= mean * 1.2 + 2:
-            return None
-        peer, load = min(loads.items(), key=lambda kv: (kv[1], kv[0]))
-        if load >= mean:
-            return None
-        self._loads[peer] = load + 1  # our estimate until its next report
-        return peer
-
-    async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
-        """A draining peer hands us a session it was primary for: we become its primary."""
-        sid = msg["sid"]
-        if self.draining:
-            return {"ok": False, "draining": True}
-        if sid in self.store.primaries or sid in self._opening:
-            return {"ok": True}  # already ours, or being fetched by a request right now
-        self.store.replicas.pop(sid, None)  # our replica is the same state, or older
-        record = Primary(sid, data=msg["data"], version=int(msg["v"]),
-                         epoch=self.next_epoch(int(msg.get("e", 0))),
-                         max_inactive_s=float(msg["max_inactive_s"]),
-                         created=float(msg["created"]), last_access=float(msg["last_access"]),
-                         last_rid=msg.get("rid"), undo=msg.get("undo"))
-        self.store.primaries[sid] = record
-        record.stale_holders = {peer}
-        self.stats["taken_over"] += 1
-        if self.mode != "none":
-            try:
-                await self.replicate(record)  # protected before we acknowledge
-            except SessionMoved as exc:
-                return {"ok": False, "error": str(exc)}
-        log.info("taken_over", sid=short(sid), from_=peer, version=record.version,
-                 secondary=record.secondary)
-        return {"ok": True, "secondary": record.secondary}
-
     # --- background: touch and expiry ---------------------------------------------------
 
     async def _touch_loop(self) -> None:
@@ -634,119 +530,6 @@ class SessionManager:
         if self.persister is not None:
             self.persister.expired([r.sid for r in primaries])
         log.info("sessions_expired", primaries=len(primaries), replicas=len(replicas))
-
-    # --- replica side: messages from peers ----------------------------------------------
-
-    def handle(self, peer: str, msg: dict[str, Any]) -> Any:
-        op = msg.get("op")
-        if op == "ping":
-            return {"op": "pong"}
-        if op == "takeover":
-            return self._on_takeover(peer, msg)
-        if op == "draining":
-            return None
-        if op == "load":
-            self._loads[peer] = int(msg["n"])
-            return None
-        if op == "supersede":
-            self._on_supersede(peer, msg["sids"])
-            return None
-        if op == "replicate":
-            return self._on_replicate(peer, msg)
-        if op == "fetch":
-            return self._on_fetch(peer, msg["sid"])
-        if op == "release":
-            replica = self.store.replicas.get(msg["sid"])
-            if replica is not None and replica.primary == peer:
-                del self.store.replicas[msg["sid"]]
-            return None
-        if op == "invalidate":
-            for sid in msg["sids"]:
-                replica = self.store.replicas.get(sid)
-                if replica is not None and replica.primary == peer:
-                    del self.store.replicas[sid]
-            return {"ok": True}
-        if op == "touch":
-            now = time.monotonic()
-            for sid, last_access in msg["items"].items():
-                replica = self.store.replicas.get(sid)
-                if replica is not None and replica.primary == peer:
-                    replica.last_access = max(replica.last_access, last_access)
-                    replica.last_heard = now
-            return None
-        return {"ok": False, "error": f"unknown op {op!r}"}
-
-    def _on_replicate(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
-        sid = msg["sid"]
-        version, epoch = int(msg["v"]), int(msg.get("e", 0))
-        mine = self.store.primaries.get(sid)
-        if mine is not None:
-            if mine.epoch >= epoch:
-                # We took this session over (the sender was thought failed): ours wins.
-                return {"ok": False, "moved": self.me.id}
-            self._drop_superseded(mine, by=peer)  # we were the stale one
-        replica = self.store.replicas.get(sid)
-        if replica is not None and epoch < replica.epoch:
-            return {"ok": False, "moved": replica.primary}  # a newer primary exists
-        if "data" in msg:
-            if replica is not None and epoch == replica.epoch and replica.version > version:
-                return {"ok": True, "stale": True}  # never go back to an older version
-            replica = Replica(sid, data=msg["data"], version=version, epoch=epoch,
-                              max_inactive_s=float(msg["max_inactive_s"]),
-                              created=float(msg["created"]),
-                              last_access=float(msg["last_access"]), primary=peer)
-            replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
-            self.store.replicas[sid] = replica
-            return {"ok": True}
-        if replica is None or replica.version != msg["base"]:
-            if replica is not None and epoch == replica.epoch and replica.version >= version:
-                return {"ok": True, "stale": True}
-            return {"ok": False, "need_full": True}
-        replica.data.update(msg["set"])
-        for key in msg["del"]:
-            replica.data.pop(key, None)
-        replica.version = version
-        replica.epoch = epoch
-        replica.primary = peer
-        replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
-        replica.max_inactive_s = float(msg["max_inactive_s"])
-        replica.last_access = float(msg["last_access"])
-        replica.last_heard = time.monotonic()
-        return {"ok": True}
-
-    def _on_supersede(self, peer: str, sids: dict[str, int]) -> None:
-        """`peer` took these sessions over while we were unreachable: let go of ours."""
-        for sid, epoch in sids.items():
-            mine = self.store.primaries.get(sid)
-            if mine is not None and mine.epoch < epoch:
-                self._drop_superseded(mine, by=peer)
-            replica = self.store.replicas.get(sid)
-            if replica is not None and replica.epoch < epoch:
-                del self.store.replicas[sid]
-
-    def _drop_superseded(self, record: Primary, *, by: str) -> None:
-        self.store.remove(record.sid)
-        self.stats["superseded"] += 1
-        log.warning("session_superseded", sid=short(record.sid), by=by, epoch=record.epoch)
-
-    def _on_fetch(self, peer: str, sid: str) -> dict[str, Any]:
-        record = self.store.primaries.get(sid)
-        if record is not None:
-            state = record.state()
-            self.store.demote(record, new_primary=peer)  # kept until the new secondary has it
-            log.info("session_handed_over", sid=short(sid), to=peer, version=record.version)
-            return {"found": True, "kind": "primary", **state}
-        replica = self.store.replicas.get(sid)
-        if replica is not None:
-            primary, replica.primary = replica.primary, peer
-            replica.last_heard = time.monotonic()
-            return {"found": True, "kind": "replica", "primary": primary,
-                    "sid": sid, "v": replica.version,
-                    "e": replica.epoch, "data": replica.data, "rid": replica.last_rid,
-                    "undo": replica.undo,
-                    "max_inactive_s": replica.max_inactive_s, "created": replica.created,
-                    "last_access": replica.last_access}
-        return {"found": False}
 
     # --- helpers ------------------------------------------------------------------------
 

@@ -149,9 +149,9 @@ class LocalStore:
         dead_p = [r for r in self.primaries.values() if r.expired(now)]
         for r in dead_p:
             self.remove(r.sid)
-        dead_r = [r for r in self.replicas.values() if r.orphaned(mono)]
-        for r in dead_r:
-            del self.replicas[r.sid]
+        dead_r = [c for c in self.replicas.values() if c.orphaned(mono)]
+        for c in dead_r:
+            del self.replicas[c.sid]
         return dead_p, dead_r
 
     def primaries_with_secondary(self, peer: str | None) -> Iterator[Primary]:

@@ -1,0 +1,158 @@
+"""Hand-overs: a server gives its sessions to another server, which becomes their primary.
+
+Used by a drain (SIGTERM: every primary goes to its secondary before the server exits) and
+by rebalancing (an overloaded server moves a session to a less loaded peer when one of its
+requests commits, with the new token in that response). The taker protects the session with
+its own secondary before it acknowledges, so the giver can drop its copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .config import ServerConfig
+from .errors import PeerTimeout, PeerUnavailable, SessionMoved
+from .logs import short
+from .peers import Membership
+from .store import LocalStore, Primary
+from .token import Route
+
+__all__ = ["HandoverMixin"]
+
+log = structlog.get_logger("tandem.sessions")
+
+
+class HandoverMixin:
+    """Drain, take-over and rebalancing for SessionManager."""
+
+    if TYPE_CHECKING:  # provided by SessionManager
+        me: ServerConfig
+        mode: str
+        draining: bool
+        store: LocalStore
+        stats: dict[str, int]
+        membership: Membership
+        _timeout: float
+        _superseded: dict[str, dict[str, int]]
+
+        def next_epoch(self, after: int) -> int: ...
+        def _send(self, peer: str, msg: dict[str, Any]) -> None: ...
+        def _peer_error(self, peer: str, exc: Exception) -> None: ...
+        _opening: dict[str, asyncio.Future[Primary | None]]
+        _rebalance: bool
+        _loads: dict[str, int]
+        _moved_to: dict[str, str]
+
+        async def replicate(self, record: Primary) -> None: ...
+        async def _flush_async(self) -> None: ...
+
+    # --- draining: hand everything over before stopping ---------------------------------
+
+    async def drain(self, *, timeout: float) -> None:
+        """Hand every primary to its secondary and let the primaries re-home our replicas."""
+        self.draining = True
+        started = time.monotonic()
+        deadline = started + timeout
+        self.membership.broadcast({"op": "draining"})
+        if self.mode == "async":
+            await self._flush_async()
+        sem = asyncio.Semaphore(64)
+
+        async def hand_over(record: Primary) -> None:
+            async with sem:
+                if self.store.primaries.get(record.sid) is not record:
+                    return  # fetched away meanwhile
+                targets = [p for p in (record.secondary,) if p
+                           and p in {s.id for s in self.membership.alive_peers()}]
+                targets += [s.id for s in self.membership.alive_peers() if s.id not in targets]
+                for peer in targets:
+                    timeout = max(0.1, min(self._timeout * 2, deadline - time.monotonic()))
+                    if await self._hand_over(record, peer, timeout=timeout) is not None:
+                        return
+                log.warning("session_not_handed_over", sid=short(record.sid))
+
+        # Replicas whose primary is gone have no one to re-home them: we hold their only
+        # copy, so we take them over and hand them on like our own primaries.
+        for replica in [r for r in self.store.replicas.values()
+                        if not self.membership.is_alive(r.primary)]:
+            record = self.store.promote(replica, epoch=self.next_epoch(replica.epoch))
+            self._superseded.setdefault(replica.primary, {})[record.sid] = record.epoch
+        await asyncio.gather(*(hand_over(r) for r in list(self.store.primaries.values())))
+        # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
+        while any(self.membership.is_alive(r.primary) for r in self.store.replicas.values()) \
+                and self.membership.alive_peers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained", handed_over=self.stats["handed_over"],
+                 primaries_left=len(self.store.primaries), replicas_left=len(self.store.replicas),
+                 seconds=round(time.monotonic() - started, 3))
+
+    async def _hand_over(self, record: Primary, peer: str, *,
+                         timeout: float) -> Route | None:
+        """Make `peer` the session's primary; its new route, or None if it declined."""
+        try:
+            reply = await self.membership.links[peer].call(
+                {"op": "takeover", **record.state()}, timeout=timeout)
+        except (PeerUnavailable, PeerTimeout) as exc:
+            self._peer_error(peer, exc)
+            return None
+        if not reply.get("ok"):
+            return None
+        # the taker protected it with its own secondary before answering
+        if self.store.primaries.get(record.sid) is record:
+            self.store.remove(record.sid)
+            if record.secondary not in (None, peer, reply.get("secondary")):
+                self._send(record.secondary, {"op": "release", "sid": record.sid})
+        self._moved_to[record.sid] = peer
+        if len(self._moved_to) > 100_000:
+            del self._moved_to[next(iter(self._moved_to))]
+        self.stats["handed_over"] += 1
+        return Route(record.sid, peer, reply.get("secondary"))
+
+    # --- rebalancing: overloaded servers hand sessions on, one request at a time ---------
+
+    def _migration_target(self, record: Primary) -> str | None:
+        """A much less loaded peer to move this session to, or None (balanced enough)."""
+        if not self._rebalance or self.draining or not self._loads:
+            return None
+        alive = {s.id for s in self.membership.alive_peers()}
+        loads = {p: n for p, n in self._loads.items() if p in alive}
+        if not loads:
+            return None
+        mine = len(self.store.primaries)
+        mean = (mine + sum(loads.values())) / (len(loads) + 1)
+        if mine <= mean * 1.2 + 2:
+            return None
+        peer, load = min(loads.items(), key=lambda kv: (kv[1], kv[0]))
+        if load >= mean:
+            return None
+        self._loads[peer] = load + 1  # our estimate until its next report
+        return peer
+
+    async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A draining peer hands us a session it was primary for: we become its primary."""
+        sid = msg["sid"]
+        if self.draining:
+            return {"ok": False, "draining": True}
+        if sid in self.store.primaries or sid in self._opening:
+            return {"ok": True}  # already ours, or being fetched by a request right now
+        self.store.replicas.pop(sid, None)  # our replica is the same state, or older
+        record = Primary(sid, data=msg["data"], version=int(msg["v"]),
+                         epoch=self.next_epoch(int(msg.get("e", 0))),
+                         max_inactive_s=float(msg["max_inactive_s"]),
+                         created=float(msg["created"]), last_access=float(msg["last_access"]),
+                         last_rid=msg.get("rid"), undo=msg.get("undo"))
+        self.store.primaries[sid] = record
+        record.stale_holders = {peer}
+        self.stats["taken_over"] += 1
+        if self.mode != "none":
+            try:
+                await self.replicate(record)  # protected before we acknowledge
+            except SessionMoved as exc:
+                return {"ok": False, "error": str(exc)}
+        log.info("taken_over", sid=short(sid), from_=peer, version=record.version,
+                 secondary=record.secondary)
+        return {"ok": True, "secondary": record.secondary}

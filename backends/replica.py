@@ -1,0 +1,156 @@
+"""The replica side of replication: what a server does with its peers' messages.
+
+Replicate (full state or a delta on top of the version it holds; never back to an older
+version or epoch), fetch (hand a session to a server taking it over), release, invalidate,
+touch, supersede (a peer took sessions over while we were unreachable) and load reports.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .config import ServerConfig
+from .logs import short
+from .peers import Membership
+from .store import LocalStore, Primary, Replica
+
+__all__ = ["ReplicaSideMixin"]
+
+log = structlog.get_logger("tandem.sessions")
+
+
+class ReplicaSideMixin:
+    """Answers the replication channel's messages for SessionManager."""
+
+    if TYPE_CHECKING:  # provided by SessionManager
+        me: ServerConfig
+        mode: str
+        draining: bool
+        store: LocalStore
+        stats: dict[str, int]
+        membership: Membership
+        _timeout: float
+        _superseded: dict[str, dict[str, int]]
+
+        def next_epoch(self, after: int) -> int: ...
+        def _send(self, peer: str, msg: dict[str, Any]) -> None: ...
+        def _peer_error(self, peer: str, exc: Exception) -> None: ...
+        _loads: dict[str, int]
+
+        async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]: ...
+
+    # --- replica side: messages from peers ----------------------------------------------
+
+    def handle(self, peer: str, msg: dict[str, Any]) -> Any:
+        op = msg.get("op")
+        if op == "ping":
+            return {"op": "pong"}
+        if op == "takeover":
+            return self._on_takeover(peer, msg)
+        if op == "draining":
+            return None
+        if op == "load":
+            self._loads[peer] = int(msg["n"])
+            return None
+        if op == "supersede":
+            self._on_supersede(peer, msg["sids"])
+            return None
+        if op == "replicate":
+            return self._on_replicate(peer, msg)
+        if op == "fetch":
+            return self._on_fetch(peer, msg["sid"])
+        if op == "release":
+            replica = self.store.replicas.get(msg["sid"])
+            if replica is not None and replica.primary == peer:
+                del self.store.replicas[msg["sid"]]
+            return None
+        if op == "invalidate":
+            for sid in msg["sids"]:
+                replica = self.store.replicas.get(sid)
+                if replica is not None and replica.primary == peer:
+                    del self.store.replicas[sid]
+            return {"ok": True}
+        if op == "touch":
+            now = time.monotonic()
+            for sid, last_access in msg["items"].items():
+                replica = self.store.replicas.get(sid)
+                if replica is not None and replica.primary == peer:
+                    replica.last_access = max(replica.last_access, last_access)
+                    replica.last_heard = now
+            return None
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _on_replicate(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        sid = msg["sid"]
+        version, epoch = int(msg["v"]), int(msg.get("e", 0))
+        mine = self.store.primaries.get(sid)
+        if mine is not None:
+            if mine.epoch >= epoch:
+                # We took this session over (the sender was thought failed): ours wins.
+                return {"ok": False, "moved": self.me.id}
+            self._drop_superseded(mine, by=peer)  # we were the stale one
+        replica = self.store.replicas.get(sid)
+        if replica is not None and epoch < replica.epoch:
+            return {"ok": False, "moved": replica.primary}  # a newer primary exists
+        if "data" in msg:
+            if replica is not None and epoch == replica.epoch and replica.version > version:
+                return {"ok": True, "stale": True}  # never go back to an older version
+            replica = Replica(sid, data=msg["data"], version=version, epoch=epoch,
+                              max_inactive_s=float(msg["max_inactive_s"]),
+                              created=float(msg["created"]),
+                              last_access=float(msg["last_access"]), primary=peer)
+            replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
+            self.store.replicas[sid] = replica
+            return {"ok": True}
+        if replica is None or replica.version != msg["base"]:
+            if replica is not None and epoch == replica.epoch and replica.version >= version:
+                return {"ok": True, "stale": True}
+            return {"ok": False, "need_full": True}
+        replica.data.update(msg["set"])
+        for key in msg["del"]:
+            replica.data.pop(key, None)
+        replica.version = version
+        replica.epoch = epoch
+        replica.primary = peer
+        replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
+        replica.max_inactive_s = float(msg["max_inactive_s"])
+        replica.last_access = float(msg["last_access"])
+        replica.last_heard = time.monotonic()
+        return {"ok": True}
+
+    def _on_supersede(self, peer: str, sids: dict[str, int]) -> None:
+        """`peer` took these sessions over while we were unreachable: let go of ours."""
+        for sid, epoch in sids.items():
+            mine = self.store.primaries.get(sid)
+            if mine is not None and mine.epoch < epoch:
+                self._drop_superseded(mine, by=peer)
+            replica = self.store.replicas.get(sid)
+            if replica is not None and replica.epoch < epoch:
+                del self.store.replicas[sid]
+
+    def _drop_superseded(self, record: Primary, *, by: str) -> None:
+        self.store.remove(record.sid)
+        self.stats["superseded"] += 1
+        log.warning("session_superseded", sid=short(record.sid), by=by, epoch=record.epoch)
+
+    def _on_fetch(self, peer: str, sid: str) -> dict[str, Any]:
+        record = self.store.primaries.get(sid)
+        if record is not None:
+            state = record.state()
+            self.store.demote(record, new_primary=peer)  # kept until the new secondary has it
+            log.info("session_handed_over", sid=short(sid), to=peer, version=record.version)
+            return {"found": True, "kind": "primary", **state}
+        replica = self.store.replicas.get(sid)
+        if replica is not None:
+            primary, replica.primary = replica.primary, peer
+            replica.last_heard = time.monotonic()
+            return {"found": True, "kind": "replica", "primary": primary,
+                    "sid": sid, "v": replica.version,
+                    "e": replica.epoch, "data": replica.data, "rid": replica.last_rid,
+                    "undo": replica.undo,
+                    "max_inactive_s": replica.max_inactive_s, "created": replica.created,
+                    "last_access": replica.last_access}
+        return {"found": False}
