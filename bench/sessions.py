@@ -152,6 +152,12 @@ class Side:
         return cpu_ticks(self.pids, self.trees)
 
 
+def _counter(url: str, cookie: str) -> int:
+    req = urllib.request.Request(url + "/count", headers={"Cookie": cookie})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return int(json.loads(resp.read())["counter"])
+
+
 def _new_cookie(url: str, name: str) -> str:
     with urllib.request.urlopen(url + "/count", timeout=5) as resp:
         for value in resp.headers.get_all("Set-Cookie") or []:
@@ -277,7 +283,7 @@ end
 function done(summary, latency, requests)
   for _, t in ipairs(threads) do
     for code, n in pairs(t:get("statuses")) do
-      io.write(string.format("status %d: %d\n", code, n))
+      io.write(string.format("status %d: %d\\n", code, n))
     end
   end
 end
@@ -288,10 +294,14 @@ end
 def run_wrk(side: Side, script: Path, *, duration: float, connections: int,
             threads: int) -> dict[str, float]:
     before, t0 = side.cpu(), time.monotonic()
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections),
-                          "-d", f"{max(1, round(duration))}s", "-s", str(script),
-                          side.url + "/count"],
-                         capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections),
+                           "-d", f"{max(1, round(duration))}s", "-s", str(script),
+                           side.url + "/count"],
+                          capture_output=True, text=True, check=True)
+    if done.stderr.strip():
+        # wrk reports a broken script here and then runs without it (no cookies sent)
+        raise RuntimeError(f"wrk: {done.stderr.strip()}")
+    out = done.stdout
     elapsed, used = time.monotonic() - t0, side.cpu() - before
     total = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -314,6 +324,7 @@ def measure(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         with ExitStack() as stack:
             sides: dict[str, tuple[Side, Path]] = {}
+            cookies_of: dict[str, list[str]] = {}
             for name in names:
                 where = tmp / name
                 where.mkdir()
@@ -321,10 +332,14 @@ def measure(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
                 cookies = [_new_cookie(side.url, side.cookie_name)
                            for _ in range(args.sessions)]
                 sides[name] = side, wrk_script(where, cookies)
+                cookies_of[name] = cookies
                 print(f"  started {name}", flush=True)
-            for side, script in sides.values():
+            for name, (side, script) in sides.items():
                 run_wrk(side, script, duration=args.warmup, connections=args.connections,
                         threads=args.threads)
+                # the load must write the sessions created above, not start new ones
+                if _counter(side.url, cookies_of[name][0]) < 3:
+                    raise RuntimeError(f"{name}: the warm-up did not use the sessions' cookies")
             for i in range(args.runs):
                 for name, (side, script) in sides.items():
                     r = run_wrk(side, script, duration=args.duration,
