@@ -16,12 +16,12 @@ from types import TracebackType
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from .asgi import ASGIApp, TandemMiddleware
 from .config import Config
 from .errors import ConfigError
-from .host import AsgiHost, Lifespan
+from .host import Lifespan
+from .http import HttpServer
 from .logs import configure
 from .manager import SessionManager
 from .peers import Membership, ReplicationListener
@@ -67,7 +67,7 @@ class BackendServer:
                                             handler=self.manager.handle)
         self.middleware = TandemMiddleware(app, manager=self.manager, config=config)
         self.lifespan = Lifespan(app)
-        self._runner: web.ServerRunner | None = None
+        self.http: HttpServer | None = None
 
     async def __aenter__(self) -> BackendServer:
         # the session store first: a backend that cannot reach its store does not serve
@@ -77,12 +77,9 @@ class BackendServer:
         await self.listener.start()
         self.membership.start()
         self.manager.start()
-        host = AsgiHost(self.middleware, server=(self.me.http.host, self.me.http.port))
-        self._runner = web.ServerRunner(web.Server(host, access_log=None), handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.me.http.host, self.me.http.port,
-                           shutdown_timeout=10.0, reuse_address=True)
-        await site.start()
+        self.http = HttpServer(self.middleware, host=self.me.http.host, port=self.me.http.port,
+                               state=self.lifespan.state, shutdown_timeout_s=10.0)
+        await self.http.__aenter__()
         log.info("backend_started", http=str(self.me.http),
                  replication=str(self.me.replication), replication_mode=self.manager.mode)
         return self
@@ -102,9 +99,9 @@ class BackendServer:
         # 1. refuse new requests, finish in-flight ones, hand the sessions over (bounded)
         if not self.manager.draining and self.config.cluster.drain_timeout_s > 0:
             await self.drain()
-        # 2. stop the HTTP listener
-        if self._runner is not None:
-            await self._runner.cleanup()
+        # 2. stop the HTTP listener (in-flight requests finish, within a bound)
+        if self.http is not None:
+            await self.http.close()
         # 3. flush queued replication and store writes, stop background tasks, close the store
         await self.manager.close()
         # 4. say goodbye to the peers, close the replication channel

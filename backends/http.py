@@ -1,0 +1,660 @@
+"""The backend's HTTP/1.1 server: asyncio Protocols and httptools (llhttp), speaking ASGI.
+
+One `HttpProtocol` per connection parses requests; each request becomes a `RequestCycle`
+whose `receive`/`send` are the application's ASGI callables. Keep-alive and pipelining:
+requests are answered one at a time, in order (reading pauses while one waits its turn).
+Request bodies, chunked or with Content-Length, are streamed to `receive()` with flow
+control; a response is framed from its `http.response.start`: with the application's
+Content-Length, else chunked (HTTP/1.1) or delimited by closing (HTTP/1.0); HEAD, 1xx,
+204 and 304 responses carry no body. A head sent as its own message leaves with the first
+body message, in one write. WebSocket upgrades are handed to `backends.websocket`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote_to_bytes
+
+import structlog
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
+
+from .websocket import WebSocketCycle, handshake_error
+
+if TYPE_CHECKING:
+    from .asgi import ASGIApp, Message
+
+__all__ = ["HttpServer", "HttpProtocol", "RequestCycle"]
+
+log = structlog.get_logger("tandem.http")
+
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii"))
+           for s in HTTPStatus}
+# Framing is the server's: an application's own framing headers are not passed on.
+_FRAMING = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+_NO_BODY = frozenset({204, 304})
+_DISCONNECT: Message = {"type": "http.disconnect"}
+
+# Why reading from the client is paused (a bit each; reading resumes when none is left).
+_PIPELINE = 1  # a request waits behind the one being answered
+_BODY = 2  # a request body is buffered beyond the high-water mark
+_HALTED = 4  # a request was refused: nothing more is read (websockets use 16)
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
+
+class _Turn(Protocol):
+    """What waits its turn on a connection: a request, a websocket, a refusal."""
+
+    def start(self) -> None: ...
+
+    def disconnected(self) -> None: ...
+
+
+class _Date:
+    """The Date header line, rendered once per second."""
+
+    second = 0
+    line = b""
+
+    @classmethod
+    def get(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.line = b"date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+        return cls.line
+
+
+class HttpServer:
+    """A listener serving one ASGI application (async context manager)."""
+
+    def __init__(self, app: ASGIApp, *, host: str, port: int,
+                 state: dict[str, Any] | None = None, max_head_bytes: int = 64 * 1024,
+                 max_headers: int = 100, body_buffer_bytes: int = 256 * 1024,
+                 keepalive_timeout_s: float = 75.0, shutdown_timeout_s: float = 10.0) -> None:
+        # configuration
+        self.app = app
+        self.host = host
+        self.port = port
+        self.state = state if state is not None else {}  # lifespan state, copied per request
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.body_buffer_bytes = body_buffer_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        # run-time state
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server_addr: tuple[str, int] = (host, port)
+        self.connections: set[HttpProtocol] = set()
+        self.closing = False  # answer in-flight requests with Connection: close
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> HttpServer:
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: HttpProtocol(self), self.host, self.port, backlog=1024, reuse_address=True)
+        sock = self._server.sockets[0].getsockname()
+        self.server_addr = (str(sock[0]), int(sock[1]))
+        self._sweeper = self.loop.create_task(self._sweep(), name="http-idle-sweep")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop like a runbook; safe to call more than once."""
+        # 1. Stop accepting new connections.
+        if self._server is not None:
+            self._server.close()
+        # 2. Idle keep-alive connections close now; in-flight requests get their response
+        #    (with Connection: close); websockets are closed with 1001 (going away).
+        self.closing = True
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = time.monotonic() + self.shutdown_timeout_s
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        # 3. Whatever is left after the bound is cut off.
+        for conn in list(self.connections):
+            log.warning("http_shutdown_abort", client=str(conn.client))
+            conn.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+        # 4. Stop the idle sweeper.
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        """Close connections idle (between requests, or in a head) for too long."""
+        tick = min(1.0, self.keepalive_timeout_s / 2)
+        while True:
+            await asyncio.sleep(tick)
+            limit = time.monotonic() - self.keepalive_timeout_s
+            for conn in list(self.connections):
+                if conn.cycle is None and conn.ws is None and conn.last_active < limit:
+                    conn.close()
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection: parses requests and runs them in order."""
+
+    __slots__ = (
+        "srv", "loop", "app",
+        # per connection
+        "transport", "parser", "client", "cycle", "queue", "incoming", "read_paused",
+        "write_paused", "drained", "closed", "last_active", "ws",
+        # per request being parsed
+        "url", "headers", "head_bytes", "pending_head",
+    )
+
+    def __init__(self, srv: HttpServer) -> None:
+        self.srv = srv
+        self.loop = srv.loop or asyncio.get_running_loop()
+        self.app = srv.app
+
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.client: tuple[str, int] | None = None
+        self.cycle: _Turn | None = None  # the request being answered
+        self.queue: deque[_Turn] = deque()  # pipelined requests waiting their turn
+        self.incoming: RequestCycle | None = None  # the request whose body is being parsed
+        self.read_paused = 0  # bit set of the _PIPELINE... reasons above
+        self.write_paused = False
+        self.drained: asyncio.Future[None] | None = None  # set when writing may go on
+        self.closed = False
+        self.last_active = time.monotonic()
+        self.ws: WebSocketCycle | None = None  # the websocket this connection became
+
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0  # of the head being parsed
+        self.pending_head = 0  # bytes of chunks that ended inside an unfinished head
+
+    # --- connection ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        self.srv.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.srv.connections.discard(self)
+        for cycle in (self.cycle, self.incoming, *self.queue):
+            if cycle is not None:
+                cycle.disconnected()
+        if self.ws is not None and self.ws is not self.cycle:
+            self.ws.disconnected()
+        self.queue.clear()
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if self.write_paused and not self.closed:
+            if self.drained is None:
+                self.drained = self.loop.create_future()
+            await self.drained
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close after what was written has been sent."""
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    def shutdown(self) -> None:
+        """The server is stopping: close when idle, or after the response in flight."""
+        if self.ws is not None:
+            self.ws.going_away()
+        elif self.cycle is None and not self.pending_head and self.head_bytes == 0:
+            self.close()
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.read_paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.read_paused & reason:
+            self.read_paused &= ~reason
+            if not self.read_paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    # --- parsing ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.feed(data)
+            return
+        if self.read_paused & _HALTED:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._upgraded(data[exc.args[0]:])
+            return
+        except HttpParserError:
+            too_large = self.head_bytes > self.srv.max_head_bytes or (
+                len(self.headers) > self.srv.max_headers)
+            self._refuse(431 if too_large else 400)
+            return
+        if self.head_bytes:  # the chunk ended inside a head: llhttp holds it back
+            self.pending_head += len(data)
+            if self.pending_head > self.srv.max_head_bytes:
+                self._refuse(431)
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+        self._count(len(name) + len(value) + 4)
+        if len(self.headers) > self.srv.max_headers:
+            raise ValueError("too many header fields")
+
+    def _count(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > self.srv.max_head_bytes:
+            raise ValueError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.head_bytes = self.pending_head = 0
+        url = self.url
+        if url[:1] == b"/":
+            raw_path, _, query = url.partition(b"?")
+        else:  # absolute-form, or '*'
+            parsed = parse_url(url)
+            raw_path, query = parsed.path or b"/", parsed.query or b""
+        if b"%" in raw_path:
+            path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
+        else:
+            path = raw_path.decode("utf-8", "replace")
+        method = parser.get_method()
+        headers = self.headers
+        scope: dict[str, Any] = {
+            "type": "http", "asgi": _ASGI, "http_version": parser.get_http_version(),
+            "method": _METHODS.get(method) or method.decode("ascii"), "scheme": "http",
+            "path": path,
+            "raw_path": raw_path, "query_string": query, "root_path": "", "headers": headers,
+            "client": self.client, "server": self.srv.server_addr,
+            "state": self.srv.state.copy() if self.srv.state else {},
+        }
+        cycle: _Turn
+        if parser.should_upgrade() and _wants_websocket(scope):
+            error = handshake_error(headers)
+            if error is not None:
+                self._refuse(*error)
+                return
+            scope["type"], scope["scheme"] = "websocket", "ws"
+            cycle = self.ws = WebSocketCycle(self, scope)
+        else:
+            expect = False
+            for name, value in headers:
+                if name == b"expect" and value.lower() == b"100-continue":
+                    expect = True
+            cycle = self.incoming = RequestCycle(
+                self, scope, keep_alive=parser.should_keep_alive(), expect_continue=expect)
+        if self.cycle is None:
+            self.cycle = cycle
+            cycle.start()
+        else:
+            self.queue.append(cycle)
+            self.pause_reading(_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        if self.incoming is not None:
+            self.incoming.body_received(body)
+
+    def on_message_complete(self) -> None:
+        incoming, self.incoming = self.incoming, None
+        if incoming is not None:
+            incoming.body_complete()
+
+    def _upgraded(self, rest: bytes) -> None:
+        if self.ws is not None:
+            if rest:
+                self.ws.feed(rest)
+            return
+        # An upgrade we do not speak (h2c, CONNECT...): answered as a plain request; what
+        # follows its head is the next request.
+        self.parser = HttpRequestParser(self)
+        if rest:
+            self.data_received(rest)
+
+    def _refuse(self, status: int, extra: bytes = b"") -> None:
+        """Answer a request we cannot parse or accept, and close."""
+        self.head_bytes = self.pending_head = 0
+        self.pause_reading(_HALTED)
+        broken, self.incoming = self.incoming, None  # a request whose body did not parse
+        if broken is not None:
+            broken.disconnected()  # its application sees http.disconnect; its answer is dropped
+            if broken is self.cycle:
+                self.cycle = None
+                if broken.started and broken.head is None:  # part of its answer is out
+                    self.close()
+                    return
+            elif broken in self.queue:
+                self.queue.remove(broken)
+        if self.ws is not None or self.closed:
+            self.close()
+            return
+        body = f"{HTTPStatus(status).phrase}\n".encode()
+        response = (_STATUS[status] + b"content-type: text/plain\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n%s\r\n%s" % (len(body), extra, body))
+        if self.cycle is None:
+            self.write(response)
+            self.close()
+        else:  # after the responses to the requests before it
+            self.queue.append(_Refusal(self, response))
+
+    # --- the request being answered ------------------------------------------------------
+
+    def cycle_done(self, cycle: _Turn, *, reusable: bool) -> None:
+        """`cycle` has answered: go on with the next request, or close."""
+        if cycle is not self.cycle:
+            return
+        self.cycle = None
+        self.last_active = time.monotonic()
+        if not reusable or self.srv.closing:
+            self.queue.clear()
+            self.close()
+            return
+        if self.queue:
+            self.cycle = self.queue.popleft()
+            self.cycle.start()
+        if not self.queue:
+            self.resume_reading(_PIPELINE)
+
+
+class _Refusal:
+    """An error response queued behind pipelined requests: written, then the connection
+    closes."""
+
+    __slots__ = ("conn", "response")
+
+    def __init__(self, conn: HttpProtocol, response: bytes) -> None:
+        self.conn = conn
+        self.response = response
+
+    def start(self) -> None:
+        self.conn.write(self.response)
+        self.conn.cycle_done(self, reusable=False)
+
+    def disconnected(self) -> None:
+        pass
+
+
+class RequestCycle:
+    """One HTTP request and its response: the ASGI `receive` and `send` of its scope."""
+
+    __slots__ = (
+        "conn", "scope", "keep_alive", "expect_continue", "head_request", "task",
+        # request body
+        "chunks", "buffered", "complete", "delivered", "waiter", "gone",
+        # response
+        "started", "finished", "head", "chunked", "no_body", "expected", "sent_bytes",
+        "flush_scheduled",
+    )
+
+    def __init__(self, conn: HttpProtocol, scope: dict[str, Any], *, keep_alive: bool,
+                 expect_continue: bool) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.head_request = scope["method"] == "HEAD"
+        self.task: asyncio.Task[None] | None = None
+
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.complete = False  # the whole body has been parsed
+        self.delivered = False  # ... and handed to the application
+        self.waiter: asyncio.Future[None] | None = None
+        self.gone = False  # the client disconnected
+
+        self.started = False
+        self.finished = False
+        self.head: bytes | None = None  # the response head, until the first body message
+        self.chunked = False
+        self.no_body = False
+        self.expected: int | None = None  # Content-Length of the response
+        self.sent_bytes = 0
+        self.flush_scheduled = False
+
+    def start(self) -> None:
+        self.task = self.conn.loop.create_task(self.run())
+
+    async def run(self) -> None:
+        scope = self.scope
+        try:
+            await self.conn.app(scope, self.receive, self.send)
+        except Exception:
+            log.exception("app_error", path=scope["path"])
+            if not self.started or self.head is not None:  # nothing sent yet: ours instead
+                self._error(500, b"internal server error\n")
+        except BaseException:
+            self._finish(reusable=False)
+            raise
+        else:
+            if not self.started:
+                log.error("app_no_response", path=scope["path"])
+                self._error(500, b"application sent no response\n")
+        if not self.finished:  # the client cannot tell where the body ends
+            if self.started:
+                log.error("app_incomplete_response", path=scope["path"])
+            self._finish(reusable=False)
+
+    def _error(self, status: int, body: bytes) -> None:
+        """Our own answer when the application failed before its response head."""
+        self.started = True
+        self.head = None
+        self.keep_alive = self.keep_alive and self.complete  # body still coming: close
+        self.conn.write(_STATUS[status] + b"content-type: text/plain\r\ncontent-length: %d\r\n"
+                        b"%s\r\n%s" % (len(body), b"" if self.keep_alive else
+                                       b"connection: close\r\n", body))
+        self._finish(reusable=self.keep_alive)
+
+    def _finish(self, *, reusable: bool) -> None:
+        """The response is complete (or given up): the connection goes on or closes."""
+        if self.head is not None:
+            self._flush_head()
+        self.finished = True
+        self._wake()
+        if self.chunks:  # unread body: what is left of it is read and dropped
+            self.chunks = []
+            self.buffered = 0
+        self.conn.resume_reading(_BODY)
+        self.conn.cycle_done(self, reusable=reusable and self.keep_alive and not self.gone)
+
+    # --- events from the connection -------------------------------------------------------
+
+    def body_received(self, body: bytes) -> None:
+        if self.finished:
+            return  # answered without reading it: the rest is read and dropped
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > self.conn.srv.body_buffer_bytes:
+            self.conn.pause_reading(_BODY)
+        self._wake()
+
+    def body_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def disconnected(self) -> None:
+        self.gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- ASGI ---------------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        while True:
+            if self.gone:
+                return _DISCONNECT
+            if self.delivered:
+                if self.finished:
+                    return _DISCONNECT
+            elif self.chunks or self.complete:
+                if len(self.chunks) == 1:
+                    body = self.chunks[0]
+                else:
+                    body = b"".join(self.chunks)
+                self.chunks = []
+                self.buffered = 0
+                self.conn.resume_reading(_BODY)
+                self.delivered = self.complete
+                return {"type": "http.request", "body": body, "more_body": not self.complete}
+            elif self.expect_continue:
+                self.expect_continue = False
+                if not self.started:
+                    self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            waiter = self.waiter = self.conn.loop.create_future()
+            await waiter
+
+    async def send(self, message: Message) -> None:
+        mtype = message["type"]
+        if mtype == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            self._start(message["status"], message.get("headers", ()))
+            self.started = True
+        elif mtype == "http.response.body":
+            if not self.started:
+                raise RuntimeError("http.response.body before http.response.start")
+            if self.finished:
+                raise RuntimeError("http.response.body after the response was complete")
+            body: bytes = message.get("body", b"")
+            more = message.get("more_body", False)
+            if self.gone:
+                return  # nobody to send it to; the application learns from receive()
+            self._body(body, more)
+            if not more:
+                self._finish(reusable=True)
+            elif self.conn.write_paused:
+                await self.conn.drain()
+        else:
+            raise RuntimeError(f"unexpected ASGI message {mtype!r} for an http scope")
+
+    def _start(self, status: int, headers: Any) -> None:
+        fields: list[bytes] = []
+        length: int | None = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _FRAMING:
+                if lname == b"connection" and b"close" in value.lower():
+                    self.keep_alive = False
+                continue
+            if lname == b"content-length":
+                length = int(value)
+            fields += (name, b": ", value, b"\r\n")
+        given = b"".join(fields)
+        # one line per field: a CR or LF inside a name or value would smuggle in another
+        n = len(fields) // 4
+        if given.count(b"\n") != n or given.count(b"\r") != n:
+            raise RuntimeError("response header names and values must not contain CR or LF")
+        lines = [_STATUS.get(status) or b"HTTP/1.1 %d \r\n" % status, given]
+        self.no_body = no_body = self.head_request or status in _NO_BODY or status < 200
+        if length is not None:
+            self.expected = length
+        elif not no_body:
+            if self.scope["http_version"] == "1.1":
+                self.chunked = True
+                lines.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.keep_alive = False  # the end of the body is the end of the connection
+        if self.conn.srv.closing:
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append(b"connection: close\r\n")
+        elif self.scope["http_version"] == "1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines += (_Date.get(), b"\r\n")
+        self.head = b"".join(lines)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.conn.loop.call_soon(self._flush_head)
+
+    def _flush_head(self) -> None:
+        head, self.head = self.head, None
+        if head is not None:
+            self.conn.write(head)
+
+    def _body(self, body: bytes, more: bool) -> None:
+        if self.no_body:
+            data = b""
+        elif self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            if not more:
+                data += b"0\r\n\r\n"
+        else:
+            self.sent_bytes += len(body)
+            if self.expected is not None:
+                if self.sent_bytes > self.expected:
+                    raise RuntimeError("response body longer than its Content-Length")
+                if not more and self.sent_bytes < self.expected:
+                    self.keep_alive = False  # short: the client sees the connection close
+            data = body
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(data) < 16384:
+                self.conn.write(head + data)
+                return
+            self.conn.write(head)
+        if data:
+            self.conn.write(data)
+
+
+def _wants_websocket(scope: dict[str, Any]) -> bool:
+    if scope["method"] != "GET":
+        return False
+    for name, value in scope["headers"]:
+        if name == b"upgrade":
+            return b"websocket" in value.lower()
+    return False
