@@ -234,13 +234,17 @@ class UrlRewriteMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, _Response(self, scope, send).send)
+        await self.app(scope, receive, self.wrap(scope, send))
+
+    def wrap(self, scope: Scope, send: Send) -> Send:
+        """The `send` of one response, rewritten (an http scope)."""
+        return _Response(self, scope, send).send
 
 
 class _Response:
     """The rewriting state of one response."""
 
-    __slots__ = ("mw", "scope", "downstream", "head", "html")
+    __slots__ = ("mw", "scope", "downstream", "head", "html", "through")
 
     def __init__(self, mw: UrlRewriteMiddleware, scope: Scope, send: Send) -> None:
         self.mw = mw
@@ -248,8 +252,12 @@ class _Response:
         self.downstream = send
         self.head: Message | None = None   # held until the first body message (HTML only)
         self.html: HtmlRewriter | None = None
+        self.through = False  # decided at the response head: nothing to rewrite
 
     async def send(self, message: Message) -> None:
+        if self.through:
+            await self.downstream(message)
+            return
         mtype = message["type"]
         if mtype == "http.response.start":
             await self._start(message)
@@ -262,38 +270,48 @@ class _Response:
 
     async def _start(self, message: Message) -> None:
         scope = self.scope
-        # Decided now, not when the request arrived: the session layer inside has read the
-        # token by now and committed the session, so the token is the one to hand out.
-        if scope.get("tandem.token_via") == "cookie":
-            await self.downstream(message)
-            return
-        token = self.mw.token_of(scope)
-        if token is None:
-            await self.downstream(message)
-            return
-        origin = Origin(scope)
         status = message["status"]
-        headers: list[Any] = list(message.get("headers", ()))
+        headers = message.get("headers", ())
+        # Decided once, at the head; the body messages of a response left alone pass on.
+        locations: list[int] = []
         content_type = encoding = b""
         for i, (name, value) in enumerate(headers):
             lname = name.lower()
-            if lname == b"location" and 300 <= status < 400:
-                url = value.decode("latin-1")
-                new = rewrite_url(url, param=self.mw.param, token=token, origin=origin)
-                if new is not url:
-                    headers[i] = (name, new.encode("latin-1"))
+            if lname == b"location":
+                locations.append(i)
             elif lname == b"content-type":
                 content_type = value.lower()
             elif lname == b"content-encoding":
                 encoding = value.strip().lower()
-        message = {**message, "headers": headers}
-        if (content_type.split(b";", 1)[0].strip() in _HTML_TYPES
+        html = (content_type.split(b";", 1)[0].strip() in _HTML_TYPES
                 and encoding in (b"", b"identity") and status not in (204, 304)
-                and not _wide_charset(content_type)):
+                and not _wide_charset(content_type))
+        redirect = bool(locations) and 300 <= status < 400
+        # The token is looked at now, not when the request arrived: the session layer
+        # inside has read it by now and committed the session, so it is the one to hand out.
+        token = None
+        if (html or redirect) and scope.get("tandem.token_via") != "cookie":
+            token = self.mw.token_of(scope)
+        if token is None:
+            self.through = True
+            await self.downstream(message)
+            return
+        origin = Origin(scope)
+        if redirect:
+            headers = list(headers)
+            for i in locations:
+                name, value = headers[i]
+                url = value.decode("latin-1")
+                new = rewrite_url(url, param=self.mw.param, token=token, origin=origin)
+                if new is not url:
+                    headers[i] = (name, new.encode("latin-1"))
+            message = {**message, "headers": headers}
+        if html:
             self.html = HtmlRewriter(param=self.mw.param, token=token, origin=origin,
                                      max_carry_bytes=self.mw.max_carry_bytes)
             self.head = message
         else:
+            self.through = True
             await self.downstream(message)
 
     async def _body(self, message: Message) -> None:

@@ -2,7 +2,8 @@
 
 The first configured secret signs, every secret verifies (key rotation). Only backends mint
 tokens; the proxy only reads them. Verified tokens are cached (bounded) so that a client
-that sends the same token on every request costs one dict lookup, not one HMAC.
+that sends the same token on every request costs one dict lookup, not one HMAC; so are
+minted ones, so that a route handed out again (a link, a cookie) is not signed again.
 """
 
 from __future__ import annotations
@@ -56,13 +57,26 @@ class TokenCodec:
             list(reversed(list(secrets))), salt=_SALT, digest_method=hashlib.sha256
         )
         self._cache: dict[str, Route] = {}
+        self._encoded: dict[Route, str] = {}
         self._cache_size = cache_size
 
     def encode(self, route: Route) -> str:
+        token = self._encoded.get(route)
+        if token is not None:
+            return token
         for part in (route.sid, route.primary, route.secondary or NONE):
             if not part or "!" in part or not part.isascii():
                 raise ValueError(f"cannot encode {route!r}: empty, '!' or non-ASCII part")
-        return self._signer.sign(route.payload).decode("ascii")
+        token = self._signer.sign(route.payload).decode("ascii")
+        if self._cache_size > 0:
+            if len(self._encoded) >= self._cache_size:
+                del self._encoded[next(iter(self._encoded))]  # oldest first
+            self._encoded[route] = token
+            # the client will send it back: its verification is known already
+            if len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]
+            self._cache[token] = route
+        return token
 
     def decode(self, token: str) -> Route:
         """Verify and parse; raises BadSignature or MalformedToken."""
