@@ -25,7 +25,7 @@ from . import wire
 from .config import Config, ServerConfig
 from .errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
 
-__all__ = ["PeerState", "PeerLink", "Membership", "ReplicationListener"]
+__all__ = ["PeerState", "PeerLink", "Membership", "ReplicationListener", "Outbox"]
 
 log = structlog.get_logger("tandem.peers")
 
@@ -40,6 +40,36 @@ class PeerState(enum.Enum):
     DRAINING = "draining"  # alive, but leaving: serves fetches, takes no new replicas
     FAILED = "failed"    # link lost, refused or silent; re-dialled in the background
     LEFT = "left"        # said goodbye (graceful shutdown); re-dialled in the background
+
+
+class Outbox:
+    """The frames written to one connection in one event-loop iteration leave in one write.
+
+    Replication is chatty (a frame per committed request, an answer per frame): one socket
+    write per frame cost more than the frame itself, on the primary and on the secondary.
+    """
+
+    __slots__ = ("writer", "_frames", "_failed")
+
+    def __init__(self, writer: asyncio.StreamWriter,
+                 failed: Callable[[Outbox, Exception], None]) -> None:
+        self.writer = writer
+        self._frames: list[bytes] = []
+        self._failed = failed  # the transport refused the write (closed under us)
+
+    def write(self, frame: bytes) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._frames.append(frame)
+
+    def flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if not frames or self.writer.transport.is_closing():
+            return
+        try:
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        except (RuntimeError, OSError) as exc:  # the transport closed under us (uvloop)
+            self._failed(self, exc)
 
 
 class PeerLink:
@@ -57,6 +87,7 @@ class PeerLink:
         # connection state
         self.state = PeerState.UNKNOWN
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: Outbox | None = None  # writes to _writer
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self.last_heard = 0.0
@@ -76,6 +107,8 @@ class PeerLink:
         self._closing = True
         if goodbye and self._writer is not None and self.alive:
             with contextlib.suppress(Exception):
+                if self._outbox is not None:
+                    self._outbox.flush()  # what was sent before goes first
                 wire.write_frame(self._writer, {"op": "leaving"})
                 await asyncio.wait_for(self._writer.drain(), 0.5)
         self._drop("closing")
@@ -88,10 +121,10 @@ class PeerLink:
 
     def send(self, msg: dict[str, Any]) -> bool:
         """Fire and forget; False when the link is down."""
-        if not self.alive or self._writer is None:
+        if not self.alive or self._outbox is None:
             return False
         try:
-            wire.write_frame(self._writer, msg)
+            self._outbox.write(wire.encode_frame(msg))
         except (RuntimeError, OSError) as exc:  # the transport closed under us (uvloop)
             self._drop(f"write failed: {exc}")
             return False
@@ -101,14 +134,14 @@ class PeerLink:
         """Send `msg` and wait for its reply; PeerUnavailable or PeerTimeout otherwise."""
         if self.alive and self._writer is None:
             await self._reconnected(timeout)  # quietly re-dialling after our own stall
-        if not self.alive or self._writer is None:
+        if not self.alive or self._outbox is None:
             raise PeerUnavailable(f"peer is {self.state.value}", peer=self.peer.id)
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         msg["id"] = rid
         try:
-            wire.write_frame(self._writer, msg)
+            self._outbox.write(wire.encode_frame(msg))
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise PeerTimeout(f"no reply within {timeout:.3g}s", peer=self.peer.id) from None
@@ -158,7 +191,12 @@ class PeerLink:
         self.state = state
         self._on_state(self.peer.id, state, cause)
 
+    def _write_failed(self, outbox: Outbox, exc: Exception) -> None:
+        if outbox is self._outbox:  # not one of an earlier connection
+            self._drop(f"write failed: {exc}")
+
     def _drop(self, cause: str) -> None:
+        self._outbox = None
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
@@ -199,6 +237,7 @@ class PeerLink:
             writer.close()
             raise
         self._reader, self._writer = reader, writer
+        self._outbox = Outbox(writer, self._write_failed)
         self.last_heard = time.monotonic()
         self._set_state(PeerState.ALIVE, "handshake")
 
@@ -365,6 +404,7 @@ class ReplicationListener:
             writer.close()
             return
         self._conns.add(writer)
+        outbox = Outbox(writer, lambda _, exc: writer.close())
         link = m.links[peer]
         if not link.alive:
             link.kick()  # it dialled us, so it is up: dial it back now
@@ -384,12 +424,12 @@ class ReplicationListener:
                 except Exception:  # a bug must not kill the channel: answer and log
                     log.exception("replication_handler_error", peer=peer, op=op)
                     reply = {"ok": False, "error": "internal error"}
-                if inspect.isawaitable(reply):
-                    task = asyncio.ensure_future(self._answer_later(writer, peer, msg, reply))
+                if type(reply) is not dict and reply is not None and inspect.isawaitable(reply):
+                    task = asyncio.ensure_future(self._answer_later(outbox, peer, msg, reply))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     continue
-                self._answer(writer, msg, reply)
+                self._answer(outbox, msg, reply)
         except (ReplicationError, OSError) as exc:
             if not graceful and not isinstance(exc, PeerUnavailable | OSError):
                 log.warning("replication_protocol_error", peer=peer, error=str(exc))
@@ -400,19 +440,19 @@ class ReplicationListener:
             writer.close()
 
     @staticmethod
-    def _answer(writer: asyncio.StreamWriter, msg: dict[str, Any], reply: Reply) -> None:
+    def _answer(outbox: Outbox, msg: dict[str, Any], reply: Reply) -> None:
         rid = msg.get("id")
         if rid is not None:
-            writer.write(wire.encode_frame({"re": rid, **(reply or {"ok": True})}))
+            outbox.write(wire.encode_frame({"re": rid, **(reply or {"ok": True})}))
         elif reply is not None:
-            writer.write(wire.encode_frame(reply))
+            outbox.write(wire.encode_frame(reply))
 
-    async def _answer_later(self, writer: asyncio.StreamWriter, peer: str,
+    async def _answer_later(self, outbox: Outbox, peer: str,
                             msg: dict[str, Any], pending: Awaitable[Reply]) -> None:
         try:
             reply = await pending
         except Exception:
             log.exception("replication_handler_error", peer=peer, op=msg.get("op"))
             reply = {"ok": False, "error": "internal error"}
-        if not writer.is_closing():
-            self._answer(writer, msg, reply)
+        if not outbox.writer.is_closing():
+            self._answer(outbox, msg, reply)
