@@ -93,6 +93,7 @@ class HttpServer:
         self.server_addr: tuple[str, int] = (host, port)
         self.connections: set[HttpProtocol] = set()
         self.closing = False  # answer in-flight requests with Connection: close
+        self.heads: list[RequestCycle] = []  # response heads to write if no body follows
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -136,6 +137,19 @@ class HttpServer:
                 await self._sweeper
             self._sweeper = None
 
+    def hold_head(self, cycle: RequestCycle) -> None:
+        """`cycle`'s head waits for its first body message, or for the end of this loop
+        iteration (one callback for all the connections: the body nearly always comes)."""
+        if not self.heads:
+            assert self.loop is not None
+            self.loop.call_soon(self._flush_heads)
+        self.heads.append(cycle)
+
+    def _flush_heads(self) -> None:
+        heads, self.heads = self.heads, []
+        for cycle in heads:
+            cycle.flush_head()
+
     async def _sweep(self) -> None:
         """Close connections idle (between requests, or in a head) for too long."""
         tick = min(1.0, self.keepalive_timeout_s / 2)
@@ -156,7 +170,7 @@ class HttpProtocol(asyncio.Protocol):
         "transport", "parser", "client", "cycle", "queue", "incoming", "read_paused",
         "write_paused", "drained", "closed", "last_active", "ws",
         # per request being parsed
-        "url", "headers", "head_bytes", "pending_head",
+        "url", "headers", "head_bytes", "pending_head", "expect",
     )
 
     def __init__(self, srv: HttpServer) -> None:
@@ -181,6 +195,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0  # of the head being parsed
         self.pending_head = 0  # bytes of chunks that ended inside an unfinished head
+        self.expect = False  # Expect: 100-continue
 
     # --- connection ---------------------------------------------------------------------
 
@@ -279,13 +294,17 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_bytes = 1
+        self.expect = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect = True
         self._count(len(name) + len(value) + 4)
         if len(self.headers) > self.srv.max_headers:
             raise ValueError("too many header fields")
@@ -327,12 +346,8 @@ class HttpProtocol(asyncio.Protocol):
             scope["type"], scope["scheme"] = "websocket", "ws"
             cycle = self.ws = WebSocketCycle(self, scope)
         else:
-            expect = False
-            for name, value in headers:
-                if name == b"expect" and value.lower() == b"100-continue":
-                    expect = True
             cycle = self.incoming = RequestCycle(
-                self, scope, keep_alive=parser.should_keep_alive(), expect_continue=expect)
+                self, scope, keep_alive=parser.should_keep_alive(), expect_continue=self.expect)
         if self.cycle is None:
             self.cycle = cycle
             cycle.start()
@@ -432,7 +447,6 @@ class RequestCycle:
         "chunks", "buffered", "complete", "delivered", "waiter", "gone",
         # response
         "started", "finished", "head", "chunked", "no_body", "expected", "sent_bytes",
-        "flush_scheduled",
     )
 
     def __init__(self, conn: HttpProtocol, scope: dict[str, Any], *, keep_alive: bool,
@@ -458,7 +472,6 @@ class RequestCycle:
         self.no_body = False
         self.expected: int | None = None  # Content-Length of the response
         self.sent_bytes = 0
-        self.flush_scheduled = False
 
     def start(self) -> None:
         self.task = self.conn.loop.create_task(self.run())
@@ -496,7 +509,7 @@ class RequestCycle:
     def _finish(self, *, reusable: bool) -> None:
         """The response is complete (or given up): the connection goes on or closes."""
         if self.head is not None:
-            self._flush_head()
+            self.flush_head()
         self.finished = True
         self._wake()
         if self.chunks:  # unread body: what is left of it is read and dropped
@@ -616,11 +629,9 @@ class RequestCycle:
             lines.append(b"connection: keep-alive\r\n")
         lines += (_Date.get(), b"\r\n")
         self.head = b"".join(lines)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.conn.loop.call_soon(self._flush_head)
+        self.conn.srv.hold_head(self)
 
-    def _flush_head(self) -> None:
+    def flush_head(self) -> None:
         head, self.head = self.head, None
         if head is not None:
             self.conn.write(head)
