@@ -49,17 +49,18 @@ class Outbox:
     write per frame cost more than the frame itself, on the primary and on the secondary.
     """
 
-    __slots__ = ("writer", "_frames", "_failed")
+    __slots__ = ("writer", "_frames", "_failed", "_loop")
 
     def __init__(self, writer: asyncio.StreamWriter,
                  failed: Callable[[Outbox, Exception], None]) -> None:
         self.writer = writer
         self._frames: list[bytes] = []
         self._failed = failed  # the transport refused the write (closed under us)
+        self._loop = asyncio.get_running_loop()
 
     def write(self, frame: bytes) -> None:
         if not self._frames:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._frames.append(frame)
 
     def flush(self) -> None:
@@ -137,18 +138,22 @@ class PeerLink:
         if not self.alive or self._outbox is None:
             raise PeerUnavailable(f"peer is {self.state.value}", peer=self.peer.id)
         rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[rid] = fut
         msg["id"] = rid
+        # a timer on the reply itself: cheaper than asyncio.wait_for on the sync hot path
+        timer = loop.call_later(timeout, _time_out, fut)
         try:
             self._outbox.write(wire.encode_frame(msg))
-            return await asyncio.wait_for(fut, timeout)
+            return await fut
         except TimeoutError:
             raise PeerTimeout(f"no reply within {timeout:.3g}s", peer=self.peer.id) from None
         except (RuntimeError, OSError) as exc:  # the transport closed under us (uvloop)
             self._drop(f"write failed: {exc}")
             raise PeerUnavailable(f"connection lost: {exc}", peer=self.peer.id) from exc
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
 
     async def _reconnected(self, timeout: float) -> None:
@@ -273,6 +278,11 @@ class PeerLink:
                     16 * 1024 * 1024):
                 self.fail("peer is not reading its replication connection")
                 return
+
+
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class Membership:

@@ -23,10 +23,15 @@ __all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "dial_hands
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
+# Made once (json.dumps with options builds an encoder per call). Frames are built by us
+# from plain values (session values travel already serialized): no cycle to look for.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                           check_circular=False).encode
+_decode = json.JSONDecoder().decode
 
 
 def encode_frame(msg: dict[str, Any]) -> bytes:
-    body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    body = _encode(msg).encode()
     return _LEN.pack(len(body)) + body
 
 
@@ -44,8 +49,8 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: str) -> dict[str, An
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise PeerUnavailable("connection closed", peer=peer) from exc
     try:
-        msg = json.loads(body)
-    except ValueError as exc:
+        msg = _decode(body.decode())
+    except ValueError as exc:  # UnicodeDecodeError included
         raise ProtocolViolation("frame is not JSON", peer=peer) from exc
     if not isinstance(msg, dict):
         raise ProtocolViolation("frame is not a JSON object", peer=peer)
