@@ -248,9 +248,10 @@ class PeerLink:
 
     async def _serve(self) -> None:
         pinger = asyncio.create_task(self._ping())
+        frames = wire.FrameReader(self._reader, peer=self.peer.id)
         try:
             while True:
-                msg = await wire.read_frame(self._reader, peer=self.peer.id)
+                msg = await frames.read()
                 self.last_heard = time.monotonic()
                 fut = self._pending.get(msg.get("re", 0))
                 if fut is not None and not fut.done():
@@ -419,9 +420,10 @@ class ReplicationListener:
         if not link.alive:
             link.kick()  # it dialled us, so it is up: dial it back now
         graceful = False
+        frames = wire.FrameReader(reader, peer=peer)
         try:
             while True:
-                msg = await wire.read_frame(reader, peer=peer)
+                msg = await frames.read()
                 op = msg.get("op")
                 if op == "leaving":
                     graceful = True

@@ -18,8 +18,8 @@ from typing import Any
 
 from .errors import HandshakeFailed, PeerUnavailable, ProtocolViolation
 
-__all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "dial_handshake",
-           "accept_handshake"]
+__all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "FrameReader",
+           "dial_handshake", "accept_handshake"]
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -48,6 +48,10 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: str) -> dict[str, An
         body = await reader.readexactly(size)
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise PeerUnavailable("connection closed", peer=peer) from exc
+    return _parse(body, peer)
+
+
+def _parse(body: bytes | bytearray, peer: str) -> dict[str, Any]:
     try:
         msg = _decode(body.decode())
     except ValueError as exc:  # UnicodeDecodeError included
@@ -55,6 +59,52 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: str) -> dict[str, An
     if not isinstance(msg, dict):
         raise ProtocolViolation("frame is not a JSON object", peer=peer)
     return msg
+
+
+class FrameReader:
+    """The frames of one connection, for its long-lived read loop.
+
+    One read takes in whatever has arrived, and frames already received are handed out
+    without reading again: a burst of replication messages costs one read, not two per
+    frame.
+    """
+
+    __slots__ = ("_reader", "_peer", "_buf", "_pos")
+
+    def __init__(self, reader: asyncio.StreamReader, *, peer: str) -> None:
+        self._reader = reader
+        self._peer = peer
+        self._buf = bytearray()
+        self._pos = 0  # start of the first frame not handed out yet
+
+    async def read(self) -> dict[str, Any]:
+        buf = self._buf
+        while True:
+            pos = self._pos
+            if len(buf) - pos >= 4:
+                (size,) = _LEN.unpack_from(buf, pos)
+                if size > MAX_FRAME:
+                    raise ProtocolViolation(f"frame of {size} bytes exceeds {MAX_FRAME}",
+                                            peer=self._peer)
+                end = pos + 4 + size
+                if end <= len(buf):
+                    body = buf[pos + 4:end]
+                    if end == len(buf):
+                        buf.clear()
+                        self._pos = 0
+                    else:
+                        self._pos = end
+                    return _parse(body, self._peer)
+            if pos:
+                del buf[:pos]
+                self._pos = 0
+            try:
+                data = await self._reader.read(256 * 1024)
+            except ConnectionError as exc:
+                raise PeerUnavailable("connection closed", peer=self._peer) from exc
+            if not data:
+                raise PeerUnavailable("connection closed", peer=self._peer)
+            buf += data
 
 
 def _mac(secret: str, *parts: str) -> str:
