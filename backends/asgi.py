@@ -170,19 +170,20 @@ class TandemMiddleware:
                                             kind)
                     replaced = True
                     return
-                headers = list(message.get("headers", ()))
+                added: list[tuple[bytes, bytes]] = []
                 if result.cleared:
                     if route is not None:
-                        headers.append((b"set-cookie", self._clear_cookie))
+                        added.append((b"set-cookie", self._clear_cookie))
                 elif result.route is not None and result.route != route:
                     token = self.codec.encode(result.route)
-                    headers.append((b"set-cookie", (
+                    added.append((b"set-cookie", (
                         f"{self.cookie_name}={token}{self._cookie_attrs}").encode("latin-1")))
                 if proxy_view is not None:
                     view_hash, view_header = manager.membership.view()
                     if proxy_view != view_hash.encode():
-                        headers.append((b"x-tandem-cluster", view_header.encode("latin-1")))
-                message = {**message, "headers": headers}
+                        added.append((b"x-tandem-cluster", view_header.encode("latin-1")))
+                if added:  # (the app's message is left as it is)
+                    message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         bound = current_session.set(session)
@@ -207,30 +208,38 @@ class TandemMiddleware:
                 pass
 
     def _route(self, scope: Scope, cookie: str | None) -> tuple[Route | None, str | None]:
-        """The verified route of the request and where its token came from."""
-        tokens: list[tuple[str, str]] = []
+        """The verified route of the request and where its token came from.
+
+        Tokens are tried in order (cookies, then the path, then the query) until one
+        verifies; the ones after it are not looked at.
+        """
         if cookie is not None:
-            tokens.extend((t, "cookie") for t in cookie_values(cookie, self.cookie_name))
+            for t in cookie_values(cookie, self.cookie_name):
+                route = self._verify(t)
+                if route is not None:
+                    return route, "cookie"
         if self.url_rewriting:
             raw = scope.get("raw_path")
             target = raw.decode("latin-1") if raw else scope["path"]
             if ";" in target:
-                t = path_param(target, self.param_name)
-                if t:
-                    tokens.append((t, "path"))
+                in_path = path_param(target, self.param_name)
+                if in_path and (route := self._verify(in_path)) is not None:
+                    return route, "path"
             qs = scope.get("query_string") or b""
             if qs:
-                t = query_param("?" + qs.decode("latin-1"), self.param_name)
-                if t:
-                    tokens.append((unquote(t) if "%" in t else t, "query"))
-        for token, via in tokens:
-            try:
-                return self.codec.decode(token), via
-            except TokenError as exc:
-                self.bad_tokens += 1
-                sid = token.split("!", 1)[0] if "!" in token else None
-                log.warning("bad_token", reason=type(exc).__name__, sid=short(sid))
+                q = query_param("?" + qs.decode("latin-1"), self.param_name)
+                if q and (route := self._verify(unquote(q) if "%" in q else q)) is not None:
+                    return route, "query"
         return None, None
+
+    def _verify(self, token: str) -> Route | None:
+        try:
+            return self.codec.decode(token)
+        except TokenError as exc:
+            self.bad_tokens += 1
+            sid = token.split("!", 1)[0] if "!" in token else None
+            log.warning("bad_token", reason=type(exc).__name__, sid=short(sid))
+            return None
 
     async def _health(self, send: Send) -> None:
         m = self.manager
