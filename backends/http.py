@@ -37,7 +37,9 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii"))
            for s in HTTPStatus}
 # Framing is the server's: an application's own framing headers are not passed on.
-_FRAMING = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+_SPECIAL = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade",
+                      b"content-length"})
+_FIELD = b"%s: %s\r\n"
 _NO_BODY = frozenset({204, 304})
 _DISCONNECT: Message = {"type": "http.disconnect"}
 
@@ -298,21 +300,21 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count(len(url))
+        self.head_bytes += len(url)
+        if self.head_bytes > self.srv.max_head_bytes:
+            raise ValueError("request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        self.headers.append((name, value))
+        headers = self.headers
+        headers.append((name, value))
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
-        self._count(len(name) + len(value) + 4)
-        if len(self.headers) > self.srv.max_headers:
-            raise ValueError("too many header fields")
-
-    def _count(self, n: int) -> None:
-        self.head_bytes += n
+        self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > self.srv.max_head_bytes:
             raise ValueError("request head too large")
+        if len(headers) > self.srv.max_headers:
+            raise ValueError("too many header fields")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -595,28 +597,30 @@ class RequestCycle:
             raise RuntimeError(f"unexpected ASGI message {mtype!r} for an http scope")
 
     def _start(self, status: int, headers: Any) -> None:
-        fields: list[bytes] = []
+        fields: list[bytes] = []  # name, value, name, value...
         length: int | None = None
         for name, value in headers:
             lname = name.lower()
-            if lname in _FRAMING:
-                if lname == b"connection" and b"close" in value.lower():
-                    self.keep_alive = False
-                continue
-            if lname == b"content-length":
-                length = int(value)
-            fields += (name, b": ", value, b"\r\n")
-        given = b"".join(fields)
+            if lname in _SPECIAL:
+                if lname == b"content-length":
+                    length = int(value)
+                else:  # framing is ours
+                    if lname == b"connection" and b"close" in value.lower():
+                        self.keep_alive = False
+                    continue
+            fields += (name, value)
+        n = len(fields) // 2
+        given = _FIELD * n % tuple(fields)
         # one line per field: a CR or LF inside a name or value would smuggle in another
-        n = len(fields) // 4
         if given.count(b"\n") != n or given.count(b"\r") != n:
             raise RuntimeError("response header names and values must not contain CR or LF")
         lines = [_STATUS.get(status) or b"HTTP/1.1 %d \r\n" % status, given]
         self.no_body = no_body = self.head_request or status in _NO_BODY or status < 200
+        http11 = self.scope["http_version"] == "1.1"
         if length is not None:
             self.expected = length
         elif not no_body:
-            if self.scope["http_version"] == "1.1":
+            if http11:
                 self.chunked = True
                 lines.append(b"transfer-encoding: chunked\r\n")
             else:
@@ -625,7 +629,7 @@ class RequestCycle:
             self.keep_alive = False
         if not self.keep_alive:
             lines.append(b"connection: close\r\n")
-        elif self.scope["http_version"] == "1.0":
+        elif not http11:
             lines.append(b"connection: keep-alive\r\n")
         lines += (_Date.get(), b"\r\n")
         self.head = b"".join(lines)
