@@ -31,8 +31,9 @@ from .errors import (
 )
 from .exchange import Exchange
 from .headers import (
-    fast_request,
+    fast_fields,
     forwarded_for,
+    forwarding_fields,
     request_head,
     scan_request,
     simple_response,
@@ -58,18 +59,31 @@ _UPGRADE = 16  # bytes after an upgrade request wait for the backend's answer
 _MAX_TRAILERS = 256  # trailer fields of one request
 
 
+# What ClientProtocol._lane finds in a head it could forward verbatim: (end of the head,
+# Cookie, Content-Length or 0, forwarding fields).
+_Fast = tuple[int, bytes | None, int, bytes]
+
+
+class _NoCallbacks:
+    """Parser callbacks of the fast lane: none (the lane knows the request is whole)."""
+
+
+_NO_CALLBACKS = _NoCallbacks()
+
+
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
         "ctx",
         # per connection
-        "transport", "write", "writelines", "parser", "client_ip", "for_node", "active",
-        "queue", "incoming", "starting", "read_paused", "write_paused", "closed", "last_active",
-        "pending_error", "tunnel", "upgrade_buf",
+        "transport", "write", "writelines", "parser", "lean_parser", "client_ip", "for_node",
+        "fields_key", "fields_scan", "active", "queue", "incoming", "starting", "read_paused",
+        "write_paused", "closed", "served", "idle_mark", "idle_since", "pending_error",
+        "tunnel", "upgrade_buf",
         # per request being parsed
-        "url", "headers", "in_head", "head_pending", "chunk", "chunk_len", "completed",
-        "body_size",
+        "url", "headers", "begun", "in_head", "head_pending", "chunk", "fast", "chunk_len",
+        "completed", "body_size",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -77,8 +91,17 @@ class ClientProtocol(asyncio.Protocol):
 
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
+        # Validates requests that the fast lane forwards verbatim: no callbacks at all (see
+        # data_received). Between messages both parsers are at a message boundary, so
+        # either can take the next one.
+        self.lean_parser = HttpRequestParser(_NO_CALLBACKS)
         self.client_ip = b"unknown"
         self.for_node = b"for=unknown"
+        # The fields of the last head that started a chunk, and what was found in them
+        # (Cookie, Content-Length, the forwarding fields for its Host), or None when they
+        # need the general path: a keep-alive client tends to repeat its fields.
+        self.fields_key: bytes | None = None
+        self.fields_scan: tuple[bytes | None, int, bytes] | None = None
         self.active: Exchange | None = None  # the request being answered
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.incoming: Exchange | None = None  # the request whose body is being parsed
@@ -86,16 +109,22 @@ class ClientProtocol(asyncio.Protocol):
         self.read_paused = 0  # bit set of the _PIPELINE... reasons above
         self.write_paused = False
         self.closed = False
-        self.last_active = 0.0
+        # Idle watch (close_if_idle): exchanges completed, that count when last looked at,
+        # and since when it has not moved.
+        self.served = 0
+        self.idle_mark = -1
+        self.idle_since = 0.0
         self.pending_error: ClientError | None = None  # to answer once the queue is empty
         self.tunnel: Tunnel | None = None
         self.upgrade_buf: list[bytes] | None = None
 
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []  # the head's, then the trailers
+        self.begun = False  # the parser holds part of a message (from its first byte on)
         self.in_head = True  # between requests, or inside a request head
         self.head_pending = 0  # bytes of chunks that held only an unfinished head
         self.chunk: bytes | None = None  # the chunk being parsed, if it began a message
+        self.fast: _Fast | None = None  # what _lane found in it
         self.chunk_len = 0  # size of the chunk being parsed
         self.completed = 0  # messages completed in the chunk being parsed
         self.body_size = 0
@@ -111,7 +140,6 @@ class ClientProtocol(asyncio.Protocol):
             ip = str(peer[0])
             self.client_ip = ip.encode("ascii")
             self.for_node = forwarded_for(ip)
-        self.last_active = self.ctx.loop.time()
         self.ctx.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -146,8 +174,14 @@ class ClientProtocol(asyncio.Protocol):
 
     def close_if_idle(self, now: float, idle_s: float) -> None:
         """Close a keep-alive connection with no request in flight for idle_s (slow heads
-        included)."""
-        if self.is_idle() and now - self.last_active > idle_s:
+        included). Called about once a second: the idle time is counted from the first
+        call that finds the connection idle (no clock read per request)."""
+        if not self.is_idle():
+            self.idle_mark = -1
+        elif self.idle_mark != self.served:
+            self.idle_mark = self.served
+            self.idle_since = now
+        elif now - self.idle_since > idle_s:
             self.close()
 
     # --- flow control -------------------------------------------------------------------------
@@ -201,9 +235,11 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.read_paused & _HALTED:
             return
+        if not self.begun and self._lane(data):  # the chunk starts a message
+            return
         self.completed = 0
         self.chunk_len = len(data)
-        self.chunk = data if self.in_head and not self.head_pending else None
+        self.chunk = None if self.begun else data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -227,7 +263,7 @@ class ClientProtocol(asyncio.Protocol):
                         self._reject(HeadTooLarge("request head too large"))
             elif len(self.headers) > _MAX_TRAILERS:
                 self._reject(HeadTooLarge("too many trailer fields"))
-        self.chunk = None
+        self.chunk = self.fast = None
         ex = self.starting
         if ex is not None:
             # Started after the whole chunk is parsed: a small body that came with the
@@ -235,7 +271,64 @@ class ClientProtocol(asyncio.Protocol):
             self.starting = None
             self._start(ex)
 
-    # httptools callbacks (no on_message_begin: state is reset when a message ends)
+    def _lane(self, data: bytes) -> bool:
+        """The fast lane: when `data` is exactly one whole HTTP/1.1 request whose head can be
+        forwarded verbatim (plus the forwarding fields and the request id) and nothing else
+        is under way on the connection — what a keep-alive client sends, one request at a
+        time — it is validated by the lean parser and sent on, with no per-field work.
+        False: the general path takes `data`; `self.fast` holds what was found (its head's
+        end, Cookie, Content-Length, forwarding fields) when the head could go verbatim."""
+        self.fast = None
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        first = data.find(b"\r\n")
+        if not data.endswith(b" HTTP/1.1", 0, first) or data.startswith(b"CONNECT "):
+            return False
+        fields = data[first:end + 2]
+        if fields == self.fields_key:  # a keep-alive client tends to repeat its fields
+            scan = self.fields_scan
+        else:
+            self.fields_key = fields
+            found = fast_fields(fields)
+            scan = self.fields_scan = None if found is None else (
+                found[1], found[2], forwarding_fields(found[0], client_ip=self.client_ip,
+                                                      for_node=self.for_node))
+        if scan is None:
+            return False
+        cookie, length, fwd = scan
+        self.fast = (end, cookie, length, fwd)
+        ctx = self.ctx
+        if (self.active is not None or self.read_paused or end + 4 + length != len(data)
+                or end >= ctx.max_head or length > ctx.lane_max_body):
+            return False
+        parser = self.lean_parser
+        try:
+            parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            self._reject(ClientProtocolError(f"malformed request: {exc}"))
+            return True
+        tokens = ctx.tokens
+        route = None if cookie is None else tokens.by_cookie.get(cookie)
+        if route is None:
+            route = tokens.route(cookie, data[data.find(b" ") + 1:first - 9])
+        ex = Exchange(self, ctx, parser.get_method(), b"".join((
+            data[:end + 2], fwd, b"X-Tandem-Request-Id: ", ctx.request_ids.next(), b"\r\n")),
+            route)
+        if length:
+            ex.feed_body(data[end + 4:])
+        ex.body_done = True
+        self.active = ex
+        try:
+            ex.start()
+        except Exception as exc:
+            self._internal_error(exc)
+        return True
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.begun = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -260,10 +353,12 @@ class ClientProtocol(asyncio.Protocol):
         if method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
         chunk = self.chunk
-        fast = (fast_request(chunk, client_ip=self.client_ip, for_node=self.for_node)
-                if chunk is not None and not self.completed else None)
-        if fast is not None:  # HTTP/1.1, no Upgrade, no Transfer-Encoding, no Expect
-            head, cookie, content_length = fast.head, fast.cookie, fast.content_length
+        fast = self.fast if chunk is not None and not self.completed else None
+        if chunk is not None and fast is not None:
+            # HTTP/1.1, no Upgrade, no Transfer-Encoding, no Expect: forwarded verbatim
+            end, cookie, length, fwd = fast
+            head = chunk[:end + 2] + fwd
+            content_length: int | None = length
             http10 = upgrade = chunked = expect_continue = False
         else:
             version = parser.get_http_version()
@@ -282,10 +377,9 @@ class ClientProtocol(asyncio.Protocol):
         if ctx.max_body and content_length is not None and content_length > ctx.max_body:
             raise BodyTooLarge(f"request body larger than {ctx.max_body} bytes")
         ex = Exchange(
-            self, ctx,
-            method=method,
-            head=head,
-            route=ctx.tokens.route(cookie, url),
+            self, ctx, method,
+            b"".join((head, b"X-Tandem-Request-Id: ", ctx.request_ids.next(), b"\r\n")),
+            ctx.tokens.route(cookie, url),
             keep_alive=parser.should_keep_alive() and not upgrade,
             http10=http10,
             upgrade=upgrade,
@@ -315,6 +409,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.completed += 1
+        self.begun = False
         self.in_head = True
         self.head_pending = 0
         trailers = self.headers
@@ -334,6 +429,7 @@ class ClientProtocol(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
+        self.served += 1
         if self.read_paused:
             self._resume(_PENDING | _UPSTREAM)
         if self.closed:
@@ -354,8 +450,6 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.read_paused & _HALTED:  # half-closed by the client: nothing more will come
             self.close()
-            return
-        self.last_active = self.ctx.loop.time()
 
     def _start(self, ex: Exchange) -> None:
         if ex is not self.active or ex.finished or self.closed:

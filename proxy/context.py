@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from typing import Any
 
 from backends.config import Config
 from backends.token import TokenCodec
 
 from .metrics import Metrics
+from .requestid import RequestIds
 from .router import Backend, Router
 from .tokens import TokenReader
 from .upstream import Pool
@@ -33,6 +35,7 @@ class ProxyContext:
         self.pending_max = max(p.retry_body_max_bytes, 65536)
         self.max_head = p.max_head_bytes
         self.max_body = p.max_body_bytes  # 0: unlimited
+        self.lane_max_body = p.max_body_bytes or sys.maxsize  # (the same, as a bound)
         self.io_timeout_s = p.io_timeout_s
         self.keepalive_s = p.keepalive_s
         self.max_skip_s = p.max_skip_s
@@ -41,6 +44,7 @@ class ProxyContext:
 
         # shared state
         self.metrics = Metrics()
+        self.request_ids = RequestIds()
         self.tokens = TokenReader(TokenCodec(config.cluster.secrets), self.metrics,
                                   cookie_name=config.session.cookie_name,
                                   url_rewriting=config.session.url_rewriting)
@@ -51,5 +55,4 @@ class ProxyContext:
 
         self.router = Router(config.servers, max_skip_s=p.max_skip_s, pool_factory=pool_for)
         self.connections: set[Any] = set()  # open ClientProtocol instances
-        self.inflight: set[Any] = set()  # Exchanges waiting on a backend (io timeout watch)
         self.closing = False  # shutting down: finish in-flight requests, keep nothing alive

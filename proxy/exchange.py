@@ -68,9 +68,11 @@ class Exchange:
         "responded", "continue_sent", "chunk_out", "close_after", "finished", "out",
     )
 
-    def __init__(self, client: ClientProtocol, ctx: ProxyContext, *, method: bytes, head: bytes,
-                 route: Route | None, keep_alive: bool, http10: bool, upgrade: bool,
-                 expect_continue: bool, chunked: bool) -> None:
+    def __init__(self, client: ClientProtocol, ctx: ProxyContext, method: bytes, head: bytes,
+                 route: Route | None, *, keep_alive: bool = True, http10: bool = False,
+                 upgrade: bool = False, expect_continue: bool = False,
+                 chunked: bool = False) -> None:
+        # (positional essentials: the fast lane passes only those, keywords cost more)
         self.client = client
         self.ctx = ctx
         self.method = method
@@ -97,10 +99,10 @@ class Exchange:
         self.sent_any = False  # some attempt wrote the head to a backend
         self.stale_retried = False
         self.connecting: asyncio.Task[None] | None = None
-        self.timer_mark = 0  # upstream activity count when last looked at
-        self.quiet_since = 0.0  # loop time since which that count has not moved
-        self.sent_at = 0.0
         self.last_error: UpstreamError | None = None
+        # Set by _send, read only after it: sent_at (perf_counter), timer_mark (upstream
+        # activity count when check_io last looked), quiet_since (loop time since which
+        # that count has not moved).
 
         self.responded = False  # a status line went to the client: no failover any more
         self.continue_sent = False
@@ -117,8 +119,13 @@ class Exchange:
         b = self.ctx.router.first(self.route)
         if b is None:
             self._dispatch()
+            return
+        self.backend = b
+        up = b.pool.take()
+        if up is not None:
+            self._send(b, up)
         else:
-            self._try(b)
+            self.connecting = self.ctx.loop.create_task(self._connect(b))
 
     def _remaining(self) -> list[Backend]:
         """Candidates not tried yet, in order (the full order is computed only when the
@@ -142,6 +149,7 @@ class Exchange:
         self._no_backend()
 
     def _try(self, b: Backend) -> None:
+        """Send to `b` (a pooled connection, or a new one)."""
         self.backend = b
         up = b.pool.take()
         if up is not None:
@@ -172,36 +180,33 @@ class Exchange:
     def _send(self, b: Backend, up: UpstreamProtocol) -> None:
         client = self.client
         self.upstream = up
-        up.attach(self, head_only=self.method == b"HEAD", pause_reading=client.write_paused)
+        up.attach(self, self.method == b"HEAD")
+        if client.write_paused:
+            up.pause_reading()
         self.attempts += 1
         b.routed += 1
         if (self.expect_continue and not self.continue_sent and self.body_bytes == 0
                 and not self.body_done):
             self.continue_sent = True
             client.write(_CONTINUE)
-        head = self.head + self.ctx.router.view_tail
-        body = self.pending
-        if self.sent_any:
-            assert self.kept is not None  # checked by may_retry
-            body = self.kept
         transport = up.transport
         assert transport is not None
+        body = self.kept if self.sent_any else self.pending
         if not body:
-            transport.write(head)
+            transport.write(self.head + self.ctx.router.view_tail)
         elif len(body) == 1 and len(body[0]) < 16384:
-            transport.write(head + body[0])
+            transport.write(b"%s%s%s" % (self.head, self.ctx.router.view_tail, body[0]))
         else:
-            transport.writelines([head, *body])
+            transport.writelines([self.head, self.ctx.router.view_tail, *body])
         if self.pending:
             self.pending = []
             self.pending_bytes = 0
             client.resume_reading_pending()
         self.sent_any = True
         self.sent_at = _perf()
-        # io timeout watch (see check_io)
-        self.timer_mark = up.activity
-        self.quiet_since = self.ctx.loop.time()
-        self.ctx.inflight.add(self)
+        # io timeout watch (see check_io): its first look starts the quiet period.
+        self.timer_mark = -1
+        self.quiet_since = 0.0
 
     # --- the request body (from the client protocol) ------------------------------------------
 
@@ -294,6 +299,37 @@ class Exchange:
         self.responded = True
         ctx.metrics.responses[status // 100] += 1
 
+    def relay_whole(self, up: UpstreamProtocol, data: bytes, end: int) -> None:
+        """The fast lane of responses: `data` is one whole response (head ending at `end`,
+        Content-Length body) with nothing to rewrite, relayed as read, in one write."""
+        if self.finished:
+            return
+        ctx = self.ctx
+        b = self.backend
+        assert b is not None
+        elapsed = _perf() - self.sent_at
+        b.latency_counts[bisect_left(LATENCY_BOUNDS_S, elapsed)] += 1
+        b.latency_sum_s += elapsed
+        ctx.metrics.responses[data[9] - 48] += 1  # (the status's first digit, in ASCII)
+        self.upstream = None
+        self.responded = self.finished = True
+        if self.body_done and not self.upgrade:
+            up.release()
+        else:
+            up.close()
+        if not self.keep_alive or ctx.closing or self.upgrade or not self.body_done:
+            self.close_after = True
+            data = b"%s%s%s" % (data[:end + 2], b"Connection: close\r\n", data[end + 2:])
+        elif self.http10:
+            data = b"%s%s%s" % (data[:end + 2], b"Connection: keep-alive\r\n", data[end + 2:])
+        out = self.out
+        if out:
+            out.append(data)
+            self.flush()
+        else:
+            self.client.write(data)
+        self.client.exchange_done(self, keep=not self.close_after)
+
     def on_response_body(self, data: bytes) -> None:
         if self.finished or not data:
             return
@@ -318,7 +354,6 @@ class Exchange:
                              trailers: list[tuple[bytes, bytes]] | None) -> None:
         if self.finished:
             return
-        self.ctx.inflight.discard(self)
         self.upstream = None
         if self.chunk_out:
             self.out.append(trailer_block(trailers))
@@ -333,7 +368,6 @@ class Exchange:
         if self.finished or not self.responded or self.upstream is not up:
             up.abort()
             return
-        self._cancel_timer()
         self.upstream = None
         up.exchange = None
         self.finished = True
@@ -346,7 +380,6 @@ class Exchange:
     def on_upstream_lost(self, up: UpstreamProtocol, exc: Exception | None) -> None:
         if self.finished:
             return
-        self._cancel_timer()
         self.upstream = None
         b = self.backend
         assert b is not None
@@ -426,14 +459,12 @@ class Exchange:
                       "no backend server is available to handle this request; retry later",
                       extra=((b"Retry-After", ctx.retry_after),))
 
-    def _cancel_timer(self) -> None:
-        self.ctx.inflight.discard(self)
-
     def check_io(self, now: float) -> None:
-        """Called about every io_timeout_s / 4 while in flight: enforce proxy.io_timeout_s."""
+        """Called about every io_timeout_s / 4 (at most 1 s) for the exchange a client
+        connection is answering: enforce proxy.io_timeout_s (counted from the first call
+        that sees no activity: no clock read per request)."""
         up = self.upstream
         if up is None or self.finished:
-            self._cancel_timer()
             return
         if up.activity != self.timer_mark:  # something moved since the last look
             self.timer_mark = up.activity
@@ -518,7 +549,6 @@ class Exchange:
             self._stop()
 
     def _stop(self) -> None:
-        self._cancel_timer()
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -528,7 +558,6 @@ class Exchange:
             up.close()
 
     def _drop_upstream(self, up: UpstreamProtocol) -> None:
-        self._cancel_timer()
         if self.upstream is up:
             self.upstream = None
         up.abort()

@@ -133,10 +133,11 @@ class Router:
     def first(self, route: Route | None) -> Backend | None:
         """The first candidate when it is the obvious one (usable primary, or the next
         usable backend round-robin); None: ask `candidates()` for the full order."""
-        now = self._clock()
+        # (the clock is read only for a backend that carries a bad mark)
         if route is not None:
             b = self._by_id.get(route.primary)
-            if b is not None and b.state is not _DOWN and b.in_view and b.bad_until <= now:
+            if (b is not None and b.state is not _DOWN and b.in_view
+                    and (not b.bad_until or b.bad_until <= self._clock())):
                 return b
             return None
         order = self._order
@@ -144,7 +145,8 @@ class Router:
         for _ in range(n):
             b = order[self._rr % n]
             self._rr += 1
-            if b.state is _UP and b.in_view and b.bad_until <= now:
+            if (b.state is _UP and b.in_view
+                    and (not b.bad_until or b.bad_until <= self._clock())):
                 return b
         return None
 

@@ -86,8 +86,9 @@ class ProxyServer:
         while True:
             await asyncio.sleep(tick)
             now = ctx.loop.time()
-            for ex in list(ctx.inflight):
-                ex.check_io(now)
+            for conn in list(ctx.connections):
+                if conn.active is not None:
+                    conn.active.check_io(now)
             if now >= next_sweep:
                 next_sweep = now + sweep_every
                 for conn in list(ctx.connections):

@@ -30,7 +30,7 @@ class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a backend."""
 
     __slots__ = (
-        "pool", "transport", "full_parser", "lean_parser", "parser",
+        "pool", "transport", "full_parser", "lean_parser", "bare_parser", "parser",
         # per exchange
         "exchange", "head_only", "interim", "status", "reason", "headers", "keep_alive",
         "got_bytes", "fast_head", "until_close", "reading_paused", "writing_paused",
@@ -46,6 +46,8 @@ class UpstreamProtocol(asyncio.Protocol):
         # both are at a message boundary, so either can take the next one.
         self.full_parser = HttpResponseParser(self)
         self.lean_parser: HttpResponseParser | None = None
+        # No callbacks at all: validates a whole response relayed as read (data_received).
+        self.bare_parser: HttpResponseParser | None = None
         self.parser = self.full_parser  # the one parsing the current response
 
         self.exchange: Any = None
@@ -72,23 +74,29 @@ class UpstreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
-    def attach(self, exchange: Any, *, head_only: bool, pause_reading: bool) -> None:
+    def attach(self, exchange: Any, head_only: bool) -> None:
+        """Carry `exchange` next (`head_only`: its response has no body, as for HEAD)."""
         self.exchange = exchange
         self.head_only = head_only
-        self.headers = []
-        self.reason = b""
         self.got_bytes = False
         self.until_close = False
-        if pause_reading:
-            self.pause_reading()
 
     def release(self) -> None:
-        """The exchange is over and the connection can carry another one."""
+        """The exchange is over and the connection can carry another one (back to the pool,
+        most recently used last; see Pool.put)."""
         self.exchange = None
         self.requests += 1
         if self.reading_paused:
             self.resume_reading()
-        self.pool.put(self)
+        pool = self.pool
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if pool.closed or len(pool.idle) >= pool.max_idle:
+            transport.close()
+            return
+        self.idle_since = pool.loop.time()
+        pool.idle.append(self)
 
     def close(self) -> None:
         """Close without telling the exchange (it already knows)."""
@@ -159,11 +167,27 @@ class UpstreamProtocol(asyncio.Protocol):
         if not self.got_bytes:
             self.got_bytes = True
             # First bytes of a response (not 1xx): can its head be relayed verbatim?
-            fast = self.fast_head = (fast_response_head(data) if data[9:10] != b"1"
-                                     else None)
+            fast = fast_response_head(data)
             if fast is None:
                 self.parser = self.full_parser
             else:
+                end, length = fast
+                if (end + 4 + length == len(data) and not self.head_only
+                        and data[9:12] not in _NOT_WHOLE):
+                    # The whole response, exactly, in this read, and nothing in it to
+                    # rewrite: validated by a parser without callbacks, relayed as read.
+                    parser = self.bare_parser
+                    if parser is None:
+                        parser = self.bare_parser = HttpResponseParser(_NO_CALLBACKS)
+                    try:
+                        parser.feed_data(data)
+                    except HttpParserError as exc:
+                        self.bare_parser = None
+                        ex.on_bad_response(self, exc)
+                        return
+                    ex.relay_whole(self, data, end)
+                    return
+                self.fast_head = (data[:end + 2], length >= 0)
                 if self.lean_parser is None:
                     self.lean_parser = HttpResponseParser(_LeanCallbacks(self))
                 self.parser = self.lean_parser
@@ -233,6 +257,16 @@ class UpstreamProtocol(asyncio.Protocol):
             ex.on_response_complete(self, trailers)
 
 
+class _NoCallbacks:
+    """Parser callbacks for a response relayed whole: none."""
+
+
+_NO_CALLBACKS = _NoCallbacks()
+# Statuses never relayed whole: they need a decision (503: fail over; 101: a tunnel) or
+# have no body whatever their framing fields say (204, 304).
+_NOT_WHOLE = frozenset({b"101", b"204", b"304", b"503"})
+
+
 class _LeanCallbacks:
     """The upstream protocol's callbacks minus the per-field ones (for the lean parser)."""
 
@@ -247,32 +281,32 @@ class _LeanCallbacks:
 class Pool:
     """Idle keep-alive connections to one backend, most recently used first."""
 
-    __slots__ = ("backend", "_loop", "_connect_timeout_s", "_keepalive_s", "_max_idle", "_idle",
-                 "_closed")
+    __slots__ = ("backend", "loop", "_connect_timeout_s", "_keepalive_s", "max_idle", "idle",
+                 "closed")
 
     def __init__(self, backend: Backend, *, loop: asyncio.AbstractEventLoop,
                  connect_timeout_s: float, keepalive_s: float, max_idle: int) -> None:
         self.backend = backend
-        self._loop = loop
+        self.loop = loop
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
-        self._max_idle = max_idle
-        self._idle: list[UpstreamProtocol] = []
-        self._closed = False
+        self.max_idle = max_idle
+        self.idle: list[UpstreamProtocol] = []
+        self.closed = False
 
     @property
     def idle_count(self) -> int:
-        return len(self._idle)
+        return len(self.idle)
 
     def take(self) -> UpstreamProtocol | None:
         """An idle connection that still looks alive, or None."""
-        idle = self._idle
+        idle = self.idle
         while idle:
             up = idle.pop()
             transport = up.transport
             if transport is None or transport.is_closing():
                 continue
-            if self._loop.time() - up.idle_since > self._keepalive_s:
+            if self.loop.time() - up.idle_since > self._keepalive_s:
                 transport.close()
                 continue
             return up
@@ -282,38 +316,38 @@ class Pool:
         transport = up.transport
         if transport is None or transport.is_closing():
             return
-        if self._closed or len(self._idle) >= self._max_idle:
+        if self.closed or len(self.idle) >= self.max_idle:
             transport.close()
             return
-        up.idle_since = self._loop.time()
-        self._idle.append(up)
+        up.idle_since = self.loop.time()
+        self.idle.append(up)
 
     def discard(self, up: UpstreamProtocol) -> None:
-        if up in self._idle:
-            self._idle.remove(up)
+        if up in self.idle:
+            self.idle.remove(up)
 
     async def connect(self) -> UpstreamProtocol:
         """Open a new connection (raises UpstreamConnectError or UpstreamConnectTimeout)."""
-        if self._closed:
+        if self.closed:
             raise UpstreamConnectError("pool closed", backend_id=self.backend.id)
         address = self.backend.address
         with map_connect_errors(self.backend.id):
             async with asyncio.timeout(self._connect_timeout_s):
-                _, protocol = await self._loop.create_connection(
+                _, protocol = await self.loop.create_connection(
                     lambda: UpstreamProtocol(self), address.host, address.port)
         return protocol
 
     def clear_idle(self) -> None:
         """Close every idle connection (one was found dead: the others may be too)."""
-        idle, self._idle = self._idle, []
+        idle, self.idle = self.idle, []
         for up in idle:
             if up.transport is not None:
                 up.transport.close()
 
     def sweep(self) -> None:
         """Close connections idle for longer than keepalive_s (oldest are at the front)."""
-        deadline = self._loop.time() - self._keepalive_s
-        idle = self._idle
+        deadline = self.loop.time() - self._keepalive_s
+        idle = self.idle
         n = 0
         while n < len(idle) and idle[n].idle_since < deadline:
             n += 1
@@ -325,5 +359,5 @@ class Pool:
                     up.transport.close()
 
     def close(self) -> None:
-        self._closed = True
+        self.closed = True
         self.clear_idle()

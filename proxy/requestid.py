@@ -1,0 +1,42 @@
+"""Request ids: every client request gets one, sent upstream as `X-Tandem-Request-Id` — the
+same value on every retry and failover of that request — so that a backend can tell a
+retried request from a new one.
+
+16 url-safe characters: 8 random ones (48 bits from os.urandom, drawn once per 2**32
+requests) and a counter in hex, which costs far less per request than drawing random bytes
+(or than %-formatting: hexlify of the counter's bytes is about twice as fast).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+from binascii import hexlify
+
+__all__ = ["RequestIds", "REQUEST_ID_HEADER"]
+
+REQUEST_ID_HEADER = b"X-Tandem-Request-Id"
+_COUNTER_MAX = 0xFFFFFFFF  # 8 hex digits
+
+
+class RequestIds:
+    """A source of unique request ids (one per proxy process)."""
+
+    __slots__ = ("prefix", "_count")
+
+    def __init__(self) -> None:
+        self.prefix = b""
+        self._count = itertools.count()
+        self._roll()
+
+    def _roll(self) -> None:
+        self.prefix = base64.urlsafe_b64encode(os.urandom(6))  # 8 characters
+        self._count = itertools.count()
+
+    def next(self) -> bytes:
+        n = next(self._count)
+        if n > _COUNTER_MAX:
+            self._roll()
+            n = next(self._count)
+        return self.prefix + hexlify(n.to_bytes(4, "big"))
