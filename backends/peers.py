@@ -49,18 +49,18 @@ class Outbox:
     write per frame cost more than the frame itself, on the primary and on the secondary.
     """
 
-    __slots__ = ("writer", "_frames", "_failed", "_loop")
+    __slots__ = ("writer", "loop", "_frames", "_failed")
 
     def __init__(self, writer: asyncio.StreamWriter,
                  failed: Callable[[Outbox, Exception], None]) -> None:
         self.writer = writer
         self._frames: list[bytes] = []
         self._failed = failed  # the transport refused the write (closed under us)
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
 
     def write(self, frame: bytes) -> None:
         if not self._frames:
-            self._loop.call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self._frames.append(frame)
 
     def flush(self) -> None:
@@ -135,17 +135,18 @@ class PeerLink:
         """Send `msg` and wait for its reply; PeerUnavailable or PeerTimeout otherwise."""
         if self.alive and self._writer is None:
             await self._reconnected(timeout)  # quietly re-dialling after our own stall
-        if not self.alive or self._outbox is None:
+        outbox = self._outbox
+        if not self.alive or outbox is None:
             raise PeerUnavailable(f"peer is {self.state.value}", peer=self.peer.id)
         rid = next(self._ids)
-        loop = asyncio.get_running_loop()
+        loop = outbox.loop  # (asyncio.get_running_loop() is a getpid() system call)
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[rid] = fut
         msg["id"] = rid
         # a timer on the reply itself: cheaper than asyncio.wait_for on the sync hot path
         timer = loop.call_later(timeout, _time_out, fut)
         try:
-            self._outbox.write(wire.encode_frame(msg))
+            outbox.write(wire.encode_frame(msg))
             return await fut
         except TimeoutError:
             raise PeerTimeout(f"no reply within {timeout:.3g}s", peer=self.peer.id) from None
