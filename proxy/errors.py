@@ -25,6 +25,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
     "UpstreamResetAfterSend",
+    "UpstreamUnwritten",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "UpstreamProtocolError",
@@ -130,6 +131,15 @@ class UpstreamResetAfterSend(UpstreamError, ConnectionError):
     """The connection closed after the request was sent and before a status line."""
 
     cause = "reset"
+
+
+class UpstreamUnwritten(UpstreamError, ConnectionError):
+    """A pooled connection refused the request's first write: it was dead already, and no
+    byte of the request reached the backend."""
+
+    cause = "unwritten"
+    nothing_sent = True
+    method_sensitive = False
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):

@@ -26,6 +26,7 @@ from .errors import (
     UpstreamResetAfterSend,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UpstreamUnwritten,
 )
 from .headers import (
     parse_cluster_header,
@@ -33,7 +34,7 @@ from .headers import (
     simple_response,
     trailer_block,
 )
-from .policy import may_retry, may_retry_stale
+from .policy import may_retry, may_retry_same
 from .router import LATENCY_BOUNDS_S
 
 if TYPE_CHECKING:
@@ -62,8 +63,9 @@ class Exchange:
         # request body
         "kept", "kept_bytes", "pending", "pending_bytes", "body_bytes", "body_done",
         # attempts
-        "candidates", "next_index", "backend", "upstream", "attempts", "sent_any",
-        "stale_retried", "connecting", "timer_mark", "quiet_since", "sent_at", "last_error",
+        "candidates", "next_index", "backend", "upstream", "attempts", "sent_any", "unwritten",
+        "retried_same", "retry_cause", "connecting", "timer_mark", "quiet_since", "sent_at",
+        "last_error",
         # response
         "responded", "continue_sent", "chunk_out", "close_after", "finished", "out",
     )
@@ -97,7 +99,11 @@ class Exchange:
         self.upstream: UpstreamProtocol | None = None
         self.attempts = 0
         self.sent_any = False  # some attempt wrote the head to a backend
-        self.stale_retried = False
+        self.unwritten = False  # the last attempt's write failed at once (nothing left)
+        self.retried_same = False  # sent to the same backend again after a dead connection
+        # The after-send failure behind a retry on the same backend: a failure to connect
+        # for that retry is reported as this one (the request may have reached the app).
+        self.retry_cause: UpstreamError | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.last_error: UpstreamError | None = None
         # Set by _send, read only after it: sent_at (perf_counter), timer_mark (upstream
@@ -165,7 +171,13 @@ class Exchange:
                 self.connecting = None
                 if not self.finished:
                     exc.attempt = self.attempts + 1
-                    self._failed(exc)
+                    cause, self.retry_cause = self.retry_cause, None
+                    if cause is not None:  # the fresh connection of a retry on b
+                        b.connect_errors += 1
+                        self.ctx.router.mark_bad(b)
+                        self._failed(cause)
+                    else:
+                        self._failed(exc)
                 return
             self.connecting = None
             if self.finished:
@@ -180,6 +192,7 @@ class Exchange:
     def _send(self, b: Backend, up: UpstreamProtocol) -> None:
         client = self.client
         self.upstream = up
+        self.retry_cause = None
         up.attach(self, self.method == b"HEAD")
         if client.write_paused:
             up.pause_reading()
@@ -192,6 +205,8 @@ class Exchange:
         transport = up.transport
         assert transport is not None
         body = self.kept if self.sent_any else self.pending
+        if self.sent_any:
+            self.ctx.metrics.retries += 1  # the request goes out again after a failure
         if not body:
             transport.write(self.head + self.ctx.router.view_tail)
         elif len(body) == 1 and len(body[0]) < 16384:
@@ -202,6 +217,9 @@ class Exchange:
             self.pending = []
             self.pending_bytes = 0
             client.resume_reading_pending()
+        # A write that fails at once closes the transport there and then: no byte of the
+        # request left (a pooled connection that died unnoticed); see on_upstream_lost.
+        self.unwritten = transport.is_closing()
         self.sent_any = True
         self.sent_at = _perf()
         # io timeout watch (see check_io): its first look starts the quiet period.
@@ -264,6 +282,8 @@ class Exchange:
         elapsed = _perf() - self.sent_at
         b.latency_counts[bisect_left(LATENCY_BOUNDS_S, elapsed)] += 1
         b.latency_sum_s += elapsed
+        if b.bad_until and status != 503:  # a marked backend answered: it serves again
+            ctx.router.seen_alive(b)
         if fast is not None:  # relayed verbatim: nothing to drop, no view piggy-backed
             parts = [fast[0]]
             has_length = fast[1]
@@ -271,7 +291,7 @@ class Exchange:
         else:
             rh = scan_response(raw)
             if rh.cluster is not None:
-                self._apply_view(rh.cluster)
+                self._apply_view(rh.cluster, declined=status == 503)
             parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), *rh.lines]
             if status == 101 and rh.upgrade is not None:
                 parts += (b"Connection: Upgrade\r\nUpgrade: ", rh.upgrade, b"\r\n")
@@ -310,6 +330,8 @@ class Exchange:
         elapsed = _perf() - self.sent_at
         b.latency_counts[bisect_left(LATENCY_BOUNDS_S, elapsed)] += 1
         b.latency_sum_s += elapsed
+        if b.bad_until:  # a marked backend answered (never 503 here): it serves again
+            ctx.router.seen_alive(b)
         ctx.metrics.responses[data[9] - 48] += 1  # (the status's first digit, in ASCII)
         self.upstream = None
         self.responded = self.finished = True
@@ -391,17 +413,34 @@ class Exchange:
                 log.warning("upstream_truncated", backend=b.id, sid=self._sid())
                 self._abort_client()
             return
-        if may_retry_stale(method=self.method, policy=self.ctx.retry,
-                           replayable=self.kept is not None, reused=up.requests > 0,
-                           response_seen=up.got_bytes, already=self.stale_retried):
-            self.stale_retried = True
-            self.ctx.metrics.stale_retries += 1
-            b.pool.clear_idle()
-            self.connecting = self.ctx.loop.create_task(self._connect(b))
-            return
         b.io_errors += 1
-        self._failed(UpstreamResetAfterSend("connection closed before a response",
-                                            backend_id=b.id, attempt=self.attempts))
+        # Classified by what may have reached the application: nothing when the write
+        # itself failed; otherwise the request may have been read (and acted on) even if
+        # no response byte came back.
+        if self.unwritten:
+            err: UpstreamError = UpstreamUnwritten(
+                "connection closed before the request could be written", backend_id=b.id,
+                attempt=self.attempts)
+        else:
+            err = UpstreamResetAfterSend("connection closed before a response",
+                                         backend_id=b.id, attempt=self.attempts)
+        ctx = self.ctx
+        if may_retry_same(err, method=self.method, policy=ctx.retry,
+                          replayable=self.kept is not None, reused=up.requests > 0,
+                          already=self.retried_same):
+            # A dead keep-alive connection: the backend most likely closed it while idle.
+            # Once more on a fresh connection to the same backend (affinity kept), then
+            # the failover rules. Counted as a retry when re-sent after a write.
+            self.retried_same = True
+            if not err.nothing_sent:
+                self.retry_cause = err
+            ctx.metrics.stale_retries += 1
+            log.info("retry", sid=self._sid(), backend=b.id, cause=err.cause,
+                     reused=up.requests > 0)
+            b.pool.clear_idle()
+            self.connecting = ctx.loop.create_task(self._connect(b))
+            return
+        self._failed(err)
 
     def on_bad_response(self, up: UpstreamProtocol, exc: Exception) -> None:
         self._drop_upstream(up)
@@ -439,9 +478,8 @@ class Exchange:
         to = self._remaining()[self.next_index].id
         b.failovers += 1
         ctx.metrics.count_failover(exc.cause)
-        if not exc.nothing_sent:
-            ctx.metrics.retries += 1
-        log.info("failover", sid=self._sid(), from_=b.id, to=to, cause=exc.cause)
+        log.info("failover", sid=self._sid(), from_=b.id, to=to, cause=exc.cause,
+                 after_send=self.sent_any)
         self._dispatch()
 
     def _no_backend(self) -> None:
@@ -562,7 +600,9 @@ class Exchange:
             self.upstream = None
         up.abort()
 
-    def _apply_view(self, value: bytes) -> None:
+    def _apply_view(self, value: bytes, *, declined: bool) -> None:
+        """Adopt a cluster view piggy-backed on a response (`declined`: that response was a
+        503, so its sender is not cleared of its bad mark, whatever the view says)."""
         router = self.ctx.router
         try:
             view_hash, members = parse_cluster_header(value.decode("latin-1"))
@@ -572,7 +612,8 @@ class Exchange:
             return
         if view_hash == router.view_hash:
             return
-        added = router.apply_view(view_hash, members)
+        added = router.apply_view(view_hash, members,
+                                  declined=self.backend if declined else None)
         self.ctx.metrics.views_applied += 1
         log.info("view_updated", view=view_hash, members=sorted(members), added=added)
 

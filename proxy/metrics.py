@@ -25,8 +25,8 @@ class Metrics:
     def __init__(self) -> None:
         self.responses = [0] * 6  # by status // 100 (index 0 unused)
         self.failovers: dict[str, int] = {}  # by cause
-        self.retries = 0  # after-send retries on another backend
-        self.stale_retries = 0  # reused keep-alive connection found dead: fresh connection
+        self.retries = 0  # requests written again after a failure (they may have been read)
+        self.stale_retries = 0  # dead keep-alive connection: once more on a fresh one
         self.bad_tokens = 0
         self.no_backend = 0  # 503 answered because no candidate was left
         self.client_errors = 0  # requests refused before forwarding (400, 413, 431, ...)
@@ -51,14 +51,17 @@ class Metrics:
             out.append(f'tandem_proxy_requests_total{{class="{label}"}} {self.responses[i]}')
         family("tandem_proxy_failovers_total", "counter",
                "Requests moved to another backend, by cause.")
-        for cause in sorted(set(self.failovers) | {"connect", "timeout", "reset", "503"}):
+        for cause in sorted(set(self.failovers) | {"connect", "timeout", "reset", "503",
+                                                   "unwritten"}):
             out.append(f'tandem_proxy_failovers_total{{cause="{cause}"}} '
                        f"{self.failovers.get(cause, 0)}")
         simple = (
-            ("tandem_proxy_retries_total", "Requests re-sent to another backend after send.",
-             self.retries),
+            ("tandem_proxy_retries_total",
+             "Requests written to a backend again after a failure once they had been written "
+             "(another backend, or the same one on a fresh connection).", self.retries),
             ("tandem_proxy_stale_retries_total",
-             "Requests re-sent on a fresh connection after a dead keep-alive connection.",
+             "Requests tried once more on a fresh connection to the same backend after a "
+             "pooled keep-alive connection died before any response byte.",
              self.stale_retries),
             ("tandem_proxy_bad_tokens_total",
              "Route tokens that did not verify (routed as new sessions).", self.bad_tokens),

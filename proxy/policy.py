@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .errors import UpstreamError
 
-__all__ = ["IDEMPOTENT", "may_retry", "may_retry_stale"]
+__all__ = ["IDEMPOTENT", "may_retry", "may_retry_same"]
 
 # RFC 9110 idempotent methods: what `proxy.retry = "idempotent"` re-sends after a failure.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -30,10 +30,16 @@ def may_retry(exc: UpstreamError, *, method: bytes, policy: str, replayable: boo
     return policy == "all" or (policy == "idempotent" and method in IDEMPOTENT)
 
 
-def may_retry_stale(*, method: bytes, policy: str, replayable: bool, reused: bool,
-                    response_seen: bool, already: bool) -> bool:
-    """A reused keep-alive connection died before any response byte: the backend had
-    closed it while idle, so the request most likely never reached the application.
-    Resend once on a fresh connection to the same backend when that is safe."""
-    return (reused and not response_seen and not already and replayable
-            and (method in IDEMPOTENT or policy == "all"))
+def may_retry_same(exc: UpstreamError, *, method: bytes, policy: str, replayable: bool,
+                   reused: bool, already: bool) -> bool:
+    """After a connection died before any response byte: may the request go once more to
+    the same backend, on a fresh connection, before failing over?
+
+    Only when the dead connection was a reused keep-alive one (the backend most likely
+    closed it while idle, so it is probably alive) or the request was never written. A
+    request that was written may have reached the application: the retry policy decides,
+    exactly as for a failover (`exc` is `UpstreamResetAfterSend` then)."""
+    if already or not (reused or exc.nothing_sent):
+        return False
+    return may_retry(exc, method=method, policy=policy, replayable=replayable,
+                     sent_before=True)

@@ -5,7 +5,12 @@ Candidate order for a request (WebLogic plug-in rules, DESIGN.md section 2):
    in the cluster's view; draining still counts for a session that lives there);
 2. the other backends that take new sessions (up), round-robin;
 3. backends the cluster no longer lists in its view (last resort, not bad);
-4. only when nothing above is left: every eligible backend again, bad marks ignored.
+4. the eligible backends marked bad, in the same order: tried last, before giving up
+   ("if all are bad, all are tried again" — for session requests too).
+
+A bad mark is cleared when its backend is seen alive again: listed in a new cluster view,
+passing an active health probe (not one that says it is draining), or answering a request
+(tried last) with anything but 503.
 """
 
 from __future__ import annotations
@@ -164,21 +169,13 @@ class Router:
                 b = self._by_id.get(backend_id) if backend_id else None
                 if b is not None and b.state is not _DOWN and b not in own:
                     own.append(b)
-        out = [b for b in own if b.in_view and b.bad_until <= now]
-        for b in rotated:
-            if b.state is up and b.in_view and b.bad_until <= now and b not in out:
-                out.append(b)
-        if len(out) == len(order):
-            return out
+        # Eligible: the session's own backends unless down, the others when up.
+        eligible = own + [b for b in rotated if b.state is up and b not in own]
+        out = [b for b in eligible if b.in_view and b.bad_until <= now]
         # Out of the cluster's view: still tried when everything else failed.
-        for b in (*own, *rotated):
-            if (not b.in_view and b.bad_until <= now and b not in out
-                    and (b.state is up or b in own)):
-                out.append(b)
-        if not out:  # all are bad: try them all again (WebLogic rule)
-            for b in (*own, *rotated):
-                if b not in out and (b.state is up or b in own):
-                    out.append(b)
+        out += [b for b in eligible if not b.in_view and b.bad_until <= now]
+        # Marked bad: tried last, before giving up.
+        out += [b for b in eligible if b.bad_until > now]
         return out
 
     # --- marks and states ---------------------------------------------------------------------
@@ -187,6 +184,11 @@ class Router:
         """Skip this backend for max_skip_s (after a connect failure, io timeout or 503)."""
         if self._max_skip_s > 0:
             backend.bad_until = self._clock() + self._max_skip_s
+
+    def seen_alive(self, backend: Backend) -> None:
+        """The backend was seen serving again (a new cluster view lists it, an active probe
+        passed, or it answered): clear its passive bad mark."""
+        backend.bad_until = 0.0
 
     def set_admin_state(self, backend_id: str, state: BackendState | str) -> Backend:
         b = self.get(backend_id)
@@ -207,20 +209,27 @@ class Router:
 
     # --- dynamic server list ------------------------------------------------------------------
 
-    def apply_view(self, view_hash: str, members: Mapping[str, Address]) -> list[str]:
-        """Adopt a cluster view; returns the ids of backends added to the table."""
+    def apply_view(self, view_hash: str, members: Mapping[str, Address], *,
+                   declined: Backend | None = None) -> list[str]:
+        """Adopt a cluster view; returns the ids of backends added to the table.
+
+        The view lists the members the cluster sees alive now: their bad marks are cleared,
+        except `declined`'s (the backend whose 503 carried the view)."""
         added = []
         for backend_id, address in members.items():
             b = self._by_id.get(backend_id)
             if b is None:
                 self._add(backend_id, address, learned=True)
                 added.append(backend_id)
-            elif b.address != address:
+                continue
+            if b.address != address:
                 old_pool = b.pool
                 b.address = address
                 b.pool = self._pool_factory(b)
                 if old_pool is not None:
                     old_pool.close()
+            if b is not declined:
+                self.seen_alive(b)
         for b in self._order:
             b.in_view = b.id in members
         self.view_hash = view_hash

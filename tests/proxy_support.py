@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from backends.config import Address, Config, loads
+from backends.config import Config, loads
 from backends.token import Route, TokenCodec
 from proxy.server import ProxyServer
 
@@ -34,6 +34,8 @@ def make_config(servers: dict[str, int], *, session: str = "", **proxy: Any) -> 
     """A cluster file for these backends (id -> http port); the proxy listens on port 0."""
     proxy.setdefault("connect_timeout_s", 1.0)
     proxy.setdefault("io_timeout_s", 5.0)
+    proxy.setdefault("listen", "127.0.0.1:0")
+    proxy.setdefault("admin", "127.0.0.1:0")
     # (no replication here: a short replication timeout lets tests use short io timeouts)
     lines = ["[cluster]", f'secrets = ["{SECRET}"]', "replication_timeout_s = 0.1", "",
              "[session]", session, "", "[proxy]"]
@@ -41,10 +43,7 @@ def make_config(servers: dict[str, int], *, session: str = "", **proxy: Any) -> 
     for i, (sid, port) in enumerate(servers.items()):
         lines += ["", "[[servers]]", f'id = "{sid}"', f'http = "127.0.0.1:{port}"',
                   f'replication = "127.0.0.1:{60000 + i}"']
-    cfg = loads("\n".join(lines) + "\n")
-    # Port 0 is not a valid cluster-file address; tests bind ephemeral ports directly.
-    return dataclasses.replace(cfg, proxy=dataclasses.replace(
-        cfg.proxy, listen=Address("127.0.0.1", 0), admin=Address("127.0.0.1", 0)))
+    return loads("\n".join(lines) + "\n")
 
 
 def token(primary: str, secondary: str | None = None, sid: str = "S" * 32) -> str:
@@ -61,7 +60,9 @@ class AppBackend:
         self.id = server_id
         self.hits: Counter[str] = Counter()
         self.health_status = 200
+        self.health_state = "up"  # in the health answer's JSON ("draining" while draining)
         self.unavailable = False  # answer 503 to everything but the health check
+        self.request_ids: list[str | None] = []  # X-Tandem-Request-Id of each request
         self.view: tuple[str, str] | None = None  # (hash, X-Tandem-Cluster value)
         self.seen_views: list[str | None] = []  # X-Tandem-View of each request
         self.extra_headers: dict[str, str] = {}
@@ -71,6 +72,8 @@ class AppBackend:
     def app(self) -> web.Application:
         @web.middleware
         async def maybe_unavailable(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.path != "/__tandem/health":
+                self.request_ids.append(request.headers.get("X-Tandem-Request-Id"))
             if self.unavailable and request.path != "/__tandem/health":
                 self.hits["503"] += 1
                 return web.Response(status=503, text=f"{self.id} unavailable")
@@ -173,7 +176,9 @@ class AppBackend:
         return ws
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
-        return self._done(request, web.Response(status=self.health_status, text="ok"))
+        return self._done(request, web.json_response({"server": self.id,
+                                                      "state": self.health_state},
+                                                     status=self.health_status))
 
 
 # --- a raw socket backend -------------------------------------------------------------------

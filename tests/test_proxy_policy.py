@@ -11,8 +11,9 @@ from proxy.errors import (
     UpstreamResetAfterSend,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UpstreamUnwritten,
 )
-from proxy.policy import may_retry, may_retry_stale
+from proxy.policy import may_retry, may_retry_same
 
 CONNECT = UpstreamConnectError("refused", backend_id="s1")
 RESET = UpstreamResetAfterSend("reset", backend_id="s1")
@@ -59,13 +60,20 @@ def test_error_classes_carry_the_standard_bases_and_context():
     assert CONNECT.backend_id == "s1" and CONNECT.marks_bad and not RESET.marks_bad
 
 
-def test_stale_connection_retry_only_when_safe():
-    ok = dict(method=b"GET", policy="idempotent", replayable=True, reused=True,
-              response_seen=False, already=False)
-    assert may_retry_stale(**ok)
-    assert not may_retry_stale(**{**ok, "reused": False})  # a fresh connection failed
-    assert not may_retry_stale(**{**ok, "response_seen": True})
-    assert not may_retry_stale(**{**ok, "already": True})
-    assert not may_retry_stale(**{**ok, "replayable": False})
-    assert not may_retry_stale(**{**ok, "method": b"POST"})
-    assert may_retry_stale(**{**ok, "method": b"POST", "policy": "all"})
+def test_same_backend_retry_after_a_dead_connection():
+    ok = dict(method=b"GET", policy="idempotent", replayable=True, reused=True, already=False)
+    # written on a reused keep-alive connection: after-send, the retry policy decides
+    assert may_retry_same(RESET, **ok)
+    assert not may_retry_same(RESET, **{**ok, "reused": False})  # a fresh connection failed
+    assert not may_retry_same(RESET, **{**ok, "already": True})
+    assert not may_retry_same(RESET, **{**ok, "replayable": False})
+    assert not may_retry_same(RESET, **{**ok, "method": b"POST"})
+    assert may_retry_same(RESET, **{**ok, "method": b"POST", "policy": "all"})
+    assert not may_retry_same(RESET, **{**ok, "policy": "none"})
+    # the write itself failed: nothing reached the backend, any method goes again
+    unwritten = UpstreamUnwritten("dead", backend_id="s1")
+    assert unwritten.nothing_sent and not unwritten.marks_bad
+    for policy in ("idempotent", "none"):
+        assert may_retry_same(unwritten, **{**ok, "method": b"POST", "policy": policy})
+    assert not may_retry_same(unwritten, **{**ok, "replayable": False})  # the body moved
+    assert not may_retry_same(unwritten, **{**ok, "already": True})

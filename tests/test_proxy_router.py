@@ -45,18 +45,35 @@ def test_new_sessions_rotate_from_a_random_start():
     assert firsts[:4] == firsts[4:]
 
 
-def test_bad_marks_skip_until_max_skip_s_and_all_bad_tries_all_again():
+def test_bad_marks_skip_until_max_skip_s_and_bad_ones_are_tried_last():
     router, clock = make_router(3)
     route = Route("sid", "s1", "s2")
     router.mark_bad(router.get("s1"))
-    assert ids(router.candidates(route))[:2] == ["s2", "s3"]
-    assert "s1" not in ids(router.candidates(route))
+    assert router.first(route) is None  # the primary is skipped...
+    assert ids(router.candidates(route)) == ["s2", "s3", "s1"]  # ...and tried last
+    assert ids(router.candidates(None))[-1] == "s1"
+    router.mark_bad(router.get("s2"))
+    assert ids(router.candidates(route)) == ["s3", "s1", "s2"]
     for b in router.backends:
         router.mark_bad(b)
     assert ids(router.candidates(route)) == ["s1", "s2", "s3"]  # the WebLogic rule
     assert sorted(ids(router.candidates(None))) == ["s1", "s2", "s3"]
     clock.now += 10.1
     assert ids(router.candidates(route))[0] == "s1"
+    assert router.first(route) is router.get("s1")
+
+
+def test_a_new_view_or_a_passing_probe_clears_bad_marks():
+    router, _ = make_router(3)
+    s1, s2, s3 = (router.get(i) for i in ("s1", "s2", "s3"))
+    for b in (s1, s2, s3):
+        router.mark_bad(b)
+    view = {b.id: b.address for b in (s1, s2)}
+    router.apply_view("v1", view, declined=s2)  # s2's own 503 carried the view
+    assert not router.is_bad(s1) and router.is_bad(s2) and router.is_bad(s3)
+    assert router.first(Route("sid", "s1", "s2")) is s1
+    router.seen_alive(s3)  # what a passing health probe does
+    assert not router.is_bad(s3)
 
 
 def test_draining_keeps_its_sessions_but_takes_no_new_ones():

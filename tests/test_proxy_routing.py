@@ -282,3 +282,131 @@ async def test_keep_alive_connections_are_reused():
             await client.close()
         snap = await env.status()
         assert env.backend_status(snap, "s1")["idle_connections"] == 1
+
+
+# --- bad marks: cleared when the backend is seen alive, tried last before giving up ----------
+
+
+async def test_a_new_cluster_view_listing_a_bad_backend_clears_its_mark():
+    async with proxy_env("s1", "s2", max_skip_s=30) as env:
+        s1, s2 = env.backends["s1"], env.backends["s2"]
+        s1.unavailable = True  # a drain's 503: s1 is marked bad for 30 s
+        cookie = {"Cookie": f"JSESSIONID={token('s1', 's2')}"}
+        assert (await env.get("/id", headers=cookie))[:2] == (200, "s2")
+        assert env.backend_status(await env.status(), "s1")["bad"]
+        s1.unavailable = False  # back (restarted, rejoined)...
+        s2.view = ("v2", f"v2; s1=127.0.0.1:{s1.port}, s2=127.0.0.1:{s2.port}")
+        # ...and the cluster says so on the next response the proxy sees
+        await env.get("/id", headers={"Cookie": f"JSESSIONID={token('s2', 's1')}"})
+        snap = await env.status()
+        assert snap["view"] == "v2" and not env.backend_status(snap, "s1")["bad"]
+        assert (await env.get("/id", headers=cookie))[:2] == (200, "s1")  # before 30 s
+
+
+async def test_a_passing_health_probe_clears_a_bad_mark_unless_it_says_draining():
+    async with proxy_env("s1", "s2", max_skip_s=30, health_interval_s=0.05) as env:
+        s1 = env.backends["s1"]
+        s1.unavailable = True
+        s1.health_state = "draining"  # health answers 200 while draining
+        cookie = {"Cookie": f"JSESSIONID={token('s1', 's2')}"}
+        assert (await env.get("/id", headers=cookie))[:2] == (200, "s2")
+        probes = s1.hits["/__tandem/health"]
+        while s1.hits["/__tandem/health"] < probes + 3:
+            await asyncio.sleep(0.02)
+        assert env.backend_status(await env.status(), "s1")["bad"]  # still draining
+        s1.unavailable = False
+        s1.health_state = "up"
+        probes = s1.hits["/__tandem/health"]
+        while s1.hits["/__tandem/health"] < probes + 2:
+            await asyncio.sleep(0.02)
+        assert not env.backend_status(await env.status(), "s1")["bad"]
+        assert (await env.get("/id", headers=cookie))[:2] == (200, "s1")
+
+
+async def test_when_the_last_usable_candidate_answers_503_the_marked_ones_are_tried():
+    async with proxy_env("s1", "s2", max_skip_s=30) as env:
+        s1, s2 = env.backends["s1"], env.backends["s2"]
+        cookie = {"Cookie": f"JSESSIONID={token('s1', 's2')}"}
+        s1.unavailable = True
+        assert (await env.get("/id", headers=cookie))[:2] == (200, "s2")  # s1 marked bad
+        s1.unavailable = False  # s1 is back, still marked; now s2 drains
+        s2.unavailable = True
+        with capture_logs() as logs:
+            status, body, _ = await env.get("/id", headers=cookie)
+        assert (status, body) == (200, "s1")  # not s2's 503
+        failovers = [e for e in logs if e["event"] == "failover"]
+        assert [(e["from_"], e["to"], e["cause"]) for e in failovers] == [("s2", "s1", "503")]
+        snap = await env.status()  # s1 answered: its mark is gone; s2's is new
+        assert not env.backend_status(snap, "s1")["bad"] and env.backend_status(snap, "s2")["bad"]
+        s1.unavailable = True
+        status, body, _ = await env.get("/id", headers=cookie)
+        assert (status, body) == (503, "s2 unavailable")  # both declined: the last is relayed
+        assert s1.hits["503"] == 2 and s2.hits["503"] == 2
+        # every backend marked bad: all are tried again, new sessions too
+        s1.unavailable = False
+        assert (await env.get("/id"))[:2] == (200, "s1")
+
+
+# --- a pooled connection that dies under a request ---------------------------------------
+
+
+def _answers_once_then_dies(backend: RawBackend):
+    """Answers the first request of its first connection, stops listening, then reads the
+    next request on that connection and closes it without a word: what a backend killed
+    between two requests of a keep-alive connection looks like."""
+
+    async def handler(reader, writer):
+        head, _ = await read_request(reader)
+        backend.requests.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        assert backend._server is not None
+        backend._server.close()  # new connections are refused from now on
+        head, body = await read_request(reader)
+        backend.requests.append(head + body)
+        writer.transport.abort()
+
+    return handler
+
+
+async def test_a_reused_connection_dying_after_the_write_is_an_after_send_retry():
+    dying = await _raw(_answers_once_then_dies)
+    try:
+        async with proxy_env("s2", extra={"s1": dying.port}) as env:
+            cookie = {"Cookie": f"JSESSIONID={token('s1', 's2')}"}
+            assert (await env.get("/a", headers=cookie))[:2] == (200, "ok")
+            with capture_logs() as logs:
+                status, body, _ = await env.get("/b", headers=cookie)
+            assert (status, body) == (200, "s2")
+            assert len(dying.requests) == 2  # /b reached s1: it may have been acted on
+            retry = [e for e in logs if e["event"] == "retry"]
+            assert [(e["backend"], e["cause"], e["reused"]) for e in retry] == [
+                ("s1", "reset", True)]
+            failovers = [e for e in logs if e["event"] == "failover"]
+            assert [(e["from_"], e["to"], e["cause"], e["after_send"]) for e in failovers] == [
+                ("s1", "s2", "reset", True)]
+            text = await env.metrics()
+            assert metric_value(text, "tandem_proxy_retries_total") == 1
+            assert metric_value(text, "tandem_proxy_failovers_total", cause="reset") == 1
+            assert metric_value(text, "tandem_proxy_failovers_total", cause="connect") == 0
+            assert metric_value(text, "tandem_proxy_stale_retries_total") == 1
+            s1 = env.backend_status(await env.status(), "s1")
+            assert s1["bad"] and s1["connect_errors"] == 1  # the fresh connection failed
+    finally:
+        await dying.stop()
+
+
+async def test_a_post_on_a_reused_connection_that_dies_after_the_write_is_not_retried():
+    dying = await _raw(_answers_once_then_dies)
+    try:
+        async with proxy_env("s2", extra={"s1": dying.port}) as env:
+            cookie = {"Cookie": f"JSESSIONID={token('s1', 's2')}"}
+            assert (await env.get("/a", headers=cookie))[:2] == (200, "ok")
+            async with env.http.post(env.url + "/echo", data=b"once", headers=cookie) as resp:
+                assert resp.status == 502
+            assert env.backends["s2"].hits["/echo"] == 0
+            text = await env.metrics()
+            assert metric_value(text, "tandem_proxy_retries_total") == 0
+            assert metric_value(text, "tandem_proxy_stale_retries_total") == 0
+    finally:
+        await dying.stop()

@@ -1,0 +1,136 @@
+"""The fast lanes (a whole request in one read, a whole response in one read) against the
+general path: the same bytes reach the other side either way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.proxy_support import RawBackend, RawClient, proxy_env, read_request, token
+
+
+async def test_a_body_in_the_same_read_as_the_head_and_a_body_that_comes_later():
+    async with proxy_env("s1") as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        resp = await client.response()
+        assert (resp.status, resp.body) == (200, b"hello")
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe")
+        await asyncio.sleep(0.05)
+        await client.send(b"llo")
+        resp = await client.response()
+        assert (resp.status, resp.body) == (200, b"hello")
+        await client.close()
+
+
+async def test_changed_fields_on_a_keep_alive_connection_are_seen():
+    async with proxy_env("s1", "s2") as env:
+        client = await RawClient.open(env.port)
+        seen = []
+        for host, primary in (("a.example", "s1"), ("a.example", "s1"), ("b.example", "s2"),
+                              ("b.example", None)):
+            cookie = f"Cookie: JSESSIONID={token(primary)}\r\n" if primary else ""
+            await client.send(f"GET /headers HTTP/1.1\r\nHost: {host}\r\n{cookie}\r\n"
+                              .encode())
+            resp = await client.response()
+            assert resp.status == 200
+            pairs = {k.lower(): v for k, v in json.loads(resp.body)}
+            seen.append((pairs["x-forwarded-host"], resp.header("x-server")))
+        await client.close()
+    assert seen[:3] == [("a.example", "s1"), ("a.example", "s1"), ("b.example", "s2")]
+    assert seen[3][0] == "b.example"
+
+
+async def test_a_read_ending_inside_the_next_request_head():
+    async with proxy_env("s1") as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"GET /status/201 HTTP/1.1\r\nHost: x\r\n\r\nGE")
+        await asyncio.sleep(0.05)
+        await client.send(b"T /status/202 HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = [await client.response() for _ in range(2)]
+        await client.close()
+    assert [(r.status, r.body) for r in got] == [(201, b"s1 201"), (202, b"s1 202")]
+    assert env.backends["s1"].hits["/status/202"] == 1
+
+
+async def test_http10_keep_alive_client_gets_a_whole_response_with_the_connection_field():
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            await client.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            resp = await client.response()
+            assert (resp.status, resp.body) == (200, b"ok")
+            assert resp.header("connection") == "keep-alive"
+            await client.send(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            resp = await client.response()
+            assert (resp.body, resp.header("connection")) == (b"ok", "close")
+            assert await client.closed()
+            await client.close()
+    finally:
+        await backend.stop()
+
+
+async def test_whole_responses_are_relayed_byte_for_byte_and_others_rewritten():
+    responses = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-App: 1\r\n\r\nhello",  # relayed as read
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n\r\nhello",
+        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+    ]
+
+    async def handler(reader, writer):
+        for data in responses:
+            await read_request(reader)
+            writer.write(data)
+            await writer.drain()
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            raw = []
+            for _ in responses:
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await client.reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                raw.append(head + await client.reader.readexactly(length))
+            await client.close()
+        assert raw[0] == responses[0]
+        assert b"keep-alive" not in raw[1].lower() and raw[1].endswith(b"\r\n\r\nhello")
+        assert raw[2] == responses[2]
+        assert backend.connections == 1
+    finally:
+        await backend.stop()
+
+
+async def test_an_invalid_whole_response_is_a_bad_gateway():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad Header: x\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            status, body, _ = await env.get("/")
+            assert status == 502 and "invalid response" in body
+    finally:
+        await backend.stop()
+
+
+async def test_an_invalid_request_in_the_fast_lane_is_400():
+    async with proxy_env("s1") as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n")
+        resp = await client.response()
+        assert resp.status == 400 and await client.closed()
+        await client.close()
+        assert env.backends["s1"].hits["/"] == 0
