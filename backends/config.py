@@ -46,13 +46,14 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @classmethod
-    def parse(cls, text: str) -> Address:
+    def parse(cls, text: str, *, allow_port_0: bool = False) -> Address:
+        """`allow_port_0`: for a listening address (0: the system picks a free port)."""
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
         if m is None:
             raise ValueError("expected host:port")
         host = m.group(1) or m.group(3)
         port = int(m.group(2) or m.group(4))
-        if not 0 < port < 65536:
+        if not (0 if allow_port_0 else 1) <= port < 65536:
             raise ValueError("port out of range")
         return cls(host, port)
 
@@ -101,8 +102,9 @@ class SessionSection:
 
 @dataclass(frozen=True, slots=True)
 class ProxySection:
-    listen: Address = Address("127.0.0.1", 8080)
-    admin: Address | None = Address("127.0.0.1", 8081)
+    # Port 0 on the proxy's own listeners: the system picks a free port.
+    listen: Address = field(default=Address("127.0.0.1", 8080), metadata={"port_0": True})
+    admin: Address | None = field(default=Address("127.0.0.1", 8081), metadata={"port_0": True})
     connect_timeout_s: float = field(default=2.0, metadata=_positive())
     io_timeout_s: float = field(default=300.0, metadata=_positive())
     max_skip_s: float = field(default=10.0, metadata={"min": 0.0})
@@ -299,7 +301,7 @@ def _coerce(hint: Any, value: Any, meta: Mapping[str, Any], key: str, source: st
         if not isinstance(value, str):
             raise bad("expected a \"host:port\" string")
         try:
-            return Address.parse(value)
+            return Address.parse(value, allow_port_0=bool(meta.get("port_0")))
         except ValueError as exc:
             raise bad(str(exc)) from None
     if hint is bool:

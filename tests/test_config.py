@@ -840,7 +840,7 @@ def test_bad_server_address_is_rejected_naming_the_key(where: str, value: str) -
     assert_names(err, f"servers[0].{where}", value)
 
 
-@pytest.mark.parametrize("value", ["0.0.0.0:0", "8080", "off", ""])
+@pytest.mark.parametrize("value", ["8080", "off", ""])
 def test_bad_proxy_listen_is_rejected(value: str) -> None:
     err = config_error(section("proxy", listen=value))
     assert_names(err, "proxy.listen", value)
@@ -860,7 +860,7 @@ def test_proxy_admin_address() -> None:
     assert cfg.proxy.admin == Address("::1", 9999)
 
 
-@pytest.mark.parametrize("value", ["bogus", "127.0.0.1:0", "OFF-ish"])
+@pytest.mark.parametrize("value", ["bogus", "OFF-ish"])
 def test_bad_proxy_admin_is_rejected(value: str) -> None:
     err = config_error(section("proxy", admin=value))
     assert_names(err, "proxy.admin", value)
