@@ -63,9 +63,9 @@ class Exchange:
         # request body
         "kept", "kept_bytes", "pending", "pending_bytes", "body_bytes", "body_done",
         # attempts
-        "candidates", "next_index", "backend", "upstream", "attempts", "sent_any", "unwritten",
-        "retried_same", "retry_cause", "connecting", "timer_mark", "quiet_since", "sent_at",
-        "last_error",
+        "candidates", "next_index", "backend", "upstream", "attempts", "sent_any", "written",
+        "unwritten", "retried_same", "retry_cause", "connecting", "timer_mark", "quiet_since",
+        "sent_at", "last_error",
         # response
         "responded", "continue_sent", "chunk_out", "close_after", "finished", "out",
     )
@@ -98,7 +98,8 @@ class Exchange:
         self.backend: Backend | None = None
         self.upstream: UpstreamProtocol | None = None
         self.attempts = 0
-        self.sent_any = False  # some attempt wrote the head to a backend
+        self.sent_any = False  # some attempt took the request (its body left `pending`)
+        self.written = False  # some attempt's write went out (the app may have read it)
         self.unwritten = False  # the last attempt's write failed at once (nothing left)
         self.retried_same = False  # sent to the same backend again after a dead connection
         # The after-send failure behind a retry on the same backend: a failure to connect
@@ -205,7 +206,7 @@ class Exchange:
         transport = up.transport
         assert transport is not None
         body = self.kept if self.sent_any else self.pending
-        if self.sent_any:
+        if self.written:
             self.ctx.metrics.retries += 1  # the request goes out again after a failure
         if not body:
             transport.write(self.head + self.ctx.router.view_tail)
@@ -220,6 +221,8 @@ class Exchange:
         # A write that fails at once closes the transport there and then: no byte of the
         # request left (a pooled connection that died unnoticed); see on_upstream_lost.
         self.unwritten = transport.is_closing()
+        if not self.unwritten:
+            self.written = True
         self.sent_any = True
         self.sent_at = _perf()
         # io timeout watch (see check_io): its first look starts the quiet period.
@@ -479,7 +482,7 @@ class Exchange:
         b.failovers += 1
         ctx.metrics.count_failover(exc.cause)
         log.info("failover", sid=self._sid(), from_=b.id, to=to, cause=exc.cause,
-                 after_send=self.sent_any)
+                 after_send=self.written)
         self._dispatch()
 
     def _no_backend(self) -> None:

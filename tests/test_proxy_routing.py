@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 from structlog.testing import capture_logs
 
@@ -410,3 +412,53 @@ async def test_a_post_on_a_reused_connection_that_dies_after_the_write_is_not_re
             assert metric_value(text, "tandem_proxy_stale_retries_total") == 0
     finally:
         await dying.stop()
+
+
+async def test_a_pooled_connection_reset_before_the_write_is_retried_as_unwritten():
+    # A plain socket as the backend, so that it can reset the pooled connection at a
+    # chosen moment: right after the client's request reached the proxy's socket and
+    # before the proxy's loop ran. The proxy sees the request first (the kernel reports
+    # ready sockets in order), writes it to the dead connection, and that write fails
+    # at once: no byte of the request left, so it goes again, whatever the method.
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    received: list[bytes] = []
+
+    async def serve_one() -> socket.socket:
+        conn, _ = await loop.sock_accept(listener)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(b"once"):
+            data += await loop.sock_recv(conn, 65536)
+        received.append(data)
+        await loop.sock_sendall(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return conn
+
+    try:
+        async with proxy_env(extra={"s1": listener.getsockname()[1]}) as env:
+            client = await RawClient.open(env.port)
+            request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nonce"
+            await client.send(request)
+            first = await serve_one()
+            assert (await client.response()).status == 200
+            await asyncio.sleep(0.05)  # the upstream connection is back in the pool
+            with capture_logs() as logs:
+                client.writer.write(request)  # reaches the proxy's socket now...
+                first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 struct.pack("ii", 1, 0))
+                first.close()  # ...then the pooled connection is reset
+                second = await serve_one()
+                resp = await client.response()
+            assert (resp.status, resp.body) == (200, b"ok")
+            second.close()
+            await client.close()
+            assert len(received) == 2  # the POST reached the backend once each time
+            retry = [e for e in logs if e["event"] == "retry"]
+            assert [(e["cause"], e["reused"]) for e in retry] == [("unwritten", True)]
+            text = await env.metrics()
+            assert metric_value(text, "tandem_proxy_stale_retries_total") == 1
+            assert metric_value(text, "tandem_proxy_retries_total") == 0  # never written
+    finally:
+        listener.close()
