@@ -23,11 +23,22 @@ __all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "FrameReade
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
-# Made once (json.dumps with options builds an encoder per call). Frames are built by us
-# from plain values (session values travel already serialized): no cycle to look for.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
-                           check_circular=False).encode
-_decode = json.JSONDecoder().decode
+# Made once: json.dumps with options builds an encoder per call, and JSONEncoder.encode a
+# C encoder per call. Frames are built by us from plain values (session values travel
+# already serialized): no cycle to look for.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
+_c_encode = getattr(json.encoder, "c_make_encoder", None)
+if _c_encode is not None:  # CPython's C accelerator, as JSONEncoder.encode would call it
+    _c_encode = _c_encode(None, _encoder.default, json.encoder.encode_basestring, None, ":", ",",
+                          False, False, True)
+# raw_decode: no leading and trailing whitespace to skip (frames have none, see _parse)
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _encode(msg: dict[str, Any]) -> str:
+    if _c_encode is not None:
+        return "".join(_c_encode(msg, 0))
+    return _encoder.encode(msg)
 
 
 def encode_frame(msg: dict[str, Any]) -> bytes:
@@ -53,9 +64,12 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: str) -> dict[str, An
 
 def _parse(body: bytes | bytearray, peer: str) -> dict[str, Any]:
     try:
-        msg = _decode(body.decode())
+        text = body.decode()
+        msg, end = _raw_decode(text)
     except ValueError as exc:  # UnicodeDecodeError included
         raise ProtocolViolation("frame is not JSON", peer=peer) from exc
+    if end != len(text):
+        raise ProtocolViolation("frame has data after its JSON value", peer=peer)
     if not isinstance(msg, dict):
         raise ProtocolViolation("frame is not a JSON object", peer=peer)
     return msg
