@@ -424,8 +424,9 @@ class ClientProtocol(asyncio.Protocol):
 
     # --- answering ----------------------------------------------------------------------------
 
-    def exchange_done(self, ex: Exchange, *, keep: bool) -> None:
-        """The active exchange has written its whole response."""
+    def exchange_done(self, ex: Exchange, keep: bool) -> None:
+        """The active exchange has written its whole response (`keep`: the connection may
+        carry another request)."""
         if ex is not self.active:
             return
         self.active = None

@@ -353,7 +353,7 @@ class Exchange:
             self.flush()
         else:
             self.client.write(data)
-        self.client.exchange_done(self, keep=not self.close_after)
+        self.client.exchange_done(self, not self.close_after)
 
     def on_response_body(self, data: bytes) -> None:
         if self.finished or not data:
@@ -575,7 +575,7 @@ class Exchange:
     def _finish(self) -> None:
         self.finished = True
         self.flush()
-        self.client.exchange_done(self, keep=not self.close_after)
+        self.client.exchange_done(self, not self.close_after)
 
     def _abort_client(self) -> None:
         self._stop()
