@@ -386,6 +386,13 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
             log.error("replication_rejected", sid=short(record.sid), peer=peer,
                       reply=reply.get("error"))
             return
+        if self.membership.recently_stalled():
+            # Right after our own stall a secondary that does not answer has most likely
+            # taken this session over: acknowledging would lose the write. The proxy fails
+            # the request over instead.
+            raise SessionMoved("could not replicate right after our own stall", peer=self.me.id)
+        # Every attempt failed: say so in the token rather than name a secondary without it.
+        self.store.assign_secondary(record, None)
         log.warning("session_unprotected", sid=short(record.sid))
 
     def _replicate_msg(self, record: Primary) -> dict[str, Any]:
