@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,7 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
         self.config = config
         self.me: ServerConfig = config.server(me)
         self._index = config.server_ids.index(me)
+        self._debug = os.environ.get("TANDEM_LOG_LEVEL", "INFO").upper() == "DEBUG"
         self.mode = config.session.replication
         self._timeout = config.cluster.replication_timeout_s
         # state
@@ -371,8 +373,9 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
             if reply.get("ok"):
                 record.acked_version = max(record.acked_version, int(msg["v"]))
                 self.stats["replicated"] += 1
-                log.debug("replicated", sid=short(record.sid), to=peer, version=msg["v"],
-                          full="data" in msg)
+                if self._debug:  # per request: not even a filtered call when not wanted
+                    log.debug("replicated", sid=short(record.sid), to=peer, version=msg["v"],
+                              full="data" in msg)
                 self._release_stale(record)
                 return
             if reply.get("need_full"):
