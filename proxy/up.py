@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,10 @@ def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -
                         return 1
                     time.sleep(0.1)
         children["proxy"] = subprocess.Popen(cmds["proxy"], env=env)
+        if not _wait_listening(cfg, children["proxy"], timeout=30.0):
+            print(f"tandem: the proxy did not start listening on {cfg.proxy.listen}",
+                  file=sys.stderr)
+            return 1
         if not stopping:
             admin = f", status page http://{cfg.proxy.admin}/__tandem/status" if (
                 cfg.proxy.admin) else ""
@@ -125,6 +130,19 @@ def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -
         return 0
     finally:
         _stop_all(children)
+
+
+def _wait_listening(cfg: Config, proxy: subprocess.Popen[bytes], *, timeout: float) -> bool:
+    """Until the proxy accepts connections (the URL we print must answer)."""
+    addr = cfg.proxy.listen
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proxy.poll() is None:
+        try:
+            with socket.create_connection((addr.host, addr.port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 def _rolling_restart(cfg: Config, children: dict[str, subprocess.Popen[bytes]],
