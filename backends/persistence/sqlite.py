@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,9 +90,20 @@ class SqliteStore:
             db = sqlite3.connect(self.path, timeout=self._busy_timeout_s,
                                  isolation_level=None, check_same_thread=True)
             try:
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute(f"PRAGMA synchronous = {self._synchronous}")
-                db.executescript(_SCHEMA)
+                # Servers starting together set up the same file: switching it to WAL can
+                # fail at once with "database is locked" (the busy handler does not cover
+                # that), so the set-up is retried within the busy timeout.
+                deadline = time.monotonic() + self._busy_timeout_s
+                while True:
+                    try:
+                        db.execute("PRAGMA journal_mode = WAL")
+                        db.execute(f"PRAGMA synchronous = {self._synchronous}")
+                        db.executescript(_SCHEMA)
+                        break
+                    except sqlite3.OperationalError as exc:
+                        if "locked" not in str(exc) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
             except BaseException:
                 db.close()
                 raise
