@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .config import ServerConfig
 from .errors import PeerTimeout, PeerUnavailable, SessionMoved
 from .logs import short
-from .peers import Membership
-from .store import LocalStore, Primary
+from .replica import ManagerState
+from .store import Primary
 from .token import Route
 
 __all__ = ["HandoverMixin"]
@@ -26,25 +25,12 @@ __all__ = ["HandoverMixin"]
 log = structlog.get_logger("tandem.sessions")
 
 
-class HandoverMixin:
+class HandoverMixin(ManagerState):
     """Drain, take-over and rebalancing for SessionManager."""
 
-    if TYPE_CHECKING:  # provided by SessionManager
-        me: ServerConfig
-        mode: str
-        draining: bool
-        store: LocalStore
-        stats: dict[str, int]
-        membership: Membership
-        _timeout: float
-        _superseded: dict[str, dict[str, int]]
-
-        def next_epoch(self, after: int) -> int: ...
-        def _send(self, peer: str, msg: dict[str, Any]) -> None: ...
-        def _peer_error(self, peer: str, exc: Exception) -> None: ...
+    if TYPE_CHECKING:
         _opening: dict[str, asyncio.Future[Primary | None]]
         _rebalance: bool
-        _loads: dict[str, int]
         _moved_to: dict[str, str]
 
         async def replicate(self, record: Primary) -> None: ...

@@ -17,13 +17,13 @@ from .logs import short
 from .peers import Membership
 from .store import LocalStore, Primary, Replica
 
-__all__ = ["ReplicaSideMixin"]
+__all__ = ["ReplicaSideMixin", "ManagerState"]
 
 log = structlog.get_logger("tandem.sessions")
 
 
-class ReplicaSideMixin:
-    """Answers the replication channel's messages for SessionManager."""
+class ManagerState:
+    """What the SessionManager mixins share of its state (declared here for the type checker)."""
 
     if TYPE_CHECKING:  # provided by SessionManager
         me: ServerConfig
@@ -39,6 +39,12 @@ class ReplicaSideMixin:
         def _send(self, peer: str, msg: dict[str, Any]) -> None: ...
         def _peer_error(self, peer: str, exc: Exception) -> None: ...
         _loads: dict[str, int]
+
+
+class ReplicaSideMixin(ManagerState):
+    """Answers the replication channel's messages for SessionManager."""
+
+    if TYPE_CHECKING:
 
         async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]: ...
 
