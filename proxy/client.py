@@ -78,7 +78,8 @@ class ClientProtocol(asyncio.Protocol):
         "ctx",
         # per connection
         "transport", "write", "writelines", "parser", "lean_parser", "client_ip", "for_node",
-        "fields_key", "fields_scan", "active", "queue", "incoming", "starting", "read_paused",
+        "fields_key", "fields_scan", "fwd_host", "fwd_fields", "active", "queue", "incoming",
+        "starting", "read_paused",
         "write_paused", "closed", "served", "idle_mark", "idle_since", "pending_error",
         "tunnel", "upgrade_buf",
         # per request being parsed
@@ -92,8 +93,8 @@ class ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
         # Validates requests that the fast lane forwards verbatim: no callbacks at all (see
-        # data_received). Between messages both parsers are at a message boundary, so
-        # either can take the next one.
+        # _lane). Between messages both parsers are at a message boundary, so either can
+        # take the next one.
         self.lean_parser = HttpRequestParser(_NO_CALLBACKS)
         self.client_ip = b"unknown"
         self.for_node = b"for=unknown"
@@ -102,6 +103,9 @@ class ClientProtocol(asyncio.Protocol):
         # need the general path: a keep-alive client tends to repeat its fields.
         self.fields_key: bytes | None = None
         self.fields_scan: tuple[bytes | None, int, bytes] | None = None
+        # The forwarding fields for the last Host seen (other fields change more often).
+        self.fwd_host: bytes | None = None
+        self.fwd_fields = b""
         self.active: Exchange | None = None  # the request being answered
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.incoming: Exchange | None = None  # the request whose body is being parsed
@@ -291,9 +295,15 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self.fields_key = fields
             found = fast_fields(fields)
-            scan = self.fields_scan = None if found is None else (
-                found[1], found[2], forwarding_fields(found[0], client_ip=self.client_ip,
-                                                      for_node=self.for_node))
+            if found is None:
+                scan = self.fields_scan = None
+            else:
+                host = found[0]
+                if host != self.fwd_host:
+                    self.fwd_host = host
+                    self.fwd_fields = forwarding_fields(host, client_ip=self.client_ip,
+                                                        for_node=self.for_node)
+                scan = self.fields_scan = (found[1], found[2], self.fwd_fields)
         if scan is None:
             return False
         cookie, length, fwd = scan

@@ -1,0 +1,157 @@
+"""The Python side of one proxied request, without sockets: what the proxy's own code costs.
+
+    python bench/proxy_micro.py                 # this checkout
+    python bench/proxy_micro.py --tree /tmp/old # another one (`git archive REV | tar -x`)
+
+A real `ClientProtocol` and `UpstreamProtocol` of a real `ProxyContext` are connected to
+transports that only collect what is written; each iteration feeds one client request (the
+head wrk sends in bench/proxy_compare.py; a browser-like one; or wrk's with a field whose
+value changes on every request) and one backend response, through the same code path as
+under load. The CPU time of the process (not wall time) per
+iteration is reported, best of `--repeat`; syscalls, the event loop and cache misses under
+load come on top (bench/proxy_compare.py measures those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SECRET = "bench-proxy-secret"
+CLUSTER = f"""[cluster]
+secrets = ["{SECRET}"]
+[proxy]
+listen = "127.0.0.1:19080"
+[[servers]]
+id = "s1"
+http = "127.0.0.1:19001"
+replication = "127.0.0.1:19101"
+[[servers]]
+id = "s2"
+http = "127.0.0.1:19002"
+replication = "127.0.0.1:19102"
+"""
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+
+
+class _Transport:
+    """Collects writes; never pauses, never closes by itself."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.out.append(b"".join(parts))
+
+    def get_extra_info(self, key: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if key == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def request_head(kind: str, token: str) -> bytes:
+    if kind == "wrk":
+        return (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:19080\r\n"
+                f"Cookie: JSESSIONID={token}; SRV=s1\r\n\r\n").encode()
+    return (f"GET /app/page?x=1 HTTP/1.1\r\nHost: example.com\r\n"
+            "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
+            "\r\nAccept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+            "Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\n"
+            f"Cookie: _ga=GA1.2.3; JSESSIONID={token}; theme=dark\r\n"
+            "Upgrade-Insecure-Requests: 1\r\nSec-Fetch-Dest: document\r\n"
+            "Sec-Fetch-Mode: navigate\r\nSec-Fetch-Site: none\r\n\r\n").encode()
+
+
+def requests(kind: str, token: str) -> list[bytes]:
+    """The request heads one iteration cycles through: the same head every time, or
+    (`varying`) a field whose value changes on every request, so that no per-connection
+    cache of the last head's fields helps."""
+    if kind != "varying":
+        return [request_head(kind, token)]
+    head = request_head("wrk", token)
+    return [head.replace(b"\r\n\r\n", b"\r\nX-Seq: %d\r\n\r\n" % i) for i in range(1000)]
+
+
+def measure(kind: str, iterations: int, repeat: int) -> float:
+    """Best CPU-µs per request over `repeat` rounds of `iterations`."""
+    from backends.config import loads
+    from backends.token import Route, TokenCodec
+    from proxy.client import ClientProtocol
+    from proxy.context import ProxyContext
+    from proxy.upstream import UpstreamProtocol
+
+    loop = asyncio.new_event_loop()
+    try:
+        ctx = ProxyContext(loads(CLUSTER), loop=loop)
+        token = TokenCodec([SECRET]).encode(Route("B" * 32, "s1", "s2"))
+        heads = requests(kind, token)
+        n = len(heads)
+        backend = ctx.router.get("s1")
+        up = UpstreamProtocol(backend.pool)
+        upstream = _Transport()
+        up.connection_made(upstream)  # type: ignore[arg-type]
+        backend.pool.put(up)
+        client = ClientProtocol(ctx)
+        downstream = _Transport()
+        client.connection_made(downstream)  # type: ignore[arg-type]
+
+        def one(i: int) -> None:
+            client.data_received(heads[i % n])
+            up.data_received(RESPONSE)
+
+        for i in range(2000):
+            one(i)
+        if not downstream.out[-1].endswith(b"ok") or b"200 OK" not in downstream.out[-1]:
+            raise RuntimeError(f"unexpected answer: {downstream.out[-1]!r}")
+        best = float("inf")
+        for _ in range(repeat):
+            downstream.out.clear()
+            upstream.out.clear()
+            t0 = time.process_time()
+            for i in range(iterations):
+                one(i)
+            best = min(best, (time.process_time() - t0) / iterations * 1e6)
+        return best
+    finally:
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="checkout whose proxy/ and backends/ are measured")
+    ap.add_argument("--iterations", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(args.tree.resolve()))
+    import proxy
+    print(f"proxy from {Path(proxy.__file__).resolve().parent}")
+    for kind in ("wrk", "browser", "varying"):
+        us = measure(kind, args.iterations, args.repeat)
+        print(f"{kind:8s} head: {us:6.2f} CPU-µs per request (Python side, best of "
+              f"{args.repeat} x {args.iterations})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
