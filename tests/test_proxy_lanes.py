@@ -134,3 +134,24 @@ async def test_an_invalid_request_in_the_fast_lane_is_400():
         assert resp.status == 400 and await client.closed()
         await client.close()
         assert env.backends["s1"].hits["/"] == 0
+
+
+async def test_an_unusual_status_class_is_relayed_and_counted():
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            for _ in range(2):
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                resp = await client.response()
+                assert (resp.status, resp.body) == (600, b"ok")
+            await client.close()
+            assert (await env.status())["requests"]["total"] == 2
+    finally:
+        await backend.stop()
