@@ -359,8 +359,7 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
                 peer = self._choose_secondary()
                 self.store.assign_secondary(record, peer)
                 if peer is None:
-                    log.warning("session_unprotected", sid=short(record.sid))
-                    return
+                    break
             msg = self._replicate_msg(record)
             try:
                 reply = await self.membership.links[peer].call(msg, timeout=self._timeout)
@@ -369,7 +368,12 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
                 self._peer_error(peer, exc)
                 continue
             if self.store.primaries.get(record.sid) is not record:
-                return  # invalidated or moved while we waited
+                if record.gone == "superseded":
+                    # Another server took the session over while this write replicated
+                    # (we were thought failed): it lacks the write, so it is not
+                    # acknowledged; the proxy retries the request there.
+                    raise SessionMoved("session taken over during replication", peer=peer)
+                return  # invalidated, or fetched with this write by another server
             if reply.get("ok"):
                 record.acked_version = max(record.acked_version, int(msg["v"]))
                 self.stats["replicated"] += 1
