@@ -56,3 +56,14 @@ class ProxyContext:
         self.router = Router(config.servers, max_skip_s=p.max_skip_s, pool_factory=pool_for)
         self.connections: set[Any] = set()  # open ClientProtocol instances
         self.closing = False  # shutting down: finish in-flight requests, keep nothing alive
+        # How long a request waiting at a server the cluster reports failed (out of its
+        # view) may stay without response data before it fails over, io timeout or not.
+        self.view_quiet_s = min(0.5, p.io_timeout_s / 4)
+
+    def check_io_all(self) -> None:
+        """Look at every in-flight exchange's io watch (the housekeeping tick; and at
+        once when a cluster view drops a server)."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn.active is not None:
+                conn.active.check_io(now)

@@ -511,11 +511,19 @@ class Exchange:
             self.timer_mark = up.activity
             self.quiet_since = now
             return
-        if now - self.quiet_since < self.ctx.io_timeout_s:
+        b = self.backend
+        assert b is not None
+        quiet = now - self.quiet_since
+        if quiet < self.ctx.io_timeout_s:
+            # The cluster reports the server failed (missed heartbeats: hung, or cut off),
+            # or the active probes found it unhealthy, and it is silent: no need to wait
+            # for the io timeout to fail over.
+            if ((b.in_view and b.healthy) or quiet < self.ctx.view_quiet_s or self.responded
+                    or not self.body_done or up.writing_paused):
+                return
+            self._left_view(b, up)
             return
         try:
-            b = self.backend
-            assert b is not None
             if up.reading_paused:  # the client has not read for io_timeout_s
                 log.info("client_stalled", backend=b.id, sid=self._sid())
                 self._drop_upstream(up)
@@ -535,6 +543,16 @@ class Exchange:
                     self._abort_client()
                 else:
                     self._failed(exc)
+        except Exception as exc:
+            self.on_internal_error(exc)
+
+    def _left_view(self, b: Backend, up: UpstreamProtocol) -> None:
+        try:
+            b.io_errors += 1
+            self._drop_upstream(up)
+            self._failed(UpstreamTimeout(
+                f"no response data, and the cluster reports {b.id} failed",
+                backend_id=b.id, attempt=self.attempts))
         except Exception as exc:
             self.on_internal_error(exc)
 
@@ -615,8 +633,12 @@ class Exchange:
             return
         if view_hash == router.view_hash:
             return
+        was_in = [b for b in router.backends if b.in_view]
         added = router.apply_view(view_hash, members,
                                   declined=self.backend if declined else None)
+        if any(not b.in_view for b in was_in):
+            # requests waiting at a server that left the view fail over now (check_io)
+            self.ctx.loop.call_soon(self.ctx.check_io_all)
         self.ctx.metrics.views_applied += 1
         log.info("view_updated", view=view_hash, members=sorted(members), added=added)
 

@@ -85,10 +85,8 @@ class ProxyServer:
         next_sweep = ctx.loop.time() + sweep_every
         while True:
             await asyncio.sleep(tick)
+            ctx.check_io_all()
             now = ctx.loop.time()
-            for conn in list(ctx.connections):
-                if conn.active is not None:
-                    conn.active.check_io(now)
             if now >= next_sweep:
                 next_sweep = now + sweep_every
                 for conn in list(ctx.connections):

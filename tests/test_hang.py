@@ -108,3 +108,49 @@ def test_writes_a_resumed_primary_answers_are_never_lost(make_cluster):
         status, body = c.get(base=cluster.proxy_url)
         assert status == 200, body
         assert body["counter"] == acked.get(i, 1) + 1, (i, acked.get(i), body)
+
+
+def test_requests_held_by_a_server_the_cluster_reports_failed_move_before_the_io_timeout(
+        make_cluster):
+    """Missed heartbeats, not only proxy.io_timeout_s: once a response from a live server
+    brings the proxy a cluster view without the hung one, the requests waiting there fail
+    over (idempotent) or get 502 (others) at once, long before the 30 s io timeout."""
+    cluster = make_cluster(proxy={"io_timeout_s": 30.0}).start()
+    victim = Client(cluster.url("s1"))
+    assert victim.get("/count")[1]["counter"] == 1
+    victim.base = cluster.proxy_url
+    bystander = Client(cluster.proxy_url)
+    while bystander.token is None or bystander.route[1] == "s1":
+        bystander = Client(cluster.proxy_url)
+        bystander.get("/count")
+    stop = threading.Event()
+
+    def traffic() -> None:  # other sessions' responses carry the cluster view to the proxy
+        while not stop.wait(0.2):
+            bystander.get("/count")
+
+    cluster.kill("s1", signal.SIGSTOP)
+    background = threading.Thread(target=traffic)
+    background.start()
+    try:
+        started = time.monotonic()
+        outcomes: dict[str, tuple[int, object]] = {}
+        held = threading.Thread(target=lambda: outcomes.__setitem__("post", post(victim,
+                                                                                 "/count")))
+        held.start()
+        status, body = victim.get()
+        waited = time.monotonic() - started
+        assert status == 200 and body["counter"] == 2 and body["server"] != "s1", body
+        held.join(timeout=30)
+        post_waited = time.monotonic() - started
+        status, text = outcomes["post"]
+        assert status == 502 and "cluster reports s1 failed" in str(text), (status, text)
+        # heartbeats: 3 x 0.5 s, then the view; nowhere near the io timeout
+        assert waited < 10 and post_waited < 10, (waited, post_waited)
+    finally:
+        stop.set()
+        cluster.kill("s1", signal.SIGCONT)
+        background.join()
+    cluster.wait_formed(["s1", "s2", "s3"])
+    status, body = victim.get()
+    assert status == 200 and body["counter"] == 3, body
