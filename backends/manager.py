@@ -36,6 +36,10 @@ from .token import Route
 
 __all__ = ["SessionManager", "CommitResult", "SessionMoved"]
 
+# After a stall of ours, no session is taken over for this long (seconds): the requests
+# read then are the ones held while we were stopped, which the proxy may have moved.
+HELD_REQUESTS_S = 1.0
+
 log = structlog.get_logger("tandem.sessions")
 
 
@@ -168,6 +172,14 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
 
     async def _take_over(self, route: Route) -> Primary | None:
         sid = route.sid
+        if self.membership.recently_stalled(within=HELD_REQUESTS_S):
+            # We were frozen: the peers have most likely moved this session elsewhere, and
+            # the request may be one the proxy gave up on while we were stopped and sent
+            # to the new primary (which applied it). Taking the session over to apply it
+            # again would duplicate that write; the proxy retries live requests elsewhere.
+            # (Requests held in our sockets during a stall are read in its first moments.)
+            raise SessionMoved("not taking sessions over right after our own stall",
+                               peer=self.me.id)
         local = self.store.replicas.get(sid)
         best: dict[str, Any] | None = None
         source = "replica"
@@ -356,6 +368,10 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
         for _ in range(len(self.config.servers)):
             peer = record.secondary
             if peer is None or not self.membership.is_alive(peer):
+                if self.membership.recently_stalled():
+                    # (a new secondary holds no copy: its ack says nothing of whether
+                    # the session lives on elsewhere since our stall)
+                    break
                 peer = self._choose_secondary()
                 self.store.assign_secondary(record, peer)
                 if peer is None:

@@ -302,6 +302,7 @@ class Membership:
         self._view: tuple[str, str] | None = None
         self._stall_task: asyncio.Task[None] | None = None
         self._stalled_at = -1e9  # monotonic time our last stall ended
+        self._last_tick = float("inf")  # when the stall watch last ran (not yet: inf)
 
     def on_change(self, fn: Callable[[str, PeerState, str], Awaitable[None] | None]) -> None:
         self._listeners.append(fn)
@@ -311,27 +312,33 @@ class Membership:
             link.start()
         self._stall_task = asyncio.create_task(self._watch_stalls(), name="stall-watch")
 
-    def recently_stalled(self) -> bool:
+    def recently_stalled(self, within: float | None = None) -> bool:
         """Were we frozen long enough, recently, for the peers to have declared us failed?
 
         Then the failures we see now are most likely our own: the peers closed our links.
+        `within`: seconds since the stall ended (default: until the peers have surely
+        noticed we are back, two rounds of missed heartbeats).
         """
         c = self.config.cluster
-        return time.monotonic() - self._stalled_at < 2 * c.heartbeat_interval_s * (
-            c.missed_heartbeats + 1)
+        now = time.monotonic()
+        if now - self._last_tick > c.heartbeat_interval_s * c.missed_heartbeats / 2:
+            return True  # frozen until just now: the watch has not run yet
+        if within is None:
+            within = 2 * c.heartbeat_interval_s * (c.missed_heartbeats + 1)
+        return now - self._stalled_at < within
 
     async def _watch_stalls(self) -> None:
         c = self.config.cluster
         tick = min(0.1, c.heartbeat_interval_s / 5)
         limit = c.heartbeat_interval_s * c.missed_heartbeats / 2
-        last = time.monotonic()
+        self._last_tick = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            if now - last > limit:
+            if now - self._last_tick > limit:
                 self._stalled_at = now
-                log.warning("stalled", seconds=round(now - last, 3))
-            last = now
+                log.warning("stalled", seconds=round(now - self._last_tick, 3))
+            self._last_tick = now
 
     async def close(self) -> None:
         if self._stall_task is not None:

@@ -54,8 +54,8 @@ def test_kill_primary_every_session_continues_on_its_secondary(make_cluster, app
         else:
             assert body["server"] == primary and new_primary == primary
             assert new_secondary not in ("s1", "NONE")
-    promoted = sum(cluster.health(s)["stats"]["promoted"] for s in ("s2", "s3"))
-    assert promoted == 20
+    stats = {s: cluster.health(s)["stats"] for s in ("s2", "s3")}
+    assert sum(st["promoted"] for st in stats.values()) == 20, stats
     # the next round is plain affinity again: no more take-overs
     for c in clients:
         status, body = c.get()
