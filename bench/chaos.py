@@ -305,7 +305,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     session: dict[str, Any] = {"replication": args.replication}
     proxy = {"io_timeout_s": args.io_timeout, "max_skip_s": args.max_skip}
     cluster = Cluster(out / "cluster", n=len(SERVERS), app=args.app, session=session,
-                      proxy=proxy, cluster={"drain_timeout_s": 15.0},
+                      proxy=proxy,
+                      cluster={"drain_timeout_s": 15.0, "rebalance": args.rebalance},
                       log_level=args.log_level)
     steps = [("sleep", args.warmup), *SCENARIOS[args.scenario]]
     try:
@@ -579,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                    "is failed over after this")
     p.add_argument("--max-skip", type=float, default=10.0, help="proxy.max_skip_s")
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request")
+    p.add_argument("--rebalance", action=argparse.BooleanOptionalAction, default=True,
+                   help="cluster.rebalance (default on, as in a cluster file)")
     p.add_argument("--app", default="tests.apps:asgi_counter")
     p.add_argument("--log-level", default="INFO", help="TANDEM_LOG_LEVEL of the processes")
     p.add_argument("--out", default="bench/out/chaos", help="output directory (replaced)")
