@@ -85,6 +85,8 @@ class ClientProtocol(asyncio.Protocol):
         # per request being parsed
         "url", "headers", "begun", "in_head", "head_pending", "chunk", "fast", "chunk_len",
         "completed", "body_size",
+        # the last request the fast lane took
+        "lane_head", "lane_size", "lane_last",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -132,6 +134,15 @@ class ClientProtocol(asyncio.Protocol):
         self.chunk_len = 0  # size of the chunk being parsed
         self.completed = 0  # messages completed in the chunk being parsed
         self.body_size = 0
+
+        # The head (with its blank line) of the last request the fast lane validated and
+        # forwarded, the size of that request with its body, and what the lane found in
+        # it: (self.fast for it, method, Cookie, target, head to forward without the
+        # request id, Content-Length or 0). A keep-alive client tends to repeat its
+        # requests byte for byte (see data_received).
+        self.lane_head = b""
+        self.lane_size = -1  # (never a length: b"" starts everything)
+        self.lane_last: tuple[_Fast, bytes, bytes | None, bytes, bytes, int] | None = None
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -239,8 +250,21 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.read_paused & _HALTED:
             return
-        if not self.begun and self._lane(data):  # the chunk starts a message
-            return
+        if not self.begun:
+            if len(data) == self.lane_size and data.startswith(self.lane_head):
+                # Byte for byte the head of the last request the lane took, with a body
+                # as long: llhttp accepted that head, and would accept this request too
+                # (a Content-Length body is not looked into), so no scan and no parse.
+                # The lean parser stays at a message boundary, as it would after it.
+                last = self.lane_last
+                assert last is not None
+                fast, method, cookie, target, prefix, length = last
+                if self.active is None and not self.read_paused:
+                    self._forward(data, method, cookie, target, prefix, length)
+                    return
+                self.fast = fast  # for the general path, as _lane would find it
+            elif self._lane(data):  # the chunk starts a message
+                return
         self.completed = 0
         self.chunk_len = len(data)
         self.chunk = None if self.begun else data
@@ -318,22 +342,34 @@ class ClientProtocol(asyncio.Protocol):
         except (HttpParserError, HttpParserUpgrade) as exc:
             self._reject(ClientProtocolError(f"malformed request: {exc}"))
             return True
+        method = parser.get_method()
+        target = data[data.find(b" ") + 1:first - 9]
+        prefix = data[:end + 2] + fwd
+        self.lane_head = data[:end + 4]
+        self.lane_size = len(data)
+        self.lane_last = (self.fast, method, cookie, target, prefix, length)
+        self._forward(data, method, cookie, target, prefix, length)
+        return True
+
+    def _forward(self, data: bytes, method: bytes, cookie: bytes | None, target: bytes,
+                 prefix: bytes, length: int) -> None:
+        """Send on a request the fast lane took: `data` is the whole request, `prefix` its
+        head with the forwarding fields (the request id goes next), `length` the size of
+        its body (at the end of `data`)."""
+        ctx = self.ctx
         tokens = ctx.tokens
         route = None if cookie is None else tokens.by_cookie.get(cookie)
         if route is None:
-            route = tokens.route(cookie, data[data.find(b" ") + 1:first - 9])
-        ex = Exchange(self, ctx, parser.get_method(), b"".join((
-            data[:end + 2], fwd, b"X-Tandem-Request-Id: ", ctx.request_ids.next(), b"\r\n")),
-            route)
+            route = tokens.route(cookie, target)
+        ex = self.active = Exchange(self, ctx, method, prefix + ctx.request_ids.field(),
+                                    route)
         if length:
-            ex.feed_body(data[end + 4:])
+            ex.feed_body(data[-length:])
         ex.body_done = True
-        self.active = ex
         try:
             ex.start()
         except Exception as exc:
             self._internal_error(exc)
-        return True
 
     # httptools callbacks
 
@@ -388,7 +424,7 @@ class ClientProtocol(asyncio.Protocol):
             raise BodyTooLarge(f"request body larger than {ctx.max_body} bytes")
         ex = Exchange(
             self, ctx, method,
-            b"".join((head, b"X-Tandem-Request-Id: ", ctx.request_ids.next(), b"\r\n")),
+            head + ctx.request_ids.field(),
             ctx.tokens.route(cookie, url),
             keep_alive=parser.should_keep_alive() and not upgrade,
             http10=http10,

@@ -338,6 +338,14 @@ class Exchange:
         ctx.metrics.responses[data[9] - 48] += 1  # (the status's first digit, in ASCII)
         self.upstream = None
         self.responded = self.finished = True
+        client = self.client
+        if (self.keep_alive and self.body_done and not self.upgrade and not self.http10
+                and not ctx.closing and not self.out):
+            # The common case (a keep-alive HTTP/1.1 request, read whole): as is.
+            up.release()
+            client.write(data)
+            client.exchange_done(self, True)
+            return
         if self.body_done and not self.upgrade:
             up.release()
         else:
@@ -352,8 +360,8 @@ class Exchange:
             out.append(data)
             self.flush()
         else:
-            self.client.write(data)
-        self.client.exchange_done(self, not self.close_after)
+            client.write(data)
+        client.exchange_done(self, not self.close_after)
 
     def on_response_body(self, data: bytes) -> None:
         if self.finished or not data:

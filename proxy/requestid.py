@@ -23,15 +23,16 @@ _COUNTER_MAX = 0xFFFFFFFF  # 8 hex digits
 class RequestIds:
     """A source of unique request ids (one per proxy process)."""
 
-    __slots__ = ("prefix", "_count")
+    __slots__ = ("prefix", "_field_prefix", "_count")
 
     def __init__(self) -> None:
-        self.prefix = b""
+        self.prefix = self._field_prefix = b""
         self._count = itertools.count()
         self._roll()
 
     def _roll(self) -> None:
         self.prefix = base64.urlsafe_b64encode(os.urandom(6))  # 8 characters
+        self._field_prefix = REQUEST_ID_HEADER + b": " + self.prefix
         self._count = itertools.count()
 
     def next(self) -> bytes:
@@ -40,3 +41,12 @@ class RequestIds:
             self._roll()
             n = next(self._count)
         return self.prefix + hexlify(n.to_bytes(4, "big"))
+
+    def field(self) -> bytes:
+        """A new id as a whole header line, `X-Tandem-Request-Id: <id>` and its CRLF (what
+        a request head needs, in one concatenation)."""
+        n = next(self._count)
+        if n > _COUNTER_MAX:
+            self._roll()
+            n = next(self._count)
+        return self._field_prefix + hexlify(n.to_bytes(4, "big")) + b"\r\n"

@@ -34,6 +34,7 @@ class UpstreamProtocol(asyncio.Protocol):
         # per exchange
         "exchange", "head_only", "interim", "status", "reason", "headers", "keep_alive",
         "got_bytes", "fast_head", "until_close", "reading_paused", "writing_paused",
+        "whole_head", "whole_size",
         # lifetime
         "requests", "idle_since", "activity", "tunnel",
     )
@@ -61,6 +62,12 @@ class UpstreamProtocol(asyncio.Protocol):
         # (head verbatim, has Content-Length) when the current response needs no rewriting
         self.fast_head: tuple[bytes, bool] | None = None
         self.until_close = False  # response body delimited by connection close
+        # The head (with its blank line) of the last response relayed whole, and the size
+        # of that whole response: a backend tends to repeat its heads byte for byte, and
+        # a response that starts with a head llhttp already accepted (and is just as
+        # long, body included) is relayed with no scan and no parse (see data_received).
+        self.whole_head = b""
+        self.whole_size = -1  # (never a length: b"" starts everything)
         self.reading_paused = False
         self.writing_paused = False
 
@@ -157,15 +164,23 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.activity += 1
-        if self.tunnel is not None:
-            self.tunnel.from_upstream(data)
-            return
         ex = self.exchange
-        if ex is None:  # bytes nobody asked for: the connection cannot be trusted
-            self.close()
+        if ex is None:
+            if self.tunnel is not None:
+                self.tunnel.from_upstream(data)
+            else:  # bytes nobody asked for: the connection cannot be trusted
+                self.close()
             return
         if not self.got_bytes:
             self.got_bytes = True
+            if (len(data) == self.whole_size and data.startswith(self.whole_head)
+                    and not self.head_only):
+                # Byte for byte the head of the last response relayed whole (so the same
+                # status and Content-Length: data is that response too, exactly), which
+                # llhttp validated then: it would accept it again. The parser stays at a
+                # message boundary, as it would after parsing it.
+                ex.relay_whole(self, data, len(self.whole_head) - 4)
+                return
             # First bytes of a response (not 1xx): can its head be relayed verbatim?
             fast = fast_response_head(data)
             if fast is None:
@@ -185,6 +200,8 @@ class UpstreamProtocol(asyncio.Protocol):
                         self.bare_parser = None
                         ex.on_bad_response(self, exc)
                         return
+                    self.whole_head = data[:end + 4]
+                    self.whole_size = len(data)
                     ex.relay_whole(self, data, end)
                     return
                 self.fast_head = (data[:end + 2], length >= 0)
