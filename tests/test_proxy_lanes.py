@@ -155,3 +155,110 @@ async def test_an_unusual_status_class_is_relayed_and_counted():
             assert (await env.status())["requests"]["total"] == 2
     finally:
         await backend.stop()
+
+
+async def test_a_repeated_request_gets_its_own_request_id_and_one_sent_early_waits_its_turn():
+    heads: list[bytes] = []
+
+    async def handler(reader, writer):
+        while True:
+            head, _ = await read_request(reader)
+            heads.append(head)
+            await asyncio.sleep(0.05)  # long enough for the client's early repeat to arrive
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = await RawBackend(handler).start()
+    request = b"GET /same HTTP/1.1\r\nHost: x\r\nCookie: a=b\r\n\r\n"
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            for _ in range(3):  # the same bytes again and again
+                await client.send(request)
+                resp = await client.response()
+                assert (resp.status, resp.body) == (200, b"ok")
+            await client.send(request)
+            await asyncio.sleep(0.01)
+            await client.send(request)  # while the one before is in flight
+            got = [await client.response() for _ in range(2)]
+            assert [(r.status, r.body) for r in got] == [(200, b"ok")] * 2
+            await client.close()
+    finally:
+        await backend.stop()
+    assert len(heads) == 5
+    ids = set()
+    for head in heads:
+        fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if line)
+        assert fields[b"Host"] == b"x" and fields[b"Cookie"] == b"a=b"
+        assert fields[b"X-Forwarded-Host"] == b"x" and b"X-Forwarded-For" in fields
+        ids.add(fields[b"X-Tandem-Request-Id"])
+    assert len(ids) == 5
+
+
+async def test_a_request_as_long_as_the_last_one_is_still_validated():
+    async with proxy_env("s1") as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await client.response()).status == 200
+        await client.send(b"GET /a HTTP/1.1\r\nHost\x01x\r\n\r\n")  # same size, invalid
+        resp = await client.response()
+        assert resp.status == 400 and await client.closed()
+        await client.close()
+        assert env.backends["s1"].hits["/a"] == 1
+
+
+async def test_a_response_as_long_as_the_last_one_relayed_whole_is_still_looked_at():
+    responses = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",  # the same head again
+        b"HTTP/1.1 503 OK\r\nContent-Length: 2\r\n\r\nok",  # same size: fails over
+    ]
+
+    async def handler(reader, writer):
+        for data in responses:
+            await read_request(reader)
+            writer.write(data)
+            await writer.drain()
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env("s2", extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            cookie = f"Cookie: JSESSIONID={token('s1', 's2')}\r\n".encode()
+            got = []
+            for _ in range(3):
+                await client.send(b"GET /status/201 HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
+                resp = await client.response()
+                got.append((resp.status, resp.body))
+            await client.close()
+            assert got == [(200, b"ok"), (200, b"ok"), (201, b"s2 201")]
+    finally:
+        await backend.stop()
+
+
+async def test_an_invalid_response_as_long_as_the_last_one_relayed_whole_is_a_bad_gateway():
+    responses = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: 1\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App\x01 1\r\n\r\nok",
+    ]
+
+    async def handler(reader, writer):
+        for data in responses:
+            await read_request(reader)
+            writer.write(data)
+            await writer.drain()
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await client.response()).body == b"ok"
+            await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            resp = await client.response()
+            assert resp.status == 502 and b"invalid response" in resp.body
+            await client.close()
+    finally:
+        await backend.stop()
