@@ -81,17 +81,24 @@ class HandoverMixin(ManagerState):
         """Make `peer` the session's primary; its new route, or None if it declined."""
         try:
             reply = await self.membership.links[peer].call(
-                {"op": "takeover", **record.state()}, timeout=timeout)
+                {"op": "takeover", **record.state(), "secondary": record.secondary},
+                timeout=timeout)
         except (PeerUnavailable, PeerTimeout) as exc:
             self._peer_error(peer, exc)
             return None
         if not reply.get("ok"):
             return None
-        # the taker protected it with its own secondary before answering
+        # the taker protected it with its own secondary before answering (and if that is
+        # us, its replication has already superseded our record)
         if self.store.primaries.get(record.sid) is record:
             self.store.remove(record.sid)
-            if record.secondary not in (None, peer, reply.get("secondary")):
-                self._send(record.secondary, {"op": "release", "sid": record.sid})
+        # Any other server holding a copy from us lets go of it: left behind, it would be
+        # promoted as ours when we fail, an older copy in a rival lineage.
+        keep = {peer, reply.get("secondary")}
+        for holder in (record.secondary, *record.stale_holders):
+            if holder is not None and holder not in keep:
+                keep.add(holder)
+                self._send(holder, {"op": "release", "sid": record.sid})
         self._moved_to[record.sid] = peer
         if len(self._moved_to) > 100_000:
             del self._moved_to[next(iter(self._moved_to))]
@@ -134,6 +141,12 @@ class HandoverMixin(ManagerState):
         self.store.primaries[sid] = record
         record.stale_holders = {peer}
         self.stats["taken_over"] += 1
+        # The old secondary holds this very state: keep it as ours (its copy is brought
+        # up to date) rather than leave it a stale copy of the old primary's.
+        old_secondary = msg.get("secondary")
+        if old_secondary and old_secondary != self.me.id and any(
+                p.id == old_secondary for p in self.membership.alive_peers()):
+            self.store.assign_secondary(record, old_secondary)
         if self.mode != "none":
             try:
                 await self.replicate(record)  # protected before we acknowledge
