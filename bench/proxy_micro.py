@@ -6,10 +6,13 @@
 A real `ClientProtocol` and `UpstreamProtocol` of a real `ProxyContext` are connected to
 transports that only collect what is written; each iteration feeds one client request (the
 head wrk sends in bench/proxy_compare.py; a browser-like one; or wrk's with a field whose
-value changes on every request) and one backend response, through the same code path as
-under load. The CPU time of the process (not wall time) per
-iteration is reported, best of `--repeat`; syscalls, the event loop and cache misses under
-load come on top (bench/proxy_compare.py measures those).
+value changes on every request) and one backend response (`fresh`: the varying request,
+and a response with a field that changes too), through the same code path as under load.
+The proxy remembers the last request and response of a connection that took the fast
+lanes, so `wrk` and `browser` measure a client and a backend that repeat themselves byte
+for byte; `varying` and `fresh` measure heads seen for the first time. The CPU time of the
+process (not wall time) per iteration is reported, best of `--repeat`; syscalls, the event
+loop and cache misses under load come on top (bench/proxy_compare.py measures those).
 """
 
 from __future__ import annotations
@@ -86,10 +89,18 @@ def requests(kind: str, token: str) -> list[bytes]:
     """The request heads one iteration cycles through: the same head every time, or
     (`varying`) a field whose value changes on every request, so that no per-connection
     cache of the last head's fields helps."""
-    if kind != "varying":
+    if kind not in ("varying", "fresh"):
         return [request_head(kind, token)]
     head = request_head("wrk", token)
     return [head.replace(b"\r\n\r\n", b"\r\nX-Seq: %d\r\n\r\n" % i) for i in range(1000)]
+
+
+def responses(kind: str) -> list[bytes]:
+    """The backend responses one iteration cycles through (`fresh`: a field whose value
+    changes on every response, like a Date or a request id)."""
+    if kind != "fresh":
+        return [RESPONSE]
+    return [RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Seq: %d\r\n\r\n" % i) for i in range(999)]
 
 
 def measure(kind: str, iterations: int, repeat: int) -> float:
@@ -106,6 +117,8 @@ def measure(kind: str, iterations: int, repeat: int) -> float:
         token = TokenCodec([SECRET]).encode(Route("B" * 32, "s1", "s2"))
         heads = requests(kind, token)
         n = len(heads)
+        answers = responses(kind)
+        m = len(answers)
         backend = ctx.router.get("s1")
         up = UpstreamProtocol(backend.pool)
         upstream = _Transport()
@@ -117,7 +130,7 @@ def measure(kind: str, iterations: int, repeat: int) -> float:
 
         def one(i: int) -> None:
             client.data_received(heads[i % n])
-            up.data_received(RESPONSE)
+            up.data_received(answers[i % m])
 
         for i in range(2000):
             one(i)
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(args.tree.resolve()))
     import proxy
     print(f"proxy from {Path(proxy.__file__).resolve().parent}")
-    for kind in ("wrk", "browser", "varying"):
+    for kind in ("wrk", "browser", "varying", "fresh"):
         us = measure(kind, args.iterations, args.repeat)
         print(f"{kind:8s} head: {us:6.2f} CPU-µs per request (Python side, best of "
               f"{args.repeat} x {args.iterations})")
