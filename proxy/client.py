@@ -137,12 +137,12 @@ class ClientProtocol(asyncio.Protocol):
 
         # The head (with its blank line) of the last request the fast lane validated and
         # forwarded, the size of that request with its body, and what the lane found in
-        # it: (self.fast for it, method, Cookie, target, head to forward without the
-        # request id, Content-Length or 0). A keep-alive client tends to repeat its
+        # it: (self.fast for it, method, Cookie, end of the request line, head to forward
+        # without the request id, Content-Length or 0). A keep-alive client tends to repeat its
         # requests byte for byte (see data_received).
         self.lane_head = b""
         self.lane_size = -1  # (never a length: b"" starts everything)
-        self.lane_last: tuple[_Fast, bytes, bytes | None, bytes, bytes, int] | None = None
+        self.lane_last: tuple[_Fast, bytes, bytes | None, int, bytes, int] | None = None
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -258,9 +258,9 @@ class ClientProtocol(asyncio.Protocol):
                 # The lean parser stays at a message boundary, as it would after it.
                 last = self.lane_last
                 assert last is not None
-                fast, method, cookie, target, prefix, length = last
+                fast, method, cookie, first, prefix, length = last
                 if self.active is None and not self.read_paused:
-                    self._forward(data, method, cookie, target, prefix, length)
+                    self._forward(data, method, cookie, first, prefix, length)
                     return
                 self.fast = fast  # for the general path, as _lane would find it
             elif self._lane(data):  # the chunk starts a message
@@ -343,24 +343,23 @@ class ClientProtocol(asyncio.Protocol):
             self._reject(ClientProtocolError(f"malformed request: {exc}"))
             return True
         method = parser.get_method()
-        target = data[data.find(b" ") + 1:first - 9]
         prefix = data[:end + 2] + fwd
         self.lane_head = data[:end + 4]
         self.lane_size = len(data)
-        self.lane_last = (self.fast, method, cookie, target, prefix, length)
-        self._forward(data, method, cookie, target, prefix, length)
+        self.lane_last = (self.fast, method, cookie, first, prefix, length)
+        self._forward(data, method, cookie, first, prefix, length)
         return True
 
-    def _forward(self, data: bytes, method: bytes, cookie: bytes | None, target: bytes,
+    def _forward(self, data: bytes, method: bytes, cookie: bytes | None, first: int,
                  prefix: bytes, length: int) -> None:
-        """Send on a request the fast lane took: `data` is the whole request, `prefix` its
-        head with the forwarding fields (the request id goes next), `length` the size of
-        its body (at the end of `data`)."""
+        """Send on a request the fast lane took: `data` is the whole request (its request
+        line ends at `first`), `prefix` its head with the forwarding fields (the request id
+        goes next), `length` the size of its body (at the end of `data`)."""
         ctx = self.ctx
         tokens = ctx.tokens
         route = None if cookie is None else tokens.by_cookie.get(cookie)
-        if route is None:
-            route = tokens.route(cookie, target)
+        if route is None:  # (the target, for a token in the URL)
+            route = tokens.route(cookie, data[data.find(b" ") + 1:first - 9])
         ex = self.active = Exchange(self, ctx, method, prefix + ctx.request_ids.field(),
                                     route)
         if length:
