@@ -1,12 +1,13 @@
 """A minimal fast HTTP/1.1 backend for the proxy benchmark (bench/proxy_compare.py).
 
-    python bench/backend_fast.py --port 9001 --port 9002 [--burn-us 200]
+    python bench/backend_fast.py --port 9001 --port 9002 [--burn-us 200] [--vary]
 
 One process, one event loop (uvloop), an asyncio Protocol per connection parsing requests
 with httptools; every request is answered with a tiny fixed response (`ok`), keep-alive.
 `--burn-us N` spends N microseconds of CPU per request first (a backend that costs more
-than the proxy in front of it). Listens on every `--port` given (one backend per port for
-the proxies, same process).
+than the proxy in front of it). `--vary`: every response differs from the one before
+(an `X-Seq` field counts), as real responses do. Listens on every `--port` given (one
+backend per port for the proxies, same process).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from httptools import HttpParserError, HttpRequestParser
 __all__ = ["main"]
 
 _RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+_VARIED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Seq: %010d\r\n"
+           b"Content-Length: 2\r\n\r\nok")
 _CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
           b"Connection: close\r\n\r\nok")
 
@@ -34,13 +37,15 @@ def _burn(seconds: float) -> None:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "out", "burn_s")
+    __slots__ = ("transport", "parser", "out", "burn_s", "vary")
+    seq = 0  # responses sent (all connections)
 
-    def __init__(self, burn_s: float) -> None:
+    def __init__(self, burn_s: float, vary: bool) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
         self.out: list[bytes] = []
         self.burn_s = burn_s
+        self.vary = vary
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -61,7 +66,11 @@ class _Conn(asyncio.Protocol):
         if self.burn_s:
             _burn(self.burn_s)
         if self.parser.should_keep_alive():
-            self.out.append(_RESPONSE)
+            if self.vary:
+                _Conn.seq += 1
+                self.out.append(_VARIED % _Conn.seq)
+            else:
+                self.out.append(_RESPONSE)
         else:
             self.out.append(_CLOSE)
             assert self.transport is not None
@@ -70,9 +79,10 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-async def _serve(ports: list[int], burn_s: float) -> None:
+async def _serve(ports: list[int], burn_s: float, vary: bool) -> None:
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(lambda: _Conn(burn_s), "127.0.0.1", port, backlog=1024)
+    servers = [await loop.create_server(lambda: _Conn(burn_s, vary), "127.0.0.1", port,
+                                        backlog=1024)
                for port in ports]
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -88,6 +98,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, action="append", required=True)
     ap.add_argument("--burn-us", type=float, default=0.0,
                     help="CPU microseconds spent per request before answering")
+    ap.add_argument("--vary", action="store_true",
+                    help="no two responses alike (an X-Seq field counts them)")
     args = ap.parse_args()
     try:
         import uvloop
@@ -95,7 +107,7 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(args.port, args.burn_us / 1e6))
+        runner.run(_serve(args.port, args.burn_us / 1e6, args.vary))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ proxy should cost it no throughput). Placements: `shared` (no pinning) and `pinn
 proxy on CPU 1, the backend and wrk on CPU 0). Every process stays in this script's session,
 so in one autogroup, whose CPU share the script raises (`/proc/self/autogroup`, as root).
 `--baseline REV` adds `tandem-REV`: the proxy of an earlier commit (from `git archive`),
-measured in the same runs. See bench/README.md.
+measured in the same runs. `--vary`: no two requests or responses alike (wrk asks for
+`/?n=<counter>`, the backend adds a counting `X-Seq` field), as real traffic is: no proxy
+can reuse what it learnt of the previous message's bytes. See bench/README.md.
 """
+
 
 from __future__ import annotations
 
@@ -52,6 +55,14 @@ if str(ROOT) not in sys.path:
 TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = "bench-proxy-secret"
 CHART = ROOT / "bench" / "proxy-comparison.png"
+# --vary: every request asks for another URL
+_VARY_LUA = """
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/?n=" .. n)
+end
+"""
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -297,13 +308,16 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(c: Contender, backend: list[int], cookie: str, *, duration: float,
-            connections: int, cpus: set[int] | None) -> dict[str, Any]:
+            connections: int, cpus: set[int] | None,
+            script: Path | None = None) -> dict[str, Any]:
     charged = c.pids
     before_p, before_b, t0 = cpu_ticks(charged), cpu_ticks(backend), time.monotonic()
     before_s = switches(charged)
     out = subprocess.run(["wrk", "-t", "1", "-c", str(connections),
                           "-d", f"{max(1, round(duration))}s", "--latency",
-                          "-H", f"Cookie: {cookie}", f"http://127.0.0.1:{c.port}/"],
+                          "-H", f"Cookie: {cookie}",
+                          *(["-s", str(script)] if script else []),
+                          f"http://127.0.0.1:{c.port}/"],
                          capture_output=True, text=True, check=True,
                          preexec_fn=_pinned(cpus)).stdout
     elapsed = time.monotonic() - t0
@@ -346,6 +360,10 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
     token = TokenCodec([SECRET]).encode(Route("B" * 32, "s1", "s2"))
     cookie = f"JSESSIONID={token}; SRV=s1"
     burn = args.burn_us if name == "heavy" else 0.0
+    script = None
+    if args.vary:
+        script = where / "vary.lua"
+        script.write_text(_VARY_LUA)
     # pinned: every proxy on CPU 1; the backend and wrk on CPU 0 (the same for all).
     proxy_cpus, load_cpus = ({1}, {0}) if pinned else (None, None)
     label = f"{name}, {'pinned' if pinned else 'shared'}"
@@ -367,7 +385,8 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
     with ExitStack() as stack:
         be = stack.enter_context(spawn(
             [sys.executable, str(ROOT / "bench" / "backend_fast.py"), "--port", str(b1),
-             "--port", str(b2), "--burn-us", str(burn)], where / "backend.log", cpus=load_cpus))
+             "--port", str(b2), "--burn-us", str(burn), *(["--vary"] if args.vary else [])],
+            where / "backend.log", cpus=load_cpus))
         wait_http(b1, be, where / "backend.log", cookie)
         wanted = set(args.only)
         if "direct" in wanted:
@@ -399,13 +418,13 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
                           for c in contenders), flush=True)
         for c in contenders:  # warm-up: pools filled, code paths hot; not measured
             run_wrk(c, backend_pids, cookie, duration=args.warmup,
-                    connections=args.connections, cpus=load_cpus)
+                    connections=args.connections, cpus=load_cpus, script=script)
         runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in contenders}
         for i in range(args.runs):
             k = i % len(contenders)
             for c in contenders[k:] + contenders[:k]:
                 r = run_wrk(c, backend_pids, cookie, duration=args.duration,
-                            connections=args.connections, cpus=load_cpus)
+                            connections=args.connections, cpus=load_cpus, script=script)
                 runs[c.name].append(r)
                 cpu = ("     -" if r["proxy_cpu_us"] is None else
                        f"{r['proxy_cpu_us']:6.1f} ({r['proxy_user_us']:.0f}+"
@@ -415,7 +434,8 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
                       f"proxy {cpu} µs/req backend {r['backend_cpu_us']:6.1f} µs/req"
                       + (f" non-2xx {r['non_2xx']}" if r["non_2xx"] else ""), flush=True)
         checks = {label: tandem_check(port) for label, port in tandem_admins.items()}
-    return {"scenario": name, "burn_us": burn, "pinned": pinned, "runs": runs,
+    return {"scenario": name, "burn_us": burn, "pinned": pinned, "vary": args.vary,
+            "runs": runs,
             "tandem_checks": checks, "summary": summarize(runs)}
 
 
@@ -594,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
                          "and wrk on CPU 0")
     ap.add_argument("--burn-us", type=float, default=200.0,
                     help="CPU-µs the backend spends per request in the heavy scenario")
+    ap.add_argument("--vary", action="store_true",
+                    help="no two requests or responses alike (see above)")
     ap.add_argument("--only", nargs="*", default=["direct", "tandem", "haproxy", "nginx"],
                     choices=["direct", "tandem", "haproxy", "nginx"])
     ap.add_argument("--baseline", help="also measure tandem's proxy at this git revision "
