@@ -12,7 +12,7 @@ from typing import Any
 
 from .asgi import ASGIApp, Message
 
-__all__ = ["Lifespan"]
+__all__ = ["Lifespan", "acknowledge_lifespan"]
 
 
 class Lifespan:
@@ -59,3 +59,13 @@ class Lifespan:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+async def acknowledge_lifespan(receive: Any, send: Any) -> None:
+    """The lifespan side of an ASGI app with nothing to start or stop: every event is
+    acknowledged as complete, until shutdown."""
+    while True:
+        msg = await receive()
+        await send({"type": msg["type"] + ".complete"})
+        if msg["type"] == "lifespan.shutdown":
+            return

@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from backends.host import acknowledge_lifespan  # noqa: E402  (needs ROOT on the path)
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 CONFIGS = ["tandem-memory", "tandem-file-sync", "tandem-file-batched", "tandem-sqlite-sync",
@@ -56,11 +58,8 @@ CONFIGS = ["tandem-memory", "tandem-file-sync", "tandem-file-batched", "tandem-s
 async def counter(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """ASGI counter hosted by `tandem backend --app bench.sessions:counter`."""
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            await send({"type": msg["type"] + ".complete"})
-            if msg["type"] == "lifespan.shutdown":
-                return
+        await acknowledge_lifespan(receive, send)
+        return
     session = scope["session"]
     n = session.get("counter", 0) + 1
     session["counter"] = n

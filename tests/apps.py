@@ -17,6 +17,8 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from backends.host import acknowledge_lifespan
+
 
 def _handle(path: str, session: Any, server: str, query: str = "") -> tuple[int, dict[str, Any]]:
     info: dict[str, Any] = {}
@@ -61,11 +63,8 @@ def _handle(path: str, session: Any, server: str, query: str = "") -> tuple[int,
 
 async def asgi_counter(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            await send({"type": msg["type"] + ".complete"})
-            if msg["type"] == "lifespan.shutdown":
-                return
+        await acknowledge_lifespan(receive, send)
+        return
     status, info = _handle(scope["path"], scope["session"], scope["tandem.server"],
                            scope["query_string"].decode())
     body = json.dumps(info).encode()

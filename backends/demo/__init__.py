@@ -10,6 +10,8 @@ import html
 import json
 from typing import Any
 
+from ..host import acknowledge_lifespan
+
 __all__ = ["app"]
 
 _PAGE = """<!doctype html>
@@ -39,11 +41,8 @@ the count survives, served by the old secondary, which picks a new secondary.</p
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            await send({"type": msg["type"] + ".complete"})
-            if msg["type"] == "lifespan.shutdown":
-                return
+        await acknowledge_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     session = scope["session"]
