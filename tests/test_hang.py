@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 from tests.cluster import Client
 
@@ -20,6 +21,34 @@ def post(c: Client, path: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def sessions_on_s2(cluster: Any, n: int) -> list[Client]:
+    """`n` clients whose sessions have s2 as primary (created there directly), counter 1."""
+    clients = []
+    for _ in range(n):
+        c = Client(cluster.url("s2"))
+        assert c.get("/count")[1]["counter"] == 1
+        clients.append(c)
+    return clients
+
+
+def one_request_each(clients: list[Client]) -> tuple[list[threading.Thread],
+                                                     dict[int, tuple[int, Any]]]:
+    """Each client sends its next request, in a thread of its own; results by index."""
+    results: dict[int, tuple[int, Any]] = {}
+    threads = [threading.Thread(target=lambda i=i, c=c: results.__setitem__(i, c.get()))
+               for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def wait_failed(cluster: Any, victim: str, observers: tuple[str, ...]) -> None:
+    deadline = time.monotonic() + 10
+    while any(cluster.health(s)["peers"][victim] != "failed" for s in observers):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def test_hung_primary(make_cluster):
@@ -82,24 +111,13 @@ def test_writes_a_resumed_primary_answers_are_never_lost(make_cluster):
     have meanwhile been promoted elsewhere: none may be acknowledged with a value the new
     primary lacks (the supersede message can arrive while the write is replicating)."""
     cluster = make_cluster(cluster={"replication_timeout_s": 0.5}).start()
-    sessions = []
-    for _ in range(30):
-        c = Client(cluster.url("s2"))  # primary s2
-        assert c.get("/count")[1]["counter"] == 1
-        sessions.append(c)
+    sessions = sessions_on_s2(cluster, 30)
 
     cluster.kill("s2", signal.SIGSTOP)
-    results: dict[int, tuple[int, object]] = {}
     try:
         # one request per session, sent to the frozen primary directly: held in its socket
-        threads = [threading.Thread(target=lambda i=i, c=c: results.__setitem__(i, c.get()))
-                   for i, c in enumerate(sessions)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while any(cluster.health(s)["peers"]["s2"] != "failed" for s in ("s1", "s3")):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        threads, results = one_request_each(sessions)
+        wait_failed(cluster, "s2", ("s1", "s3"))
         time.sleep(0.5)  # the replicas are promoted when the peer fails
     finally:
         cluster.kill("s2", signal.SIGCONT)
@@ -167,29 +185,19 @@ def test_requests_a_resumed_server_held_are_not_applied_twice(make_cluster):
     requests: it must not take the sessions back to apply them a second time."""
     cluster = make_cluster(proxy={"io_timeout_s": 1.0},
                            cluster={"replication_timeout_s": 0.5}).start()
-    sessions = []
-    for _ in range(20):
-        c = Client(cluster.url("s2"))
-        assert c.get("/count")[1]["counter"] == 1
+    sessions = sessions_on_s2(cluster, 20)
+    for c in sessions:
         c.base = cluster.proxy_url
-        sessions.append(c)
 
     cluster.kill("s2", signal.SIGSTOP)
-    results: dict[int, tuple[int, object]] = {}
     try:
-        threads = [threading.Thread(target=lambda i=i, c=c: results.__setitem__(i, c.get()))
-                   for i, c in enumerate(sessions)]
-        for t in threads:
-            t.start()
+        threads, results = one_request_each(sessions)
         for t in threads:
             t.join(timeout=20)
         # the proxy moved them after its io timeout: applied once, at the secondary
         assert all(status == 200 and body["counter"] == 2 and body["server"] != "s2"
                    for status, body in results.values()), results
-        deadline = time.monotonic() + 10
-        while any(cluster.health(s)["peers"]["s2"] != "failed" for s in ("s1", "s3")):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_failed(cluster, "s2", ("s1", "s3"))
         for c in sessions:  # the clients go on: the held request is no longer the last
             status, body = c.get()
             assert status == 200 and body["counter"] == 3, body
