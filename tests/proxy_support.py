@@ -247,6 +247,20 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, body
 
 
+def answering(responses: list[bytes]) -> Handler:
+    """A RawBackend handler that answers each request on its connection with the next of
+    `responses`, as is, then waits for the client to close."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for data in responses:
+            await read_request(reader)
+            writer.write(data)
+            await writer.drain()
+        await reader.read()
+
+    return handler
+
+
 # --- a raw client ---------------------------------------------------------------------------
 
 

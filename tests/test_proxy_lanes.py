@@ -6,7 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.proxy_support import RawBackend, RawClient, proxy_env, read_request, token
+from tests.proxy_support import (
+    RawBackend,
+    RawClient,
+    answering,
+    proxy_env,
+    read_request,
+    token,
+)
 
 
 async def test_a_body_in_the_same_read_as_the_head_and_a_body_that_comes_later():
@@ -84,14 +91,7 @@ async def test_whole_responses_are_relayed_byte_for_byte_and_others_rewritten():
         b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
     ]
 
-    async def handler(reader, writer):
-        for data in responses:
-            await read_request(reader)
-            writer.write(data)
-            await writer.drain()
-        await reader.read()
-
-    backend = await RawBackend(handler).start()
+    backend = await RawBackend(answering(responses)).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
             client = await RawClient.open(env.port)
@@ -214,14 +214,7 @@ async def test_a_response_as_long_as_the_last_one_relayed_whole_is_still_looked_
         b"HTTP/1.1 503 OK\r\nContent-Length: 2\r\n\r\nok",  # same size: fails over
     ]
 
-    async def handler(reader, writer):
-        for data in responses:
-            await read_request(reader)
-            writer.write(data)
-            await writer.drain()
-        await reader.read()
-
-    backend = await RawBackend(handler).start()
+    backend = await RawBackend(answering(responses)).start()
     try:
         async with proxy_env("s2", extra={"s1": backend.port}) as env:
             client = await RawClient.open(env.port)
@@ -243,14 +236,7 @@ async def test_an_invalid_response_as_long_as_the_last_one_relayed_whole_is_a_ba
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App\x01 1\r\n\r\nok",
     ]
 
-    async def handler(reader, writer):
-        for data in responses:
-            await read_request(reader)
-            writer.write(data)
-            await writer.drain()
-        await reader.read()
-
-    backend = await RawBackend(handler).start()
+    backend = await RawBackend(answering(responses)).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
             client = await RawClient.open(env.port)
