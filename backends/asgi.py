@@ -80,7 +80,7 @@ class TandemMiddleware:
     # --- SessionContext -----------------------------------------------------------------
 
     def route_of(self, record: Primary) -> Route:
-        return Route(record.sid, self.manager.me.id, record.secondary)
+        return Route(record.sid, self.manager.me.id, self.manager.planned_secondary(record))
 
     def encode_url(self, url: str, record: Primary) -> str:
         if not self.url_rewriting:  # the token in a URL would be ignored

@@ -440,6 +440,20 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
                 self._send(peer, {"op": "release", "sid": record.sid})
             record.stale_holders = set()
 
+    def planned_secondary(self, record: Primary) -> str | None:
+        """The secondary a token handed out now must name (in a link the app renders before
+        its commit): the current one while it is alive, else the one the next commit will
+        replicate to, chosen now — not NONE just because a re-protection is under way."""
+        peer = record.secondary
+        if self.mode == "none" or (peer is not None and self.membership.is_alive(peer)):
+            return peer
+        if self.membership.recently_stalled():
+            return peer  # (no new secondary right after our own stall: see _replicate_now)
+        peer = self._choose_secondary()
+        if peer is not None:
+            self.store.assign_secondary(record, peer)
+        return peer
+
     def _choose_secondary(self) -> str | None:
         chosen = choose_secondary(self.me, self.membership.alive_peers(),
                                   self.store.replica_counts)
