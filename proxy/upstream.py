@@ -88,14 +88,20 @@ class UpstreamProtocol(asyncio.Protocol):
         self.got_bytes = False
         self.until_close = False
 
-    def release(self) -> None:
-        """The exchange is over and the connection can carry another one (back to the pool,
-        most recently used last; see Pool.put)."""
+    def release(self, client: Any = None) -> None:
+        """The exchange is over and the connection can carry another one: kept by
+        `client` (the client connection it served, if given) for its next request, when
+        that connection is still open and keeps none yet; else back to the pool, most
+        recently used last (see Pool.put)."""
         self.exchange = None
         self.requests += 1
         if self.reading_paused:
             self.resume_reading()
         pool = self.pool
+        if (client is not None and client.own_upstream is None and not client.closed
+                and not pool.closed and not client.ctx.closing):
+            client.own_upstream = self
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
