@@ -349,3 +349,37 @@ async def test_an_idle_client_connection_gives_its_backend_connection_back_to_th
         assert pooled[-1] == 0
         assert await client.closed()
         await client.close()
+
+
+async def test_responses_the_one_pass_check_cannot_relay_whole_take_the_general_path():
+    async def handler(reader, writer):
+        await read_request(reader)  # the body in a later read than the head
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"world")
+        await writer.drain()
+        await read_request(reader)  # whole, with fields to drop
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Tandem-Secret: 1\r\nProxy-Thing: 2\r\n"
+                     b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # whole, nothing to drop: as is
+        writer.write(b"HTTP/1.1 200 OK\r\nX-App: 3\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            got = []
+            for _ in range(3):
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                got.append(await client.response())
+            await client.close()
+        assert [r.body for r in got] == [b"helloworld", b"ok", b"ok"]
+        assert not got[1].has("x-tandem-secret") and not got[1].has("proxy-thing")
+        assert got[2].header("x-app") == "3"
+        assert backend.connections == 1
+    finally:
+        await backend.stop()
