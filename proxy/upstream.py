@@ -325,6 +325,7 @@ _NOT_WHOLE = frozenset({b"101", b"204", b"304", b"503"})
 # (and 1xx: an interim response comes first)
 _NOT_WHOLE_PROBE = _NOT_WHOLE | {b"1%02d" % n for n in range(100)}
 _DROP_PREFIXES = (b"proxy-", b"x-tandem-")
+_DROP_FIRST = frozenset(b"px")
 
 
 class _Probe:
@@ -342,8 +343,8 @@ class _Probe:
         n = name.lower()
         if n == b"content-length":
             self.length = int(value)  # digits: checked by llhttp before this call
-        elif n in HOP_BY_HOP or n.startswith(_DROP_PREFIXES):
-            self.clean = False
+        elif n in HOP_BY_HOP or (n[0] in _DROP_FIRST and n.startswith(_DROP_PREFIXES)):
+            self.clean = False  # (the first byte spares most names a method call)
 
 
 class _LeanCallbacks:
