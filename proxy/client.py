@@ -81,7 +81,7 @@ class ClientProtocol(asyncio.Protocol):
         "fields_key", "fields_scan", "fwd_host", "fwd_fields", "active", "queue", "incoming",
         "starting", "read_paused",
         "write_paused", "closed", "served", "idle_mark", "idle_since", "pending_error",
-        "tunnel", "upgrade_buf",
+        "tunnel", "upgrade_buf", "own_upstream",
         # per request being parsed
         "url", "headers", "begun", "in_head", "head_pending", "chunk", "fast", "chunk_len",
         "completed", "body_size",
@@ -123,6 +123,13 @@ class ClientProtocol(asyncio.Protocol):
         self.pending_error: ClientError | None = None  # to answer once the queue is empty
         self.tunnel: Tunnel | None = None
         self.upgrade_buf: list[bytes] | None = None
+        # An idle backend connection this connection keeps between its requests: a client
+        # tends to stay with one backend (its session's), and the next request to that
+        # backend goes out on it with no trip through the pool (see Exchange._try). Given
+        # back to the pool when the next request goes elsewhere, when the housekeeping
+        # finds this connection idle (so that the pool's keep-alive limit applies), and
+        # when this connection closes.
+        self.own_upstream: UpstreamProtocol | None = None
 
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []  # the head's, then the trailers
@@ -160,6 +167,7 @@ class ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.ctx.connections.discard(self)
+        self.give_back_upstream()
         if self.tunnel is not None:
             self.tunnel.client_lost()
             return
@@ -180,9 +188,17 @@ class ClientProtocol(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.give_back_upstream()
             self.read_paused |= _HALTED
             if self.transport is not None:
                 self.transport.close()
+
+    def give_back_upstream(self) -> None:
+        """Return the backend connection this connection keeps (if any) to its pool."""
+        up = self.own_upstream
+        if up is not None:
+            self.own_upstream = None
+            up.pool.put(up)
 
     def is_idle(self) -> bool:
         return self.active is None and self.tunnel is None and self.upgrade_buf is None
@@ -196,6 +212,9 @@ class ClientProtocol(asyncio.Protocol):
         elif self.idle_mark != self.served:
             self.idle_mark = self.served
             self.idle_since = now
+            # From here on its backend connection idles in the pool, whose keep-alive
+            # limit and sweep apply (counted from now, within a sweep of its last use).
+            self.give_back_upstream()
         elif now - self.idle_since > idle_s:
             self.close()
 

@@ -57,18 +57,42 @@ class Exchange:
     """A request from a client, on its way to a backend and back."""
 
     __slots__ = (
-        # request (fixed)
-        "client", "ctx", "method", "head", "route", "keep_alive", "http10", "upgrade",
-        "expect_continue", "chunked_in",
-        # request body
-        "kept", "kept_bytes", "pending", "pending_bytes", "body_bytes", "body_done",
-        # attempts
-        "candidates", "next_index", "backend", "upstream", "attempts", "sent_any", "written",
-        "unwritten", "retried_same", "retry_cause", "connecting", "timer_mark", "quiet_since",
-        "sent_at", "last_error",
-        # response
-        "responded", "continue_sent", "chunk_out", "close_after", "finished", "out",
+        # set for every request (the fast lane's essentials)
+        "client", "ctx", "method", "head", "route", "keep_alive", "kept", "pending",
+        "body_done", "backend", "upstream", "attempts", "written", "unwritten", "sent_at",
+        "responded", "finished", "out",
+        # the rarely-set state below lives in a dict created on its first write
+        "__dict__",
     )
+
+    # Rarely-set state: class-level defaults, so that a request that needs none of it
+    # (nearly all) pays nothing for it; an instance sets its own value when it must.
+    # request (fixed after the constructor)
+    http10 = False
+    upgrade = False
+    expect_continue = False
+    chunked_in = False
+    # request body
+    kept_bytes = 0
+    pending_bytes = 0
+    body_bytes = 0
+    # attempts
+    candidates: list[Backend] | None = None  # computed on the first failure
+    next_index = 0
+    retried_same = False  # sent to the same backend again after a dead connection
+    # The after-send failure behind a retry on the same backend: a failure to connect for
+    # that retry is reported as this one (the request may have reached the app).
+    retry_cause: UpstreamError | None = None
+    connecting: asyncio.Task[None] | None = None
+    last_error: UpstreamError | None = None
+    # io timeout watch (see check_io): the upstream activity count when check_io last
+    # looked, and the loop time since which it has not moved; reset per attempt.
+    timer_mark = -1
+    quiet_since = 0.0
+    # response
+    continue_sent = False
+    chunk_out = False
+    close_after = False
 
     def __init__(self, client: ClientProtocol, ctx: ProxyContext, method: bytes, head: bytes,
                  route: Route | None, *, keep_alive: bool = True, http10: bool = False,
@@ -81,40 +105,27 @@ class Exchange:
         self.head = head  # upstream request head without X-Tandem-View and the last CRLF
         self.route = route
         self.keep_alive = keep_alive  # the client wants the connection kept
-        self.http10 = http10
-        self.upgrade = upgrade
-        self.expect_continue = expect_continue
-        self.chunked_in = chunked
+        if http10:
+            self.http10 = True
+        if upgrade:
+            self.upgrade = True
+        if expect_continue:
+            self.expect_continue = True
+        if chunked:
+            self.chunked_in = True
 
         self.kept: list[bytes] | None = []  # the body so far, framed; None: too big to replay
-        self.kept_bytes = 0
         self.pending: list[bytes] = []  # framed body not yet written to an upstream
-        self.pending_bytes = 0
-        self.body_bytes = 0
         self.body_done = False
 
-        self.candidates: list[Backend] | None = None  # computed on the first failure
-        self.next_index = 0
         self.backend: Backend | None = None
         self.upstream: UpstreamProtocol | None = None
-        self.attempts = 0
-        self.sent_any = False  # some attempt took the request (its body left `pending`)
+        self.attempts = 0  # sends so far (0: the request has left `pending` for none)
         self.written = False  # some attempt's write went out (the app may have read it)
         self.unwritten = False  # the last attempt's write failed at once (nothing left)
-        self.retried_same = False  # sent to the same backend again after a dead connection
-        # The after-send failure behind a retry on the same backend: a failure to connect
-        # for that retry is reported as this one (the request may have reached the app).
-        self.retry_cause: UpstreamError | None = None
-        self.connecting: asyncio.Task[None] | None = None
-        self.last_error: UpstreamError | None = None
-        # Set by _send, read only after it: sent_at (perf_counter), timer_mark (upstream
-        # activity count when check_io last looked), quiet_since (loop time since which
-        # that count has not moved).
+        self.sent_at = 0.0  # perf_counter at the last send
 
         self.responded = False  # a status line went to the client: no failover any more
-        self.continue_sent = False
-        self.chunk_out = False
-        self.close_after = False
         self.finished = False
         # Response bytes for the client, written once per upstream read (one syscall
         # for head and body of a small response).
@@ -127,12 +138,7 @@ class Exchange:
         if b is None:
             self._dispatch()
             return
-        self.backend = b
-        up = b.pool.take()
-        if up is not None:
-            self._send(b, up)
-        else:
-            self.connecting = self.ctx.loop.create_task(self._connect(b))
+        self._try(b)
 
     def _remaining(self) -> list[Backend]:
         """Candidates not tried yet, in order (the full order is computed only when the
@@ -156,9 +162,21 @@ class Exchange:
         self._no_backend()
 
     def _try(self, b: Backend) -> None:
-        """Send to `b` (a pooled connection, or a new one)."""
+        """Send to `b`: on the client connection's own upstream connection when it goes
+        there (see ClientProtocol.own_upstream), else a pooled one, else a new one."""
         self.backend = b
-        up = b.pool.take()
+        client = self.client
+        up = client.own_upstream
+        if up is not None:
+            client.own_upstream = None
+            transport = up.transport
+            if up.pool is not b.pool:  # another backend's: back to its pool
+                up.pool.put(up)
+                up = b.pool.take()
+            elif transport is None or transport.is_closing():  # closed while kept
+                up = b.pool.take()
+        else:
+            up = b.pool.take()
         if up is not None:
             self._send(b, up)
         else:
@@ -193,21 +211,31 @@ class Exchange:
     def _send(self, b: Backend, up: UpstreamProtocol) -> None:
         client = self.client
         self.upstream = up
-        self.retry_cause = None
-        up.attach(self, self.method == b"HEAD")
+        # (UpstreamProtocol.attach, inlined: a call less per request)
+        up.exchange = self
+        up.head_only = self.method == b"HEAD"
+        up.got_bytes = up.until_close = False
         if client.write_paused:
             up.pause_reading()
-        self.attempts += 1
+        attempts = self.attempts
+        self.attempts = attempts + 1
         b.routed += 1
+        if attempts:  # a retry or a failover: the body goes out again from `kept`
+            body = self.kept
+            self.retry_cause = None
+            if self.written:
+                self.ctx.metrics.retries += 1  # the request goes out again after a failure
+            # io timeout watch (see check_io): its first look starts the quiet period.
+            self.timer_mark = -1
+            self.quiet_since = 0.0
+        else:
+            body = self.pending
         if (self.expect_continue and not self.continue_sent and self.body_bytes == 0
                 and not self.body_done):
             self.continue_sent = True
             client.write(_CONTINUE)
         transport = up.transport
         assert transport is not None
-        body = self.kept if self.sent_any else self.pending
-        if self.written:
-            self.ctx.metrics.retries += 1  # the request goes out again after a failure
         if not body:
             transport.write(self.head + self.ctx.router.view_tail)
         elif len(body) == 1 and len(body[0]) < 16384:
@@ -220,14 +248,12 @@ class Exchange:
             client.resume_reading_pending()
         # A write that fails at once closes the transport there and then: no byte of the
         # request left (a pooled connection that died unnoticed); see on_upstream_lost.
-        self.unwritten = transport.is_closing()
-        if not self.unwritten:
+        if transport.is_closing():
+            self.unwritten = True
+        else:
+            self.unwritten = False
             self.written = True
-        self.sent_any = True
         self.sent_at = _perf()
-        # io timeout watch (see check_io): its first look starts the quiet period.
-        self.timer_mark = -1
-        self.quiet_since = 0.0
 
     # --- the request body (from the client protocol) ------------------------------------------
 
@@ -341,8 +367,9 @@ class Exchange:
         client = self.client
         if (self.keep_alive and self.body_done and not self.upgrade and not self.http10
                 and not ctx.closing and not self.out):
-            # The common case (a keep-alive HTTP/1.1 request, read whole): as is.
-            up.release()
+            # The common case (a keep-alive HTTP/1.1 request, read whole): as is. The
+            # backend connection stays with the client's for its next request.
+            up.release(client)
             client.write(data)
             client.exchange_done(self, True)
             return
@@ -391,7 +418,7 @@ class Exchange:
         if self.chunk_out:
             self.out.append(trailer_block(trailers))
         if up.keep_alive and self.body_done and not up.until_close and not self.upgrade:
-            up.release()
+            up.release(None if self.close_after else self.client)
         else:
             up.close()
         self._finish()
@@ -478,7 +505,7 @@ class Exchange:
         if exc.marks_bad:
             ctx.router.mark_bad(b)
         if not may_retry(exc, method=self.method, policy=ctx.retry,
-                         replayable=self.kept is not None, sent_before=self.sent_any):
+                         replayable=self.kept is not None, sent_before=self.attempts > 0):
             log.warning("upstream_failed", sid=self._sid(), backend=b.id, cause=exc.cause,
                         method=self.method.decode("latin-1"), error=str(exc))
             self._respond(502, b"Bad Gateway", f"bad gateway: {exc}")

@@ -18,7 +18,7 @@ from httptools import (
 )
 
 from .errors import UpstreamConnectError, map_connect_errors
-from .headers import fast_response_head
+from .headers import HOP_BY_HOP, fast_response_head
 
 if TYPE_CHECKING:
     from .router import Backend
@@ -30,7 +30,7 @@ class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a backend."""
 
     __slots__ = (
-        "pool", "transport", "full_parser", "lean_parser", "bare_parser", "parser",
+        "pool", "transport", "full_parser", "lean_parser", "bare_parser", "parser", "probe",
         # per exchange
         "exchange", "head_only", "interim", "status", "reason", "headers", "keep_alive",
         "got_bytes", "fast_head", "until_close", "reading_paused", "writing_paused",
@@ -50,6 +50,10 @@ class UpstreamProtocol(asyncio.Protocol):
         # No callbacks at all: validates a whole response relayed as read (data_received).
         self.bare_parser: HttpResponseParser | None = None
         self.parser = self.full_parser  # the one parsing the current response
+        # Validates a response that looks whole in one read and notes what the relay
+        # needs to know of its fields, in one pass (see data_received); None after a
+        # response it could not relay whole, until the next one relayed whole.
+        self.probe: _Probe | None = _Probe()
 
         self.exchange: Any = None
         self.head_only = False  # response to HEAD: complete when its head is
@@ -88,14 +92,20 @@ class UpstreamProtocol(asyncio.Protocol):
         self.got_bytes = False
         self.until_close = False
 
-    def release(self) -> None:
-        """The exchange is over and the connection can carry another one (back to the pool,
-        most recently used last; see Pool.put)."""
+    def release(self, client: Any = None) -> None:
+        """The exchange is over and the connection can carry another one: kept by
+        `client` (the client connection it served, if given) for its next request, when
+        that connection is still open and keeps none yet; else back to the pool, most
+        recently used last (see Pool.put)."""
         self.exchange = None
         self.requests += 1
         if self.reading_paused:
             self.resume_reading()
         pool = self.pool
+        if (client is not None and client.own_upstream is None and not client.closed
+                and not pool.closed and not client.ctx.closing):
+            client.own_upstream = self
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -181,6 +191,32 @@ class UpstreamProtocol(asyncio.Protocol):
                 # message boundary, as it would after parsing it.
                 ex.relay_whole(self, data, len(self.whole_head) - 4)
                 return
+            probe = self.probe
+            if (probe is not None and data.startswith(b"HTTP/1.1 ")
+                    and data[9:12] not in _NOT_WHOLE_PROBE and not self.head_only):
+                # Likely one whole response: one llhttp pass validates it and looks at
+                # its field names (a regex over the head and then a parse cost more).
+                end = data.find(b"\r\n\r\n")
+                if end >= 0:
+                    probe.clean = True
+                    probe.length = -1
+                    try:
+                        probe.parser.feed_data(data)
+                    except HttpParserError:
+                        # (maybe in bytes after a valid response: the general path
+                        # below tells, as it always did)
+                        probe.clean = False
+                    if probe.clean and end + 4 + probe.length == len(data):
+                        # Content-Length framing, exactly this read: the parser took the
+                        # whole response and stands at a message boundary again.
+                        self.whole_head = data[:end + 4]
+                        self.whole_size = len(data)
+                        ex.relay_whole(self, data, end)
+                        return
+                    # A field to drop, or not whole: the probe stopped somewhere inside
+                    # (it is dropped), and the general path below takes the response.
+                    # Probing resumes after the next response relayed whole.
+                    self.probe = None
             # First bytes of a response (not 1xx): can its head be relayed verbatim?
             fast = fast_response_head(data)
             if fast is None:
@@ -202,6 +238,8 @@ class UpstreamProtocol(asyncio.Protocol):
                         return
                     self.whole_head = data[:end + 4]
                     self.whole_size = len(data)
+                    if self.probe is None:
+                        self.probe = _Probe()
                     ex.relay_whole(self, data, end)
                     return
                 self.fast_head = (data[:end + 2], length >= 0)
@@ -282,6 +320,31 @@ _NO_CALLBACKS = _NoCallbacks()
 # Statuses never relayed whole: they need a decision (503: fail over; 101: a tunnel) or
 # have no body whatever their framing fields say (204, 304).
 _NOT_WHOLE = frozenset({b"101", b"204", b"304", b"503"})
+
+
+# (and 1xx: an interim response comes first)
+_NOT_WHOLE_PROBE = _NOT_WHOLE | {b"1%02d" % n for n in range(100)}
+_DROP_PREFIXES = (b"proxy-", b"x-tandem-")
+_DROP_FIRST = frozenset(b"px")
+
+
+class _Probe:
+    """A parser with one callback, on_header, noting whether a response has a field the
+    proxy drops (hop-by-hop, Proxy-*, X-Tandem-*) and its Content-Length."""
+
+    __slots__ = ("parser", "clean", "length")
+
+    def __init__(self) -> None:
+        self.parser = HttpResponseParser(self)
+        self.clean = True  # no field to drop so far
+        self.length = -1  # Content-Length (llhttp rejects a second one), -1: none
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = name.lower()
+        if n == b"content-length":
+            self.length = int(value)  # digits: checked by llhttp before this call
+        elif n in HOP_BY_HOP or (n[0] in _DROP_FIRST and n.startswith(_DROP_PREFIXES)):
+            self.clean = False  # (the first byte spares most names a method call)
 
 
 class _LeanCallbacks:

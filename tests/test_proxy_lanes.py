@@ -10,6 +10,7 @@ from tests.proxy_support import (
     RawBackend,
     RawClient,
     answering,
+    metric_value,
     proxy_env,
     read_request,
     token,
@@ -246,5 +247,119 @@ async def test_an_invalid_response_as_long_as_the_last_one_relayed_whole_is_a_ba
             resp = await client.response()
             assert resp.status == 502 and b"invalid response" in resp.body
             await client.close()
+    finally:
+        await backend.stop()
+
+
+def _serving(server_id: bytes):
+    """A raw backend handler answering every request of a connection with its id and a
+    counter (no two responses alike)."""
+    async def handler(reader, writer):
+        n = 0
+        while True:
+            await read_request(reader)
+            n += 1
+            body = server_id + b" %d" % n
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+    return handler
+
+
+async def test_a_client_connection_keeps_its_backend_connection_across_backends():
+    s1 = await RawBackend(_serving(b"s1")).start()
+    s2 = await RawBackend(_serving(b"s2")).start()
+    try:
+        async with proxy_env(extra={"s1": s1.port, "s2": s2.port}) as env:
+            client = await RawClient.open(env.port)
+            bodies = []
+            for primary in ("s1", "s1", "s2", "s1"):
+                await client.send(f"GET /?p={primary} HTTP/1.1\r\nHost: x\r\n"
+                                  f"Cookie: JSESSIONID={token(primary)}\r\n\r\n".encode())
+                bodies.append((await client.response()).body)
+            # Another client connection meanwhile needs a backend connection of its own.
+            other = await RawClient.open(env.port)
+            await other.send(f"GET / HTTP/1.1\r\nHost: x\r\n"
+                             f"Cookie: JSESSIONID={token('s1')}\r\n\r\n".encode())
+            assert (await other.response()).body == b"s1 1"
+            await other.close()
+            await client.close()
+        # The same backend connection carried every request to a backend, through the
+        # pool when the client went elsewhere in between.
+        assert bodies == [b"s1 1", b"s1 2", b"s2 1", b"s1 3"]
+        assert (s1.connections, s2.connections) == (2, 1)
+    finally:
+        await s1.stop()
+        await s2.stop()
+
+
+async def test_a_kept_backend_connection_closed_while_idle_is_not_used():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()  # then closed (no Connection: close: the proxy keeps it)
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            for _ in range(3):
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await client.response()).body == b"ok"
+                await asyncio.sleep(0.1)  # the backend's close arrives
+            await client.close()
+            assert backend.connections == 3
+            # (never sent on a closed connection: no retry needed)
+            assert metric_value(await env.metrics(), "tandem_proxy_stale_retries_total") == 0
+    finally:
+        await backend.stop()
+
+
+async def test_an_idle_client_connection_gives_its_backend_connection_back_to_the_pool():
+    async with proxy_env("s1", keepalive_s=0.6) as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"GET /id HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await client.response()).status == 200
+        pooled = []
+        for _ in range(12):  # housekeeping sweeps every 0.3 s here
+            pooled.append(env.backend_status(await env.status(), "s1")["idle_connections"])
+            await asyncio.sleep(0.1)
+        # Kept by the client connection, then in the pool, then closed as expired (and
+        # the idle client connection with it, as before).
+        assert 1 in pooled
+        assert pooled[-1] == 0
+        assert await client.closed()
+        await client.close()
+
+
+async def test_responses_the_one_pass_check_cannot_relay_whole_take_the_general_path():
+    async def handler(reader, writer):
+        await read_request(reader)  # the body in a later read than the head
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"world")
+        await writer.drain()
+        await read_request(reader)  # whole, with fields to drop
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Tandem-Secret: 1\r\nProxy-Thing: 2\r\n"
+                     b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # whole, nothing to drop: as is
+        writer.write(b"HTTP/1.1 200 OK\r\nX-App: 3\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            got = []
+            for _ in range(3):
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                got.append(await client.response())
+            await client.close()
+        assert [r.body for r in got] == [b"helloworld", b"ok", b"ok"]
+        assert not got[1].has("x-tandem-secret") and not got[1].has("proxy-thing")
+        assert got[2].header("x-app") == "3"
+        assert backend.connections == 1
     finally:
         await backend.stop()
