@@ -261,6 +261,18 @@ def answering(responses: list[bytes]) -> Handler:
     return handler
 
 
+def answering_always(response: bytes) -> Handler:
+    """A RawBackend handler that answers every request on its connection with `response`."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
 # --- a raw client ---------------------------------------------------------------------------
 
 

@@ -8,7 +8,14 @@ import pytest
 
 from backends.config import Address
 from proxy.headers import parse_cluster_header
-from tests.proxy_support import AppBackend, RawBackend, RawClient, proxy_env, read_request, token
+from tests.proxy_support import (
+    AppBackend,
+    RawBackend,
+    RawClient,
+    answering_always,
+    proxy_env,
+    token,
+)
 
 
 async def test_request_headers_hop_by_hop_stripped_forwarding_added_spoofing_dropped():
@@ -43,16 +50,11 @@ async def test_request_headers_hop_by_hop_stripped_forwarding_added_spoofing_dro
 
 
 async def test_response_hop_by_hop_and_x_tandem_headers_are_removed():
-    async def handler(reader, writer):
-        while True:
-            await read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Resp\r\n"
-                         b"X-Resp: 1\r\nKeep-Alive: timeout=1\r\nProxy-Authenticate: Basic\r\n"
-                         b"X-Tandem-Internal: 1\r\nX-TANDEM-Cluster: nonsense\r\n"
-                         b"Set-Cookie: a=b\r\nX-App: yes\r\n\r\nok")
-            await writer.drain()
-
-    backend = await RawBackend(handler).start()
+    backend = await RawBackend(answering_always(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Resp\r\n"
+        b"X-Resp: 1\r\nKeep-Alive: timeout=1\r\nProxy-Authenticate: Basic\r\n"
+        b"X-Tandem-Internal: 1\r\nX-TANDEM-Cluster: nonsense\r\n"
+        b"Set-Cookie: a=b\r\nX-App: yes\r\n\r\nok")).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
             status, body, headers = await env.get("/")

@@ -10,6 +10,7 @@ import pytest
 from tests.proxy_support import (
     RawBackend,
     RawClient,
+    answering_always,
     metric_value,
     proxy_env,
     read_request,
@@ -63,15 +64,10 @@ async def test_chunked_request_body_reaches_an_aiohttp_backend():
 
 
 async def test_chunked_response_with_trailers_reaches_the_client():
-    async def handler(reader, writer):
-        while True:
-            await read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
-                         b"Trailer: X-Sum\r\n\r\n"
-                         b"4\r\nwiki\r\n5\r\npedia\r\n0\r\nX-Sum: 9\r\n\r\n")
-            await writer.drain()
-
-    backend = await RawBackend(handler).start()
+    backend = await RawBackend(answering_always(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+        b"Trailer: X-Sum\r\n\r\n"
+        b"4\r\nwiki\r\n5\r\npedia\r\n0\r\nX-Sum: 9\r\n\r\n")).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
             client = await RawClient.open(env.port)

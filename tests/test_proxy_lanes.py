@@ -10,6 +10,7 @@ from tests.proxy_support import (
     RawBackend,
     RawClient,
     answering,
+    answering_always,
     metric_value,
     proxy_env,
     read_request,
@@ -62,13 +63,8 @@ async def test_a_read_ending_inside_the_next_request_head():
 
 
 async def test_http10_keep_alive_client_gets_a_whole_response_with_the_connection_field():
-    async def handler(reader, writer):
-        while True:
-            await read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    backend = await RawBackend(handler).start()
+    backend = await RawBackend(answering_always(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
             client = await RawClient.open(env.port)
@@ -138,13 +134,8 @@ async def test_an_invalid_request_in_the_fast_lane_is_400():
 
 
 async def test_an_unusual_status_class_is_relayed_and_counted():
-    async def handler(reader, writer):
-        while True:
-            await read_request(reader)
-            writer.write(b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    backend = await RawBackend(handler).start()
+    backend = await RawBackend(answering_always(
+        b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok")).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
             client = await RawClient.open(env.port)
