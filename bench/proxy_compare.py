@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.procstat import descendants, proc_stats  # noqa: E402
+
 TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = "bench-proxy-secret"
 CHART = ROOT / "bench" / "proxy-comparison.png"
@@ -81,30 +83,9 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def proc_stats() -> dict[int, list[str]]:
-    stats: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-    return stats
-
-
 def tree(root: int) -> list[int]:
     """`root` and its descendants (nginx: the master and its worker)."""
-    stats = proc_stats()
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        children.setdefault(int(fields[1]), []).append(pid)  # field 4: ppid
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(children.get(pid, []))
-    return out
+    return descendants(proc_stats(), root)
 
 
 def switches(pids: list[int]) -> int:

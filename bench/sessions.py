@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backends.host import acknowledge_lifespan  # noqa: E402  (needs ROOT on the path)
+from bench.procstat import descendants, proc_stats  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -111,27 +112,12 @@ def serve_aiohttp_session(port: int, redis_url: str) -> None:
 def cpu_ticks(pids: list[int], trees: list[int]) -> int:
     """utime+stime of `pids`, plus every descendant of `trees` (and what they reaped)."""
     total = 0
-    stats: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        children.setdefault(int(fields[1]), []).append(pid)   # field 4: ppid
+    stats = proc_stats()
     todo = list(pids)
     for root in trees:
-        todo.append(root)
+        todo += descendants(stats, root)
         if root in stats:   # cutime+cstime: children that exited already
             total += int(stats[root][13]) + int(stats[root][14])
-        stack = list(children.get(root, []))
-        while stack:
-            pid = stack.pop()
-            todo.append(pid)
-            stack.extend(children.get(pid, []))
     for pid in set(todo):
         if pid in stats:
             total += int(stats[pid][11]) + int(stats[pid][12])   # utime, stime
