@@ -366,16 +366,9 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
 
     async def _replicate_now(self, record: Primary) -> None:
         for _ in range(len(self.config.servers)):
-            peer = record.secondary
+            peer = self.planned_secondary(record)
             if peer is None or not self.membership.is_alive(peer):
-                if self.membership.recently_stalled():
-                    # (a new secondary holds no copy: its ack says nothing of whether
-                    # the session lives on elsewhere since our stall)
-                    break
-                peer = self._choose_secondary()
-                self.store.assign_secondary(record, peer)
-                if peer is None:
-                    break
+                break  # no live peer, or none may be chosen right after our own stall
             msg = self._replicate_msg(record)
             try:
                 reply = await self.membership.links[peer].call(msg, timeout=self._timeout)
@@ -384,7 +377,7 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
                 self._peer_error(peer, exc)
                 continue
             if self.store.primaries.get(record.sid) is not record:
-                if record.gone == "superseded":
+                if record.superseded:
                     # Another server took the session over while this write replicated
                     # (we were thought failed): it lacks the write, so it is not
                     # acknowledged; the proxy retries the request there.
@@ -448,7 +441,9 @@ class SessionManager(ReplicaSideMixin, HandoverMixin):
         if self.mode == "none" or (peer is not None and self.membership.is_alive(peer)):
             return peer
         if self.membership.recently_stalled():
-            return peer  # (no new secondary right after our own stall: see _replicate_now)
+            # No new secondary right after our own stall: it would hold no copy, and its
+            # ack would say nothing of whether the session lives on elsewhere since.
+            return peer
         peer = self._choose_secondary()
         if peer is not None:
             self.store.assign_secondary(record, peer)

@@ -139,7 +139,7 @@ class ReplicaSideMixin(ManagerState):
 
     def _drop_superseded(self, record: Primary, *, by: str) -> None:
         self.store.remove(record.sid)
-        record.gone = "superseded"
+        record.superseded = True
         self.stats["superseded"] += 1
         log.warning("session_superseded", sid=short(record.sid), by=by, epoch=record.epoch)
 

@@ -19,7 +19,7 @@ class Primary:
 
     __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
                  "secondary", "sent_version", "acked_version", "pending", "stale_holders",
-                 "last_rid", "undo", "gone")
+                 "last_rid", "undo", "superseded")
 
     def __init__(self, sid: str, *, data: dict[str, str] | None = None, version: int = 0,
                  epoch: int = 0, max_inactive_s: float, created: float | None = None,
@@ -45,8 +45,8 @@ class Primary:
         # the values that commit replaced (None: the key was absent)
         self.last_rid = last_rid
         self.undo: dict[str, str | None] = undo or {}
-        # why it left this server's primaries, when it did ("superseded", ...)
-        self.gone: str | None = None
+        # dropped here because another server took it over (we were thought failed)
+        self.superseded = False
 
     def expired(self, now: float) -> bool:
         return now - self.last_access > self.max_inactive_s

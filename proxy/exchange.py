@@ -549,17 +549,17 @@ class Exchange:
         b = self.backend
         assert b is not None
         quiet = now - self.quiet_since
-        if quiet < self.ctx.io_timeout_s:
-            # The cluster reports the server failed (missed heartbeats: hung, or cut off),
-            # or the active probes found it unhealthy, and it is silent: no need to wait
-            # for the io timeout to fail over.
-            if ((b.in_view and b.healthy) or quiet < self.ctx.view_quiet_s or self.responded
-                    or not self.body_done or up.writing_paused):
-                return
-            self._left_view(b, up)
-            return
         try:
-            if up.reading_paused:  # the client has not read for io_timeout_s
+            if quiet < self.ctx.io_timeout_s:
+                # The cluster reports the server failed (missed heartbeats: hung, or cut
+                # off), or the active probes found it unhealthy, and it is silent while we
+                # wait for its response: no need to wait for the io timeout to fail over.
+                if ((b.in_view and b.healthy) or quiet < self.ctx.view_quiet_s
+                        or self.responded or not self.body_done or up.writing_paused):
+                    return
+                self._no_response(b, up, f"no response data, and the cluster reports "
+                                          f"{b.id} failed")
+            elif up.reading_paused:  # the client has not read for io_timeout_s
                 log.info("client_stalled", backend=b.id, sid=self._sid())
                 self._drop_upstream(up)
                 self._abort_client()
@@ -568,28 +568,20 @@ class Exchange:
                 self.keep_alive = False
                 self._respond(408, b"Request Timeout", "request body not received in time")
             else:
-                b.io_errors += 1
-                self._drop_upstream(up)
-                exc = UpstreamTimeout(f"no response data for {self.ctx.io_timeout_s}s",
-                                      backend_id=b.id, attempt=self.attempts)
-                if self.responded:
-                    self.ctx.router.mark_bad(b)
-                    log.warning("upstream_timeout", backend=b.id, sid=self._sid())
-                    self._abort_client()
-                else:
-                    self._failed(exc)
+                self._no_response(b, up, f"no response data for {self.ctx.io_timeout_s}s")
         except Exception as exc:
             self.on_internal_error(exc)
 
-    def _left_view(self, b: Backend, up: UpstreamProtocol) -> None:
-        try:
-            b.io_errors += 1
-            self._drop_upstream(up)
-            self._failed(UpstreamTimeout(
-                f"no response data, and the cluster reports {b.id} failed",
-                backend_id=b.id, attempt=self.attempts))
-        except Exception as exc:
-            self.on_internal_error(exc)
+    def _no_response(self, b: Backend, up: UpstreamProtocol, reason: str) -> None:
+        """Give up on `b` for this request: fail over, or cut a response begun."""
+        b.io_errors += 1
+        self._drop_upstream(up)
+        if self.responded:
+            self.ctx.router.mark_bad(b)
+            log.warning("upstream_timeout", backend=b.id, sid=self._sid())
+            self._abort_client()
+        else:
+            self._failed(UpstreamTimeout(reason, backend_id=b.id, attempt=self.attempts))
 
     # --- answering and ending -----------------------------------------------------------------
 

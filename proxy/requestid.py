@@ -35,13 +35,6 @@ class RequestIds:
         self._field_prefix = REQUEST_ID_HEADER + b": " + self.prefix
         self._count = itertools.count()
 
-    def next(self) -> bytes:
-        n = next(self._count)
-        if n > _COUNTER_MAX:
-            self._roll()
-            n = next(self._count)
-        return self.prefix + hexlify(n.to_bytes(4, "big"))
-
     def field(self) -> bytes:
         """A new id as a whole header line, `X-Tandem-Request-Id: <id>` and its CRLF (what
         a request head needs, in one concatenation)."""
@@ -50,3 +43,7 @@ class RequestIds:
             self._roll()
             n = next(self._count)
         return self._field_prefix + hexlify(n.to_bytes(4, "big")) + b"\r\n"
+
+    def next(self) -> bytes:
+        """A new id alone (as `field` makes them)."""
+        return self.field()[len(REQUEST_ID_HEADER) + 2:-2]

@@ -21,6 +21,7 @@ from .errors import UpstreamConnectError, map_connect_errors
 from .headers import HOP_BY_HOP, fast_response_head
 
 if TYPE_CHECKING:
+    from .client import ClientProtocol
     from .router import Backend
 
 __all__ = ["UpstreamProtocol", "Pool"]
@@ -92,7 +93,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.got_bytes = False
         self.until_close = False
 
-    def release(self, client: Any = None) -> None:
+    def release(self, client: ClientProtocol | None = None) -> None:
         """The exchange is over and the connection can carry another one: kept by
         `client` (the client connection it served, if given) for its next request, when
         that connection is still open and keeps none yet; else back to the pool, most
