@@ -89,6 +89,9 @@ def requests(kind: str, token: str) -> list[bytes]:
     """The request heads one iteration cycles through: the same head every time, or
     (`varying`) a field whose value changes on every request, so that no per-connection
     cache of the last head's fields helps."""
+    if kind == "vary":  # as bench/proxy_compare.py --vary: another URL each time
+        head = request_head("wrk", token)
+        return [head.replace(b"GET / ", b"GET /?n=%d " % i) for i in range(1000, 2000)]
     if kind not in ("varying", "fresh"):
         return [request_head(kind, token)]
     head = request_head("wrk", token)
@@ -98,7 +101,10 @@ def requests(kind: str, token: str) -> list[bytes]:
 def responses(kind: str) -> list[bytes]:
     """The backend responses one iteration cycles through (`fresh`: a field whose value
     changes on every response, like a Date or a request id)."""
-    if kind != "fresh":
+    if kind == "vary":  # as bench/backend_fast.py --vary
+        return [RESPONSE.replace(b"\r\nContent-Length", b"\r\nX-Seq: %010d\r\nContent-Length" % i)
+                for i in range(999)]
+    if kind not in ("fresh",):
         return [RESPONSE]
     return [RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Seq: %d\r\n\r\n" % i) for i in range(999)]
 
@@ -155,11 +161,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="checkout whose proxy/ and backends/ are measured")
     ap.add_argument("--iterations", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--kind", action="append",
+                    choices=("wrk", "browser", "varying", "fresh", "vary"),
+                    help="case to measure (repeatable; default: all)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.tree.resolve()))
     import proxy
     print(f"proxy from {Path(proxy.__file__).resolve().parent}")
-    for kind in ("wrk", "browser", "varying", "fresh"):
+    for kind in args.kind or ("wrk", "browser", "varying", "fresh", "vary"):
         us = measure(kind, args.iterations, args.repeat)
         print(f"{kind:8s} head: {us:6.2f} CPU-µs per request (Python side, best of "
               f"{args.repeat} x {args.iterations})")

@@ -86,7 +86,7 @@ class ClientProtocol(asyncio.Protocol):
         "url", "headers", "begun", "in_head", "head_pending", "chunk", "fast", "chunk_len",
         "completed", "body_size",
         # the last request the fast lane took
-        "lane_head", "lane_size", "lane_last",
+        "lane_data", "lane_last",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -100,9 +100,10 @@ class ClientProtocol(asyncio.Protocol):
         self.lean_parser = HttpRequestParser(_NO_CALLBACKS)
         self.client_ip = b"unknown"
         self.for_node = b"for=unknown"
-        # The fields of the last head that started a chunk, and what was found in them
-        # (Cookie, Content-Length, the forwarding fields for its Host), or None when they
-        # need the general path: a keep-alive client tends to repeat its fields.
+        # The fields of the last head that started a chunk (from the CRLF ending its
+        # request line to the blank line), and what was found in them (Cookie,
+        # Content-Length, the forwarding fields for its Host), or None when they need the
+        # general path: a keep-alive client tends to repeat its fields.
         self.fields_key: bytes | None = None
         self.fields_scan: tuple[bytes | None, int, bytes] | None = None
         # The forwarding fields for the last Host seen (other fields change more often).
@@ -142,13 +143,11 @@ class ClientProtocol(asyncio.Protocol):
         self.completed = 0  # messages completed in the chunk being parsed
         self.body_size = 0
 
-        # The head (with its blank line) of the last request the fast lane validated and
-        # forwarded, the size of that request with its body, and what the lane found in
-        # it: (self.fast for it, method, Cookie, end of the request line, head to forward
-        # without the request id, Content-Length or 0). A keep-alive client tends to repeat its
-        # requests byte for byte (see data_received).
-        self.lane_head = b""
-        self.lane_size = -1  # (never a length: b"" starts everything)
+        # The last request the fast lane validated and forwarded, and what the lane found
+        # in it: (self.fast for it, method, Cookie, end of the request line, head to
+        # forward without the request id, Content-Length or 0). A keep-alive client tends
+        # to repeat its requests byte for byte (see data_received).
+        self.lane_data = b""  # (never a request: data_received gets no empty read)
         self.lane_last: tuple[_Fast, bytes, bytes | None, int, bytes, int] | None = None
 
     # --- connection ---------------------------------------------------------------------------
@@ -270,11 +269,10 @@ class ClientProtocol(asyncio.Protocol):
         if self.read_paused & _HALTED:
             return
         if not self.begun:
-            if len(data) == self.lane_size and data.startswith(self.lane_head):
-                # Byte for byte the head of the last request the lane took, with a body
-                # as long: llhttp accepted that head, and would accept this request too
-                # (a Content-Length body is not looked into), so no scan and no parse.
-                # The lean parser stays at a message boundary, as it would after it.
+            if data == self.lane_data:
+                # Byte for byte the last request the lane took, which llhttp accepted: it
+                # would accept it again, so no scan and no parse. The lean parser stays
+                # at a message boundary, as it would after it.
                 last = self.lane_last
                 assert last is not None
                 fast, method, cookie, first, prefix, length = last
@@ -326,18 +324,21 @@ class ClientProtocol(asyncio.Protocol):
         False: the general path takes `data`; `self.fast` holds what was found (its head's
         end, Cookie, Content-Length, forwarding fields) when the head could go verbatim."""
         self.fast = None
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return False
         first = data.find(b"\r\n")
-        if not data.endswith(b" HTTP/1.1", 0, first) or data.startswith(b"CONNECT "):
+        if first < 0:
             return False
-        fields = data[first:end + 2]
-        if fields == self.fields_key:  # a keep-alive client tends to repeat its fields
+        key = self.fields_key
+        if key is not None and data.startswith(key, first):
+            # The fields of the last head again, blank line included (a keep-alive
+            # client tends to repeat its fields; its request line changes more often).
+            end = first + len(key) - 4
             scan = self.fields_scan
         else:
-            self.fields_key = fields
-            found = fast_fields(fields)
+            end = data.find(b"\r\n\r\n", first)
+            if end < 0:
+                return False
+            self.fields_key = data[first:end + 4]
+            found = fast_fields(data[first:end + 2])
             if found is None:
                 scan = self.fields_scan = None
             else:
@@ -358,13 +359,22 @@ class ClientProtocol(asyncio.Protocol):
         parser = self.lean_parser
         try:
             parser.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade) as exc:
+        except HttpParserUpgrade:  # CONNECT (a tunnel, to llhttp): the general path refuses it
+            self.lean_parser = HttpRequestParser(_NO_CALLBACKS)
+            return False
+        except HttpParserError as exc:
             self._reject(ClientProtocolError(f"malformed request: {exc}"))
             return True
+        if not parser.should_keep_alive():
+            # Not HTTP/1.1 (with no Connection field, only HTTP/1.1 is kept alive): the
+            # general path takes it, from a parser that has not seen it (the lean one
+            # expects nothing more after a message that closes its connection).
+            self.lean_parser = HttpRequestParser(_NO_CALLBACKS)
+            self.fast = None
+            return False
         method = parser.get_method()
         prefix = data[:end + 2] + fwd
-        self.lane_head = data[:end + 4]
-        self.lane_size = len(data)
+        self.lane_data = data
         self.lane_last = (self.fast, method, cookie, first, prefix, length)
         self._forward(data, method, cookie, first, prefix, length)
         return True
@@ -418,8 +428,9 @@ class ClientProtocol(asyncio.Protocol):
             raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
         chunk = self.chunk
         fast = self.fast if chunk is not None and not self.completed else None
-        if chunk is not None and fast is not None:
-            # HTTP/1.1, no Upgrade, no Transfer-Encoding, no Expect: forwarded verbatim
+        if chunk is not None and fast is not None and parser.should_keep_alive():
+            # HTTP/1.1 (kept alive with no Connection field), no Upgrade, no
+            # Transfer-Encoding, no Expect: forwarded verbatim
             end, cookie, length, fwd = fast
             head = chunk[:end + 2] + fwd
             content_length: int | None = length
@@ -440,16 +451,18 @@ class ClientProtocol(asyncio.Protocol):
             expect_continue = rh.expect_continue and (chunked or bool(content_length))
         if ctx.max_body and content_length is not None and content_length > ctx.max_body:
             raise BodyTooLarge(f"request body larger than {ctx.max_body} bytes")
-        ex = Exchange(
-            self, ctx, method,
-            head + ctx.request_ids.field(),
-            ctx.tokens.route(cookie, url),
-            keep_alive=parser.should_keep_alive() and not upgrade,
-            http10=http10,
-            upgrade=upgrade,
-            expect_continue=expect_continue,
-            chunked=chunked,
-        )
+        ex = Exchange(self, ctx, method, head + ctx.request_ids.field(),
+                      ctx.tokens.route(cookie, url))
+        if upgrade or not parser.should_keep_alive():
+            ex.keep_alive = False
+        if http10:
+            ex.http10 = True
+        if upgrade:
+            ex.upgrade = True
+        if expect_continue:
+            ex.expect_continue = True
+        if chunked:
+            ex.chunked_in = True
         self.incoming = ex
         if self.active is None:
             self.active = self.starting = ex

@@ -95,24 +95,15 @@ class Exchange:
     close_after = False
 
     def __init__(self, client: ClientProtocol, ctx: ProxyContext, method: bytes, head: bytes,
-                 route: Route | None, *, keep_alive: bool = True, http10: bool = False,
-                 upgrade: bool = False, expect_continue: bool = False,
-                 chunked: bool = False) -> None:
-        # (positional essentials: the fast lane passes only those, keywords cost more)
+                 route: Route | None) -> None:
+        # (the fast lane's essentials only; the general path sets the rarely-set flags
+        # above on the new instance: keywords and their checks cost every request)
         self.client = client
         self.ctx = ctx
         self.method = method
         self.head = head  # upstream request head without X-Tandem-View and the last CRLF
         self.route = route
-        self.keep_alive = keep_alive  # the client wants the connection kept
-        if http10:
-            self.http10 = True
-        if upgrade:
-            self.upgrade = True
-        if expect_continue:
-            self.expect_continue = True
-        if chunked:
-            self.chunked_in = True
+        self.keep_alive = True  # the client wants the connection kept
 
         self.kept: list[bytes] | None = []  # the body so far, framed; None: too big to replay
         self.pending: list[bytes] = []  # framed body not yet written to an upstream

@@ -8,6 +8,7 @@ events and decides what they mean (relay, fail over, retry).
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING, Any
 
 from httptools import (
@@ -35,7 +36,7 @@ class UpstreamProtocol(asyncio.Protocol):
         # per exchange
         "exchange", "head_only", "interim", "status", "reason", "headers", "keep_alive",
         "got_bytes", "fast_head", "until_close", "reading_paused", "writing_paused",
-        "whole_head", "whole_size",
+        "whole_data", "whole_end", "shape", "shape_length",
         # lifetime
         "requests", "idle_since", "activity", "tunnel",
     )
@@ -67,12 +68,19 @@ class UpstreamProtocol(asyncio.Protocol):
         # (head verbatim, has Content-Length) when the current response needs no rewriting
         self.fast_head: tuple[bytes, bool] | None = None
         self.until_close = False  # response body delimited by connection close
-        # The head (with its blank line) of the last response relayed whole, and the size
-        # of that whole response: a backend tends to repeat its heads byte for byte, and
-        # a response that starts with a head llhttp already accepted (and is just as
-        # long, body included) is relayed with no scan and no parse (see data_received).
-        self.whole_head = b""
-        self.whole_size = -1  # (never a length: b"" starts everything)
+        # The last response relayed whole, and where its head ends: a backend may repeat
+        # a response byte for byte, and one that llhttp already accepted is relayed with
+        # no scan and no parse (see data_received).
+        self.whole_data = b""  # (never a response: data_received gets no empty read)
+        self.whole_end = 0
+        # The shape of the head (blank line included) of the last response the one-pass
+        # check relayed whole — its bytes with every digit read as 0 — and where the value
+        # of its Content-Length field lies in it; None: no shape to match. A backend's
+        # heads tend to differ only in digits (Date, Content-Length, a counter), and a
+        # head of the same shape has the same fields: nothing to drop, one Content-Length
+        # at the same place (see data_received).
+        self.shape: bytes | None = None
+        self.shape_length = (0, 0)
         self.reading_paused = False
         self.writing_paused = False
 
@@ -184,14 +192,34 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         if not self.got_bytes:
             self.got_bytes = True
-            if (len(data) == self.whole_size and data.startswith(self.whole_head)
-                    and not self.head_only):
-                # Byte for byte the head of the last response relayed whole (so the same
-                # status and Content-Length: data is that response too, exactly), which
-                # llhttp validated then: it would accept it again. The parser stays at a
-                # message boundary, as it would after parsing it.
-                ex.relay_whole(self, data, len(self.whole_head) - 4)
+            if data == self.whole_data and not self.head_only:
+                # Byte for byte the last response relayed whole, which llhttp validated
+                # then: it would accept it again. The parser stays at a message boundary,
+                # as it would after parsing it.
+                ex.relay_whole(self, data, self.whole_end)
                 return
+            shape = self.shape
+            if (shape is not None and data[:len(shape)].translate(_DIGITS_AS_0) == shape
+                    and data[9:12] not in _NOT_WHOLE_PROBE and not self.head_only):
+                # The head has the shape of the last one the one-pass check relayed whole
+                # (see __init__): nothing to drop. Whole when its Content-Length says so;
+                # llhttp (no callbacks) validates it.
+                start, stop = self.shape_length
+                end = len(shape) - 4
+                if end + 4 + int(data[start:stop]) == len(data):
+                    parser = self.bare_parser
+                    if parser is None:
+                        parser = self.bare_parser = HttpResponseParser(_NO_CALLBACKS)
+                    try:
+                        parser.feed_data(data)
+                    except HttpParserError as exc:
+                        self.bare_parser = None
+                        ex.on_bad_response(self, exc)
+                        return
+                    self.whole_data = data
+                    self.whole_end = end
+                    ex.relay_whole(self, data, end)
+                    return
             probe = self.probe
             if (probe is not None and data.startswith(b"HTTP/1.1 ")
                     and data[9:12] not in _NOT_WHOLE_PROBE and not self.head_only):
@@ -210,8 +238,9 @@ class UpstreamProtocol(asyncio.Protocol):
                     if probe.clean and end + 4 + probe.length == len(data):
                         # Content-Length framing, exactly this read: the parser took the
                         # whole response and stands at a message boundary again.
-                        self.whole_head = data[:end + 4]
-                        self.whole_size = len(data)
+                        self.whole_data = data
+                        self.whole_end = end
+                        self._take_shape(data, end)
                         ex.relay_whole(self, data, end)
                         return
                     # A field to drop, or not whole: the probe stopped somewhere inside
@@ -237,8 +266,8 @@ class UpstreamProtocol(asyncio.Protocol):
                         self.bare_parser = None
                         ex.on_bad_response(self, exc)
                         return
-                    self.whole_head = data[:end + 4]
-                    self.whole_size = len(data)
+                    self.whole_data = data
+                    self.whole_end = end
                     if self.probe is None:
                         self.probe = _Probe()
                     ex.relay_whole(self, data, end)
@@ -261,6 +290,16 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.close()
         if ex.out:
             ex.flush()
+
+    def _take_shape(self, data: bytes, end: int) -> None:
+        """Remember the shape of the head of `data`, a response the one-pass check found
+        whole with nothing to drop, ending at `end` (see __init__)."""
+        found = _LENGTH_VALUE.search(data, 0, end + 2)
+        if found is None:  # (a value llhttp took but this does not: no shape)
+            self.shape = None
+            return
+        self.shape = data[:end + 4].translate(_DIGITS_AS_0)
+        self.shape_length = found.span(1)
 
     # httptools callbacks (no on_message_begin: state is reset as each part is consumed)
 
@@ -326,6 +365,9 @@ _NOT_WHOLE = frozenset({b"101", b"204", b"304", b"503"})
 # (and 1xx: an interim response comes first)
 _NOT_WHOLE_PROBE = _NOT_WHOLE | {b"1%02d" % n for n in range(100)}
 _DROP_PREFIXES = (b"proxy-", b"x-tandem-")
+_DIGITS_AS_0 = bytes.maketrans(b"0123456789", b"0" * 10)
+# (a response head's Content-Length field, from the CRLF before it to the CRLF after it)
+_LENGTH_VALUE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)\r\n", re.I)
 _DROP_FIRST = frozenset(b"px")
 
 
