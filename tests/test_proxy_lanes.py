@@ -354,3 +354,165 @@ async def test_responses_the_one_pass_check_cannot_relay_whole_take_the_general_
         assert backend.connections == 1
     finally:
         await backend.stop()
+
+
+async def _exchange_all(port: int, n: int, request: bytes) -> list[bytes]:
+    """Send `request` n times on one connection; each response's raw bytes."""
+    client = await RawClient.open(port)
+    got = []
+    for _ in range(n):
+        await client.send(request)
+        head = await client.reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        got.append(head + await client.reader.readexactly(length))
+    await client.close()
+    return got
+
+
+async def test_responses_shaped_like_the_last_whole_one_are_relayed_as_read_when_they_may_be():
+    # Heads that differ from the last one relayed whole only in digits skip the per-field
+    # check; what the digits say (status, version, length) is still looked at.
+    responses = [
+        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",  # the one-pass check
+        b"HTTP/1.1 201 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi",  # its shape: as read
+        b"HTTP/1.1 200 OK\r\nX-Seq: 3\r\nContent-Length: 5\r\n\r\nhello",  # another length
+        b"HTTP/1.1 200 OK\r\nX-Seq: 4\r\nContent-Length: 9\r\n\r\nhel",  # not whole yet
+        b"HTTP/1.1 204 OK\r\nX-Seq: 5\r\nContent-Length: 0\r\n\r\n",  # no body whatever
+        b"HTTP/1.0 200 OK\r\nX-Seq: 6\r\nContent-Length: 2\r\n\r\nok",  # HTTP/1.0: rewritten
+    ]
+
+    async def handler(reader, writer):
+        for data in responses:
+            await read_request(reader)
+            writer.write(data)
+            await writer.drain()
+            if data.endswith(b"hel"):
+                await asyncio.sleep(0.05)
+                writer.write(b"lo you")  # the rest of that body, in a later read
+                await writer.drain()
+        await reader.read()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            got = []
+            for _ in responses:
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                got.append(await client.response())
+            await client.close()
+        assert [(r.status, r.body) for r in got] == [
+            (200, b"ok"), (201, b"hi"), (200, b"hello"), (200, b"hello you"), (204, b""),
+            (200, b"ok")]
+        assert [r.header("x-seq") for r in got] == ["1", "2", "3", "4", "5", "6"]
+        assert backend.connections == 1
+    finally:
+        await backend.stop()
+
+
+async def test_a_response_shaped_like_the_last_whole_one_is_relayed_byte_for_byte():
+    backend = await RawBackend(answering([
+        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi",
+    ])).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            got = await _exchange_all(env.port, 2, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert got[1] == b"HTTP/1.1 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi"
+    finally:
+        await backend.stop()
+
+
+async def test_an_http10_response_shaped_like_the_last_whole_one_is_not_relayed_as_read():
+    backend = await RawBackend(answering([
+        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi",
+    ])).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            got = await _exchange_all(env.port, 2, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert got[1].startswith(b"HTTP/1.1 200 ") and got[1].endswith(b"\r\n\r\nhi")
+    finally:
+        await backend.stop()
+
+
+async def test_a_same_shaped_response_that_fails_over_or_is_invalid():
+    # 503 in the shape of the last whole response: fails over; an HTTP version llhttp
+    # refuses, in that shape too: a bad gateway.
+    s1 = await RawBackend(answering([
+        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 503 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nno",
+    ])).start()
+    bad = await RawBackend(answering([
+        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.9 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nok",
+    ])).start()
+    try:
+        async with proxy_env("s2", extra={"s1": s1.port}) as env:
+            client = await RawClient.open(env.port)
+            cookie = f"Cookie: JSESSIONID={token('s1', 's2')}\r\n".encode()
+            got = []
+            for _ in range(2):
+                await client.send(b"GET /status/200 HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
+                resp = await client.response()
+                got.append((resp.status, resp.body))
+            await client.close()
+            assert got == [(200, b"ok"), (200, b"s2 200")]
+        async with proxy_env(extra={"s1": bad.port}) as env:
+            client = await RawClient.open(env.port)
+            got = []
+            for _ in range(2):
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                resp = await client.response()
+                got.append((resp.status, b"invalid response" in resp.body))
+            await client.close()
+            assert got == [(200, False), (502, True)]
+    finally:
+        await s1.stop()
+        await bad.stop()
+
+
+async def test_an_http10_request_and_a_connect_in_the_fast_lanes_shape_take_the_general_path():
+    async with proxy_env("s1") as env:
+        client = await RawClient.open(env.port)
+        await client.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")  # the lane learns the fields
+        assert (await client.response()).status == 200
+        await client.send(b"GET /b HTTP/1.0\r\nHost: x\r\n\r\n")  # the same fields
+        resp = await client.response()
+        assert resp.status == 200 and resp.body.startswith(b"s1")
+        assert await client.closed()  # HTTP/1.0 without keep-alive: closed after it
+        await client.close()
+        client = await RawClient.open(env.port)
+        await client.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await client.response()).status == 200
+        await client.send(b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await client.response()
+        assert resp.status == 405 and await client.closed()
+        await client.close()
+        assert env.backends["s1"].hits["/b"] == 1
+
+
+async def test_an_http10_request_whose_body_comes_later_is_answered_as_http10():
+    # Its head starts the read as the fast lane's would, but the lane cannot take it (the
+    # body is not all there): the general path must see HTTP/1.0 all the same, so a body
+    # of unknown length is not chunked for it.
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-App: 1\r\n\r\nhello")  # ends with the connection
+        await writer.drain()
+        writer.close()
+
+    backend = await RawBackend(handler).start()
+    try:
+        async with proxy_env(extra={"s1": backend.port}) as env:
+            client = await RawClient.open(env.port)
+            await client.send(b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+            await asyncio.sleep(0.05)
+            await client.send(b"cd")
+            data = await asyncio.wait_for(client.reader.read(), 5)
+            await client.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
+        assert body == b"hello"
+    finally:
+        await backend.stop()
