@@ -67,10 +67,12 @@ async def test_the_same_id_on_a_retry_after_a_reset():
 def test_ids_are_unique_and_url_safe_across_a_counter_roll():
     ids = RequestIds()
     prefix = ids.prefix
-    got = [ids.next() for _ in range(1000)]
-    assert len(set(got)) == 1000
+    got = [ids.next() for _ in range(10_000)]  # (the high part moves on twice)
+    assert len(set(got)) == 10_000
     assert all(_ID.fullmatch(i.decode()) and i.startswith(prefix) for i in got)
-    ids._count = iter([0xFFFFFFFF, 0x100000000])  # the last value of a prefix, then a roll
+    assert [int(i[8:], 16) for i in got] == list(range(10_000))
+    ids.count_from(0xFFFFFFFE)  # the last values of a prefix, then a roll
+    assert ids.next() == prefix + b"fffffffe"
     last = ids.next()
     assert last == prefix + b"ffffffff"
     rolled = ids.next()
