@@ -200,30 +200,23 @@ class UpstreamProtocol(asyncio.Protocol):
                 return
             shape = self.shape
             if (shape is not None and data[:len(shape)].translate(_DIGITS_AS_0) == shape
-                    and data[7] == data[5] == 49 and not self.head_only):
+                    and data[7] == data[5] == 49 and data[9:12] not in _NOT_WHOLE_PROBE
+                    and not self.head_only):
                 # The head has the shape of the last one the one-pass check relayed whole
-                # (see __init__): nothing to drop, and it is HTTP/1.1 (the digits of
-                # "HTTP/0.0" in the shape are both 1: ASCII 49). Whole when its
-                # Content-Length says so, and relayed as read when llhttp (no callbacks)
-                # accepts it, with a status that needs no decision; else the general path
-                # takes it afresh.
+                # (see __init__), which llhttp accepted: nothing to drop, and llhttp would
+                # accept this one too, but for what its digits say — it is HTTP/1.1 (the
+                # digits of "HTTP/0.0" in the shape are both 1: ASCII 49), its status needs
+                # no decision, and its Content-Length must frame exactly this read (llhttp
+                # reads no other digit for their value, and allows any status code). So
+                # it is relayed as read, with no parse (the parser stays at a message
+                # boundary, as it would after parsing it).
                 start, stop = self.shape_length
                 end = len(shape) - 4
                 if end + 4 + int(data[start:stop]) == len(data):
-                    parser = self.bare_parser
-                    if parser is None:
-                        parser = self.bare_parser = HttpResponseParser(_NO_CALLBACKS)
-                    try:
-                        parser.feed_data(data)
-                    except HttpParserError:
-                        pass
-                    else:
-                        if parser.get_status_code() not in _NOT_WHOLE_STATUS:
-                            self.whole_data = data
-                            self.whole_end = end
-                            ex.relay_whole(self, data, end)
-                            return
-                    self.bare_parser = None  # (where it stands, the general path tells)
+                    self.whole_data = data
+                    self.whole_end = end
+                    ex.relay_whole(self, data, end)
+                    return
             probe = self.probe
             if (probe is not None and data.startswith(b"HTTP/1.1 ")
                     and data[9:12] not in _NOT_WHOLE_PROBE and not self.head_only):
@@ -368,7 +361,6 @@ _NOT_WHOLE = frozenset({b"101", b"204", b"304", b"503"})
 
 # (and 1xx: an interim response comes first)
 _NOT_WHOLE_PROBE = _NOT_WHOLE | {b"1%02d" % n for n in range(100)}
-_NOT_WHOLE_STATUS = frozenset(int(status) for status in _NOT_WHOLE_PROBE)
 _DROP_PREFIXES = (b"proxy-", b"x-tandem-")
 _DIGITS_AS_0 = bytes.maketrans(b"0123456789", b"0" * 10)
 # (a response head's Content-Length field, from the CRLF before it to the CRLF after it)

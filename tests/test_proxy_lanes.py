@@ -516,3 +516,36 @@ async def test_an_http10_request_whose_body_comes_later_is_answered_as_http10():
         assert body == b"hello"
     finally:
         await backend.stop()
+
+
+def test_llhttp_reads_no_digit_of_a_response_head_but_the_version_and_the_length():
+    # What relaying a response in the shape of the last whole one with no parse rests on
+    # (UpstreamProtocol.data_received): llhttp accepts any digits in a head it accepted —
+    # status code, field names and values, Content-Length's (its value frames the body) —
+    # but the version's.
+    from httptools import HttpParserError, HttpResponseParser
+
+    class Callbacks:
+        def __init__(self) -> None:
+            self.complete = 0
+
+        def on_message_complete(self) -> None:
+            self.complete += 1
+
+    def parse(data: bytes) -> bool:
+        cb = Callbacks()
+        try:
+            HttpResponseParser(cb).feed_data(data)
+        except HttpParserError:
+            return False
+        return cb.complete == 1
+
+    head = b"HTTP/1.1 %s OK\r\nX-%s: %s\r\nContent-Length: %s\r\n\r\n"
+    for status in (b"000", b"099", b"200", b"599", b"600", b"999"):
+        for name in (b"0", b"99"):
+            for value in (b"0", b"1234567890"):
+                for length, body in ((b"2", b"ok"), (b"0002", b"ok"), (b"0", b"")):
+                    assert parse(head % (status, name, value, length) + body)
+    for version in (b"1.0", b"1.1"):  # (what the version's digits say is checked)
+        assert parse(b"HTTP/%s 200 OK\r\nContent-Length: 2\r\n\r\nok" % version)
+    assert not parse(b"HTTP/1.9 200 OK\r\nContent-Length: 2\r\n\r\nok")
