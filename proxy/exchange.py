@@ -58,7 +58,8 @@ class Exchange:
 
     __slots__ = (
         # set for every request (the fast lane's essentials)
-        "client", "ctx", "method", "head", "route", "keep_alive", "kept", "pending",
+        "client", "ctx", "method", "head", "route", "keep_alive", "http10", "upgrade",
+        "kept", "pending",
         "body_done", "backend", "upstream", "attempts", "written", "unwritten", "sent_at",
         "responded", "finished", "out",
         # the rarely-set state below lives in a dict created on its first write
@@ -68,8 +69,6 @@ class Exchange:
     # Rarely-set state: class-level defaults, so that a request that needs none of it
     # (nearly all) pays nothing for it; an instance sets its own value when it must.
     # request (fixed after the constructor)
-    http10 = False
-    upgrade = False
     expect_continue = False
     chunked_in = False
     # request body
@@ -104,6 +103,8 @@ class Exchange:
         self.head = head  # upstream request head without X-Tandem-View and the last CRLF
         self.route = route
         self.keep_alive = True  # the client wants the connection kept
+        self.http10 = False
+        self.upgrade = False  # the request asks for a protocol switch (WebSocket)
 
         self.kept: list[bytes] | None = []  # the body so far, framed; None: too big to replay
         self.pending: list[bytes] = []  # framed body not yet written to an upstream
@@ -221,8 +222,8 @@ class Exchange:
             self.quiet_since = 0.0
         else:
             body = self.pending
-        if (self.expect_continue and not self.continue_sent and self.body_bytes == 0
-                and not self.body_done):
+        if (not self.body_done and self.expect_continue and not self.continue_sent
+                and self.body_bytes == 0):  # (slots first: the others are rarely set)
             self.continue_sent = True
             client.write(_CONTINUE)
         transport = up.transport
