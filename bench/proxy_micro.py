@@ -7,10 +7,12 @@ A real `ClientProtocol` and `UpstreamProtocol` of a real `ProxyContext` are conn
 transports that only collect what is written; each iteration feeds one client request (the
 head wrk sends in bench/proxy_compare.py; a browser-like one; or wrk's with a field whose
 value changes on every request) and one backend response (`fresh`: the varying request,
-and a response with a field that changes too), through the same code path as under load.
-The proxy remembers the last request and response of a connection that took the fast
-lanes, so `wrk` and `browser` measure a client and a backend that repeat themselves byte
-for byte; `varying` and `fresh` measure heads seen for the first time. The CPU time of the
+and a response with a field that changes too; `vary`: what `proxy_compare.py --vary`
+sends, another URL each time and a response with a counting field), through the same code
+path as under load. The proxy remembers the last request and response of a connection that
+took the fast lanes, so `wrk` and `browser` measure a client and a backend that repeat
+themselves byte for byte; `varying`, `fresh` and `vary` measure messages seen for the first
+time. The CPU time of the
 process (not wall time) per iteration is reported, best of `--repeat`; syscalls, the event
 loop and cache misses under load come on top (bench/proxy_compare.py measures those).
 """
