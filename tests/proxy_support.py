@@ -431,6 +431,21 @@ async def proxy_env(*ids: str, extra: dict[str, int] | None = None, session: str
             await b.stop()
 
 
+async def ask(port: int, n: int,
+              request: bytes = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") -> list[RawResponse]:
+    """Send `request` n times, each after the last one's response, on one new connection;
+    the responses."""
+    client = await RawClient.open(port)
+    try:
+        got = []
+        for _ in range(n):
+            await client.send(request)
+            got.append(await client.response())
+        return got
+    finally:
+        await client.close()
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """One sample of a Prometheus text exposition (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())

@@ -11,6 +11,7 @@ from tests.proxy_support import (
     RawBackend,
     RawClient,
     answering_always,
+    ask,
     metric_value,
     proxy_env,
     read_request,
@@ -372,12 +373,7 @@ async def test_responses_dribbled_in_small_pieces_are_relayed_intact():
     backend = await RawBackend(handler).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
-            client = await RawClient.open(env.port)
-            got = []
-            for _ in responses:
-                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                got.append(await client.response())
-            await client.close()
+            got = await ask(env.port, len(responses))
         assert [(r.status, r.body) for r in got] == [(200, b"hello"), (201, b"abc"),
                                                      (202, b"ok")]
         assert not got[0].has("x-tandem-secret")

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from tests.proxy_support import (
     RawBackend,
     RawClient,
     answering,
     answering_always,
+    ask,
     metric_value,
     proxy_env,
     read_request,
@@ -209,15 +212,11 @@ async def test_a_response_as_long_as_the_last_one_relayed_whole_is_still_looked_
     backend = await RawBackend(answering(responses)).start()
     try:
         async with proxy_env("s2", extra={"s1": backend.port}) as env:
-            client = await RawClient.open(env.port)
             cookie = f"Cookie: JSESSIONID={token('s1', 's2')}\r\n".encode()
-            got = []
-            for _ in range(3):
-                await client.send(b"GET /status/201 HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
-                resp = await client.response()
-                got.append((resp.status, resp.body))
-            await client.close()
-            assert got == [(200, b"ok"), (200, b"ok"), (201, b"s2 201")]
+            got = await ask(env.port, 3,
+                            b"GET /status/201 HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
+            assert [(r.status, r.body) for r in got] == [(200, b"ok"), (200, b"ok"),
+                                                         (201, b"s2 201")]
     finally:
         await backend.stop()
 
@@ -342,12 +341,7 @@ async def test_responses_the_one_pass_check_cannot_relay_whole_take_the_general_
     backend = await RawBackend(handler).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
-            client = await RawClient.open(env.port)
-            got = []
-            for _ in range(3):
-                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                got.append(await client.response())
-            await client.close()
+            got = await ask(env.port, 3)
         assert [r.body for r in got] == [b"helloworld", b"ok", b"ok"]
         assert not got[1].has("x-tandem-secret") and not got[1].has("proxy-thing")
         assert got[2].header("x-app") == "3"
@@ -395,12 +389,7 @@ async def test_responses_shaped_like_the_last_whole_one_are_relayed_as_read_when
     backend = await RawBackend(handler).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
-            client = await RawClient.open(env.port)
-            got = []
-            for _ in responses:
-                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                got.append(await client.response())
-            await client.close()
+            got = await ask(env.port, len(responses))
         assert [(r.status, r.body) for r in got] == [
             (200, b"ok"), (201, b"hi"), (200, b"hello"), (200, b"hello you"), (204, b""),
             (200, b"ok")]
@@ -410,27 +399,18 @@ async def test_responses_shaped_like_the_last_whole_one_are_relayed_as_read_when
         await backend.stop()
 
 
-async def test_a_response_shaped_like_the_last_whole_one_is_relayed_byte_for_byte():
+@pytest.mark.parametrize(("second", "relayed_as_read"), [
+    (b"HTTP/1.1 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi", True),
+    (b"HTTP/1.0 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi", False),  # rewritten
+])
+async def test_a_response_shaped_like_the_last_whole_one_is_relayed_as_read_if_http11(
+        second, relayed_as_read):
     backend = await RawBackend(answering([
-        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",
-        b"HTTP/1.1 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi",
-    ])).start()
+        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok", second])).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
             got = await _exchange_all(env.port, 2, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert got[1] == b"HTTP/1.1 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi"
-    finally:
-        await backend.stop()
-
-
-async def test_an_http10_response_shaped_like_the_last_whole_one_is_not_relayed_as_read():
-    backend = await RawBackend(answering([
-        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",
-        b"HTTP/1.0 200 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi",
-    ])).start()
-    try:
-        async with proxy_env(extra={"s1": backend.port}) as env:
-            got = await _exchange_all(env.port, 2, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (got[1] == second) == relayed_as_read
         assert got[1].startswith(b"HTTP/1.1 200 ") and got[1].endswith(b"\r\n\r\nhi")
     finally:
         await backend.stop()
@@ -449,24 +429,14 @@ async def test_a_same_shaped_response_that_fails_over_or_is_invalid():
     ])).start()
     try:
         async with proxy_env("s2", extra={"s1": s1.port}) as env:
-            client = await RawClient.open(env.port)
             cookie = f"Cookie: JSESSIONID={token('s1', 's2')}\r\n".encode()
-            got = []
-            for _ in range(2):
-                await client.send(b"GET /status/200 HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
-                resp = await client.response()
-                got.append((resp.status, resp.body))
-            await client.close()
-            assert got == [(200, b"ok"), (200, b"s2 200")]
+            got = await ask(env.port, 2,
+                            b"GET /status/200 HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
+            assert [(r.status, r.body) for r in got] == [(200, b"ok"), (200, b"s2 200")]
         async with proxy_env(extra={"s1": bad.port}) as env:
-            client = await RawClient.open(env.port)
-            got = []
-            for _ in range(2):
-                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                resp = await client.response()
-                got.append((resp.status, b"invalid response" in resp.body))
-            await client.close()
-            assert got == [(200, False), (502, True)]
+            got = await ask(env.port, 2)
+            assert [(r.status, b"invalid response" in r.body) for r in got] == [
+                (200, False), (502, True)]
     finally:
         await s1.stop()
         await bad.stop()
