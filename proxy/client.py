@@ -100,8 +100,8 @@ class ClientProtocol(asyncio.Protocol):
         self.lean_parser = HttpRequestParser(_NO_CALLBACKS)
         self.client_ip = b"unknown"
         self.for_node = b"for=unknown"
-        # The fields of the last head that started a chunk (from the CRLF ending its
-        # request line to the blank line), and what was found in them (Cookie,
+        # The fields of the last head that started a chunk (after the CRLF ending its
+        # request line, to the blank line), and what was found in them (Cookie,
         # Content-Length, the forwarding fields for its Host), or None when they need the
         # general path: a keep-alive client tends to repeat its fields.
         self.fields_key: bytes | None = None
@@ -324,20 +324,24 @@ class ClientProtocol(asyncio.Protocol):
         False: the general path takes `data`; `self.fast` holds what was found (its head's
         end, Cookie, Content-Length, forwarding fields) when the head could go verbatim."""
         self.fast = None
-        first = data.find(b"\r\n")
-        if first < 0:
+        line, crlf, rest = data.partition(b"\r\n")
+        if not crlf:
             return False
+        first = len(line)
         key = self.fields_key
-        if key is not None and data.startswith(key, first):
-            # The fields of the last head again, blank line included (a keep-alive
-            # client tends to repeat its fields; its request line changes more often).
-            end = first + len(key) - 4
+        if rest == key:
+            # The fields of the last head again, and no body (a keep-alive client tends
+            # to repeat its fields; its request line changes more often).
+            end = len(data) - 4
+            scan = self.fields_scan
+        elif key is not None and rest.startswith(key):  # the same, with a body
+            end = first + len(key) - 2
             scan = self.fields_scan
         else:
             end = data.find(b"\r\n\r\n", first)
             if end < 0:
                 return False
-            self.fields_key = data[first:end + 4]
+            self.fields_key = data[first + 2:end + 4]
             found = fast_fields(data[first:end + 2])
             if found is None:
                 scan = self.fields_scan = None
