@@ -329,12 +329,9 @@ class ClientProtocol(asyncio.Protocol):
             return False
         first = len(line)
         key = self.fields_key
-        if rest == key:
-            # The fields of the last head again, and no body (a keep-alive client tends
-            # to repeat its fields; its request line changes more often).
-            end = len(data) - 4
-            scan = self.fields_scan
-        elif key is not None and rest.startswith(key):  # the same, with a body
+        if rest == key or (key is not None and rest.startswith(key)):
+            # The fields of the last head again, with no body or with one (a keep-alive
+            # client tends to repeat its fields; its request line changes more often).
             end = first + len(key) - 2
             scan = self.fields_scan
         else:
@@ -430,9 +427,10 @@ class ClientProtocol(asyncio.Protocol):
         method = parser.get_method()
         if method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
+        keep_alive = parser.should_keep_alive()
         chunk = self.chunk
         fast = self.fast if chunk is not None and not self.completed else None
-        if chunk is not None and fast is not None and parser.should_keep_alive():
+        if chunk is not None and fast is not None and keep_alive:
             # HTTP/1.1 (kept alive with no Connection field), no Upgrade, no
             # Transfer-Encoding, no Expect: forwarded verbatim
             end, cookie, length, fwd = fast
@@ -457,7 +455,7 @@ class ClientProtocol(asyncio.Protocol):
             raise BodyTooLarge(f"request body larger than {ctx.max_body} bytes")
         ex = Exchange(self, ctx, method, head + ctx.request_ids.field(),
                       ctx.tokens.route(cookie, url))
-        if upgrade or not parser.should_keep_alive():
+        if upgrade or not keep_alive:
             ex.keep_alive = False
         if http10:
             ex.http10 = True

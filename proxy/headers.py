@@ -14,6 +14,7 @@ from .errors import ClientProtocolError, ExpectationFailed, UnsupportedTransferC
 
 __all__ = [
     "HOP_BY_HOP",
+    "DROP_PREFIXES",
     "RequestHeaders",
     "ResponseHeaders",
     "scan_request",
@@ -36,7 +37,7 @@ HOP_BY_HOP = frozenset({
     b"transfer-encoding", b"upgrade",
 })
 CLUSTER_HEADER = b"x-tandem-cluster"
-_DROP_PREFIXES = (b"x-tandem-", b"proxy-")
+DROP_PREFIXES = (b"x-tandem-", b"proxy-")  # fields never passed on, either way
 
 # Request fields that need a look; everything else is forwarded untouched.
 _HOST, _COOKIE, _CL, _TE, _CONN, _UPGRADE, _EXPECT, _XFF, _FWD, _DROP = range(10)
@@ -106,7 +107,7 @@ def scan_request(raw: list[tuple[bytes, bytes]], *, http10: bool,
         n = name.lower()
         kind = _REQUEST_SPECIAL.get(n)
         if kind is None:
-            if n.startswith(_DROP_PREFIXES) or n in drop:
+            if n.startswith(DROP_PREFIXES) or n in drop:
                 continue
             lines.append(b"%s: %s\r\n" % (name, value))
         elif kind == _HOST:
@@ -164,7 +165,7 @@ def scan_response(raw: list[tuple[bytes, bytes]],
             elif n == b"upgrade":
                 rh.upgrade = value
             continue
-        if n.startswith(_DROP_PREFIXES) or n in drop:
+        if n.startswith(DROP_PREFIXES) or n in drop:
             if n == CLUSTER_HEADER:
                 rh.cluster = value
             continue
@@ -183,7 +184,7 @@ def trailer_block(raw: list[tuple[bytes, bytes]] | None) -> bytes:
     parts = [b"0\r\n"]
     for name, value in raw:
         n = name.lower()
-        if n not in HOP_BY_HOP and not n.startswith(_DROP_PREFIXES) and n != b"content-length":
+        if n not in HOP_BY_HOP and not n.startswith(DROP_PREFIXES) and n != b"content-length":
             parts.append(name + b": " + value + b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)

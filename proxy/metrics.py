@@ -23,7 +23,7 @@ class Metrics:
                  "upgrades")
 
     def __init__(self) -> None:
-        self.responses = [0] * 10  # by status // 100 (0 unused; 6-9 only if a backend errs)
+        self.responses = [0] * 10  # by status // 100 (0 and 6-9 only if a backend errs)
         self.failovers: dict[str, int] = {}  # by cause
         self.retries = 0  # requests written again after a failure (they may have been read)
         self.stale_retries = 0  # dead keep-alive connection: once more on a fresh one

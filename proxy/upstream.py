@@ -19,7 +19,7 @@ from httptools import (
 )
 
 from .errors import UpstreamConnectError, map_connect_errors
-from .headers import HOP_BY_HOP, fast_response_head
+from .headers import DROP_PREFIXES, HOP_BY_HOP, fast_response_head
 
 if TYPE_CHECKING:
     from .client import ClientProtocol
@@ -93,13 +93,6 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-
-    def attach(self, exchange: Any, head_only: bool) -> None:
-        """Carry `exchange` next (`head_only`: its response has no body, as for HEAD)."""
-        self.exchange = exchange
-        self.head_only = head_only
-        self.got_bytes = False
-        self.until_close = False
 
     def release(self, client: ClientProtocol | None = None) -> None:
         """The exchange is over and the connection can carry another one: kept by
@@ -361,7 +354,6 @@ _NOT_WHOLE = frozenset({b"101", b"204", b"304", b"503"})
 
 # (and 1xx: an interim response comes first)
 _NOT_WHOLE_PROBE = _NOT_WHOLE | {b"1%02d" % n for n in range(100)}
-_DROP_PREFIXES = (b"proxy-", b"x-tandem-")
 _DIGITS_AS_0 = bytes.maketrans(b"0123456789", b"0" * 10)
 # (a response head's Content-Length field, from the CRLF before it to the CRLF after it)
 _LENGTH_VALUE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)\r\n", re.I)
@@ -383,7 +375,7 @@ class _Probe:
         n = name.lower()
         if n == b"content-length":
             self.length = int(value)  # digits: checked by llhttp before this call
-        elif n in HOP_BY_HOP or (n[0] in _DROP_FIRST and n.startswith(_DROP_PREFIXES)):
+        elif n in HOP_BY_HOP or (n[0] in _DROP_FIRST and n.startswith(DROP_PREFIXES)):
             self.clean = False  # (the first byte spares most names a method call)
 
 

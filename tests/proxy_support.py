@@ -283,6 +283,7 @@ class RawResponse:
     body: bytes
     raw_body: bytes  # as framed on the wire
     trailers: list[tuple[str, str]]
+    raw_head: bytes = b""  # status line and fields as received, blank line included
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -321,7 +322,7 @@ class RawClient:
         status = int(lines[0].split(" ", 2)[1])
         headers = [(k.strip(), v.strip()) for k, _, v in
                    (line.partition(":") for line in lines[1:] if line)]
-        resp = RawResponse(status, headers, b"", b"", [])
+        resp = RawResponse(status, headers, b"", b"", [], raw_head)
         te = (resp.header("transfer-encoding") or "").lower()
         if head_request or status in (204, 304) or 100 <= status < 200:
             return resp

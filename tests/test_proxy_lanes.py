@@ -94,14 +94,7 @@ async def test_whole_responses_are_relayed_byte_for_byte_and_others_rewritten():
     backend = await RawBackend(answering(responses)).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
-            client = await RawClient.open(env.port)
-            raw = []
-            for _ in responses:
-                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                head = await client.reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                raw.append(head + await client.reader.readexactly(length))
-            await client.close()
+            raw = [r.raw_head + r.raw_body for r in await ask(env.port, len(responses))]
         assert raw[0] == responses[0]
         assert b"keep-alive" not in raw[1].lower() and raw[1].endswith(b"\r\n\r\nhello")
         assert raw[2] == responses[2]
@@ -230,13 +223,9 @@ async def test_an_invalid_response_as_long_as_the_last_one_relayed_whole_is_a_ba
     backend = await RawBackend(answering(responses)).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
-            client = await RawClient.open(env.port)
-            await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert (await client.response()).body == b"ok"
-            await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            resp = await client.response()
+            first, resp = await ask(env.port, 2)
+            assert first.body == b"ok"
             assert resp.status == 502 and b"invalid response" in resp.body
-            await client.close()
     finally:
         await backend.stop()
 
@@ -350,19 +339,6 @@ async def test_responses_the_one_pass_check_cannot_relay_whole_take_the_general_
         await backend.stop()
 
 
-async def _exchange_all(port: int, n: int, request: bytes) -> list[bytes]:
-    """Send `request` n times on one connection; each response's raw bytes."""
-    client = await RawClient.open(port)
-    got = []
-    for _ in range(n):
-        await client.send(request)
-        head = await client.reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        got.append(head + await client.reader.readexactly(length))
-    await client.close()
-    return got
-
-
 async def test_responses_shaped_like_the_last_whole_one_are_relayed_as_read_when_they_may_be():
     # Heads that differ from the last one relayed whole only in digits skip the per-field
     # check; what the digits say (status, version, length) is still looked at.
@@ -409,7 +385,7 @@ async def test_a_response_shaped_like_the_last_whole_one_is_relayed_as_read_if_h
         b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok", second])).start()
     try:
         async with proxy_env(extra={"s1": backend.port}) as env:
-            got = await _exchange_all(env.port, 2, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = [r.raw_head + r.raw_body for r in await ask(env.port, 2)]
         assert (got[1] == second) == relayed_as_read
         assert got[1].startswith(b"HTTP/1.1 200 ") and got[1].endswith(b"\r\n\r\nhi")
     finally:
