@@ -1,6 +1,12 @@
-"""Errors of the backend runtime and of the contract modules (config, route token)."""
+"""Errors of the backend runtime: sessions and the replication channel.
+
+The contract's errors (cluster file, route token) are defined in `tandem.errors` and
+re-exported here, so `except backends.errors.ConfigError` keeps working.
+"""
 
 from __future__ import annotations
+
+from tandem.errors import BadSignature, ClusterError, ConfigError, MalformedToken, TokenError
 
 __all__ = [
     "ClusterError",
@@ -17,39 +23,6 @@ __all__ = [
     "ProtocolViolation",
     "SessionMoved",
 ]
-
-
-class ClusterError(Exception):
-    """Root of every error raised by `backends`."""
-
-
-# --- configuration --------------------------------------------------------------------------
-
-
-class ConfigError(ClusterError, ValueError):
-    """A cluster file key is unknown, missing or holds a bad value."""
-
-    def __init__(self, message: str, *, key: str, value: object = None, file: str = "") -> None:
-        where = f" in {file}" if file else ""
-        super().__init__(f"{key}: {message} (got {value!r}){where}")
-        self.key = key
-        self.value = value
-        self.file = file
-
-
-# --- route token ----------------------------------------------------------------------------
-
-
-class TokenError(ClusterError):
-    """A route token could not be used; the request is treated as carrying no session."""
-
-
-class BadSignature(TokenError):
-    """The token's signature does not verify with any configured secret."""
-
-
-class MalformedToken(TokenError):
-    """The token verified but its payload is not `SID!PRIMARY!SECONDARY`."""
 
 
 # --- sessions -------------------------------------------------------------------------------

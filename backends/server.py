@@ -18,16 +18,17 @@ from typing import Any
 
 import structlog
 
-from .asgi import ASGIApp, TandemMiddleware
-from .config import Config
+from tandem.config import Config
+from tandem.logs import configure
+
+from .cluster.peers import Membership, ReplicationListener
 from .errors import ConfigError
-from .host import Lifespan
-from .http import HttpServer
-from .logs import configure
-from .manager import SessionManager
-from .peers import Membership, ReplicationListener
 from .persistence import StoreError
-from .wsgi import WsgiToAsgi
+from .serve.asgi import ASGIApp, TandemMiddleware
+from .serve.http import HttpServer
+from .serve.lifespan import Lifespan
+from .serve.wsgi import WsgiToAsgi
+from .sessions.manager import SessionManager
 
 __all__ = ["BackendServer", "load_app", "run"]
 

@@ -334,7 +334,7 @@ def run_wrk(c: Contender, backend: list[int], cookie: str, *, duration: float,
 
 def scenario(name: str, pinned: bool, args: argparse.Namespace,
              tmp: Path) -> dict[str, Any]:
-    from backends.token import Route, TokenCodec
+    from tandem.token import Route, TokenCodec
 
     where = tmp / f"{name}-{'pinned' if pinned else 'shared'}"
     where.mkdir()

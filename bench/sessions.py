@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backends.host import acknowledge_lifespan  # noqa: E402  (needs ROOT on the path)
+from backends.serve.lifespan import acknowledge_lifespan  # noqa: E402  (needs ROOT on the path)
 from bench.procstat import descendants, proc_stats  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -19,7 +19,7 @@ from typing import Any
 
 from flask import Flask, jsonify, redirect, render_template_string, request, session
 
-from backends.flask import SessionInterface
+from backends.frameworks.flask import SessionInterface
 
 app = Flask(__name__)
 app.session_interface = SessionInterface()

@@ -17,7 +17,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from backends.host import acknowledge_lifespan
+from backends.serve.lifespan import acknowledge_lifespan
 
 
 def _handle(path: str, session: Any, server: str, query: str = "") -> tuple[int, dict[str, Any]]:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from backends import wire
-from backends.token import Route, TokenCodec
+from backends.cluster import wire
+from tandem.token import Route, TokenCodec
 from tests.cluster import Client
 
 APPS = ["tests.apps:asgi_counter", "tests.apps:wsgi_counter"]

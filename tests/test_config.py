@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from backends.config import (
+from backends.errors import ClusterError, ConfigError
+from tandem.config import (
     Address,
     ClusterSection,
     Config,
@@ -23,7 +24,6 @@ from backends.config import (
     load,
     loads,
 )
-from backends.errors import ClusterError, ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "test-cluster.toml"
@@ -909,8 +909,8 @@ def test_default_source_is_memory() -> None:
 
 
 def test_io_timeout_must_exceed_the_replication_timeout() -> None:
-    from backends.config import loads
     from backends.errors import ConfigError
+    from tandem.config import loads
 
     text = """
 [cluster]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.token import Route, TokenCodec
+from tandem.token import Route, TokenCodec
 from tests.cluster import Client
 
 APPS = ["tests.apps:asgi_counter", "tests.apps:wsgi_counter"]

@@ -15,7 +15,7 @@ import pytest
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import path
 
-from backends.wsgi import WsgiToAsgi
+from backends.serve.wsgi import WsgiToAsgi
 from tests.cluster import Client
 from tests.test_rewrite import local_backend
 
@@ -66,7 +66,7 @@ async def test_request_session_and_websocket_session_are_the_replicated_session(
 def flask_app() -> Any:
     from flask import Flask, flash, get_flashed_messages, jsonify, session
 
-    from backends.flask import FlaskSession, SessionInterface
+    from backends.frameworks.flask import FlaskSession, SessionInterface
 
     app = Flask("tandem_flask_test")
     app.session_interface = SessionInterface()
@@ -179,7 +179,7 @@ async def test_flask_unreplicable_value_and_flashed_messages():
 def test_flask_outside_tandem_says_so():
     from flask import Flask, session
 
-    from backends.flask import SessionInterface
+    from backends.frameworks.flask import SessionInterface
 
     app = Flask("outside")
     app.testing = True  # the error reaches the caller

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from backends.config import loads
 from backends.persistence import SessionStore, StoredSession, StoreUnavailable, mask, open_store
 from backends.persistence.persister import Persister
-from backends.store import Primary
-from backends.token import new_sid
+from backends.sessions.store import Primary
+from tandem.config import loads
+from tandem.token import new_sid
 from tests.stores import (  # noqa: F401 - fixtures
     Postgres,
     RedisClusterServers,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from backends.config import Address, ServerConfig
-from backends.ranking import choose_secondary, rank
+from backends.cluster.ranking import choose_secondary, rank
+from tandem.config import Address, ServerConfig
 from tests.cluster import Client
 
 

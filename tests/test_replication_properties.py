@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from backends import config as cluster_config
-from backends.manager import SessionManager, SessionMoved
-from backends.peers import Membership, ReplicationListener
-from backends.session import Session
-from backends.token import Route
+from backends.cluster.peers import Membership, ReplicationListener
+from backends.sessions.manager import SessionManager, SessionMoved
+from backends.sessions.session import Session
+from tandem import config as cluster_config
+from tandem.token import Route
 from tests.cluster import free_ports
 
 IDS = ("s1", "s2", "s3")

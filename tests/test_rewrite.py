@@ -11,9 +11,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from backends.config import loads
-from backends.rewrite import HtmlRewriter, Origin, UrlRewriteMiddleware, rewrite_html, rewrite_url
+from backends.serve.rewrite import (
+    HtmlRewriter,
+    Origin,
+    UrlRewriteMiddleware,
+    rewrite_html,
+    rewrite_url,
+)
 from backends.server import BackendServer, load_app
+from tandem.config import loads
 from tests.cluster import free_ports
 
 # backends/server.py passes shutdown_timeout to TCPSite, which aiohttp 3.10+ deprecates

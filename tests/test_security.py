@@ -6,7 +6,7 @@ import asyncio
 import re
 import struct
 
-from backends.token import Route, TokenCodec
+from tandem.token import Route, TokenCodec
 from tests.cluster import Client
 
 SECRET = "quokka-secret-5521"

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from backends.errors import SessionInvalidated
-from backends.session import Session
-from backends.store import LocalStore, Primary
+from backends.sessions.session import Session
+from backends.sessions.store import LocalStore, Primary
 
 
 def make(store: LocalStore, record: Primary | None = None) -> Session:

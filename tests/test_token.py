@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.errors import BadSignature, ClusterError, MalformedToken, TokenError
-from backends.token import (
+from tandem.token import (
     NONE,
     Route,
     TokenCodec,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.config import default_config_path, load
+from tandem.config import default_config_path, load
 from tests.cluster import ROOT
 
 

@@ -10,7 +10,7 @@ import html
 import json
 from typing import Any
 
-from ..host import acknowledge_lifespan
+from ..serve.lifespan import acknowledge_lifespan
 
 __all__ = ["app"]
 

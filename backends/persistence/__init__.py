@@ -16,7 +16,7 @@ from .base import SessionStore, State, StoredSession, mask
 from .errors import StoreCorrupt, StoreError, StoreTimeout, StoreUnavailable
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from tandem.config import Config
 
 __all__ = [
     "SessionStore",

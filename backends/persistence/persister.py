@@ -27,14 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ..logs import short
+from tandem.logs import short
+
 from . import open_store
 from .base import SessionStore, State, StoredSession
 from .errors import StoreError, StoreTimeout
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..store import Primary
+    from tandem.config import Config
+
+    from ..sessions.store import Primary
 
 __all__ = ["Persister", "make_persister"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from .token import new_sid
+from tandem.token import new_sid
 
 __all__ = ["Primary", "Replica", "LocalStore"]
 

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .config import ServerConfig
-from .logs import short
-from .peers import Membership
+from tandem.config import ServerConfig
+from tandem.logs import short
+
+from ..cluster.peers import Membership
 from .store import LocalStore, Primary, Replica
 
 __all__ = ["ReplicaSideMixin", "ManagerState"]

@@ -21,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .token import add_path_param
+from tandem.token import add_path_param
 
 __all__ = ["UrlRewriteMiddleware", "HtmlRewriter", "TokenOf", "Origin", "rewrite_url",
            "rewrite_html"]

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .errors import PeerTimeout, PeerUnavailable, SessionMoved
-from .logs import short
+from tandem.logs import short
+from tandem.token import Route
+
+from ..errors import PeerTimeout, PeerUnavailable, SessionMoved
 from .replica import ManagerState
 from .store import Primary
-from .token import Route
 
 __all__ = ["HandoverMixin"]
 

@@ -21,9 +21,10 @@ from typing import Any
 
 import structlog
 
+from tandem.config import Config, ServerConfig
+
+from ..errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
 from . import wire
-from .config import Config, ServerConfig
-from .errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
 
 __all__ = ["PeerState", "PeerLink", "Membership", "ReplicationListener", "Outbox"]
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import SessionInvalidated
 from . import codec
-from .errors import SessionInvalidated
 
 if TYPE_CHECKING:
+    from tandem.token import Route
+
     from .store import Primary
-    from .token import Route
 
 
 class SessionContext(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from .config import ServerConfig
+from tandem.config import ServerConfig
 
 __all__ = ["rank", "choose_secondary"]
 

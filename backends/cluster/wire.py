@@ -16,7 +16,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import HandshakeFailed, PeerUnavailable, ProtocolViolation
+from ..errors import HandshakeFailed, PeerUnavailable, ProtocolViolation
 
 __all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "FrameReader",
            "dial_handshake", "accept_handshake"]

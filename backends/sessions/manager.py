@@ -22,17 +22,18 @@ from typing import Any
 
 import structlog
 
-from .config import Config, ServerConfig
-from .errors import PeerTimeout, PeerUnavailable, ReplicationError, SessionMoved
+from tandem.config import Config, ServerConfig
+from tandem.logs import short
+from tandem.token import Route
+
+from ..cluster.peers import Membership, PeerState
+from ..cluster.ranking import choose_secondary
+from ..errors import PeerTimeout, PeerUnavailable, ReplicationError, SessionMoved
+from ..persistence.persister import Persister, make_persister
 from .handover import HandoverMixin
-from .logs import short
-from .peers import Membership, PeerState
-from .persistence.persister import Persister, make_persister
-from .ranking import choose_secondary
 from .replica import ReplicaSideMixin
 from .session import Session
 from .store import LocalStore, Primary, Replica
-from .token import Route
 
 __all__ = ["SessionManager", "CommitResult", "SessionMoved"]
 

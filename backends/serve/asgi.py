@@ -17,14 +17,9 @@ from urllib.parse import unquote
 
 import structlog
 
-from .config import Config
-from .errors import TokenError
-from .logs import short
-from .manager import SessionManager, SessionMoved
-from .rewrite import UrlRewriteMiddleware
-from .session import Session
-from .store import Primary
-from .token import (
+from tandem.config import Config
+from tandem.logs import short
+from tandem.token import (
     Route,
     TokenCodec,
     add_path_param,
@@ -33,6 +28,12 @@ from .token import (
     query_param,
     strip_path_param,
 )
+
+from ..errors import TokenError
+from ..sessions.manager import SessionManager, SessionMoved
+from ..sessions.session import Session
+from ..sessions.store import Primary
+from .rewrite import UrlRewriteMiddleware
 
 __all__ = ["TandemMiddleware", "ASGIApp", "current_session"]
 

@@ -1,0 +1,335 @@
+"""The cluster file: one TOML file read by every tier, loaded into frozen dataclasses.
+
+Unknown keys and bad values are errors at load time that name the key, the value and the
+file. `TANDEM_SECRETS` (comma-separated) overrides `cluster.secrets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+__all__ = [
+    "Address",
+    "ClusterSection",
+    "SessionSection",
+    "ProxySection",
+    "PersistenceSection",
+    "ServerConfig",
+    "Config",
+    "load",
+    "loads",
+    "default_config_path",
+]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A `host:port` pair (`[v6]:port` for IPv6)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, *, allow_port_0: bool = False) -> Address:
+        """`allow_port_0`: for a listening address (0: the system picks a free port)."""
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
+        if m is None:
+            raise ValueError("expected host:port")
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if not (0 if allow_port_0 else 1) <= port < 65536:
+            raise ValueError("port out of range")
+        return cls(host, port)
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _positive() -> dict[str, Any]:
+    return {"min": 0.0, "exclusive": True}
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSection:
+    name: str = "tandem"
+    secrets: tuple[str, ...] = field(default=("change-me",), repr=False)
+    heartbeat_interval_s: float = field(default=10.0, metadata=_positive())
+    missed_heartbeats: int = field(default=3, metadata={"min": 1})
+    # How long a replicate or fetch may wait for a peer before it is declared failed.
+    replication_timeout_s: float = field(default=2.0, metadata=_positive())
+    # How long a connection attempt to a peer's replication address may take.
+    peer_connect_timeout_s: float = field(default=1.0, metadata=_positive())
+    # SIGTERM: how long a server may take to finish requests and hand its sessions over.
+    drain_timeout_s: float = field(default=30.0, metadata={"min": 0.0})
+    # An overloaded server hands sessions to less loaded peers, one per request, with the
+    # new token in that response (after a rolling restart, say).
+    rebalance: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSection:
+    cookie_name: str = "JSESSIONID"
+    url_rewriting: bool = True
+    max_inactive_s: float = field(default=1800.0, metadata=_positive())
+    replication: str = field(default="sync", metadata=_choice("sync", "async", "none"))
+    persistence: str = field(
+        default="none", metadata=_choice("none", "file", "sqlite", "postgresql", "redis")
+    )
+    cookie_secure: bool = False
+    cookie_samesite: str = field(default="Lax", metadata=_choice("Lax", "Strict", "None"))
+    cookie_path: str = "/"
+    # async replication: flush when this many changes are queued, or after this interval.
+    async_flush_threshold: int = field(default=100, metadata={"min": 1})
+    async_flush_interval_s: float = field(default=0.05, metadata=_positive())
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySection:
+    # Port 0 on the proxy's own listeners: the system picks a free port.
+    listen: Address = field(default=Address("127.0.0.1", 8080), metadata={"port_0": True})
+    admin: Address | None = field(default=Address("127.0.0.1", 8081), metadata={"port_0": True})
+    connect_timeout_s: float = field(default=2.0, metadata=_positive())
+    io_timeout_s: float = field(default=300.0, metadata=_positive())
+    max_skip_s: float = field(default=10.0, metadata={"min": 0.0})
+    retry: str = field(default="idempotent", metadata=_choice("idempotent", "all", "none"))
+    retry_body_max_bytes: int = field(default=65536, metadata={"min": 0})
+    # Limits on what a client may send.
+    max_head_bytes: int = field(default=65536, metadata={"min": 1024})
+    max_body_bytes: int = field(default=0, metadata={"min": 0})  # 0: unlimited
+    keepalive_s: float = field(default=20.0, metadata=_positive())
+    # Active health probes of GET /__tandem/health; interval 0 disables them.
+    health_interval_s: float = field(default=0.0, metadata={"min": 0.0})
+    health_rise: int = field(default=2, metadata={"min": 1})
+    health_fall: int = field(default=3, metadata={"min": 1})
+
+
+@dataclass(frozen=True, slots=True)
+class PersistenceSection:
+    path: str = "/var/lib/tandem"
+    dsns: tuple[str, ...] = ()
+    url: str = "redis://127.0.0.1:6379/0"
+    urls: tuple[str, ...] = ()
+    mode: str = field(default="sync", metadata=_choice("sync", "batched"))
+    flush_interval_s: float = field(default=1.0, metadata=_positive())
+    flush_threshold: int = field(default=100, metadata={"min": 1})
+    # How long one store operation (or a connection attempt) may take before it counts
+    # as failed; a request never waits longer than this on the store.
+    timeout_s: float = field(default=2.0, metadata=_positive())
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    id: str
+    http: Address
+    replication: Address
+    machine: str = ""  # empty: a machine of its own (filled with the id at load)
+    group: str = ""
+    preferred_secondary_group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    cluster: ClusterSection
+    session: SessionSection
+    proxy: ProxySection
+    persistence: PersistenceSection
+    servers: tuple[ServerConfig, ...]
+    source: str = "<memory>"
+
+    def server(self, server_id: str) -> ServerConfig:
+        for s in self.servers:
+            if s.id == server_id:
+                return s
+        known = ", ".join(s.id for s in self.servers)
+        raise ConfigError(f"no such server (known: {known})", key="servers.id",
+                          value=server_id, file=self.source)
+
+    @property
+    def server_ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.servers)
+
+
+_SECTIONS: dict[str, type] = {
+    "cluster": ClusterSection,
+    "session": SessionSection,
+    "proxy": ProxySection,
+    "persistence": PersistenceSection,
+}
+
+
+def default_config_path() -> Path:
+    """The embedded default cluster of `tandem up` (installed copy, else the checkout's)."""
+    try:
+        p = resources.files("tandem") / "default.toml"
+        if p.is_file():
+            return Path(str(p))
+    except (ModuleNotFoundError, FileNotFoundError):  # pragma: no cover - odd installs
+        pass
+    return Path(__file__).resolve().parent.parent / "config" / "default.toml"
+
+
+def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a cluster file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read file: {exc.strerror}", key="<file>", value=str(p),
+                          file=str(p)) from exc
+    return loads(text, source=str(p), environ=environ)
+
+
+def loads(text: str, *, source: str = "<memory>",
+          environ: Mapping[str, str] | None = None) -> Config:
+    """Parse cluster-file text; `source` names it in errors."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", key="<file>", value=None, file=source) from exc
+    env = os.environ if environ is None else environ
+
+    unknown = set(raw) - set(_SECTIONS) - {"servers"}
+    for key in sorted(unknown):
+        raise ConfigError("unknown section or key", key=key, value=_shown(key, raw[key]),
+                          file=source)
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError("must be a table", key=name, value=table, file=source)
+        sections[name] = _build(cls, table, prefix=name, source=source)
+
+    secrets_env = env.get("TANDEM_SECRETS")
+    if secrets_env:
+        secrets = tuple(s.strip() for s in secrets_env.split(",") if s.strip())
+        if not secrets:
+            raise ConfigError("no secret given", key="TANDEM_SECRETS", value="***", file="<env>")
+        sections["cluster"] = dataclasses.replace(sections["cluster"], secrets=secrets)
+    if not sections["cluster"].secrets or any(not s for s in sections["cluster"].secrets):
+        raise ConfigError("needs at least one non-empty secret", key="cluster.secrets",
+                          value="***", file=source)
+    if sections["proxy"].io_timeout_s <= sections["cluster"].replication_timeout_s:
+        # A request waiting for a slow secondary's ack would be retried elsewhere by the
+        # proxy and applied twice.
+        raise ConfigError(
+            "must be greater than cluster.replication_timeout_s "
+            f"({sections['cluster'].replication_timeout_s})", key="proxy.io_timeout_s",
+            value=sections["proxy"].io_timeout_s, file=source)
+    cookie = sections["session"].cookie_name
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
+        raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",
+                          value=cookie, file=source)
+
+    servers_raw = raw.get("servers", [])
+    if not isinstance(servers_raw, list) or not servers_raw:
+        raise ConfigError("at least one [[servers]] entry is required", key="servers",
+                          value=servers_raw, file=source)
+    servers: list[ServerConfig] = []
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(servers_raw):
+        if not isinstance(entry, dict):
+            raise ConfigError("must be a table", key=f"servers[{i}]", value=entry, file=source)
+        srv = _build(ServerConfig, entry, prefix=f"servers[{i}]", source=source)
+        if not _ID_RE.fullmatch(srv.id) or srv.id == "NONE":
+            raise ConfigError("server id must be 1-64 of [A-Za-z0-9_-] and not NONE",
+                              key=f"servers[{i}].id", value=srv.id, file=source)
+        if not srv.machine:
+            srv = dataclasses.replace(srv, machine=srv.id)
+        for what, addr in (("http", srv.http), ("replication", srv.replication)):
+            if str(addr) in seen:
+                raise ConfigError(f"address already used by {seen[str(addr)]}",
+                                  key=f"servers[{i}].{what}", value=str(addr), file=source)
+            seen[str(addr)] = f"{srv.id}.{what}"
+        if srv.id in {s.id for s in servers}:
+            raise ConfigError("duplicate server id", key=f"servers[{i}].id", value=srv.id,
+                              file=source)
+        servers.append(srv)
+    return Config(servers=tuple(servers), source=source, **sections)
+
+
+def _build(cls: type, table: dict[str, Any], *, prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key not in fields:
+            raise ConfigError("unknown key", key=dotted, value=_shown(dotted, value), file=source)
+        values[key] = _coerce(hints[key], value, fields[key].metadata, dotted, source)
+    missing = [n for n, f in fields.items() if n not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError("required key missing", key=f"{prefix}.{missing[0]}", value=None,
+                          file=source)
+    return cls(**values)
+
+
+def _shown(key: str, value: Any) -> Any:
+    """What an error may print of a value: never anything under a secret-looking key."""
+    if any(word in key.lower() for word in ("secret", "password")):
+        return "***"
+    if isinstance(value, dict):  # a misplaced table may hold secrets too
+        return {k: _shown(k, v) for k, v in value.items()}
+    return value
+
+
+def _coerce(hint: Any, value: Any, meta: Mapping[str, Any], key: str, source: str) -> Any:
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(msg, key=key, value=_shown(key, value), file=source)
+
+    if hint in (Address, Address | None):
+        if value in ("", "off", "none") and hint is not Address:
+            return None
+        if not isinstance(value, str):
+            raise bad("expected a \"host:port\" string")
+        try:
+            return Address.parse(value, allow_port_0=bool(meta.get("port_0")))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"expected a number ({hint.__name__})")
+        if hint is int and not isinstance(value, int):
+            raise bad("expected a whole number")
+        if not math.isfinite(value):
+            raise bad("must be a finite number")
+        lo = meta.get("min")
+        if lo is not None and (value < lo or (meta.get("exclusive") and value == lo)):
+            raise bad(f"must be {'>' if meta.get('exclusive') else '>='} {lo}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("expected a string")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise bad(f"must be one of {', '.join(choices)}")
+        return value
+    if hint == tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("expected a list of strings")
+        return tuple(value)
+    raise AssertionError(f"unsupported config type {hint!r} for {key}")  # pragma: no cover
