@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -18,139 +18,138 @@ from tandem.logs import short
 from tandem.token import Route
 
 from ..errors import PeerTimeout, PeerUnavailable, SessionMoved
-from .replica import ManagerState
+from .committing import Committer
+from .context import Context
 from .store import Primary
 
-__all__ = ["HandoverMixin"]
+__all__ = ["Handover"]
 
 log = structlog.get_logger("tandem.sessions")
 
 
-class HandoverMixin(ManagerState):
-    """Drain, take-over and rebalancing for SessionManager."""
+class Handover:
+    """Drain, take-over and rebalancing."""
 
-    if TYPE_CHECKING:
-        _opening: dict[str, asyncio.Future[Primary | None]]
-        _rebalance: bool
-        _moved_to: dict[str, str]
-
-        async def replicate(self, record: Primary) -> None: ...
-        async def _flush_async(self) -> None: ...
+    def __init__(self, ctx: Context, committer: Committer) -> None:
+        self.ctx = ctx
+        self.committer = committer
 
     # --- draining: hand everything over before stopping ---------------------------------
 
     async def drain(self, *, timeout: float) -> None:
         """Hand every primary to its secondary and let the primaries re-home our replicas."""
-        self.draining = True
+        ctx = self.ctx
+        store, membership = ctx.store, ctx.membership
+        ctx.draining = True
         started = time.monotonic()
         deadline = started + timeout
-        self.membership.broadcast({"op": "draining"})
-        if self.mode == "async":
-            await self._flush_async()
+        membership.broadcast({"op": "draining"})
+        if ctx.mode == "async":
+            await self.committer.flush_async()
         sem = asyncio.Semaphore(64)
 
         async def hand_over(record: Primary) -> None:
             async with sem:
-                if self.store.primaries.get(record.sid) is not record:
+                if store.primaries.get(record.sid) is not record:
                     return  # fetched away meanwhile
-                targets = [p for p in (record.secondary,) if p
-                           and p in {s.id for s in self.membership.alive_peers()}]
-                targets += [s.id for s in self.membership.alive_peers() if s.id not in targets]
+                alive = [s.id for s in membership.alive_peers()]
+                targets = [p for p in (record.secondary,) if p and p in alive]
+                targets += [p for p in alive if p not in targets]
                 for peer in targets:
-                    timeout = max(0.1, min(self._timeout * 2, deadline - time.monotonic()))
-                    if await self._hand_over(record, peer, timeout=timeout) is not None:
+                    timeout = max(0.1, min(ctx.timeout * 2, deadline - time.monotonic()))
+                    if await self.hand_over(record, peer, timeout=timeout) is not None:
                         return
                 log.warning("session_not_handed_over", sid=short(record.sid))
 
         # Replicas whose primary is gone have no one to re-home them: we hold their only
         # copy, so we take them over and hand them on like our own primaries.
-        for replica in [r for r in self.store.replicas.values()
-                        if not self.membership.is_alive(r.primary)]:
-            record = self.store.promote(replica, epoch=self.next_epoch(replica.epoch))
-            self._superseded.setdefault(replica.primary, {})[record.sid] = record.epoch
-        await asyncio.gather(*(hand_over(r) for r in list(self.store.primaries.values())))
+        for replica in [r for r in store.replicas.values()
+                        if not membership.is_alive(r.primary)]:
+            record = store.promote(replica, epoch=ctx.next_epoch(replica.epoch))
+            ctx.superseded.setdefault(replica.primary, {})[record.sid] = record.epoch
+        await asyncio.gather(*(hand_over(r) for r in list(store.primaries.values())))
         # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
-        while any(self.membership.is_alive(r.primary) for r in self.store.replicas.values()) \
-                and self.membership.alive_peers() and time.monotonic() < deadline:
+        while any(membership.is_alive(r.primary) for r in store.replicas.values()) \
+                and membership.alive_peers() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        log.info("drained", handed_over=self.stats["handed_over"],
-                 primaries_left=len(self.store.primaries), replicas_left=len(self.store.replicas),
+        log.info("drained", handed_over=ctx.stats["handed_over"],
+                 primaries_left=len(store.primaries), replicas_left=len(store.replicas),
                  seconds=round(time.monotonic() - started, 3))
 
-    async def _hand_over(self, record: Primary, peer: str, *,
-                         timeout: float) -> Route | None:
+    async def hand_over(self, record: Primary, peer: str, *,
+                        timeout: float) -> Route | None:
         """Make `peer` the session's primary; its new route, or None if it declined."""
         try:
-            reply = await self.membership.links[peer].call(
+            reply = await self.ctx.membership.links[peer].call(
                 {"op": "takeover", **record.state(), "secondary": record.secondary},
                 timeout=timeout)
         except (PeerUnavailable, PeerTimeout) as exc:
-            self._peer_error(peer, exc)
+            self.ctx.peer_error(peer, exc)
             return None
         if not reply.get("ok"):
             return None
         # the taker protected it with its own secondary before answering (and if that is
         # us, its replication has already superseded our record)
-        if self.store.primaries.get(record.sid) is record:
-            self.store.remove(record.sid)
+        if self.ctx.store.primaries.get(record.sid) is record:
+            self.ctx.store.remove(record.sid)
         # Any other server holding a copy from us lets go of it: left behind, it would be
         # promoted as ours when we fail, an older copy in a rival lineage.
         keep = {peer, reply.get("secondary")}
         for holder in (record.secondary, *record.stale_holders):
             if holder is not None and holder not in keep:
                 keep.add(holder)
-                self._send(holder, {"op": "release", "sid": record.sid})
-        self._moved_to[record.sid] = peer
-        if len(self._moved_to) > 100_000:
-            del self._moved_to[next(iter(self._moved_to))]
-        self.stats["handed_over"] += 1
+                self.ctx.send(holder, {"op": "release", "sid": record.sid})
+        self.ctx.moved_to[record.sid] = peer
+        if len(self.ctx.moved_to) > 100_000:
+            del self.ctx.moved_to[next(iter(self.ctx.moved_to))]
+        self.ctx.stats["handed_over"] += 1
         return Route(record.sid, peer, reply.get("secondary"))
 
     # --- rebalancing: overloaded servers hand sessions on, one request at a time ---------
 
-    def _migration_target(self, record: Primary) -> str | None:
+    def migration_target(self, record: Primary) -> str | None:
         """A much less loaded peer to move this session to, or None (balanced enough)."""
-        if not self._rebalance or self.draining or not self._loads:
+        if not self.ctx.config.cluster.rebalance or self.ctx.draining or not self.ctx.loads:
             return None
-        alive = {s.id for s in self.membership.alive_peers()}
-        loads = {p: n for p, n in self._loads.items() if p in alive}
+        alive = {s.id for s in self.ctx.membership.alive_peers()}
+        loads = {p: n for p, n in self.ctx.loads.items() if p in alive}
         if not loads:
             return None
-        mine = len(self.store.primaries)
+        mine = len(self.ctx.store.primaries)
         mean = (mine + sum(loads.values())) / (len(loads) + 1)
         if mine <= mean * 1.2 + 2:
             return None
         peer, load = min(loads.items(), key=lambda kv: (kv[1], kv[0]))
         if load >= mean:
             return None
-        self._loads[peer] = load + 1  # our estimate until its next report
+        self.ctx.loads[peer] = load + 1  # our estimate until its next report
         return peer
 
-    async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+    async def on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         """A draining peer hands us a session it was primary for: we become its primary."""
         sid = msg["sid"]
-        if self.draining:
+        if self.ctx.draining:
             return {"ok": False, "draining": True}
-        if sid in self.store.primaries or sid in self._opening:
+        if sid in self.ctx.store.primaries or sid in self.ctx.opening:
             return {"ok": True}  # already ours, or being fetched by a request right now
-        self.store.replicas.pop(sid, None)  # our replica is the same state, or older
+        self.ctx.store.replicas.pop(sid, None)  # our replica is the same state, or older
         record = Primary(sid, data=msg["data"], version=int(msg["v"]),
-                         epoch=self.next_epoch(int(msg.get("e", 0))),
+                         epoch=self.ctx.next_epoch(int(msg.get("e", 0))),
                          max_inactive_s=float(msg["max_inactive_s"]),
                          created=float(msg["created"]), last_access=float(msg["last_access"]),
                          last_rid=msg.get("rid"), undo=msg.get("undo"))
-        self.store.primaries[sid] = record
+        self.ctx.store.primaries[sid] = record
         record.stale_holders = {peer}
-        self.stats["taken_over"] += 1
+        self.ctx.stats["taken_over"] += 1
         # The old secondary holds this very state: keep it as ours (its copy is brought
         # up to date) rather than leave it a stale copy of the old primary's.
         old_secondary = msg.get("secondary")
-        if old_secondary and old_secondary != self.me.id and any(
-                p.id == old_secondary for p in self.membership.alive_peers()):
-            self.store.assign_secondary(record, old_secondary)
-        if self.mode != "none":
+        if old_secondary and old_secondary != self.ctx.me.id and any(
+                p.id == old_secondary for p in self.ctx.membership.alive_peers()):
+            self.ctx.store.assign_secondary(record, old_secondary)
+        if self.ctx.mode != "none":
             try:
-                await self.replicate(record)  # protected before we acknowledge
+                await self.committer.replicate(record)  # protected before we acknowledge
             except SessionMoved as exc:
                 return {"ok": False, "error": str(exc)}
         log.info("taken_over", sid=short(sid), from_=peer, version=record.version,

@@ -8,46 +8,27 @@ touch, supersede (a peer took sessions over while we were unreachable) and load 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from tandem.config import ServerConfig
 from tandem.logs import short
 
-from ..cluster.peers import Membership
-from .store import LocalStore, Primary, Replica
+from .context import Context
+from .handover import Handover
+from .store import Primary, Replica
 
-__all__ = ["ReplicaSideMixin", "ManagerState"]
+__all__ = ["ReplicaSide"]
 
 log = structlog.get_logger("tandem.sessions")
 
 
-class ManagerState:
-    """What the SessionManager mixins share of its state (declared here for the type checker)."""
+class ReplicaSide:
+    """Answers the replication channel's messages."""
 
-    if TYPE_CHECKING:  # provided by SessionManager
-        me: ServerConfig
-        mode: str
-        draining: bool
-        store: LocalStore
-        stats: dict[str, int]
-        membership: Membership
-        _timeout: float
-        _superseded: dict[str, dict[str, int]]
-
-        def next_epoch(self, after: int) -> int: ...
-        def _send(self, peer: str, msg: dict[str, Any]) -> None: ...
-        def _peer_error(self, peer: str, exc: Exception) -> None: ...
-        _loads: dict[str, int]
-
-
-class ReplicaSideMixin(ManagerState):
-    """Answers the replication channel's messages for SessionManager."""
-
-    if TYPE_CHECKING:
-
-        async def _on_takeover(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]: ...
+    def __init__(self, ctx: Context, handover: Handover) -> None:
+        self.ctx = ctx
+        self.handover = handover
 
     # --- replica side: messages from peers ----------------------------------------------
 
@@ -56,11 +37,11 @@ class ReplicaSideMixin(ManagerState):
         if op == "ping":
             return {"op": "pong"}
         if op == "takeover":
-            return self._on_takeover(peer, msg)
+            return self.handover.on_takeover(peer, msg)
         if op == "draining":
             return None
         if op == "load":
-            self._loads[peer] = int(msg["n"])
+            self.ctx.loads[peer] = int(msg["n"])
             return None
         if op == "supersede":
             self._on_supersede(peer, msg["sids"])
@@ -70,20 +51,20 @@ class ReplicaSideMixin(ManagerState):
         if op == "fetch":
             return self._on_fetch(peer, msg["sid"])
         if op == "release":
-            replica = self.store.replicas.get(msg["sid"])
+            replica = self.ctx.store.replicas.get(msg["sid"])
             if replica is not None and replica.primary == peer:
-                del self.store.replicas[msg["sid"]]
+                del self.ctx.store.replicas[msg["sid"]]
             return None
         if op == "invalidate":
             for sid in msg["sids"]:
-                replica = self.store.replicas.get(sid)
+                replica = self.ctx.store.replicas.get(sid)
                 if replica is not None and replica.primary == peer:
-                    del self.store.replicas[sid]
+                    del self.ctx.store.replicas[sid]
             return {"ok": True}
         if op == "touch":
             now = time.monotonic()
             for sid, last_access in msg["items"].items():
-                replica = self.store.replicas.get(sid)
+                replica = self.ctx.store.replicas.get(sid)
                 if replica is not None and replica.primary == peer:
                     replica.last_access = max(replica.last_access, last_access)
                     replica.last_heard = now
@@ -93,13 +74,13 @@ class ReplicaSideMixin(ManagerState):
     def _on_replicate(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
         sid = msg["sid"]
         version, epoch = int(msg["v"]), int(msg.get("e", 0))
-        mine = self.store.primaries.get(sid)
+        mine = self.ctx.store.primaries.get(sid)
         if mine is not None:
             if mine.epoch >= epoch:
                 # We took this session over (the sender was thought failed): ours wins.
-                return {"ok": False, "moved": self.me.id}
+                return {"ok": False, "moved": self.ctx.me.id}
             self._drop_superseded(mine, by=peer)  # we were the stale one
-        replica = self.store.replicas.get(sid)
+        replica = self.ctx.store.replicas.get(sid)
         if replica is not None and epoch < replica.epoch:
             return {"ok": False, "moved": replica.primary}  # a newer primary exists
         if "data" in msg:
@@ -110,7 +91,7 @@ class ReplicaSideMixin(ManagerState):
                               created=float(msg["created"]),
                               last_access=float(msg["last_access"]), primary=peer)
             replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
-            self.store.replicas[sid] = replica
+            self.ctx.store.replicas[sid] = replica
             return {"ok": True}
         if replica is None or replica.version != msg["base"]:
             if replica is not None and epoch == replica.epoch and replica.version >= version:
@@ -131,27 +112,27 @@ class ReplicaSideMixin(ManagerState):
     def _on_supersede(self, peer: str, sids: dict[str, int]) -> None:
         """`peer` took these sessions over while we were unreachable: let go of ours."""
         for sid, epoch in sids.items():
-            mine = self.store.primaries.get(sid)
+            mine = self.ctx.store.primaries.get(sid)
             if mine is not None and mine.epoch < epoch:
                 self._drop_superseded(mine, by=peer)
-            replica = self.store.replicas.get(sid)
+            replica = self.ctx.store.replicas.get(sid)
             if replica is not None and replica.epoch < epoch:
-                del self.store.replicas[sid]
+                del self.ctx.store.replicas[sid]
 
     def _drop_superseded(self, record: Primary, *, by: str) -> None:
-        self.store.remove(record.sid)
+        self.ctx.store.remove(record.sid)
         record.superseded = True
-        self.stats["superseded"] += 1
+        self.ctx.stats["superseded"] += 1
         log.warning("session_superseded", sid=short(record.sid), by=by, epoch=record.epoch)
 
     def _on_fetch(self, peer: str, sid: str) -> dict[str, Any]:
-        record = self.store.primaries.get(sid)
+        record = self.ctx.store.primaries.get(sid)
         if record is not None:
             state = record.state()
-            self.store.demote(record, new_primary=peer)  # kept until the new secondary has it
+            self.ctx.store.demote(record, new_primary=peer)  # kept until the new secondary has it
             log.info("session_handed_over", sid=short(sid), to=peer, version=record.version)
             return {"found": True, "kind": "primary", **state}
-        replica = self.store.replicas.get(sid)
+        replica = self.ctx.store.replicas.get(sid)
         if replica is not None:
             primary, replica.primary = replica.primary, peer
             replica.last_heard = time.monotonic()

@@ -1,0 +1,225 @@
+"""Committing and replicating: a request's changes applied to the primary and brought to
+its secondary (sync: acknowledged before the response leaves; async: queued in batches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from tandem.logs import short
+from tandem.token import Route
+
+from ..errors import PeerTimeout, PeerUnavailable, SessionMoved
+from .context import Context
+from .session import Session
+from .store import Primary
+
+__all__ = ["Committer", "CommitResult"]
+
+log = structlog.get_logger("tandem.sessions")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    route: Route | None       # the token the client must hold after this response
+    cleared: bool = False     # the session was invalidated: clear the client's token
+
+
+class Committer:
+    """Applies a request's changes and keeps each primary's secondary up to date."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._async_dirty: dict[str, None] = {}           # sids awaiting an async flush
+        self._flush_now = asyncio.Event()
+
+    # --- per request --------------------------------------------------------------------
+
+    async def commit(self, session: Session, *, discard: bool = False,
+                     rid: str | None = None) -> CommitResult:
+        """Apply the request's changes and replicate them (sync: acknowledged first)."""
+        ctx = self.ctx
+        record = session.record
+        if record is None:
+            return CommitResult(None)
+        if ctx.store.primaries.get(record.sid) is not record:
+            # taken over by another server, invalidated or expired meanwhile
+            ctx.stats["moved"] += 1
+            raise SessionMoved("session is no longer primary here", peer=ctx.me.id)
+        if session.invalidated:
+            await self.invalidate(record)
+            return CommitResult(None, cleared=True)
+        first, first_version = record, record.version
+        if not discard:
+            changes = session.collect_changes()
+            for error in changes.errors:
+                log.error("session_value_unserializable", sid=short(record.sid), error=error)
+            if changes.max_inactive_s is not None:
+                record.max_inactive_s = changes.max_inactive_s
+            if changes.set or changes.deleted:
+                record.apply(changes.set, changes.deleted, rid=rid)
+            if session.regenerate_requested:
+                record = await self._regenerate(record)
+                session._attach(record)
+            session.reset()
+        record.last_access = time.time()
+        if record.version == 0:
+            record.version = 1  # a new session is committed once, even with no keys
+        if ctx.mode != "none":
+            if record.version != record.sent_version or record.secondary is None:
+                await self.replicate(record)
+            elif record.secondary is not None:
+                ctx.touched.setdefault(record.secondary, {})[record.sid] = record.last_access
+        if ctx.persister is not None:  # after replication: a write (sync: awaited) or a touch
+            await ctx.persister.committed(
+                record, changed=record is not first or record.version != first_version)
+        return CommitResult(Route(record.sid, ctx.me.id, record.secondary))
+
+    async def _regenerate(self, old: Primary) -> Primary:
+        record = self.ctx.store.create()
+        record.data, record.version = old.data, old.version
+        record.max_inactive_s, record.created = old.max_inactive_s, old.created
+        await self.invalidate(old)
+        log.info("session_id_regenerated", old=short(old.sid), new=short(record.sid))
+        return record
+
+    async def invalidate(self, record: Primary) -> None:
+        ctx = self.ctx
+        ctx.store.remove(record.sid)
+        ctx.stats["invalidated"] += 1
+        log.info("session_invalidated", sid=short(record.sid))
+        if ctx.persister is not None:
+            await ctx.persister.invalidated(record.sid)
+        holders = {record.secondary, *record.stale_holders} - {None}
+        msg = {"op": "invalidate", "sids": [record.sid]}
+        if ctx.mode == "sync":  # a replica must not outlive an acknowledged invalidation
+            await asyncio.gather(*(ctx.call_quietly(p, dict(msg)) for p in holders if p))
+        else:
+            for peer in holders:
+                if peer:
+                    ctx.send(peer, dict(msg))
+
+    # --- replication (primary side) -----------------------------------------------------
+
+    async def replicate(self, record: Primary) -> None:
+        """Bring the secondary up to date (sync: wait for its ack; async: queue it)."""
+        ctx = self.ctx
+        if ctx.mode == "async":
+            self._async_dirty[record.sid] = None
+            if len(self._async_dirty) >= ctx.config.session.async_flush_threshold:
+                self._flush_now.set()
+            if record.secondary is None or not ctx.membership.is_alive(record.secondary):
+                ctx.store.assign_secondary(record, ctx.choose_secondary())
+            return
+        await self.replicate_now(record)
+
+    async def replicate_now(self, record: Primary) -> None:
+        ctx = self.ctx
+        for _ in range(len(ctx.config.servers)):
+            peer = self.planned_secondary(record)
+            if peer is None or not ctx.membership.is_alive(peer):
+                break  # no live peer, or none may be chosen right after our own stall
+            msg = self._replicate_msg(record)
+            try:
+                reply = await ctx.membership.links[peer].call(msg, timeout=ctx.timeout)
+            except (PeerUnavailable, PeerTimeout) as exc:
+                ctx.stats["replication_failures"] += 1
+                ctx.peer_error(peer, exc)
+                continue
+            if ctx.store.primaries.get(record.sid) is not record:
+                if record.superseded:
+                    # Another server took the session over while this write replicated
+                    # (we were thought failed): it lacks the write, so it is not
+                    # acknowledged; the proxy retries the request there.
+                    raise SessionMoved("session taken over during replication", peer=peer)
+                return  # invalidated, or fetched with this write by another server
+            if reply.get("ok"):
+                record.acked_version = max(record.acked_version, int(msg["v"]))
+                ctx.stats["replicated"] += 1
+                if ctx.debug:  # per request: not even a filtered call when not wanted
+                    log.debug("replicated", sid=short(record.sid), to=peer, version=msg["v"],
+                              full="data" in msg)
+                self._release_stale(record)
+                return
+            if reply.get("need_full"):
+                record.sent_version = -1
+                continue
+            if reply.get("moved"):
+                ctx.store.remove(record.sid)
+                ctx.stats["moved"] += 1
+                log.warning("session_moved", sid=short(record.sid), to=reply["moved"])
+                raise SessionMoved(f"session is primary at {reply['moved']}", peer=peer)
+            log.error("replication_rejected", sid=short(record.sid), peer=peer,
+                      reply=reply.get("error"))
+            return
+        if ctx.membership.recently_stalled():
+            # Right after our own stall a secondary that does not answer has most likely
+            # taken this session over: acknowledging would lose the write. The proxy fails
+            # the request over instead.
+            raise SessionMoved("could not replicate right after our own stall", peer=ctx.me.id)
+        # Every attempt failed: say so in the token rather than name a secondary without it.
+        ctx.store.assign_secondary(record, None)
+        log.warning("session_unprotected", sid=short(record.sid))
+
+    @staticmethod
+    def _replicate_msg(record: Primary) -> dict[str, Any]:
+        msg: dict[str, Any] = {"op": "replicate", "sid": record.sid, "v": record.version,
+                               "e": record.epoch, "rid": record.last_rid, "undo": record.undo,
+                               "max_inactive_s": record.max_inactive_s,
+                               "created": record.created, "last_access": record.last_access}
+        if record.sent_version < 0:
+            msg["data"] = record.data
+        else:
+            data = record.data
+            msg["base"] = record.sent_version
+            msg["set"] = {k: data[k] for k in record.pending if k in data}
+            msg["del"] = [k for k in record.pending if k not in data]
+        record.sent_version = record.version
+        record.pending.clear()
+        return msg
+
+    def _release_stale(self, record: Primary) -> None:
+        if record.stale_holders:
+            for peer in record.stale_holders - {record.secondary}:
+                self.ctx.send(peer, {"op": "release", "sid": record.sid})
+            record.stale_holders = set()
+
+    def planned_secondary(self, record: Primary) -> str | None:
+        """The secondary a token handed out now must name (in a link the app renders before
+        its commit): the current one while it is alive, else the one the next commit will
+        replicate to, chosen now — not NONE just because a re-protection is under way."""
+        ctx = self.ctx
+        peer = record.secondary
+        if ctx.mode == "none" or (peer is not None and ctx.membership.is_alive(peer)):
+            return peer
+        if ctx.membership.recently_stalled():
+            # No new secondary right after our own stall: it would hold no copy, and its
+            # ack would say nothing of whether the session lives on elsewhere since.
+            return peer
+        peer = ctx.choose_secondary()
+        if peer is not None:
+            ctx.store.assign_secondary(record, peer)
+        return peer
+
+    # --- async mode: batches ------------------------------------------------------------
+
+    async def flush_async(self) -> None:
+        sids, self._async_dirty = list(self._async_dirty), {}
+        primaries = self.ctx.store.primaries
+        records = [r for sid in sids if (r := primaries.get(sid)) is not None]
+        await asyncio.gather(*(self.replicate_now(r) for r in records), return_exceptions=True)
+
+    async def async_loop(self) -> None:
+        interval = self.ctx.config.session.async_flush_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), interval)
+            self._flush_now.clear()
+            if self._async_dirty:
+                await self.flush_async()

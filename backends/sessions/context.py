@@ -1,0 +1,95 @@
+"""What the session components of one server share: its configuration, the local store,
+the membership, the counters, and the few channel helpers they all use.
+
+The components (docs/architecture.md, "Sessions"): `Opener` (opening and taking over),
+`Committer` (committing and replicating), `ReplicaSide` (the peers' messages),
+`Handover` (drain, take-over, rebalancing), `Failover` (reacting to membership changes)
+and `Expiry` (touch and expiry). `SessionManager` composes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from tandem.config import Config, ServerConfig
+
+from ..cluster.peers import Membership
+from ..cluster.ranking import choose_secondary
+from ..errors import PeerTimeout, PeerUnavailable
+from ..persistence.persister import Persister, make_persister
+from .store import LocalStore, Primary
+
+__all__ = ["Context", "age", "STAT_NAMES"]
+
+_EPOCH_STRIDE = 1024  # epochs are unique per server: k * stride + the server's index
+
+STAT_NAMES = ("created", "promoted", "fetched", "lost", "replicated", "replication_failures",
+              "expired", "invalidated", "moved", "handed_over", "taken_over", "superseded",
+              "retries_rolled_back", "migrated")
+
+
+def age(state: dict[str, Any]) -> tuple[int, int]:
+    """How recent a copy is: (epoch, version) — a newer epoch wins over any version."""
+    return int(state.get("e", 0)), int(state["v"])
+
+
+class Context:
+    """State and helpers shared by the session components of one server."""
+
+    def __init__(self, *, config: Config, me: str, membership: Membership) -> None:
+        # configuration
+        self.config = config
+        self.me: ServerConfig = config.server(me)
+        self.index = config.server_ids.index(me)
+        self.debug = os.environ.get("TANDEM_LOG_LEVEL", "INFO").upper() == "DEBUG"
+        self.mode = config.session.replication
+        self.timeout = config.cluster.replication_timeout_s
+        # the server's sessions, and who it talks to
+        self.membership = membership
+        self.store = LocalStore(max_inactive_s=config.session.max_inactive_s)
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        # session.persistence: where sessions found nowhere in memory are loaded from
+        self.persister: Persister | None = make_persister(config, stats=self.stats)
+        # requests taking a session over right now: sid -> the record they will produce
+        self.opening: dict[str, asyncio.Future[Primary | None]] = {}
+        # sessions taken over from a peer that was unreachable: peer -> sid -> our epoch
+        self.superseded: dict[str, dict[str, int]] = {}
+        # where the sessions we handed on went (a stale token still finds them)
+        self.moved_to: dict[str, str] = {}
+        # the peers' primary counts, from their load reports (rebalancing)
+        self.loads: dict[str, int] = {}
+        # last accesses to tell each secondary about: secondary -> sid -> last_access
+        self.touched: dict[str, dict[str, float]] = {}
+        self.draining = False
+
+    def next_epoch(self, after: int) -> int:
+        """An epoch newer than `after` that no other server can produce (no ties)."""
+        return (after // _EPOCH_STRIDE + 1) * _EPOCH_STRIDE + self.index
+
+    def choose_secondary(self) -> str | None:
+        chosen = choose_secondary(self.me, self.membership.alive_peers(),
+                                  self.store.replica_counts)
+        return None if chosen is None else chosen.id
+
+    # --- the replication channel --------------------------------------------------------
+
+    def send(self, peer: str, msg: dict[str, Any]) -> None:
+        link = self.membership.links.get(peer)
+        if link is not None:
+            link.send(msg)
+
+    def peer_error(self, peer: str, exc: Exception) -> None:
+        link = self.membership.links.get(peer)
+        if link is not None:
+            link.fail(str(exc))
+
+    async def call_quietly(self, peer: str, msg: dict[str, Any]) -> None:
+        link = self.membership.links.get(peer)
+        if link is None:
+            return
+        try:
+            await link.call(msg, timeout=self.timeout)
+        except (PeerUnavailable, PeerTimeout) as exc:
+            self.peer_error(peer, exc)
