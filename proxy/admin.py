@@ -1,55 +1,74 @@
 """The admin listener (`proxy.admin`, aiohttp): status page, Prometheus metrics, and
 backend state changes at run time.
 
-- `GET  /__tandem/status`               HTML; JSON with `Accept: application/json`
-                                        or `?format=json`
+- `GET  /__tandem/status`               HTML (refreshes itself); JSON with
+                                        `Accept: application/json` or `?format=json`
 - `GET  /__tandem/metrics`              Prometheus text exposition
 - `POST /__tandem/backends/{id}/state`  body `up`, `draining` or `down`
 """
 
 from __future__ import annotations
 
-import html
 import time
 from typing import Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from .context import ProxyContext
 from .errors import BadStateTransition, UnknownBackend
-from .metrics import CONTENT_TYPE
+from .metrics import CONTENT_TYPE, metrics_registry
 from .router import Backend
+from .status import StatusBoard
+from .status_page import render_html
 
-__all__ = ["make_admin_app", "status_snapshot", "CTX_KEY"]
+__all__ = ["make_admin_app", "status_snapshot", "CTX_KEY", "BOARD_KEY"]
 
 log = structlog.get_logger("tandem.proxy")
 
 CTX_KEY = web.AppKey("tandem_proxy_context", ProxyContext)
+BOARD_KEY = web.AppKey("tandem_status_board", StatusBoard)
+_REGISTRY_KEY = web.AppKey("tandem_metrics_registry", CollectorRegistry)
 
 
 def make_admin_app(ctx: ProxyContext) -> web.Application:
     app = web.Application()
     app[CTX_KEY] = ctx
+    app[BOARD_KEY] = StatusBoard(ctx.router)
+    app[_REGISTRY_KEY] = metrics_registry(ctx.metrics, backends=lambda: ctx.router.backends,
+                                          connections=lambda: len(ctx.connections))
     app.router.add_get("/__tandem/status", _status)
     app.router.add_get("/__tandem/metrics", _metrics)
     app.router.add_post("/__tandem/backends/{backend_id}/state", _set_state)
     return app
 
 
-def _backend_info(ctx: ProxyContext, b: Backend, now: float) -> dict[str, Any]:
+def _backend_info(board: StatusBoard, b: Backend, now: float) -> dict[str, Any]:
     bad_for = max(0.0, b.bad_until - now)
+    report = board.report(b)
     return {
         "id": b.id,
         "address": str(b.address),
+        # the one state to act on (the status page's legend says what each means)
+        "state_summary": report.status.value,
+        "state_detail": report.detail,
+        "since": round(report.since, 3),  # epoch s: when state_summary last changed
+        "since_s_ago": round(report.age_s, 1),
+        # the facts it is derived from
         "state": b.state.value,
         "admin_state": b.admin_state.value,
         "healthy": b.healthy,
         "in_view": b.in_view,
+        "says_draining": b.says_draining,
         "learned": b.learned,
         "bad": bad_for > 0,
         "bad_for_s": round(bad_for, 3),
         "bad_until": round(time.time() + bad_for, 3) if bad_for > 0 else None,  # epoch s
+        "probe_successes": b.probe_successes,
+        "probe_failures": b.probe_failures,
+        # counters
         "routed": b.routed,
         "failovers": b.failovers,
         "connect_errors": b.connect_errors,
@@ -58,12 +77,16 @@ def _backend_info(ctx: ProxyContext, b: Backend, now: float) -> dict[str, Any]:
     }
 
 
-def status_snapshot(ctx: ProxyContext) -> dict[str, Any]:
+def status_snapshot(ctx: ProxyContext, board: StatusBoard) -> dict[str, Any]:
     """Everything the status page shows, as plain data."""
     m = ctx.metrics
     now = time.monotonic()
+    backends = ctx.router.backends
     return {
+        "generated_at": round(time.time(), 3),  # epoch s
         "view": ctx.router.view_hash,
+        # (a probe has run: the counters of one in a row are never both 0 after it)
+        "active_probes": any(b.probe_successes or b.probe_failures for b in backends),
         "client_connections": len(ctx.connections),
         "requests": {
             "total": sum(m.responses),
@@ -74,23 +97,23 @@ def status_snapshot(ctx: ProxyContext) -> dict[str, Any]:
         "stale_retries": m.stale_retries,
         "bad_tokens": m.bad_tokens,
         "no_backend": m.no_backend,
-        "backends": [_backend_info(ctx, b, now) for b in ctx.router.backends],
+        "backends": [_backend_info(board, b, now) for b in backends],
     }
 
 
 async def _status(request: web.Request) -> web.Response:
-    snapshot = status_snapshot(request.app[CTX_KEY])
+    snapshot = status_snapshot(request.app[CTX_KEY], request.app[BOARD_KEY])
     wants_json = (request.query.get("format") == "json"
                   or "application/json" in request.headers.get("Accept", ""))
     if wants_json:
         return web.json_response(snapshot)
-    return web.Response(text=_render_html(snapshot), content_type="text/html")
+    return web.Response(text=render_html(snapshot), content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    ctx = request.app[CTX_KEY]
-    body = ctx.metrics.render(ctx.router.backends, connections=len(ctx.connections))
-    return web.Response(body=body.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+    body = generate_latest(request.app[_REGISTRY_KEY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _set_state(request: web.Request) -> web.Response:
@@ -109,32 +132,4 @@ async def _set_state(request: web.Request) -> web.Response:
     except BadStateTransition as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     log.info("backend_state_changed", backend=b.id, state=b.state.value, by="admin")
-    return web.json_response(_backend_info(ctx, b, time.monotonic()))
-
-
-def _render_html(s: dict[str, Any]) -> str:
-    esc = html.escape
-    rows = []
-    for b in s["backends"]:
-        bad = f"{b['bad_for_s']:.1f}s" if b["bad"] else ""
-        rows.append(
-            "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in (
-                b["id"], b["address"], b["state"], "yes" if b["healthy"] else "no",
-                "yes" if b["in_view"] else "no", bad, b["routed"], b["failovers"],
-                b["idle_connections"])) + "</tr>")
-    failovers = ", ".join(f"{esc(k)}: {v}" for k, v in s["failovers"].items()) or "none"
-    req = s["requests"]
-    classes = " · ".join(f"{k} {req[k]}" for k in ("2xx", "3xx", "4xx", "5xx"))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>tandem proxy</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .8em;text-align:left}}</style></head>
-<body><h1>tandem proxy</h1>
-<p>Requests: {req['total']} ({classes}) · failovers: {failovers} ·
-retries: {s['retries']} · bad tokens: {s['bad_tokens']} ·
-client connections: {s['client_connections']} · view: {esc(s['view'])}</p>
-<table><tr><th>backend</th><th>address</th><th>state</th><th>healthy</th><th>in view</th>
-<th>bad for</th><th>requests routed</th><th>failovers</th><th>idle connections</th></tr>
-{''.join(rows)}
-</table></body></html>
-"""
+    return web.json_response(_backend_info(request.app[BOARD_KEY], b, time.monotonic()))

@@ -1,18 +1,34 @@
-"""Counters of the proxy, kept as plain ints on the hot path and rendered at scrape time.
+"""Counters of the proxy, kept as plain ints on the hot path and read at scrape time.
 
-The exposition is the Prometheus text format (version 0.0.4).
+`ProxyCollector` turns them into Prometheus metric families when `/__tandem/metrics` is
+scraped; `metrics_registry` puts it in a private registry for `prometheus_client`'s
+`generate_latest` (the text format, version 0.0.4). Nothing on the request path touches
+`prometheus_client`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from .router import LATENCY_BOUNDS_S, Backend, BackendState
 
-__all__ = ["Metrics", "CONTENT_TYPE"]
+__all__ = ["Metrics", "ProxyCollector", "metrics_registry", "CONTENT_TYPE"]
 
+# What generate_latest writes (prometheus_client's CONTENT_TYPE_LATEST names a newer
+# version in recent releases; the body is the 0.0.4 text format all the same).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Failover causes always exported (0 until they happen), so that rates can be taken.
+_FAILOVER_CAUSES = ("connect", "timeout", "reset", "503", "unwritten")
+_LE = (*(repr(bound) for bound in LATENCY_BOUNDS_S), "+Inf")  # bucket labels
 
 
 class Metrics:
@@ -37,81 +53,92 @@ class Metrics:
     def count_failover(self, cause: str) -> None:
         self.failovers[cause] = self.failovers.get(cause, 0) + 1
 
-    def render(self, backends: Iterable[Backend], *, connections: int) -> str:
-        backends = list(backends)
-        out: list[str] = []
 
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
+class ProxyCollector(Collector):
+    """The proxy's counters as metric families, read when scraped."""
 
-        family("tandem_proxy_requests_total", "counter",
-               "Responses sent to clients, by status class.")
+    def __init__(self, metrics: Metrics, *, backends: Callable[[], Iterable[Backend]],
+                 connections: Callable[[], int]) -> None:
+        self._metrics = metrics
+        self._backends = backends
+        self._connections = connections
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        backends = list(self._backends())
+
+        requests = CounterMetricFamily("tandem_proxy_requests",
+                                       "Responses sent to clients, by status class.",
+                                       labels=["class"])
         for i, label in enumerate(_CLASSES, start=1):
-            out.append(f'tandem_proxy_requests_total{{class="{label}"}} {self.responses[i]}')
-        family("tandem_proxy_failovers_total", "counter",
-               "Requests moved to another backend, by cause.")
-        for cause in sorted(set(self.failovers) | {"connect", "timeout", "reset", "503",
-                                                   "unwritten"}):
-            out.append(f'tandem_proxy_failovers_total{{cause="{cause}"}} '
-                       f"{self.failovers.get(cause, 0)}")
+            requests.add_metric([label], m.responses[i])
+        yield requests
+
+        failovers = CounterMetricFamily("tandem_proxy_failovers",
+                                        "Requests moved to another backend, by cause.",
+                                        labels=["cause"])
+        for cause in sorted(set(m.failovers) | set(_FAILOVER_CAUSES)):
+            failovers.add_metric([cause], m.failovers.get(cause, 0))
+        yield failovers
+
         simple = (
-            ("tandem_proxy_retries_total",
+            ("tandem_proxy_retries",
              "Requests written to a backend again after a failure once they had been written "
-             "(another backend, or the same one on a fresh connection).", self.retries),
-            ("tandem_proxy_stale_retries_total",
+             "(another backend, or the same one on a fresh connection).", m.retries),
+            ("tandem_proxy_stale_retries",
              "Requests tried once more on a fresh connection to the same backend after a "
-             "pooled keep-alive connection died before any response byte.",
-             self.stale_retries),
-            ("tandem_proxy_bad_tokens_total",
-             "Route tokens that did not verify (routed as new sessions).", self.bad_tokens),
-            ("tandem_proxy_no_backend_total", "503 answered because no backend was left.",
-             self.no_backend),
-            ("tandem_proxy_client_errors_total",
-             "Requests refused before forwarding (400, 413, 431, ...).", self.client_errors),
-            ("tandem_proxy_internal_errors_total", "Unexpected errors while proxying.",
-             self.internal_errors),
-            ("tandem_proxy_views_applied_total", "Cluster views adopted from backends.",
-             self.views_applied),
-            ("tandem_proxy_upgrades_total", "Upgraded connections tunnelled.", self.upgrades),
+             "pooled keep-alive connection died before any response byte.", m.stale_retries),
+            ("tandem_proxy_bad_tokens",
+             "Route tokens that did not verify (routed as new sessions).", m.bad_tokens),
+            ("tandem_proxy_no_backend", "503 answered because no backend was left.",
+             m.no_backend),
+            ("tandem_proxy_client_errors",
+             "Requests refused before forwarding (400, 413, 431, ...).", m.client_errors),
+            ("tandem_proxy_internal_errors", "Unexpected errors while proxying.",
+             m.internal_errors),
+            ("tandem_proxy_views_applied", "Cluster views adopted from backends.",
+             m.views_applied),
+            ("tandem_proxy_upgrades", "Upgraded connections tunnelled.", m.upgrades),
         )
         for name, help_text, value in simple:
-            family(name, "counter", help_text)
-            out.append(f"{name} {value}")
-        family("tandem_proxy_client_connections", "gauge", "Open client connections.")
-        out.append(f"tandem_proxy_client_connections {connections}")
+            yield CounterMetricFamily(name, help_text, value=value)
+        yield GaugeMetricFamily("tandem_proxy_client_connections", "Open client connections.",
+                                value=self._connections())
 
-        family("tandem_proxy_backend_requests_total", "counter", "Requests sent, by backend.")
+        routed = CounterMetricFamily("tandem_proxy_backend_requests",
+                                     "Requests sent, by backend.", labels=["backend"])
+        connect_errors = CounterMetricFamily("tandem_proxy_upstream_connect_errors",
+                                             "Failed connection attempts, by backend.",
+                                             labels=["backend"])
+        io_errors = CounterMetricFamily(
+            "tandem_proxy_upstream_io_errors",
+            "Resets and timeouts after the request was sent, by backend.", labels=["backend"])
+        state = GaugeMetricFamily("tandem_proxy_backend_state",
+                                  "1 for the backend's current state.",
+                                  labels=["backend", "state"])
+        latency = HistogramMetricFamily(
+            "tandem_proxy_upstream_latency_seconds",
+            "Time from sending a request to its response head, by backend.",
+            labels=["backend"])
         for b in backends:
-            out.append(f'tandem_proxy_backend_requests_total{{backend="{b.id}"}} {b.routed}')
-        family("tandem_proxy_upstream_connect_errors_total", "counter",
-               "Failed connection attempts, by backend.")
-        for b in backends:
-            out.append(f'tandem_proxy_upstream_connect_errors_total{{backend="{b.id}"}} '
-                       f"{b.connect_errors}")
-        family("tandem_proxy_upstream_io_errors_total", "counter",
-               "Resets and timeouts after the request was sent, by backend.")
-        for b in backends:
-            out.append(f'tandem_proxy_upstream_io_errors_total{{backend="{b.id}"}} '
-                       f"{b.io_errors}")
-        family("tandem_proxy_backend_state", "gauge", "1 for the backend's current state.")
-        for b in backends:
-            for state in BackendState:
-                value = 1 if b.state is state else 0
-                out.append(f'tandem_proxy_backend_state{{backend="{b.id}",'
-                           f'state="{state.value}"}} {value}')
-        family("tandem_proxy_upstream_latency_seconds", "histogram",
-               "Time from sending a request to its response head, by backend.")
-        for b in backends:
+            routed.add_metric([b.id], b.routed)
+            connect_errors.add_metric([b.id], b.connect_errors)
+            io_errors.add_metric([b.id], b.io_errors)
+            for s in BackendState:
+                state.add_metric([b.id, s.value], 1 if b.state is s else 0)
             cumulative = 0
-            for bound, count in zip((*LATENCY_BOUNDS_S, None), b.latency_counts, strict=True):
+            buckets: list[tuple[str, float]] = []
+            for le, count in zip(_LE, b.latency_counts, strict=True):
                 cumulative += count
-                le = "+Inf" if bound is None else repr(bound)
-                out.append(f'tandem_proxy_upstream_latency_seconds_bucket{{backend="{b.id}",'
-                           f'le="{le}"}} {cumulative}')
-            out.append(f'tandem_proxy_upstream_latency_seconds_sum{{backend="{b.id}"}} '
-                       f"{b.latency_sum_s!r}")
-            out.append(f'tandem_proxy_upstream_latency_seconds_count{{backend="{b.id}"}} '
-                       f"{cumulative}")
-        out.append("")
-        return "\n".join(out)
+                buckets.append((le, cumulative))
+            latency.add_metric([b.id], buckets, b.latency_sum_s)
+        yield from (routed, connect_errors, io_errors, state, latency)
+
+
+def metrics_registry(metrics: Metrics, *, backends: Callable[[], Iterable[Backend]],
+                     connections: Callable[[], int]) -> CollectorRegistry:
+    """A private registry holding only the proxy's collector (not the process-wide one:
+    two proxies in one process, as in the tests, keep their own numbers)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(metrics, backends=backends, connections=connections))
+    return registry

@@ -10,7 +10,11 @@ Candidate order for a request (WebLogic plug-in rules, DESIGN.md section 2):
 
 A bad mark is cleared when its backend is seen alive again: listed in a new cluster view,
 passing an active health probe (not one that says it is draining), or answering a request
-(tried last) with anything but 503.
+(tried last) with anything but 503. A backend out of the view comes back with the next
+view that lists it, or when the active probes find the cluster settled on a view with it.
+
+Every change to a backend's admin state, health, view membership or bad mark is shown to
+`Router.observer` (the status page's clock) before and after it is made.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from backends.config import Address, ServerConfig
-from backends.token import Route
+from tandem.config import Address, ServerConfig
+from tandem.token import Route
 
 from .errors import BadStateTransition, UnknownBackend
 
@@ -60,7 +64,7 @@ class Backend:
         "id", "address", "learned",
         # state
         "state", "admin_state", "healthy", "bad_until", "in_view", "pool",
-        "probe_successes", "probe_failures",
+        "probe_successes", "probe_failures", "says_draining",
         # counters (rendered at scrape time)
         "routed", "failovers", "connect_errors", "io_errors", "latency_counts",
         "latency_sum_s",
@@ -75,10 +79,11 @@ class Backend:
         self.admin_state = BackendState.UP
         self.healthy = True
         self.bad_until = 0.0  # time.monotonic() before which the backend is skipped
-        self.in_view = True  # listed as live by the cluster's last view
+        self.in_view = True  # listed as live by the cluster's last view (or probes, above)
         self.pool: Any = None
         self.probe_successes = 0
         self.probe_failures = 0
+        self.says_draining = False  # its last health answer said "draining" (shown only)
 
         self.routed = 0
         self.failovers = 0
@@ -117,6 +122,9 @@ class Router:
         self.view_hash = "-"
         self.view_tail = b"X-Tandem-View: -\r\n\r\n"
         self.views_applied = 0
+        # Told of a backend before and after each change of its state (see the docstring
+        # above); "before" lets it date a bad mark that ran out on its own meanwhile.
+        self.observer: Callable[[Backend], None] | None = None
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -183,29 +191,55 @@ class Router:
     def mark_bad(self, backend: Backend) -> None:
         """Skip this backend for max_skip_s (after a connect failure, io timeout or 503)."""
         if self._max_skip_s > 0:
+            self._observe(backend)
             backend.bad_until = self._clock() + self._max_skip_s
+            self._observe(backend)
 
     def seen_alive(self, backend: Backend) -> None:
         """The backend was seen serving again (a new cluster view lists it, an active probe
         passed, or it answered): clear its passive bad mark."""
+        self._observe(backend)
         backend.bad_until = 0.0
+        self._observe(backend)
+
+    def rejoined(self, backend: Backend) -> None:
+        """The active probes found the cluster settled on a view that lists this backend:
+        in the view again (until the next view the proxy adopts says otherwise)."""
+        self._observe(backend)
+        backend.in_view = True
+        self._observe(backend)
+
+    def set_says_draining(self, backend: Backend, draining: bool) -> None:
+        """Record whether the backend's own health answer says it is draining."""
+        if backend.says_draining is not draining:
+            self._observe(backend)
+            backend.says_draining = draining
+            self._observe(backend)
 
     def set_admin_state(self, backend_id: str, state: BackendState | str) -> Backend:
         b = self.get(backend_id)
+        self._observe(b)
         b.admin_state = state if isinstance(state, BackendState) else BackendState.parse(state)
         b.refresh_state()
         if b.admin_state is BackendState.UP:
             b.bad_until = 0.0  # an operator's "up" clears a passive mark
+        self._observe(b)
         return b
 
     def set_healthy(self, backend: Backend, healthy: bool) -> bool:
         """Record an active-probe verdict; True when it changed the backend's state."""
+        self._observe(backend)
         before = backend.state
         backend.healthy = healthy
         backend.refresh_state()
         if healthy and before is BackendState.DOWN:
             backend.bad_until = 0.0
+        self._observe(backend)
         return backend.state is not before
+
+    def _observe(self, backend: Backend) -> None:
+        if self.observer is not None:
+            self.observer(backend)
 
     # --- dynamic server list ------------------------------------------------------------------
 
@@ -216,6 +250,8 @@ class Router:
         The view lists the members the cluster sees alive now: their bad marks are cleared,
         except `declined`'s (the backend whose 503 carried the view)."""
         added = []
+        for known in self._order:
+            self._observe(known)
         for backend_id, address in members.items():
             b = self._by_id.get(backend_id)
             if b is None:
@@ -232,6 +268,7 @@ class Router:
                 self.seen_alive(b)
         for b in self._order:
             b.in_view = b.id in members
+            self._observe(b)
         self.view_hash = view_hash
         self.view_tail = b"X-Tandem-View: " + view_hash.encode("ascii") + b"\r\n\r\n"
         self.views_applied += 1

@@ -36,6 +36,8 @@ async def test_metrics_text_exposition():
         async with env.http.get(env.admin_url + "/__tandem/metrics") as resp:
             assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = await resp.text()
+        assert "# TYPE tandem_proxy_requests_total counter" in text
+        assert "# TYPE tandem_proxy_upstream_latency_seconds histogram" in text
         families = {f.name: f for f in text_string_to_metric_families(text)}
         assert {"tandem_proxy_requests", "tandem_proxy_failovers", "tandem_proxy_retries",
                 "tandem_proxy_bad_tokens", "tandem_proxy_upstream_connect_errors",
@@ -95,10 +97,14 @@ async def test_active_health_probes_take_a_backend_down_and_back_up():
         assert s1.hits["/__tandem/health"] >= 2 and await state() == "up"
         s1.health_status = 500
         await wait_for("down")
+        info = env.backend_status(await env.status(), "s1")
+        assert info["state_summary"] == "failing (probe)"
+        assert info["state_detail"].endswith("probes failed in a row")
         cookie = {"Cookie": f"JSESSIONID={token('s1', 's2')}"}
         assert (await env.get("/id", headers=cookie))[1] == "s2"
         assert metric_value(await env.metrics(), "tandem_proxy_backend_state",
                             backend="s1", state="down") == 1
         s1.health_status = 200
         await wait_for("up")
+        assert env.backend_status(await env.status(), "s1")["state_summary"] == "serving"
         assert (await env.get("/id", headers=cookie))[1] == "s1"
