@@ -146,7 +146,8 @@ class StatusBoard:
             if b.probe_successes:
                 return (f"recovering: {b.probe_successes} probe(s) passed in a row, "
                         "health_rise needed")
-            return f"{b.probe_failures} probes failed in a row"
+            failed = f"{b.probe_failures} probes failed in a row"
+            return failed if b.in_view else failed + "; its peers do not list it as alive"
         if status is Status.DRAINING:
             return ("set by an operator" if b.admin_state is BackendState.DRAINING
                     else "the server says it is draining")

@@ -25,13 +25,13 @@ _CSS_CLASS = {
 }
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#1d1d1f}
+body{font-family:system-ui,sans-serif;font-size:15px;margin:1.5em 2em;color:#1d1d1f}
 h1{margin:0 0 .2em}h2{margin:1.6em 0 .4em;font-size:1.15em}
 .meta{color:#666;margin:.2em 0 1em}
 table{border-collapse:collapse}
 td,th{border:1px solid #d0d0d0;padding:.35em .7em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}
-td.num{text-align:right}
+td.num{text-align:right}td.detail{min-width:12em}
 .ago{color:#666;font-size:.9em}
 .st{display:inline-block;padding:.1em .55em;border-radius:.8em;font-weight:600;
 white-space:nowrap}
@@ -62,7 +62,7 @@ def render_html(s: dict[str, Any]) -> str:
             f"<td><span class=\"st {_CSS_CLASS[status]}\" title=\"{esc(facts)}\">"
             f"{esc(status.value)}</span></td>",
             f"<td title=\"{esc(_full_time(b['since']))}\">{since}</td>",
-            f"<td>{esc(b['state_detail'])}</td>",
+            f"<td class=\"detail\">{esc(b['state_detail'])}</td>",
             *(f"<td class=\"num\">{b[k]}</td>" for k in (
                 "routed", "failovers", "connect_errors", "io_errors", "idle_connections")),
         ]
@@ -87,7 +87,7 @@ def render_html(s: dict[str, Any]) -> str:
 retries: {s['retries']} · bad tokens: {s['bad_tokens']} ·
 client connections: {s['client_connections']} · cluster view: {esc(s['view'])}</p>
 <table><tr><th>backend</th><th>address</th><th>state</th><th>since</th><th>detail</th>
-<th>requests routed</th><th>failovers</th><th>connect errors</th><th>io errors</th>
+<th>requests routed</th><th>fail&shy;overs</th><th>connect errors</th><th>io errors</th>
 <th>idle connections</th></tr>
 {''.join(rows)}
 </table>
