@@ -50,7 +50,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 CONFIGS = ["tandem-memory", "tandem-file-sync", "tandem-file-batched", "tandem-sqlite-sync",
            "tandem-sqlite-batched", "tandem-postgresql-sync", "tandem-postgresql-batched",
-           "tandem-redis-sync", "tandem-redis-batched", "aiohttp-session-redis"]
+           "tandem-redis-sync", "tandem-redis-batched", "aiohttp-session-redis",
+           "tandem-starlette", "uvicorn-starlette-cookie"]
 
 
 # --- the app, for both sides ------------------------------------------------------------------
@@ -127,11 +128,15 @@ def cpu_ticks(pids: list[int], trees: list[int]) -> int:
 class Side:
     """One system under test: where to send requests, which processes to charge."""
 
-    def __init__(self, *, url: str, cookie_name: str, pids: list[int], trees: list[int]):
+    def __init__(self, *, url: str, cookie_name: str, pids: list[int], trees: list[int],
+                 state_in_cookie: bool = False):
         self.url = url
         self.cookie_name = cookie_name
         self.pids = pids
         self.trees = trees
+        # the session is the cookie itself (signed-cookie sessions): the server keeps nothing
+        # to count, and each request writes a new cookie that the load does not send back
+        self.state_in_cookie = state_in_cookie
 
     def cpu(self) -> int:
         return cpu_ticks(self.pids, self.trees)
@@ -177,7 +182,8 @@ def postgres_server() -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def tandem_side(tmp: Path, persistence: str, mode: str) -> Iterator[Side]:
+def tandem_side(tmp: Path, persistence: str, mode: str,
+                app: str = "bench.sessions:counter") -> Iterator[Side]:
     from tests.cluster import Cluster
 
     class BenchCluster(Cluster):
@@ -203,7 +209,7 @@ def tandem_side(tmp: Path, persistence: str, mode: str) -> Iterator[Side]:
         elif persistence == "postgresql":
             dsn, pid = stack.enter_context(postgres_server())
             keys["dsns"] = [dsn]
-        cluster = BenchCluster(tmp, n=2, app="bench.sessions:counter", interface="asgi",
+        cluster = BenchCluster(tmp, n=2, app=app, interface="asgi",
                                session={"persistence": persistence, "replication": "sync"})
         stack.callback(cluster.close)
         if persistence != "none":
@@ -243,6 +249,36 @@ def aiohttp_session_side(tmp: Path) -> Iterator[Side]:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=10)
             log.close()
+
+
+@contextmanager
+def uvicorn_side(tmp: Path) -> Iterator[Side]:
+    """The Starlette counter on uvicorn (httptools, uvloop) with the signed-cookie sessions."""
+    from tests.cluster import free_ports
+    port = free_ports(1)[0]
+    log = open(tmp / "uvicorn.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
+                             "bench.starlette_counter:cookie_app", "--port", str(port),
+                             "--http", "httptools", "--loop", "uvloop", "--log-level",
+                             "warning", "--no-access-log"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _new_cookie(base, "STARLETTE_SESSION")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp / "uvicorn.log").read_text()) from None
+                time.sleep(0.1)
+        yield Side(url=base, cookie_name="STARLETTE_SESSION", pids=[proc.pid], trees=[],
+                   state_in_cookie=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        log.close()
 
 
 # --- load -------------------------------------------------------------------------------------
@@ -323,7 +359,7 @@ def measure(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
                 run_wrk(side, script, duration=args.warmup, connections=args.connections,
                         threads=args.threads)
                 # the load must write the sessions created above, not start new ones
-                if _counter(side.url, cookies_of[name][0]) < 3:
+                if not side.state_in_cookie and _counter(side.url, cookies_of[name][0]) < 3:
                     raise RuntimeError(f"{name}: the warm-up did not use the sessions' cookies")
             for i in range(args.runs):
                 for name, (side, script) in sides.items():
@@ -343,6 +379,10 @@ def measure(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
 def maker(name: str) -> Callable[[Path], Any]:
     if name == "aiohttp-session-redis":
         return aiohttp_session_side
+    if name == "uvicorn-starlette-cookie":
+        return uvicorn_side
+    if name == "tandem-starlette":
+        return lambda tmp: tandem_side(tmp, "none", "sync", app="bench.starlette_counter:app")
     _, persistence, *rest = name.split("-")
     if persistence == "memory":
         return lambda tmp: tandem_side(tmp, "none", "sync")
@@ -383,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio = base["tandem-memory"]["rps"] / base["aiohttp-session-redis"]["rps"]
         print(f"\ntandem (in-memory sync replication) / aiohttp-session+Redis: "
               f"{ratio:.2f}x the requests/s (target >= 3x)")
+    if "tandem-starlette" in base and "uvicorn-starlette-cookie" in base:
+        t, u = base["tandem-starlette"], base["uvicorn-starlette-cookie"]
+        print(f"Starlette app, tandem backend (sync replication, both servers counted) / "
+              f"uvicorn + SessionMiddleware: {t['rps'] / u['rps']:.2f}x the requests/s, "
+              f"{t['cpu_us'] / u['cpu_us']:.2f}x the CPU per request")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
