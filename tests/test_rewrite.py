@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
+import json
+import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -313,3 +316,150 @@ async def test_url_rewriting_off_rewrites_nothing_and_ignores_url_tokens():
         assert '<p id="n">1</p>' in html and '<p id="path">/next</p>' in html
         async with http.get(f"{base}/?jsessionid={token}") as resp:
             assert '<p id="n">1</p>' in await resp.text()
+
+
+# --- the rule: which responses put the token in URLs -------------------------------------------
+
+
+def cookie_token(resp: aiohttp.ClientResponse) -> str:
+    return resp.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+
+
+def hrefs(html: str) -> list[str]:
+    return re.findall(r'(?:href|action)="([^"]*)"', html)
+
+
+async def test_first_response_carries_the_token_then_the_cookie_ends_it():
+    async with local_backend(page_app) as base, aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        # a new session: nothing tells yet whether this client keeps cookies
+        async with http.get(base + "/") as resp:
+            html = await resp.text()
+            token = cookie_token(resp)
+        href = link(html)
+        assert href == "/next;jsessionid=" + token
+        # it does: the link from that page comes back with the cookie, and is redirected
+        # to the same URL without the token, before the app runs
+        for method in ("GET", "HEAD"):
+            async with http.request(method, base + href + "?a=1",
+                                    allow_redirects=False) as resp:
+                assert resp.status == 302 and resp.headers["Location"] == "/next?a=1"
+        async with http.get(base + href) as resp:
+            html = await resp.text()
+            assert [str(r.headers["Location"]) for r in resp.history] == ["/next"]
+            assert resp.url.path == "/next" and "Set-Cookie" not in resp.headers
+        assert '<p id="n">2</p>' in html  # the redirects ran nothing
+        assert hrefs(html) == ["/next", "http://elsewhere.example/"]
+        async with http.get(base + "/go") as resp:  # redirects: plain Location
+            assert [str(r.headers["Location"]) for r in resp.history] == ["/"]
+            assert hrefs(await resp.text()) == ["/next", "http://elsewhere.example/"]
+        # a POST to a URL with the token is served as it is, its response not rewritten
+        async with http.post(base + href) as resp:
+            html = await resp.text()
+        assert resp.status == 200 and not resp.history and '<p id="n">5</p>' in html
+        assert hrefs(html) == ["/next", "http://elsewhere.example/"]
+
+
+async def test_a_cleaned_url_that_would_name_another_site_is_not_a_redirect():
+    async with local_backend(page_app) as base:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http, \
+                http.get(base + "/") as resp:
+            token = cookie_token(resp)
+        host, port = base.rsplit("/", 1)[1].split(":")
+        for path in ("//evil.example/", "/\\evil.example/"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET {path};jsessionid={token} HTTP/1.1\r\nHost: {host}\r\n"
+                         f"Cookie: JSESSIONID={token}\r\nConnection: close\r\n\r\n".encode())
+            head = (await reader.read()).split(b"\r\n\r\n", 1)[0]
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 200") and b"location" not in head.lower()
+
+
+async def json_app(scope: Any, receive: Any, send: Any) -> None:
+    """What `session.encode_url` gives the app, as JSON."""
+    if scope["type"] != "http":
+        return
+    session = scope["session"]
+    session["n"] = session.get("n", 0) + 1
+    body = json.dumps({"n": session["n"], "next": session.encode_url("/next?x=1"),
+                       "away": session.encode_url("http://elsewhere.example/x"),
+                       "here": session.encode_url(f"http://{scope['server'][0]}:"
+                                                  f"{scope['server'][1]}")}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_encode_url_follows_the_same_rule():
+    async with local_backend(json_app) as base, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(base + "/") as resp:  # a new session: in the URL
+            got = await resp.json()
+            token = cookie_token(resp)
+        assert got["next"] == f"/next;jsessionid={token}?x=1"
+        assert got["away"] == "http://elsewhere.example/x"  # never to another site
+        assert got["here"] == f"{base}/;jsessionid={token}"
+        async with http.get(base + "/", headers={"Cookie": f"JSESSIONID={token}"}) as resp:
+            got = await resp.json()  # by cookie: never
+        assert got["n"] == 2 and got["next"] == "/next?x=1" and got["here"] == base
+        async with http.get(f"{base}/;jsessionid={token}") as resp:
+            got = await resp.json()  # in the URL: always
+        assert got["n"] == 3 and got["next"] == f"/next;jsessionid={token}?x=1"
+        # a cookie of ours that does not verify still shows that the client keeps cookies
+        async with http.get(base + "/", headers={"Cookie": "JSESSIONID=garbage"}) as resp:
+            got = await resp.json()
+            assert cookie_token(resp) != token
+        assert got["n"] == 1 and got["next"] == "/next?x=1"
+    async with local_backend(json_app, session={"url_rewriting": False}) as base, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http, \
+            http.get(base + "/") as resp:
+        assert (await resp.json())["next"] == "/next?x=1"
+
+
+def tokens_in(resp: aiohttp.ClientResponse, html: str) -> list[str]:
+    """Every URL of a response chain that carries a token: redirects, final URL, links."""
+    urls = [str(r.headers["Location"]) for r in resp.history]
+    urls += [str(resp.url), *hrefs(html)]
+    return [u for u in urls if ";jsessionid=" in u]
+
+
+async def test_demo_keeps_tokens_out_of_the_urls_of_a_client_with_cookies():
+    async with local_backend("backends.demo:app") as base, aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.get(base + "/") as resp:
+            first = await resp.text()
+        inc = re.search(r'id="inc" href="([^"]*)"', first)
+        assert inc is not None and ";jsessionid=" in inc.group(1)  # the first response
+        async with http.get(base + inc.group(1)) as resp:  # its link, with the cookie
+            html = await resp.text()
+            assert tokens_in(resp, html) == [] and resp.url.path == "/"
+        for n in (2, 3, 4):
+            async with http.get(base + "/inc") as resp:
+                html = await resp.text()
+                assert tokens_in(resp, html) == []
+            assert f'id="count">{n}<' in html
+        async with http.get(base + "/api") as resp:
+            assert (await resp.json())["pid"] == os.getpid()
+
+
+async def test_demo_page_names_its_process_and_how_to_stop_it():
+    async with local_backend("backends.demo:app") as base, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar()) as http, http.get(base + "/") as resp:
+        html = await resp.text()
+    pid = os.getpid()  # (the backend runs in this process)
+    assert f'id="pid">{pid}<' in html
+    assert f"kill -9 {pid}" in html and f"kill -STOP {pid}" in html and "Ctrl-Z" not in html
+
+
+async def test_demo_links_carry_the_token_for_a_client_without_cookies():
+    async with local_backend("backends.demo:app") as base, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(base + "/") as resp:
+            html = await resp.text()
+        for n in (1, 2, 3):
+            inc = re.search(r'id="inc" href="([^"]*)"', html)
+            assert inc is not None and ";jsessionid=" in inc.group(1)
+            async with http.get(base + inc.group(1)) as resp:
+                html = await resp.text()
+                assert ";jsessionid=" in str(resp.history[0].headers["Location"])
+            assert f'id="count">{n}<' in html

@@ -1,13 +1,16 @@
 """The bundled demo app of `tandem up`: a counter that shows where its session lives.
 
 Plain ASGI (no framework). `/` shows the page, `/inc` increments and redirects back,
-`/api` returns JSON, `/reset` invalidates the session.
+`/api` returns JSON, `/reset` invalidates the session. Its links and redirects are plain:
+for a client whose token does not come by cookie, tandem's URL rewriting adds the token
+(`session.encode_url` is for URLs that rewriting does not see, as in JSON).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 from typing import Any
 
 from ..serve.lifespan import acknowledge_lifespan
@@ -25,16 +28,19 @@ a.button {{ display: inline-block; padding: .4em 1em; border: 1px solid #888; bo
 code {{ background: #f3f3f3; padding: 0 .3em; }}
 </style></head><body>
 <h1>tandem demo</h1>
-<div class="count">{count}</div>
-<p><a class="button" href="{inc}">+1</a><a class="button" href="{reset}">new session</a></p>
+<div class="count" id="count">{count}</div>
+<p><a class="button" id="inc" href="/inc">+1</a><a class="button" id="reset" href="/reset">new
+session</a></p>
 <table>
-<tr><td>served by</td><td><b>{server}</b></td></tr>
+<tr><td>served by</td><td><b id="server">{server}</b> (pid <code id="pid">{pid}</code>)</td></tr>
 <tr><td>session primary</td><td>{primary}</td></tr>
 <tr><td>session secondary</td><td>{secondary}</td></tr>
 <tr><td>session id</td><td><code>{sid}…</code></td></tr>
 </table>
-<p>Kill the primary (<code>kill -9</code> its process, or Ctrl-Z its terminal) and press +1:
-the count survives, served by the old secondary, which picks a new secondary.</p>
+<p>Stop the server that served this page, the session's primary: <code>kill -9 {pid}</code>
+crashes it, <code>kill -STOP {pid}</code> hangs it (<code>kill -CONT {pid}</code> lets it go on).
+Then press +1: the count survives, served by the old secondary, which picks a new
+secondary.</p>
 </body></html>
 """
 
@@ -49,7 +55,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path = scope["path"]
     if path == "/inc":
         session["count"] = session.get("count", 0) + 1
-        await _send(send, 303, b"", [(b"location", session.encode_url("/").encode())])
+        await _send(send, 303, b"", [(b"location", b"/")])
         return
     if path == "/reset":
         if "count" in session:
@@ -60,7 +66,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if "count" not in session:
         session["count"] = 0
     route = session.route
-    info = {"count": count, "server": scope.get("tandem.server"),
+    info = {"count": count, "server": scope.get("tandem.server"), "pid": os.getpid(),
             "primary": route.primary if route else None,
             "secondary": (route.secondary or "NONE") if route else None}
     if path == "/api":
@@ -71,10 +77,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _send(send, 404, b"not found\n", [(b"content-type", b"text/plain")])
         return
     page = _PAGE.format(
-        count=count, server=html.escape(str(info["server"])),
+        count=count, server=html.escape(str(info["server"])), pid=info["pid"],
         primary=html.escape(str(info["primary"])), secondary=html.escape(str(info["secondary"])),
-        sid=html.escape(session.id[:8]), inc=html.escape(session.encode_url("/inc")),
-        reset=html.escape(session.encode_url("/reset")))
+        sid=html.escape(session.id[:8]))
     await _send(send, 200, page.encode(), [(b"content-type", b"text/html; charset=utf-8"),
                                            (b"cache-control", b"no-store")])
 

@@ -22,7 +22,6 @@ from tandem.logs import short
 from tandem.token import (
     Route,
     TokenCodec,
-    add_path_param,
     cookie_values,
     path_param,
     query_param,
@@ -33,7 +32,8 @@ from ..errors import TokenError
 from ..sessions.manager import SessionManager, SessionMoved
 from ..sessions.session import Session
 from ..sessions.store import Primary
-from .rewrite import UrlRewriteMiddleware
+from .origin import Origin, rewrite_url
+from .rewrite import UrlRewriteMiddleware, token_in_urls
 
 __all__ = ["TandemMiddleware", "ASGIApp", "current_session"]
 
@@ -84,9 +84,9 @@ class TandemMiddleware:
         return Route(record.sid, self.manager.me.id, self.manager.planned_secondary(record))
 
     def encode_url(self, url: str, record: Primary) -> str:
-        if not self.url_rewriting:  # the token in a URL would be ignored
-            return url
-        return add_path_param(url, self.param_name, self.codec.encode(self.route_of(record)))
+        # The context of a request whose URLs carry no token (by the rule of
+        # backends.serve.rewrite); the others have a _RequestContext.
+        return url
 
     def _url_token(self, scope: Scope) -> str | None:
         session = scope.get("session")
@@ -127,9 +127,17 @@ class TandemMiddleware:
             elif name == b"x-tandem-request-id":
                 rid = value.decode("latin-1")
         route, via = self._route(scope, cookie)
-        if self._rewriter is not None and via != "cookie" and kind == "http":
-            # Decided once per request (a token by cookie needs no links rewritten). The
-            # rewriter sits outside the commit: it sees the token the client must hold next.
+        # Whether this response's URLs carry the token: the rule of backends.serve.rewrite,
+        # decided once per request, for the rewriter and session.encode_url alike.
+        in_urls = self.url_rewriting and token_in_urls(via, cookie_sent=via == "cookie" or (
+            cookie is not None and any(True for _ in cookie_values(cookie, self.cookie_name))))
+        if (via == "cookie" and self.url_rewriting and kind == "http"
+                and scope["method"] in ("GET", "HEAD")
+                and await self._redirect_without_token(scope, send)):
+            return
+        if self._rewriter is not None and in_urls and kind == "http":
+            # The rewriter sits outside the commit: it sees the token the client must hold
+            # after this response.
             send = self._rewriter.wrap(scope, send)
         # Stripped even when URL rewriting is off (then the token there is ignored), so
         # that links rewritten earlier still lead to the page.
@@ -148,7 +156,8 @@ class TandemMiddleware:
             # fails the request over; nothing ran here.
             await _send_unavailable(send, b"session moved to another server; retry\n", kind)
             return
-        session = Session(record, create=manager.new_session, context=self)
+        session = Session(record, create=manager.new_session,
+                          context=_RequestContext(self, scope) if in_urls else self)
         scope["session"] = session
         scope["tandem.server"] = manager.me.id
         scope["tandem.token_via"] = via  # "cookie" | "path" | "query" | None
@@ -233,6 +242,23 @@ class TandemMiddleware:
                     return route, "query"
         return None, None
 
+    async def _redirect_without_token(self, scope: Scope, send: Send) -> bool:
+        """A request whose token came by cookie and whose path carries one too: redirect it
+        to its URL without the path's (True), unless that URL would read as another site's.
+        """
+        raw = scope.get("raw_path")
+        target = raw.decode("latin-1") if raw else scope["path"]
+        clean = strip_path_param(target, self.param_name)
+        if clean == target or clean[1:2] in ("/", "\\"):  # `//host`: not ours to send to
+            return False
+        qs = scope.get("query_string") or b""
+        location = clean.encode("latin-1") + (b"?" + qs if qs else b"")
+        await send({"type": "http.response.start", "status": 302, "headers": [
+            (b"location", location), (b"content-length", b"0"),
+            (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": b""})
+        return True
+
     def _verify(self, token: str) -> Route | None:
         try:
             return self.codec.decode(token)
@@ -257,6 +283,29 @@ class TandemMiddleware:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class _RequestContext:
+    """A session's server as one request sees it: its URLs carry the token (the rule of
+    backends.serve.rewrite said so for this request)."""
+
+    __slots__ = ("_mw", "_scope", "_origin")
+
+    def __init__(self, mw: TandemMiddleware, scope: Scope) -> None:
+        self._mw = mw
+        self._scope = scope
+        self._origin: Origin | None = None  # made when first needed
+
+    def route_of(self, record: Primary) -> Route:
+        return self._mw.route_of(record)
+
+    def encode_url(self, url: str, record: Primary) -> str:
+        if self._origin is None:
+            self._origin = Origin(self._scope)
+        mw = self._mw
+        # same-origin URLs only: a token never goes to another site
+        return rewrite_url(url, param=mw.param_name, token=mw.codec.encode(mw.route_of(record)),
+                           origin=self._origin)
 
 
 async def _send_unavailable(send: Send, body: bytes, kind: str) -> None:

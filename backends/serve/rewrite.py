@@ -1,30 +1,47 @@
 """URL rewriting of responses, for clients that do not keep cookies (`;jsessionid=TOKEN`).
 
-An ASGI middleware. When the request's token did not come by cookie and the response
-carries a session token, it adds `;<param>=TOKEN` to same-origin URLs: the `Location` of
-redirects, and the `href`, `src`, `action` and `formaction` attributes of HTML bodies.
+When URLs carry the token — the rule, which `session.encode_url(url)` follows too:
 
-It streams: a body that is not HTML, or is compressed (`Content-Encoding`), passes through
-untouched, message by message. HTML is rewritten chunk by chunk; only a tag cut by a chunk
-boundary is carried over to the next chunk (bounded by `max_carry_bytes`). The response head
+- The request's token came by cookie: never. A GET or HEAD whose path carries
+  `;jsessionid=` as well (a link from a first response, below) is redirected (302) to the
+  same URL without it before the application runs, so that the token leaves the address
+  bar, the history and the `Referer` of the next page; other methods are served as they
+  are, their responses not rewritten.
+- It came in the URL (path parameter, or query): always. This client sent no cookie.
+- No token (the request creates the session): the first response carries the token both in
+  `Set-Cookie` and in its URLs, as Tomcat and WebLogic do, since nothing tells yet whether
+  the client keeps cookies. One that does sends the cookie with its next request, and from
+  then on sees no token (above). A request that brought our cookie with a token that does
+  not verify (an old secret, a damaged value) comes from a client that keeps cookies: its
+  response is not rewritten.
+
+The rule is per request, not per session ("cookies worked once for this session"): a
+request with the token only in its URL comes from a client that sent no cookie this time,
+and links without the token would lose it its session.
+
+`UrlRewriteMiddleware` (ASGI) applies it to responses: same-origin URLs in the `Location` of
+redirects, and in HTML bodies (`html_rewriter`: `href`, `src`, `action`, `formaction`,
+`srcset`, `xlink:href`, meta refresh). It streams: a body that is not HTML, or is
+compressed (`Content-Encoding`), passes through untouched, message by message. HTML is
+rewritten chunk by chunk, with a bounded carry-over (`max_carry_bytes`). The response head
 is held until the first body message: a body sent in one message gets its exact
 `Content-Length`, a streamed one loses it (the server then sends it chunked).
 
 tandem's `TandemMiddleware` wraps it around its session handling when
-`session.url_rewriting = true`, so the head it sees is the committed one and the token is
-the one the client must hold after this response.
+`session.url_rewriting = true` and the rule says so, so the head it sees is the committed
+one and the token is the one the client must hold after this response.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from tandem.token import add_path_param
+from .html_rewriter import HtmlRewriter, rewrite_html
+from .origin import Origin, rewrite_url
 
 __all__ = ["UrlRewriteMiddleware", "HtmlRewriter", "TokenOf", "Origin", "rewrite_url",
-           "rewrite_html"]
+           "rewrite_html", "token_in_urls"]
 
 # the ASGI types, as in backends.asgi (which imports this module)
 Scope = MutableMapping[str, Any]
@@ -35,189 +52,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 TokenOf = Callable[[Scope], "str | None"]
 
 _HTML_TYPES = (b"text/html", b"application/xhtml+xml")
-_URL_ATTRS = frozenset({b"href", b"src", b"action", b"formaction"})
-_DEFAULT_PORTS = {"http": "80", "https": "443"}
-
-# A start tag: its name, then attributes; a quoted value may hold '>' and may be cut off by
-# the end of the buffer. Group 2 (the closing '>') is missing when the buffer ended first.
-_TAG = re.compile(rb"""<([A-Za-z][^\s/>"']*)(?:[^>"']|"[^"]*(?:"|\Z)|'[^']*(?:'|\Z))*(>)?""")
-# One attribute: name, and optionally '=' and a value (double-, single- or un-quoted).
-_ATTR = re.compile(rb"""([^\s"'>/=]+)(?:(\s*=\s*)("[^"]*"|'[^']*'|[^\s"'>]+))?""")
-# elements whose text is not HTML: passed over up to their end tag
-_RAW_TEXT = {name: re.compile(b"</" + name + rb"[\s/>]", re.I) for name in (b"script", b"style")}
-_RAW_END_MAX = len(b"</script>")  # what may be kept back while looking for that end tag
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-class Origin:
-    """The origin a request was made to, as the client sees it, and its path (for links)."""
+def token_in_urls(via: str | None, *, cookie_sent: bool) -> bool:
+    """Do responses to a request put the token in URLs? (the rule above)
 
-    __slots__ = ("host", "port", "path")
-
-    def __init__(self, scope: Scope) -> None:
-        host = ""
-        proto = ""
-        for name, value in scope.get("headers", ()):
-            if name == b"host" and not host:
-                host = value.decode("latin-1").strip().lower()
-            elif name == b"x-forwarded-proto" and not proto:
-                proto = value.decode("latin-1").split(",", 1)[0].strip().lower()
-        scheme = proto or scope.get("scheme", "http")
-        if not host and scope.get("server"):
-            server_host, server_port = scope["server"][:2]
-            host = f"{server_host}:{server_port}"
-        self.host, self.port = _split_host(host, scheme)
-        raw = scope.get("raw_path") or scope.get("path", "/").encode("utf-8")
-        self.path = raw.decode("latin-1")
-
-    def same(self, scheme: str, netloc: str) -> bool:
-        """Is `scheme://netloc` this origin? (scheme only supplies the default port)"""
-        host, port = _split_host(netloc.rpartition("@")[2].lower(), scheme.lower())
-        return host == self.host and port == self.port
-
-
-def _split_host(netloc: str, scheme: str) -> tuple[str, str]:
-    if netloc.startswith("["):  # IPv6 literal
-        end = netloc.find("]")
-        host, rest = netloc[:end + 1], netloc[end + 1:]
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = netloc.partition(":")
-    return host, port or _DEFAULT_PORTS.get(scheme, "")
-
-
-def rewrite_url(url: str, *, param: str, token: str, origin: Origin) -> str:
-    """`url` with `;param=token` when it points to `origin`; otherwise `url` itself."""
-    stripped = url.strip()
-    if not stripped or stripped[0] == "#":
-        return url  # this same document: no request is made
-    if stripped[0] == "?":
-        # A query-only reference keeps the current path, and with it any (older) token in
-        # the path: name the last segment explicitly so the new token takes its place.
-        last = origin.path.rsplit("/", 1)[-1]
-        return add_path_param("./" + last + stripped, param, token)
-    if stripped.startswith("//"):
-        scheme, rest = "http", stripped[2:]
-        absolute = True
-    elif _SCHEME.match(stripped):
-        scheme, _, rest = stripped.partition(":")
-        if scheme.lower() not in ("http", "https") or not rest.startswith("//"):
-            return url  # mailto:, javascript:, data:, tel: ...
-        rest = rest[2:]
-        absolute = True
-    else:
-        absolute = False
-    if absolute:
-        cut = len(rest)
-        for sep in "/?#":
-            j = rest.find(sep)
-            if 0 <= j < cut:
-                cut = j
-        if not origin.same(scheme, rest[:cut]):
-            return url
-        if cut == len(rest) or rest[cut] != "/":  # no path: the token needs one
-            head = stripped[:len(stripped) - len(rest) + cut]
-            stripped = head + "/" + rest[cut:]
-        return add_path_param(stripped, param, token)
-    path_end = len(stripped)
-    for sep in "?#":
-        j = stripped.find(sep)
-        if 0 <= j < path_end:
-            path_end = j
-    last = stripped[:path_end].rsplit("/", 1)[-1].partition(";")[0]
-    if last in (".", ".."):  # a dot segment with a parameter would no longer be one
-        stripped = stripped[:path_end] + "/" + stripped[path_end:]
-    return add_path_param(stripped, param, token)
-
-
-def _rewrite_tag(tag: bytes, *, param: str, token: str, origin: Origin) -> bytes:
-    out: list[bytes] = []
-    last = 0
-    name_end = 1
-    while name_end < len(tag) and tag[name_end] not in b" \t\r\n\f/>\"'":
-        name_end += 1
-    for m in _ATTR.finditer(tag, name_end):
-        value = m.group(3)
-        if value is None or m.group(1).lower() not in _URL_ATTRS:
-            continue
-        quote = value[:1] if value[:1] in (b'"', b"'") else b""
-        inner = value[1:-1] if quote else value
-        url = inner.decode("latin-1")
-        new = rewrite_url(url, param=param, token=token, origin=origin)
-        if new is url:
-            continue
-        start = m.start(3)
-        out += (tag[last:start], quote, new.encode("latin-1"), quote)
-        last = m.end(3)
-    if not out:
-        return tag
-    out.append(tag[last:])
-    return b"".join(out)
-
-
-class HtmlRewriter:
-    """Rewrites the URLs in the tags of an HTML body fed to it chunk by chunk.
-
-    Only a tag cut off by the end of a chunk is kept back for the next one, up to
-    `max_carry_bytes` (beyond that it is not a tag after all and goes out as it is). The
-    text of `<script>` and `<style>` elements is passed over.
+    `via`: where the request's verified token came from ("cookie", "path", "query", None);
+    `cookie_sent`: whether it brought a cookie of ours at all.
     """
-
-    __slots__ = ("param", "token", "origin", "max_carry_bytes", "_carry", "_raw_end")
-
-    def __init__(self, *, param: str, token: str, origin: Origin,
-                 max_carry_bytes: int = 16384) -> None:
-        self.param = param
-        self.token = token
-        self.origin = origin
-        self.max_carry_bytes = max_carry_bytes
-        self._carry = b""
-        self._raw_end: re.Pattern[bytes] | None = None  # inside <script>/<style>: its end
-
-    def feed(self, data: bytes, *, final: bool = False) -> bytes:
-        """The rewritten output for `data` so far; with `final`, everything that is left."""
-        buf = self._carry + data if self._carry else data
-        self._carry = b""
-        out: list[bytes] = []
-        pos = 0
-        while pos < len(buf):
-            if self._raw_end is not None:
-                end = self._raw_end.search(buf, pos)
-                if end is None:
-                    keep = 0 if final else min(len(buf) - pos, _RAW_END_MAX)
-                    out.append(buf[pos:len(buf) - keep])
-                    self._carry = buf[len(buf) - keep:]
-                    break
-                out.append(buf[pos:end.start()])
-                pos = end.start()
-                self._raw_end = None
-                continue
-            m = _TAG.search(buf, pos)
-            if m is None:
-                keep = 1 if not final and buf.endswith(b"<") else 0
-                out.append(buf[pos:len(buf) - keep])
-                self._carry = buf[len(buf) - keep:]
-                break
-            tag = m.group()
-            if m.group(2) is None:  # cut off by the end of the chunk
-                if final or len(buf) - m.start() > self.max_carry_bytes:
-                    out.append(buf[pos:])  # not a tag after all
-                else:
-                    out.append(buf[pos:m.start()])
-                    self._carry = buf[m.start():]
-                break
-            out += (buf[pos:m.start()], _rewrite_tag(tag, param=self.param, token=self.token,
-                                                     origin=self.origin))
-            pos = m.end()
-            name = m.group(1).lower()
-            if name in _RAW_TEXT and not tag.endswith(b"/>"):
-                self._raw_end = _RAW_TEXT[name]
-        return b"".join(out)
-
-
-def rewrite_html(html: bytes, *, param: str, token: str, origin: Origin) -> bytes:
-    """A whole HTML document, rewritten."""
-    return HtmlRewriter(param=param, token=token, origin=origin).feed(html, final=True)
+    if via is None:
+        return not cookie_sent
+    return via != "cookie"
 
 
 class UrlRewriteMiddleware:

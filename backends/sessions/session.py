@@ -127,7 +127,12 @@ class Session(MutableMapping[str, Any]):
         return self._context.route_of(self._record)
 
     def encode_url(self, url: str) -> str:
-        """`url` with `;jsessionid=TOKEN` for clients that do not keep cookies."""
+        """`url` with `;jsessionid=TOKEN` when this request's URLs carry the token, else `url`.
+
+        The rule of URL rewriting (backends.serve.rewrite): not when the token came by
+        cookie, yes when it came in the URL, and yes in the first response of a new session;
+        only for URLs to this same site.
+        """
         if self._context is None or self._record is None or self._invalidated:
             return url
         return self._context.encode_url(url, self._record)
