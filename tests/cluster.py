@@ -16,8 +16,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from tests.netfault import run_as
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,8 +49,11 @@ class Cluster:
                  app: str = "tests.apps:asgi_counter", interface: str = "auto",
                  secrets: list[str] | None = None, session: dict[str, Any] | None = None,
                  proxy: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None,
-                 log_level: str = "DEBUG") -> None:
+                 log_level: str = "DEBUG", uids: Mapping[str, int] | None = None) -> None:
         self.tmp = tmp
+        # processes named here (server ids, "proxy") run under that uid, so that
+        # tests/netfault.py can cut links between them; the others run as we do
+        self.uids = dict(uids or {})
         self.log_level = log_level
         self.app = app
         self.interface = interface
@@ -87,7 +93,8 @@ class Cluster:
         self._logs.append(log)
         env = dict(os.environ, PYTHONPATH=str(ROOT), TANDEM_LOG_LEVEL=self.log_level)
         env.pop("TANDEM_SECRETS", None)
-        return subprocess.Popen([sys.executable, "-m", "proxy.cli", *args], cwd=ROOT,
+        prefix = run_as(self.uids[name]) if name in self.uids else []
+        return subprocess.Popen([*prefix, sys.executable, "-m", "proxy.cli", *args], cwd=ROOT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def start_server(self, sid: str, *, wait: bool = True) -> None:
