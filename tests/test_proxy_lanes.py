@@ -310,7 +310,7 @@ async def test_an_idle_client_connection_gives_its_backend_connection_back_to_th
         await client.close()
 
 
-async def test_responses_the_one_pass_check_cannot_relay_whole_take_the_general_path():
+async def test_responses_that_cannot_be_relayed_whole_take_the_general_path():
     async def handler(reader, writer):
         await read_request(reader)  # the body in a later read than the head
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
@@ -343,7 +343,7 @@ async def test_responses_shaped_like_the_last_whole_one_are_relayed_as_read_when
     # Heads that differ from the last one relayed whole only in digits skip the per-field
     # check; what the digits say (status, version, length) is still looked at.
     responses = [
-        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",  # the one-pass check
+        b"HTTP/1.1 200 OK\r\nX-Seq: 1\r\nContent-Length: 2\r\n\r\nok",  # regex + parse
         b"HTTP/1.1 201 OK\r\nX-Seq: 2\r\nContent-Length: 2\r\n\r\nhi",  # its shape: as read
         b"HTTP/1.1 200 OK\r\nX-Seq: 3\r\nContent-Length: 5\r\n\r\nhello",  # another length
         b"HTTP/1.1 200 OK\r\nX-Seq: 4\r\nContent-Length: 9\r\n\r\nhel",  # not whole yet
@@ -466,7 +466,7 @@ async def test_an_http10_request_whose_body_comes_later_is_answered_as_http10():
 
 def test_llhttp_reads_no_digit_of_a_response_head_but_the_version_and_the_length():
     # What relaying a response in the shape of the last whole one with no parse rests on
-    # (UpstreamProtocol.data_received): llhttp accepts any digits in a head it accepted —
+    # (proxy/responses.py, layer 2): llhttp accepts any digits in a head it accepted —
     # status code, field names and values, Content-Length's (its value frames the body) —
     # but the version's.
     from httptools import HttpParserError, HttpResponseParser
