@@ -23,15 +23,18 @@ such a comment is passed over up to its `-->`.
 
 from __future__ import annotations
 
-import html
 import re
 from collections.abc import Callable
-from html.entities import html5
 from html.parser import HTMLParser
 
+import structlog
+
+from .html_values import attr_text, map_srcset, refresh_url_span, rewrite_value
 from .origin import Origin, rewrite_url
 
 __all__ = ["HtmlRewriter", "rewrite_html"]
+
+log = structlog.get_logger("tandem.http")
 
 _URL_ATTRS = frozenset({"href", "src", "action", "formaction", "xlink:href"})
 _LOOKED_AT = _URL_ATTRS | {"srcset", "http-equiv"}
@@ -39,9 +42,6 @@ _LOOKED_AT = _URL_ATTRS | {"srcset", "http-equiv"}
 # inside. (<noscript> is parsed: its links are followed when scripts are off.)
 _MORE_RAW_TEXT = frozenset({"textarea", "title", "xmp", "iframe", "noembed", "noframes",
                             "plaintext"})
-_WS = " \t\n\r\f"  # HTML's whitespace (not str.isspace's)
-_DIGITS = "0123456789"
-
 _TAG_NAME = re.compile(r"<[^\t\n\f\r />]*")
 # One attribute, as the HTML tokenizer splits them: name, then '=' and a value (double-,
 # single- or un-quoted), group 2 with its quotes.
@@ -50,7 +50,6 @@ _ATTR = re.compile(r"""([^\t\n\f\r />][^\t\n\f\r /=>]*)"""
 # what, at the end of raw text, may still become its end tag (kept back, at most 64 chars)
 _END_TAG_START = re.compile(r"<(?:/[^>]*)?\Z")
 _COMMENT_END = re.compile(r"--!?>")
-_CHAR_REF = re.compile(r"&(?:#[xX][0-9A-Fa-f]+;?|#[0-9]+;?|([A-Za-z][A-Za-z0-9]*)(;?))")
 
 
 class _Tokenizer(HTMLParser):
@@ -65,6 +64,17 @@ class _Tokenizer(HTMLParser):
             self.set_cdata_mode(tag)
         self.handle_startendtag(tag, attrs)
 
+    def parse_html_declaration(self, i: int) -> int:
+        # `<![` other than `<![CDATA[` is a bogus comment to a browser (`<![if IE]>`), up to
+        # the next '>'; HTMLParser would raise on most of them.
+        if self.rawdata.startswith("<![", i):
+            head = self.rawdata[i:i + 9]
+            if len(head) < 9 and "<![CDATA[".startswith(head):
+                return -1  # (may still become one)
+            if head != "<![CDATA[":
+                return self.parse_bogus_comment(i)
+        return super().parse_html_declaration(i)
+
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         # (`<x/>` opens no raw text, as HTMLParser has it for script and style, and as in
         # SVG, where `<title/>` is common)
@@ -78,7 +88,7 @@ class HtmlRewriter:
     """Rewrites the URLs in the tags of an HTML body fed to it chunk by chunk."""
 
     __slots__ = ("param", "token", "origin", "max_carry_bytes", "_parser", "_buf", "_line",
-                 "_col", "_newlines", "_edits", "_in_comment", "_comment_tail")
+                 "_col", "_newlines", "_edits", "_in_comment", "_comment_tail", "_broken")
 
     def __init__(self, *, param: str, token: str, origin: Origin,
                  max_carry_bytes: int = 16384) -> None:
@@ -91,6 +101,7 @@ class HtmlRewriter:
         self._parser = _Tokenizer(self._on_tag)
         self._in_comment = False  # in a comment too long to hold: passing it over
         self._comment_tail = ""   # (what may be the start of its `-->`)
+        self._broken = False      # the parser failed: the rest passes as it is
         # one run of the parser over its buffer
         self._buf = ""            # the parser's buffer when the run began
         self._line = self._col = 0  # the parser's position of its first character
@@ -99,6 +110,8 @@ class HtmlRewriter:
 
     def feed(self, data: bytes, *, final: bool = False) -> bytes:
         """The rewritten output for `data` so far; with `final`, everything that is left."""
+        if self._broken:
+            return data
         text = data.decode("latin-1")
         out: list[str] = []
         if self._in_comment:
@@ -123,11 +136,18 @@ class HtmlRewriter:
         self._line, self._col = p.getpos()
         self._newlines.clear()
         self._edits.clear()
-        if end:
-            p.rawdata = buf
-            p.close()
-        else:
-            p.feed(text)
+        try:
+            if end:
+                p.rawdata = buf
+                p.close()
+            else:
+                p.feed(text)
+        except AssertionError:
+            # HTMLParser gave up on some markup (it has asserts for what it does not know):
+            # the rest of the body goes out as it is.
+            log.warning("html_rewriting_stopped", reason="markup the parser does not know")
+            self._broken = True
+            p.rawdata = ""
         done = len(buf) - len(p.rawdata)
         pos = 0
         for start, stop, new in self._edits:
@@ -211,7 +231,7 @@ class HtmlRewriter:
                   for m in _ATTR.finditer(text, name_end.end(), len(text) - 1)
                   if m.group(2) is not None]
         refresh = tag == "meta" and any(
-            name == "http-equiv" and _attr_text(text[s:e]).lower() == "refresh"
+            name == "http-equiv" and attr_text(text[s:e]).lower() == "refresh"
             for name, s, e in values)
         out: list[str] = []
         pos = 0
@@ -225,7 +245,7 @@ class HtmlRewriter:
                 op = self._refresh
             else:
                 continue
-            new = _rewrite_value(text[s:e], op)
+            new = rewrite_value(text[s:e], op)
             if new is not None:
                 out += (text[pos:s], new)
                 pos = e
@@ -238,10 +258,10 @@ class HtmlRewriter:
         return rewrite_url(url, param=self.param, token=self.token, origin=self.origin)
 
     def _srcset(self, value: str) -> str:
-        return _each_candidate(value, self._url)
+        return map_srcset(value, self._url)
 
     def _refresh(self, content: str) -> str:
-        span = _refresh_url(content)
+        span = refresh_url_span(content)
         if span is None:
             return content
         start, end = span
@@ -251,131 +271,3 @@ class HtmlRewriter:
 def rewrite_html(html: bytes, *, param: str, token: str, origin: Origin) -> bytes:
     """A whole HTML document, rewritten."""
     return HtmlRewriter(param=param, token=token, origin=origin).feed(html, final=True)
-
-
-# --- attribute values -------------------------------------------------------------------------
-
-
-def _rewrite_value(value: str, op: Callable[[str], str]) -> str | None:
-    """An attribute value as written (with its quotes) after `op`; None: unchanged.
-
-    `op` is judged on the value as the browser reads it, and applied to the value as
-    written when that reads the same (its references stay); otherwise the result is
-    written out anew, quoted and escaped.
-    """
-    quote = value[:1] if value[:1] in ("'", '"') else ""
-    written = value[1:-1] if quote else value
-    if "&" not in written:
-        new = op(written)
-        return None if new == written else quote + new + quote
-    read = _unescape_attr(written)
-    wanted = op(read)
-    if wanted == read:
-        return None
-    new = op(written)
-    if _unescape_attr(new) == wanted:
-        return quote + new + quote
-    return '"' + html.escape(wanted, quote=True) + '"'
-
-
-def _attr_text(value: str) -> str:
-    """An attribute value as written (with its quotes) as the browser reads it."""
-    if value[:1] in ("'", '"'):
-        value = value[1:-1]
-    return _unescape_attr(value)
-
-
-def _unescape_attr(value: str) -> str:
-    """Character references decoded as in an attribute value (HTML's rule for `&name`
-    without `;`: a legacy name only, and not before `=`)."""
-    if "&" not in value:
-        return value
-    return _CHAR_REF.sub(_decode_ref, value)
-
-
-def _decode_ref(m: re.Match[str]) -> str:
-    name = m.group(1)
-    if name is None:  # numeric
-        return html.unescape(m.group())
-    if m.group(2):
-        return html5.get(name + ";", m.group())
-    if m.string.startswith("=", m.end()):
-        return m.group()
-    return html5.get(name, m.group())  # (only the legacy names are there without ';')
-
-
-def _each_candidate(srcset: str, rewrite: Callable[[str], str]) -> str:
-    """`srcset` with `rewrite` applied to the URL of each image candidate (HTML's parse)."""
-    out: list[str] = []
-    i, n = 0, len(srcset)
-    while i < n:
-        j = i
-        while j < n and (srcset[j] in _WS or srcset[j] == ","):
-            j += 1
-        out.append(srcset[i:j])
-        i = j
-        while j < n and srcset[j] not in _WS:
-            j += 1
-        url = srcset[i:j]
-        bare = url.rstrip(",")  # trailing commas end the candidate: no descriptors
-        out += (rewrite(bare) if bare else bare, url[len(bare):])
-        i = j
-        if len(bare) < len(url):
-            continue
-        depth = 0  # descriptors run to the next comma outside parentheses
-        while j < n:
-            c = srcset[j]
-            if c == "(":
-                depth += 1
-            elif c == ")" and depth:
-                depth -= 1
-            elif c == "," and not depth:
-                break
-            j += 1
-        out.append(srcset[i:j])
-        i = j
-    return "".join(out)
-
-
-def _refresh_url(content: str) -> tuple[int, int] | None:
-    """Where the URL is in a refresh `content` (HTML's declarative refresh steps)."""
-    n = len(content)
-    i = 0
-    while i < n and content[i] in _WS:
-        i += 1
-    j = i
-    while j < n and content[j] in _DIGITS:
-        j += 1
-    if j == i and not content.startswith(".", j):
-        return None  # no time: not a refresh
-    while j < n and (content[j] in _DIGITS or content[j] == "."):
-        j += 1
-    i = j
-    if i < n and content[i] not in _WS and content[i] not in ";,":
-        return None
-    while i < n and content[i] in _WS:
-        i += 1
-    if i < n and content[i] in ";,":
-        i += 1
-    while i < n and content[i] in _WS:
-        i += 1
-    if i >= n:
-        return None  # no URL: this same document again
-    if content[i] in "Uu":
-        if content[i + 1:i + 2] not in ("R", "r") or content[i + 2:i + 3] not in ("L", "l"):
-            return i, n
-        k = i + 3
-        while k < n and content[k] in _WS:
-            k += 1
-        if not content.startswith("=", k):
-            return i, n  # `url` is where the URL begins
-        k += 1
-        while k < n and content[k] in _WS:
-            k += 1
-        i = k
-    quote = content[i:i + 1]
-    if quote in ("'", '"'):
-        i += 1
-        end = content.find(quote, i)
-        return i, end if end >= 0 else n
-    return i, n
