@@ -1,12 +1,15 @@
 """Failover under fire: N sessions doing read-modify-write through the proxy while backends
-are killed, hung and restarted; every acknowledged value is checked.
+are killed, hung and restarted, or cut from each other; every acknowledged value is checked.
 
     python bench/chaos.py --sessions 200 --duration 60 --scenario all --out bench/out/chaos
+    python bench/chaos.py --scenario partitions --out bench/out/partitions   # root, nft
 
 Starts a real cluster (3 backends + the proxy, `tests/cluster.py`), runs the clients
 (`bench/chaos_load.py`), runs the fault schedule below in a thread, then judges the
 histories (`bench/chaos_check.py`), writes `summary.json`, `timeline.png`, `attempts.csv.gz`
-and keeps the processes' JSON logs in `<out>/cluster/`. See bench/README.md.
+and keeps the processes' JSON logs in `<out>/cluster/`. Partition scenarios
+(`bench/chaos_partitions.py`) run every process under a uid of its own and cut links with
+nftables (`tests/netfault.py`). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -34,17 +37,32 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.chaos_check import (  # noqa: E402
+    Cut,
+    Execution,
     Fault,
     check_session,
     failures_by_cause,
     percentiles,
     recovery,
     reprotection,
+    server_executions,
     timeline,
 )
 from bench.chaos_load import SessionClient, run_clients  # noqa: E402
+from bench.chaos_partitions import (  # noqa: E402
+    PARTITION_SCENARIOS,
+    PROXY,
+    partition_report,
+    print_partitions,
+)
 from bench.chaos_plot import draw_timeline  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
+from tests.netfault import (  # noqa: E402
+    Partition,
+    cluster_endpoints,
+    reserve_uids,
+    unavailable_reason,
+)
 
 SERVERS = ("s1", "s2", "s3")
 
@@ -54,6 +72,10 @@ SERVERS = ("s1", "s2", "s3")
 #   ("restart", server)   start the process again, wait until it serves and the cluster
 #                         has re-formed (every server sees every other one alive)
 #   ("sleep", seconds)
+#   ("phase", name)       a scenario starts (partition scenarios report per phase)
+#   ("cut"|"heal", ((a, b), ...))   cut or heal network links between processes (servers,
+#                         "proxy") in one step
+#   ("formed", None)      wait until the cluster has re-formed (noted if it does not)
 SCENARIOS: dict[str, list[tuple[str, Any]]] = {
     "kill": [("sigkill", "s1"), ("sleep", 5.0), ("restart", "s1"), ("sleep", 5.0)],
     "hang": [("sigstop", "s2"), ("sleep", 5.0), ("sigcont", "s2"), ("sleep", 5.0)],
@@ -67,18 +89,23 @@ SCENARIOS["kills"] = [step for sid in SERVERS
                                    ("sleep", 5.0))]
 SCENARIOS["all"] = SCENARIOS["kill"] + SCENARIOS["hang"] + SCENARIOS["rolling"]
 SCENARIOS["none"] = []  # the load alone: a baseline
+SCENARIOS.update(PARTITION_SCENARIOS)
 FAULT_KINDS = ("sigkill", "sigstop", "sigterm")
 
 
 class FaultRunner:
     """Runs a schedule against the cluster (blocking calls: run it in a thread)."""
 
-    def __init__(self, cluster: Cluster, steps: list[tuple[str, Any]], t0: float) -> None:
+    def __init__(self, cluster: Cluster, steps: list[tuple[str, Any]], t0: float, *,
+                 net: Partition | None = None) -> None:
         self.cluster = cluster
         self.steps = steps
         self.t0 = t0
+        self.net = net
         self.events: list[tuple[float, str, str]] = []   # (t, kind, label)
         self.faults: list[Fault] = []
+        self.cuts: list[Cut] = []
+        self.phases: list[tuple[float, str]] = []  # (start, scenario name)
         self.notes: list[str] = []
         self.error: BaseException | None = None
         self.expected_down: set[str] = set()   # killed or drained by the schedule
@@ -156,7 +183,42 @@ class FaultRunner:
             self.events.append((self.now(), "rejoined", f"{arg} rejoined"))
             self.notes.append(f"{arg} restarted: serving after {self.now() - t:.2f}s")
             return
+        if op in ("phase", "cut", "heal", "formed"):
+            self._net_step(op, arg)
+            return
         raise ValueError(f"unknown schedule step {op!r}")
+
+
+    def _net_step(self, op: str, arg: Any) -> None:
+        t = self.now()
+        if op == "phase":
+            self.phases.append((t, arg))
+            self.events.append((t, "phase", f"{arg}"))
+            return
+        if op == "formed":
+            try:
+                self.cluster.wait_formed(timeout=30.0)
+                self.events.append((self.now(), "rejoined", "re-formed"))
+                self.notes.append(f"cluster re-formed {self.now() - t:.2f}s after {t:.2f}s")
+            except TimeoutError:
+                self.notes.append(f"cluster not re-formed 30 s after {t:.2f}s")
+            return
+        if self.net is None:
+            raise RuntimeError(f"{op} needs a partition (the processes under their own uids)")
+        links = tuple((a, b) for a, b in arg)
+        label = Cut(links, t).label
+        if op == "cut":
+            self.net.cut(*links)
+            phase = self.phases[-1][1] if self.phases else None
+            self.cuts.append(Cut(links, t, phase=phase))
+            self.events.append((t, "cut", label))
+        else:
+            self.net.heal(*links)
+            cut = next((c for c in reversed(self.cuts)
+                        if c.links == links and c.t_heal is None), None)
+            if cut is not None:
+                cut.t_heal = t
+            self.events.append((t, "heal", "heal" + label.removeprefix("cut")))
 
 
 # --- logs -------------------------------------------------------------------------------
@@ -213,6 +275,18 @@ def analyse_logs(cluster: Cluster, faults: list[Fault], t0_wall: float) -> dict[
     return {"event_counts": counts, "reprotected": sorted(reprotected, key=lambda r: r["t"]),
             # the proxy's failovers per 100 ms: (t, from, to, cause, count)
             "proxy_failovers": [[*k, n] for k, n in sorted(failovers.items())][:300]}
+
+
+def write_executions(cluster: Cluster, t0: float) -> list[Execution]:
+    """Every write the servers' app ran (`chaos_write`, POST load on bench/chaos_app.py)."""
+    out = []
+    for sid in cluster.servers:
+        for e in _log_events(cluster, sid):
+            if e.get("event") == "chaos_write":
+                out.append(Execution(sid, int(e["client"]), int(e["write"]),
+                                     round(float(e["at"]) - t0, 4), int(e["counter"]),
+                                     str(e.get("sid"))))
+    return out
 
 
 def scrape_metrics(cluster: Cluster) -> dict[str, float]:
@@ -304,21 +378,34 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     (out / "cluster").mkdir(parents=True)
     session: dict[str, Any] = {"replication": args.replication}
     proxy = {"io_timeout_s": args.io_timeout, "max_skip_s": args.max_skip}
-    cluster = Cluster(out / "cluster", n=len(SERVERS), app=args.app, session=session,
-                      proxy=proxy,
-                      cluster={"drain_timeout_s": 15.0, "rebalance": args.rebalance},
-                      log_level=args.log_level)
+    with contextlib.ExitStack() as stack:
+        # every process under a uid of its own, so that links between them can be cut
+        uids = stack.enter_context(reserve_uids([*SERVERS, PROXY])).uids if args.uids else {}
+        cluster = Cluster(out / "cluster", n=len(SERVERS), app=args.app, session=session,
+                          proxy=proxy,
+                          cluster={"drain_timeout_s": 15.0, "rebalance": args.rebalance},
+                          log_level=args.log_level, uids=uids)
+        net = None
+        if uids:
+            net = stack.enter_context(Partition(cluster_endpoints(cluster.config_path, uids)))
+        return await _run(args, out, cluster, net)
+
+
+async def _run(args: argparse.Namespace, out: Path, cluster: Cluster,
+               net: Partition | None) -> dict[str, Any]:
     steps = [("sleep", args.warmup), *SCENARIOS[args.scenario]]
+    dropped: dict[str, int] = {}
     try:
         await asyncio.to_thread(cluster.start)
-        clients = [SessionClient(i, "127.0.0.1", cluster.proxy_port, timeout_s=args.timeout)
+        clients = [SessionClient(i, "127.0.0.1", cluster.proxy_port, timeout_s=args.timeout,
+                                 method=args.method)
                    for i in range(args.sessions)]
         stop = asyncio.Event()
         cpu: list[dict[str, float]] = []
         t0 = time.monotonic()
         t0_wall = time.time()
         cpu0 = time.process_time()
-        runner = FaultRunner(cluster, steps, t0)
+        runner = FaultRunner(cluster, steps, t0, net=net)
         load = asyncio.create_task(run_clients(clients, t0=t0, rate=args.rate, stop=stop))
         sampler = asyncio.create_task(cpu_sampler(stop, cluster, cpu, t0, runner))
         schedule = asyncio.create_task(asyncio.to_thread(runner.run))
@@ -332,6 +419,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             stop.set()
             await load
             await sampler
+            if net is not None:
+                net.heal_all()
+                dropped = net.dropped()
         elapsed = time.monotonic() - t0
         load_cpu = time.process_time() - cpu0
         metrics = scrape_metrics(cluster)
@@ -347,14 +437,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(cluster.close)
     logs = analyse_logs(cluster, runner.faults, t0_wall)
     histories = [c.history for c in clients]
-    summary = judge(args, histories, runner, logs, metrics, health, t0_wall, elapsed, load_cpu, cpu)
+    executed = server_executions(histories, write_executions(cluster, t0))
+    summary = judge(args, histories, runner, logs, metrics, health, t0_wall, elapsed, load_cpu,
+                    cpu, executed)
     summary["cpu"]["process_cpu_s"] = proc_cpu
+    if net is not None:
+        summary["partition"] = {"uids": {n: e.uid for n, e in net.members.items()},
+                                "ports": {n: e.ports for n, e in net.members.items()},
+                                "packets_dropped": dropped}
     _write_attempts(out / "attempts.csv.gz", histories)
     ts, ok, bad, p99 = timeline(histories)
     title = (f"tandem chaos: {args.sessions} sessions x {args.rate:g} req/s, scenario "
              f"{args.scenario}, replication {args.replication} — lost "
              f"{summary['writes']['lost']}, duplicated {summary['writes']['duplicated']}, "
-             f"failed {summary['requests']['failed']}")
+             f"failed {summary['requests']['failed']}"
+             + (f", late applies {summary['writes']['late_applies']}"
+                if args.method == "POST" else ""))
     draw_timeline(out / "timeline.png", ts=ts, ok=ok, bad=bad, p99_ms=p99,
                   events=runner.events, title=title, cpu=summary["cpu"].get("per_second", []))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -364,10 +462,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRunner,
           logs: dict[str, Any], metrics: dict[str, float], health: dict[str, Any],
           t0_wall: float, elapsed: float, load_cpu: float, cpu: list[dict[str, float]],
-          ) -> dict[str, Any]:
+          executed: dict[str, Any]) -> dict[str, Any]:
     verdicts = [check_session(i, h) for i, h in enumerate(histories)]
     attempts = [a for h in histories for a in h]
     failed = [a for a in attempts if not a.ok]
+    idempotent = args.method == "GET"
     faults = runner.faults
     per_fault = []
     for f in faults:
@@ -403,13 +502,16 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                    "scenario": args.scenario, "replication": args.replication,
                    "proxy_io_timeout_s": args.io_timeout, "proxy_max_skip_s": args.max_skip,
                    "client_timeout_s": args.timeout, "warmup_s": args.warmup,
+                   "method": args.method, "app": args.app,
+                   "processes_under_own_uids": args.uids,
                    "heartbeat": "0.5 s x 3 (tests/cluster.py)", "cpus": os.cpu_count(),
                    "log_level": args.log_level},
         "code": code_version(),
         "t0_unix": t0_wall,
         "elapsed_s": round(elapsed, 2),
         "requests": {"total": len(attempts), "ok": len(attempts) - len(failed),
-                     "failed": len(failed), "failed_idempotent": len(failed),
+                     "failed": len(failed),
+                   "failed_idempotent": len(failed) if idempotent else 0,
                      "by_cause": failures_by_cause(histories),
                      "rate_per_s": round(len(attempts) / elapsed, 1),
                      "latency_ok": percentiles(latencies, (50, 99, 99.9))},
@@ -419,6 +521,19 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                    "ambiguous_applied_failed": sum(v.ambiguous for v in verdicts),
                    "sessions_with_loss": sum(1 for v in verdicts if v.lost),
                    "sessions_with_duplicate": sum(1 for v in verdicts if v.duplicated),
+                   # write log (POST): failed writes applied after the failure was answered,
+                   # or before it (the answer lost); write numbers applied more than once
+                   "late_applies": sum(v.late_applies for v in verdicts),
+                   "applied_failed": sum(v.applied_failed for v in verdicts),
+                   "duplicated_by_write_id": sum(v.duplicated_by_id for v in verdicts),
+                   "late_events": [{"session": s, "failed_at_s": round(tf, 3),
+                                    "applied_at_s": round(ta, 3), "write": w, "cause": c}
+                                   for tf, s, ta, w, c in sorted(
+                                       (tf, v.session, ta, w, c) for v in verdicts
+                                       for tf, ta, w, c in v.late_events)][:200],
+                   # the servers' logs: every write their app ran, committed or not, on
+                   # whichever copy of the session
+                   "server_side": {**executed, "late_events": executed["late_events"][:200]},
                    "session_id_changes": sum(v.sid_changes for v in verdicts),
                    "loss_events": loss_detail,
                    "lost_acked_before_fault": percentiles([a / 1000 for a in ages]),
@@ -427,6 +542,9 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                                          for v in verdicts for (t, d, fs) in v.dup_events),
                                         key=lambda d: d["t_s"])[:200]},
         "faults": per_fault,
+        # partition scenarios, per phase: cuts, unavailability, writes lost/duplicated/late
+        "partitions": partition_report(histories, verdicts, runner.cuts, runner.phases,
+                                       executed["late_events"]),
         "events": [{"t_s": round(t, 3), "event": label} for t, _, label in runner.events],
         "schedule_notes": runner.notes,
         "unexpected_exits": runner.unexpected_exits,
@@ -470,6 +588,9 @@ def targets(s: dict[str, Any]) -> dict[str, Any]:
         "zero_duplicated_writes": s["writes"]["duplicated"] == 0,
         "zero_failed_idempotent_requests": s["requests"]["failed_idempotent"] == 0,
     }
+    if s["config"]["method"] == "POST":
+        out["zero_late_applies"] = s["writes"]["late_applies"] == 0
+        out["zero_late_executions_on_servers"] = s["writes"]["server_side"]["late"] == 0
     kills = [f for f in s["faults"] if f["fault"].startswith("sigkill")]
     if kills:
         worst = max(f["recovery"]["request_to_ok"].get("p99_ms", float("inf")) for f in kills)
@@ -519,6 +640,16 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"writes acked {w['acked']}, lost {w['lost']} (in {w['sessions_with_loss']} "
           f"sessions), duplicated {w['duplicated']}, ambiguous {w['ambiguous_applied_failed']},"
           f" session id changes {w['session_id_changes']}")
+    if s["config"]["method"] == "POST":
+        print(f"write log: late applies {w['late_applies']}, failed writes applied before "
+              f"their failure was answered {w['applied_failed']}, write numbers applied "
+              f"twice {w['duplicated_by_write_id']}")
+        ss = w["server_side"]
+        print(f"servers ran {ss['executions']} writes: failed ones run after their failure "
+              f"was answered {ss['late']} (never seen by the client "
+              f"{ss['late_not_seen_by_client']}), before it {ss['failed_run_before_answer']}"
+              f"; writes run more than once {ss['run_more_than_once']}")
+    print_partitions(s["partitions"])
     for f in s["faults"]:
         rc, rp = f["recovery"], f["reprotection"]
         print(f"  {f['fault']:>14} @{f['t_s']:7.2f}s  hit {rc['sessions']:3d} sessions, "
@@ -549,11 +680,13 @@ def replot(out: Path) -> None:
             histories.setdefault(a.session, []).append(a)
     ts, ok, bad, p99 = timeline(list(histories.values()))
     kinds = {"SIGKILL": "sigkill", "SIGSTOP": "sigstop", "SIGCONT": "sigcont",
-             "SIGTERM": "sigterm", "restart": "restart"}
+             "SIGTERM": "sigterm", "restart": "restart", "cut": "cut", "heal": "heal",
+             "re-formed": "rejoined"}
     events = []
     for e in summary["events"]:
         word = e["event"].split()[0]
-        kind = kinds.get(word) or ("rejoined" if "rejoined" in e["event"] else "exited")
+        kind = kinds.get(word) or ("rejoined" if "rejoined" in e["event"] else
+                                   "phase" if word.startswith("partition") else "exited")
         events.append((e["t_s"], kind, e["event"]))
     c, w, r = summary["config"], summary["writes"], summary["requests"]
     title = (f"tandem chaos: {c['sessions']} sessions x {c['rate_per_session']:g} req/s, "
@@ -565,7 +698,8 @@ def replot(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sessions", type=int, default=200, help="concurrent clients (default 200)")
+    p.add_argument("--sessions", type=int,
+                   help="concurrent clients (default 200; 60 for the partition scenarios)")
     p.add_argument("--rate", type=float, default=2.0,
                    help="requests/s of each client (default 2: 400 req/s in all)")
     p.add_argument("--duration", type=float, default=60.0,
@@ -582,7 +716,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request")
     p.add_argument("--rebalance", action=argparse.BooleanOptionalAction, default=True,
                    help="cluster.rebalance (default on, as in a cluster file)")
-    p.add_argument("--app", default="tests.apps:asgi_counter")
+    p.add_argument("--method", choices=("GET", "POST"),
+                   help="GET /count (default), or POST /count with a write number, whose "
+                   "late applies are checked (default for the partition scenarios)")
+    p.add_argument("--uids", action=argparse.BooleanOptionalAction,
+                   help="run every backend and the proxy under a uid of its own (default: "
+                   "only for the partition scenarios, which need it; root)")
+    p.add_argument("--app", help="default tests.apps:asgi_counter for GET, "
+                   "bench.chaos_app:app for POST")
     p.add_argument("--log-level", default="INFO", help="TANDEM_LOG_LEVEL of the processes")
     p.add_argument("--out", default="bench/out/chaos", help="output directory (replaced)")
     p.add_argument("--replot", metavar="DIR",
@@ -591,6 +732,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         replot(Path(args.replot))
         return 0
+    partitions = any(op == "cut" for op, _ in SCENARIOS[args.scenario])
+    args.sessions = args.sessions or (60 if partitions else 200)
+    args.method = args.method or ("POST" if partitions else "GET")
+    args.uids = partitions if args.uids is None else args.uids
+    args.app = args.app or ("bench.chaos_app:app" if args.method == "POST"
+                            else "tests.apps:asgi_counter")
+    if args.uids and (reason := unavailable_reason()) is not None:
+        p.error(f"--scenario {args.scenario} cuts network links: {reason}")
+    # a killed run still deletes its nftables rules and its processes (the `with` blocks
+    # unwind on SystemExit; tests/netfault.py's atexit is the last resort)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     with contextlib.suppress(ImportError):
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -598,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(summary)
     print(f"wrote {args.out}/summary.json, timeline.png, attempts.csv.gz, cluster/*.log")
     return 0
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

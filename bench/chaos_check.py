@@ -12,6 +12,22 @@ one and answers the new value; a client sends one request at a time):
   acknowledged. Each request that failed since the last acknowledged value may or may not
   have been applied, but at most once; so up to `failed` of the k are legitimate
   (ambiguous writes) and the remaining `k - failed` are duplicated writes.
+
+Write log (POST load on `bench/chaos_app.py`): every answer lists the writes applied, by the
+client's write number, with the moment each was applied. A write the client was told had
+failed (an error status, a reset, its own timeout) and that was applied *after* that answer
+is a *late apply* — it arrived late, for instance by TCP retransmission after a partition
+healed; the client may already have retried it or moved on. A write number applied twice
+is a duplicated write by id. Late applies of failures older than the last acknowledged
+value also explain increments in the counter check (they are not counted as duplicated).
+The servers log every write their app ran (`Execution`); `server_executions` finds the
+failed writes run after the failure was answered anywhere — also on a copy of the session
+the client never read again — and writes run more than once.
+
+Unavailability under a network cut (`Cut`, `unavailability`): per session, from the cut to
+its first good response, from its first request after the cut to that response, and the
+longest a request waited for a good answer (retries after failures included) from the cut
+until a while after the heal; with the failed requests during the cut and after the heal.
 """
 
 from __future__ import annotations
@@ -21,14 +37,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "Cut",
+    "Execution",
     "Fault",
     "SessionVerdict",
     "check_session",
     "percentiles",
     "recovery",
     "reprotection",
+    "server_executions",
     "failures_by_cause",
+    "phase_at",
     "timeline",
+    "unavailability",
 ]
 
 
@@ -48,6 +69,34 @@ class Fault:
 
 
 @dataclass(slots=True)
+class Cut:
+    """One network cut: links between processes cut at `t`, healed at `t_heal` (s since
+    the load started); `phase` is the scenario it belongs to."""
+
+    links: tuple[tuple[str, str], ...]
+    t: float
+    t_heal: float | None = None
+    phase: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "cut " + ", ".join(f"{a}|{b}" for a, b in self.links)
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """A write the app ran on a server (its `chaos_write` log event): not necessarily
+    committed, nor on the copy of the session the client goes on with."""
+
+    server: str
+    client: int
+    write: int
+    t: float       # s since the load started
+    counter: int   # the counter value it produced on that copy
+    sid: str       # the session id's prefix
+
+
+@dataclass(slots=True)
 class SessionVerdict:
     """What the write check found in one session's history."""
 
@@ -62,12 +111,20 @@ class SessionVerdict:
     lost_events: list[tuple[float, int, list[float]]] = field(default_factory=list)
     # (t seen, number duplicated, failed requests since the last ack)
     dup_events: list[tuple[float, int, int]] = field(default_factory=list)
+    # write log (POST load only)
+    late_applies: int = 0      # failed writes applied after the client was told so
+    applied_failed: int = 0    # failed writes applied before that answer (its reply lost)
+    duplicated_by_id: int = 0  # extra applications of one write number
+    # (t the failure was answered, t applied, write number, cause of the failure)
+    late_events: list[tuple[float, float, int, str]] = field(default_factory=list)
 
 
 def check_session(session: int, attempts: Sequence[Any]) -> SessionVerdict:
     """Judge one session's attempts (in the order they were sent)."""
     v = SessionVerdict(session)
+    failed_writes = _check_write_log(v, attempts)
     last = 0            # a session starts at 0; its first acknowledged value must be 1
+    last_ack_end = float("-inf")
     failed_since = 0
     acked_at: dict[int, float] = {}  # counter value -> when it was acknowledged
     sid: str | None = None
@@ -76,6 +133,9 @@ def check_session(session: int, attempts: Sequence[Any]) -> SessionVerdict:
             v.failed += 1
             failed_since += 1
             continue
+        # writes that failed before the last acknowledged value and show up only now
+        late_earlier = sum(1 for w, _ in getattr(a, "applied", ())
+                           if w in failed_writes and failed_writes[w].end <= last_ack_end)
         v.acked += 1
         if a.sid is not None:
             if sid is not None and a.sid != sid:
@@ -88,7 +148,8 @@ def check_session(session: int, attempts: Sequence[Any]) -> SessionVerdict:
             v.lost_events.append((a.end, n, [acked_at[x] for x in range(value, last + 1)
                                              if x in acked_at]))
         elif value > last + 1:
-            skipped = value - last - 1
+            # late applies are counted by the write log; the rest is the counter's judgment
+            skipped = value - last - 1 - min(value - last - 1, late_earlier)
             dup = max(0, skipped - failed_since)
             v.ambiguous += skipped - dup
             if dup:
@@ -96,8 +157,65 @@ def check_session(session: int, attempts: Sequence[Any]) -> SessionVerdict:
                 v.dup_events.append((a.end, dup, failed_since))
         acked_at[value] = a.end
         last = value
+        last_ack_end = a.end
         failed_since = 0
     return v
+
+
+def _check_write_log(v: SessionVerdict, attempts: Sequence[Any]) -> dict[int, Any]:
+    """Late applies and writes applied twice, from the write log; the failed writes by
+    number."""
+    failed = {a.write: a for a in attempts
+              if not a.ok and getattr(a, "write", None) is not None}
+    applied: dict[int, list[float]] = {}
+    for a in attempts:
+        for w, at in getattr(a, "applied", ()):
+            applied.setdefault(w, []).append(at)
+    for w, times in applied.items():
+        v.duplicated_by_id += len(times) - 1
+        f = failed.get(w)
+        if f is None:
+            continue
+        first = min(times)
+        if first > f.end:
+            v.late_applies += 1
+            v.late_events.append((f.end, first, w, f.cause))
+        else:
+            v.applied_failed += 1
+    return failed
+
+
+def server_executions(histories: Sequence[Sequence[Any]],
+                      executions: Sequence[Execution]) -> dict[str, Any]:
+    """The servers' side of the write log: failed writes run after the client was told they
+    failed (`late`, with where and whether the client ever saw them applied), failed writes
+    run before that answer, and writes run more than once."""
+    failed = {(a.session, a.write): a for h in histories for a in h
+              if not a.ok and getattr(a, "write", None) is not None}
+    seen = {(a.session, w) for h in histories for a in h for w, _ in getattr(a, "applied", ())}
+    runs: dict[tuple[int, int], list[Execution]] = {}
+    for e in executions:
+        runs.setdefault((e.client, e.write), []).append(e)
+    late, before, twice = [], 0, 0
+    for key, es in runs.items():
+        twice += len(es) - 1
+        f = failed.get(key)
+        if f is None:
+            continue
+        after = sorted((e for e in es if e.t > f.end), key=lambda e: e.t)
+        if not after:
+            before += 1
+            continue
+        e = after[0]
+        late.append({"session": key[0], "write": key[1], "cause": f.cause,
+                     "failed_at_s": round(f.end, 3), "run_at_s": round(e.t, 3),
+                     "server": e.server, "counter": e.counter, "sid": e.sid,
+                     "seen_by_client": key in seen})
+    late.sort(key=lambda d: d["failed_at_s"])
+    return {"executions": len(executions), "late": len(late),
+            "late_not_seen_by_client": sum(1 for d in late if not d["seen_by_client"]),
+            "failed_run_before_answer": before, "run_more_than_once": twice,
+            "late_events": late}
 
 
 def percentiles(values: Iterable[float], ps: Sequence[float] = (50, 99)) -> dict[str, Any]:
@@ -192,6 +310,79 @@ def reprotection(histories: Sequence[Sequence[Any]], fault: Fault,
         out["detected_after_ms"] = round((fault.t_detected - fault.t) * 1000, 1)
         out["since_detection"] = percentiles(since_detect)
     return out
+
+
+def unavailability(histories: Sequence[Sequence[Any]], cuts: Sequence[Cut], *,
+                   after_heal_s: float = 10.0) -> dict[str, Any]:
+    """How one or more cuts (in time order, e.g. a flapping link) were felt by the clients.
+
+    Per session and cut, for every session that sent a request after the cut: `cut_to_ok`,
+    from the cut to the session's first good response (includes its think time);
+    `request_to_ok`, from its first request after the cut to that response. Per session:
+    `longest_wait`, the longest a request waited for a good answer — counted from the first
+    request after the previous good answer, so failures and retries in between count —
+    from the first cut until `after_heal_s` after the last heal. Failed requests: those
+    that ended during a cut, and in the `after_heal_s` after each heal (until the next cut).
+    """
+    if not cuts:
+        return {}
+    inf = float("inf")
+    windows = []  # (cut, heal, end of its after-heal window)
+    for i, cut in enumerate(cuts):
+        heal = cut.t_heal if cut.t_heal is not None else inf
+        nxt = cuts[i + 1].t if i + 1 < len(cuts) else inf
+        windows.append((cut, heal, min(heal + after_heal_s, nxt)))
+    t_first, settle = cuts[0].t, windows[-1][2]
+    to_ok, waited, longest = [], [], []
+    failed_during = failed_after = hit = never = 0
+    for attempts in histories:
+        after = [a for a in attempts if a.end > t_first]
+        if not after:
+            continue
+        for cut, heal, end in windows:
+            for a in after:
+                if not a.ok and cut.t < a.end <= end:
+                    if a.end <= heal:
+                        failed_during += 1
+                    else:
+                        failed_after += 1
+            mine = [a for a in after if a.end > cut.t]
+            good = next((a for a in mine if a.ok), None)
+            if good is not None:
+                to_ok.append(good.end - cut.t)
+                waited.append(good.end - max(cut.t, mine[0].start))
+        hit += any(not a.ok and a.end <= settle for a in after)
+        if not any(a.ok for a in after):
+            never += 1
+            continue
+        worst, asked, last_end = 0.0, None, t_first
+        for a in after:
+            if a.start > settle:
+                break
+            asked = a.start if asked is None else asked
+            last_end = a.end
+            if a.ok:
+                worst = max(worst, a.end - max(t_first, asked))
+                asked = None
+        if asked is not None:  # still waiting when the window closed
+            worst = max(worst, last_end - max(t_first, asked))
+        longest.append(worst)
+    return {"cuts": len(cuts), "sessions": len(longest) + never,
+            "sessions_with_failures": hit, "never_ok": never,
+            "failed_during_cut": failed_during,
+            f"failed_{after_heal_s:g}s_after_heal": failed_after,
+            "cut_to_ok": percentiles(to_ok), "request_to_ok": percentiles(waited),
+            "longest_wait": percentiles(longest)}
+
+
+def phase_at(phases: Sequence[tuple[float, str]], t: float) -> str | None:
+    """The phase (scenario) running at `t`, from (start time, name) in order."""
+    current = None
+    for start, name in phases:
+        if start > t:
+            break
+        current = name
+    return current
 
 
 def failures_by_cause(histories: Iterable[Iterable[Any]]) -> dict[str, int]:

@@ -2,8 +2,10 @@
 
 Each client holds one keep-alive connection to the proxy (raw asyncio streams, no client
 library on the hot path) and one route token, and sends `GET /count` at a fixed rate with
-jitter. Every attempt is recorded with its timing, its outcome and the token it left the
-client with; `bench/chaos_check.py` judges the histories.
+jitter — or `POST /count?c=INDEX&w=N` with a write number of its own (`method="POST"`, for
+`bench/chaos_app.py`, whose answers list the writes applied and when). Every attempt is
+recorded with its timing, its outcome and the token it left the client with;
+`bench/chaos_check.py` judges the histories.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class Attempt:
     sid: str | None = None
     primary: str | None = None
     secondary: str | None = None
+    # POST only: this request's write number, and the writes this answer showed for the
+    # first time: (write number, when it was applied, s since the load started)
+    write: int | None = None
+    applied: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -56,8 +62,13 @@ class SessionClient:
     port: int
     cookie_name: str = "JSESSIONID"
     timeout_s: float = 10.0
+    method: str = "GET"
     token: str | None = None
     history: list[Attempt] = field(default_factory=list)
+    writes: int = 0  # POST: the last write number sent
+    # POST: every (write, applied at) seen in an answer; a write seen with two times was
+    # applied twice
+    seen: set[tuple[int, float]] = field(default_factory=set)
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
 
@@ -75,6 +86,8 @@ class SessionClient:
 
     async def once(self, t0: float) -> Attempt:
         start = time.monotonic() - t0
+        if self.method == "POST":
+            self.writes += 1  # numbered before the connect: a refused write has its number
         cause, status, body, headers = OK, None, b"", _Headers()
         stage = "connect"
         try:
@@ -84,8 +97,7 @@ class SessionClient:
                         self.host, self.port)
                 stage = "send"
                 cookie = f"Cookie: {self.cookie_name}={self.token}\r\n" if self.token else ""
-                self._writer.write(
-                    f"GET /count HTTP/1.1\r\nHost: chaos\r\n{cookie}\r\n".encode("latin-1"))
+                self._writer.write(self._request(cookie))
                 assert self._reader is not None
                 status, headers, body = await _read_response(self._reader)
                 if headers.get("connection", "").lower() == "close":
@@ -100,6 +112,8 @@ class SessionClient:
             self.close()
         end = time.monotonic() - t0
         attempt = Attempt(self.index, start, end, cause, status)
+        if self.method == "POST":
+            attempt.write = self.writes
         if status is not None:
             for value in headers.get_all("set-cookie"):
                 name, _, rest = value.partition("=")
@@ -112,11 +126,30 @@ class SessionClient:
                     data = json.loads(body)
                     attempt.counter = int(data["counter"])
                     attempt.server = data.get("server")
+                    attempt.applied = self._new_writes(data.get("log") or [], t0)
                 except (ValueError, KeyError, TypeError):
                     attempt.cause = "bad_body"
         attempt.sid, attempt.primary, attempt.secondary = self.route()
         self.history.append(attempt)
         return attempt
+
+    def _request(self, cookie: str) -> bytes:
+        if self.method != "POST":
+            return f"GET /count HTTP/1.1\r\nHost: chaos\r\n{cookie}\r\n".encode("latin-1")
+        body = json.dumps({"w": self.writes})
+        return (f"POST /count?c={self.index}&w={self.writes} HTTP/1.1\r\nHost: chaos\r\n{cookie}"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                f"{body}").encode("latin-1")
+
+    def _new_writes(self, log: list[list[float]], t0: float) -> list[tuple[int, float]]:
+        """The log entries not seen in an earlier answer, in the order they were applied."""
+        new = []
+        for w, at in log:
+            key = (int(w), float(at))
+            if key not in self.seen:
+                self.seen.add(key)
+                new.append((key[0], round(key[1] - t0, 4)))
+        return new
 
 
 class _Headers(dict[str, str]):

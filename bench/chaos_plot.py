@@ -9,7 +9,8 @@ from pathlib import Path
 __all__ = ["draw_timeline"]
 
 _COLOURS = {"sigkill": "tab:red", "sigstop": "tab:purple", "sigcont": "tab:purple",
-            "sigterm": "tab:orange", "restart": "tab:green", "rejoined": "tab:green"}
+            "sigterm": "tab:orange", "restart": "tab:green", "rejoined": "tab:green",
+            "cut": "tab:cyan", "heal": "tab:cyan", "phase": "tab:gray"}
 
 
 def draw_timeline(path: Path, *, ts: Sequence[float], ok: Sequence[int], bad: Sequence[int],
@@ -52,7 +53,8 @@ def draw_timeline(path: Path, *, ts: Sequence[float], ok: Sequence[int], bad: Se
         colour = _COLOURS.get(kind, "black")
         for ax in (ax1, ax2, ax3):
             ax.axvline(t, color=colour, lw=0.9, ls="--" if kind in (
-                "restart", "rejoined", "sigcont", "exited") else "-")
+                "restart", "rejoined", "sigcont", "exited", "heal") else
+                ":" if kind == "phase" else "-")
         if labels and t - labels[-1][0] < 0.15:
             labels[-1] = (labels[-1][0], labels[-1][1] + ", " + label, labels[-1][2])
         else:

@@ -140,6 +140,7 @@ def reserve_uids(names: Iterable[str]) -> UidLease:
     busy = _uids_running()
     uids: dict[str, int] = {}
     locks: list[IO[bytes]] = []
+    f: IO[bytes]
     candidates = iter(range(UID_BASE, UID_BASE + UID_SLOTS))
     try:
         for name in names:
@@ -182,7 +183,8 @@ def cluster_endpoints(config_path: Path, uids: Mapping[str, int]) -> dict[str, E
     def port(addr: str) -> int:
         return int(addr.rsplit(":", 1)[1])
 
-    ports = {s["id"]: (port(s["http"]), port(s["replication"])) for s in conf["servers"]}
+    ports: dict[str, tuple[int, ...]] = {
+        s["id"]: (port(s["http"]), port(s["replication"])) for s in conf["servers"]}
     proxy = conf.get("proxy", {})
     ports["proxy"] = tuple(port(proxy[k]) for k in ("listen", "admin") if k in proxy)
     return {name: Endpoint(uid, ports[name]) for name, uid in uids.items()}
