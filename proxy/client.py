@@ -1,19 +1,26 @@
-"""The client side: one protocol instance per client connection, parsing requests with
-httptools (llhttp) and handing each to an `Exchange`.
+"""Reading a client's requests: the request pipeline of a client connection.
 
-Pipelined requests are answered strictly one at a time, in order: requests that arrive
-while one is in flight wait in a queue (their bodies buffered) and reading pauses until
-the queue is empty. A request llhttp rejects (smuggling vectors included) is answered
-with 400 and the connection closed.
+The read that starts a request goes through these layers in order; the first that can
+take it sends it on, and one that cannot leaves the read to the next, unchanged:
+
+1. repeat — byte for byte the last request layer 3 took: sent on with no scan and no parse;
+2. the last head's fields — the same fields (all but the request line) as the last head:
+   what layer 3's regex found in them is reused;
+3. regex + parse (the lane) — one whole HTTP/1.1 request, nothing else under way, and no
+   field the proxy must act on (`headers.fast_fields`): validated by a parser without
+   callbacks and sent on verbatim, plus the forwarding fields and the request id;
+4. the general path — llhttp with every callback; the head rewritten field by field
+   (`headers.scan_request`), or verbatim when layer 3 found it could be.
+
+A request llhttp rejects (smuggling vectors included) is answered with 400 and the
+connection closed. What each layer relies on is stated at it, with the test that pins it;
+docs/proxy-data-path.md has the whole path and what each layer was measured to save.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from typing import TYPE_CHECKING
 
-import structlog
 from httptools import (
     HttpParserCallbackError,
     HttpParserError,
@@ -21,6 +28,13 @@ from httptools import (
     HttpRequestParser,
 )
 
+from .client_conn import (
+    PAUSE_HALTED,
+    PAUSE_PENDING,
+    PAUSE_PIPELINE,
+    PAUSE_UPGRADE,
+    ClientConnection,
+)
 from .errors import (
     BodyTooLarge,
     ClientError,
@@ -30,15 +44,7 @@ from .errors import (
     UnsupportedVersion,
 )
 from .exchange import Exchange
-from .headers import (
-    fast_fields,
-    forwarded_for,
-    forwarding_fields,
-    request_head,
-    scan_request,
-    simple_response,
-    trailer_block,
-)
+from .headers import fast_fields, forwarding_fields, request_head, scan_request, trailer_block
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -47,90 +53,33 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientProtocol"]
 
-log = structlog.get_logger("tandem.proxy")
-
-# Why reading from the client is paused (a bit each; reading resumes when none is left).
-_PIPELINE = 1  # a request is queued behind the one in flight
-_PENDING = 2  # body held while no backend connection is ready
-_UPSTREAM = 4  # the backend's write buffer is full
-_HALTED = 8  # the connection is being refused or closed: read nothing more
-_UPGRADE = 16  # bytes after an upgrade request wait for the backend's answer
-
 _MAX_TRAILERS = 256  # trailer fields of one request
 
-
-# What ClientProtocol._lane finds in a head it could forward verbatim: (end of the head,
-# Cookie, Content-Length or 0, forwarding fields).
+# What layer 3 finds in a head it could forward verbatim: (end of the head, Cookie,
+# Content-Length or 0, forwarding fields).
 _Fast = tuple[int, bytes | None, int, bytes]
+# Parser callbacks of layer 3: none (it knows the request is whole; llhttp validates it).
+_NO_CALLBACKS = object()
 
 
-class _NoCallbacks:
-    """Parser callbacks of the fast lane: none (the lane knows the request is whole)."""
-
-
-_NO_CALLBACKS = _NoCallbacks()
-
-
-class ClientProtocol(asyncio.Protocol):
-    """One client connection."""
+class ClientProtocol(ClientConnection):
+    """One client connection (its life and answering: ClientConnection)."""
 
     __slots__ = (
-        "ctx",
-        # per connection
-        "transport", "write", "writelines", "parser", "lean_parser", "client_ip", "for_node",
-        "fields_key", "fields_scan", "fwd_host", "fwd_fields", "active", "queue", "incoming",
-        "starting", "read_paused",
-        "write_paused", "closed", "served", "idle_mark", "idle_since", "pending_error",
-        "tunnel", "upgrade_buf", "own_upstream",
+        "parser", "lean_parser",
         # per request being parsed
         "url", "headers", "begun", "in_head", "head_pending", "chunk", "fast", "chunk_len",
-        "completed", "body_size",
-        # the last request the fast lane took
-        "lane_data", "lane_last",
+        "completed", "body_size", "starting",
+        # the layers' memories
+        "lane_data", "lane_last", "fields_key", "fields_scan", "fwd_host", "fwd_fields",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
-        self.ctx = ctx
-
-        self.transport: asyncio.Transport | None = None
+        super().__init__(ctx)
         self.parser = HttpRequestParser(self)
-        # Validates requests that the fast lane forwards verbatim: no callbacks at all (see
-        # _lane). Between messages both parsers are at a message boundary, so either can
-        # take the next one.
+        # Validates requests that layer 3 forwards verbatim: no callbacks at all. Between
+        # messages both parsers are at a message boundary, so either can take the next.
         self.lean_parser = HttpRequestParser(_NO_CALLBACKS)
-        self.client_ip = b"unknown"
-        self.for_node = b"for=unknown"
-        # The fields of the last head that started a chunk (after the CRLF ending its
-        # request line, to the blank line), and what was found in them (Cookie,
-        # Content-Length, the forwarding fields for its Host), or None when they need the
-        # general path: a keep-alive client tends to repeat its fields.
-        self.fields_key: bytes | None = None
-        self.fields_scan: tuple[bytes | None, int, bytes] | None = None
-        # The forwarding fields for the last Host seen (other fields change more often).
-        self.fwd_host: bytes | None = None
-        self.fwd_fields = b""
-        self.active: Exchange | None = None  # the request being answered
-        self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
-        self.incoming: Exchange | None = None  # the request whose body is being parsed
-        self.starting: Exchange | None = None  # to start once the current chunk is parsed
-        self.read_paused = 0  # bit set of the _PIPELINE... reasons above
-        self.write_paused = False
-        self.closed = False
-        # Idle watch (close_if_idle): exchanges completed, that count when last looked at,
-        # and since when it has not moved.
-        self.served = 0
-        self.idle_mark = -1
-        self.idle_since = 0.0
-        self.pending_error: ClientError | None = None  # to answer once the queue is empty
-        self.tunnel: Tunnel | None = None
-        self.upgrade_buf: list[bytes] | None = None
-        # An idle backend connection this connection keeps between its requests: a client
-        # tends to stay with one backend (its session's), and the next request to that
-        # backend goes out on it with no trip through the pool (see Exchange._try). Given
-        # back to the pool when the next request goes elsewhere, when the housekeeping
-        # finds this connection idle (so that the pool's keep-alive limit applies), and
-        # when this connection closes.
-        self.own_upstream: UpstreamProtocol | None = None
 
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []  # the head's, then the trailers
@@ -138,125 +87,26 @@ class ClientProtocol(asyncio.Protocol):
         self.in_head = True  # between requests, or inside a request head
         self.head_pending = 0  # bytes of chunks that held only an unfinished head
         self.chunk: bytes | None = None  # the chunk being parsed, if it began a message
-        self.fast: _Fast | None = None  # what _lane found in it
+        self.fast: _Fast | None = None  # what layer 3 found in it
         self.chunk_len = 0  # size of the chunk being parsed
         self.completed = 0  # messages completed in the chunk being parsed
         self.body_size = 0
+        self.starting: Exchange | None = None  # to start once the current chunk is parsed
 
-        # The last request the fast lane validated and forwarded, and what the lane found
-        # in it: (self.fast for it, method, Cookie, end of the request line, head to
-        # forward without the request id, Content-Length or 0). A keep-alive client tends
-        # to repeat its requests byte for byte (see data_received).
+        # Layer 1: the last request layer 3 forwarded, and what it found in it: (self.fast
+        # for it, method, Cookie, end of the request line, head to forward, Content-Length).
         self.lane_data = b""  # (never a request: data_received gets no empty read)
         self.lane_last: tuple[_Fast, bytes, bytes | None, int, bytes, int] | None = None
+        # Layer 2: the fields of the last head that started a chunk (after the CRLF ending
+        # its request line, to the blank line) and what layer 3 found in them (Cookie,
+        # Content-Length, forwarding fields), None: the general path; and the forwarding
+        # fields for the last Host seen (other fields change more often).
+        self.fields_key: bytes | None = None
+        self.fields_scan: tuple[bytes | None, int, bytes] | None = None
+        self.fwd_host: bytes | None = None
+        self.fwd_fields = b""
 
-    # --- connection ---------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.write = transport.write  # type: ignore[attr-defined]
-        self.writelines = transport.writelines  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            ip = str(peer[0])
-            self.client_ip = ip.encode("ascii")
-            self.for_node = forwarded_for(ip)
-        self.ctx.connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.ctx.connections.discard(self)
-        self.give_back_upstream()
-        if self.tunnel is not None:
-            self.tunnel.client_lost()
-            return
-        if self.active is not None:
-            self.active.abort()
-        for ex in self.queue:
-            ex.abort()
-        self.queue.clear()
-        self.active = self.incoming = None
-
-    def eof_received(self) -> bool | None:
-        """The client half-closed: answer what it asked for, then close."""
-        self.read_paused |= _HALTED
-        if self.tunnel is not None or self.incoming is not None or self.active is None:
-            return None  # nothing complete to answer: close now
-        return True  # keep the transport open for the response; exchange_done closes it
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.give_back_upstream()
-            self.read_paused |= _HALTED
-            if self.transport is not None:
-                self.transport.close()
-
-    def give_back_upstream(self) -> None:
-        """Return the backend connection this connection keeps (if any) to its pool."""
-        up = self.own_upstream
-        if up is not None:
-            self.own_upstream = None
-            up.pool.put(up)
-
-    def is_idle(self) -> bool:
-        return self.active is None and self.tunnel is None and self.upgrade_buf is None
-
-    def close_if_idle(self, now: float, idle_s: float) -> None:
-        """Close a keep-alive connection with no request in flight for idle_s (slow heads
-        included). Called about once a second: the idle time is counted from the first
-        call that finds the connection idle (no clock read per request)."""
-        if not self.is_idle():
-            self.idle_mark = -1
-        elif self.idle_mark != self.served:
-            self.idle_mark = self.served
-            self.idle_since = now
-            # From here on its backend connection idles in the pool, whose keep-alive
-            # limit and sweep apply (counted from now, within a sweep of its last use).
-            self.give_back_upstream()
-        elif now - self.idle_since > idle_s:
-            self.close()
-
-    # --- flow control -------------------------------------------------------------------------
-
-    def _pause(self, bit: int) -> None:
-        if not self.read_paused and self.transport is not None:
-            self.transport.pause_reading()
-        self.read_paused |= bit
-
-    def _resume(self, bit: int) -> None:
-        if self.read_paused & bit:
-            self.read_paused &= ~bit
-            if not self.read_paused and self.transport is not None:
-                self.transport.resume_reading()
-
-    def pause_reading_pending(self) -> None:
-        self._pause(_PENDING)
-
-    def resume_reading_pending(self) -> None:
-        self._resume(_PENDING)
-
-    def pause_reading_upstream(self) -> None:
-        self._pause(_UPSTREAM)
-
-    def resume_reading_upstream(self) -> None:
-        self._resume(_UPSTREAM)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.tunnel is not None:
-            self.tunnel.pause_upstream()
-        elif self.active is not None and self.active.upstream is not None:
-            self.active.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.tunnel is not None:
-            self.tunnel.resume_upstream()
-        elif self.active is not None and self.active.upstream is not None:
-            self.active.upstream.resume_reading()
-
-    # --- reading ------------------------------------------------------------------------------
+    # --- the pipeline -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -264,15 +114,21 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.upgrade_buf is not None:
             self.upgrade_buf.append(data)
-            self._pause(_UPGRADE)
+            self._pause(PAUSE_UPGRADE)
             return
-        if self.read_paused & _HALTED:
+        if self.read_paused & PAUSE_HALTED:
             return
-        if not self.begun:
+        if not self.begun:  # the read starts a message: the layers
+
+            # Layer 1, repeat. Relies on: llhttp's verdict on a whole request depends on
+            # its bytes alone, from a message boundary, and ends at one — so the bytes it
+            # accepted last time it accepts again (the lean parser stays at a boundary, as
+            # after parsing them); and all that layer 3 found in them comes from the bytes
+            # and the connection's client address (the route and the request id are made
+            # afresh in _forward). Pinned by (tests/test_proxy_lanes.py)
+            #   test_a_request_as_long_as_the_last_one_is_still_validated
+            #   test_a_repeated_request_gets_its_own_request_id_and_one_sent_early_waits_its_turn
             if data == self.lane_data:
-                # Byte for byte the last request the lane took, which llhttp accepted: it
-                # would accept it again, so no scan and no parse. The lean parser stays
-                # at a message boundary, as it would after it.
                 last = self.lane_last
                 assert last is not None
                 fast, method, cookie, first, prefix, length = last
@@ -280,8 +136,15 @@ class ClientProtocol(asyncio.Protocol):
                     self._forward(data, method, cookie, first, prefix, length)
                     return
                 self.fast = fast  # for the general path, as _lane would find it
-            elif self._lane(data):  # the chunk starts a message
+            elif self._lane(data):  # layers 2 and 3
                 return
+
+        # Layer 4, the general path (and the rest of a request begun). Relies on:
+        # `self.fast`, when set, describes the head at the start of this chunk (see
+        # on_headers_complete). Pinned by
+        #   test_a_read_ending_inside_the_next_request_head
+        #   test_a_body_in_the_same_read_as_the_head_and_a_body_that_comes_later
+        #   test_an_http10_request_whose_body_comes_later_is_answered_as_http10
         self.completed = 0
         self.chunk_len = len(data)
         self.chunk = None if self.begun else data
@@ -289,7 +152,7 @@ class ClientProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self.upgrade_buf = [data[exc.args[0]:]]
-            self._pause(_UPGRADE)
+            self._pause(PAUSE_UPGRADE)
         except HttpParserCallbackError as exc:
             err = exc.__context__
             if isinstance(err, ClientError):
@@ -317,10 +180,10 @@ class ClientProtocol(asyncio.Protocol):
             self._start(ex)
 
     def _lane(self, data: bytes) -> bool:
-        """The fast lane: when `data` is exactly one whole HTTP/1.1 request whose head can be
-        forwarded verbatim (plus the forwarding fields and the request id) and nothing else
-        is under way on the connection — what a keep-alive client sends, one request at a
-        time — it is validated by the lean parser and sent on, with no per-field work.
+        """Layers 2 and 3: when `data` is exactly one whole HTTP/1.1 request whose head can
+        be forwarded verbatim (plus the forwarding fields and the request id) and nothing
+        else is under way on the connection — what a keep-alive client sends, one request
+        at a time — it is validated by the lean parser and sent on, with no per-field work.
         False: the general path takes `data`; `self.fast` holds what was found (its head's
         end, Cookie, Content-Length, forwarding fields) when the head could go verbatim."""
         self.fast = None
@@ -328,12 +191,30 @@ class ClientProtocol(asyncio.Protocol):
         if not crlf:
             return False
         first = len(line)
+
+        # Layer 2, the last head's fields. A keep-alive client tends to repeat its fields
+        # (its request line changes more often). Relies on: what fast_fields finds depends
+        # on the fields' bytes alone, and the forwarding fields on the Host and the
+        # connection's client address alone; the key ends with the blank line, so a read
+        # that starts with it after the request line has exactly those fields (and maybe
+        # a body). Pinned by
+        #   test_changed_fields_on_a_keep_alive_connection_are_seen
+        #   test_a_body_in_the_same_read_as_the_head_and_a_body_that_comes_later
         key = self.fields_key
         if rest == key or (key is not None and rest.startswith(key)):
-            # The fields of the last head again, with no body or with one (a keep-alive
-            # client tends to repeat its fields; its request line changes more often).
             end = first + len(key) - 2
             scan = self.fields_scan
+
+        # Layer 3, regex + parse. Relies on: the regex of fast_fields finds every field the
+        # proxy must act on (framing, hop-by-hop, Expect, Upgrade, forwarding, X-Tandem-*),
+        # in any case of letters, so a head without one goes verbatim; llhttp validates
+        # what the regex lets through; asked after a whole request, should_keep_alive() is
+        # true for HTTP/1.1 alone (the version check; what a Connection field said is gone
+        # by then, and the regex keeps those out), and CONNECT is an upgrade. Pinned by
+        #   test_llhttp_after_a_whole_request_keeps_alive_http11_alone
+        #   test_an_invalid_request_in_the_fast_lane_is_400
+        #   test_an_http10_request_and_a_connect_in_the_fast_lanes_shape_take_the_general_path
+        #   test_http10_keep_alive_client_gets_a_whole_response_with_the_connection_field
         else:
             end = data.find(b"\r\n\r\n", first)
             if end < 0:
@@ -382,7 +263,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _forward(self, data: bytes, method: bytes, cookie: bytes | None, first: int,
                  prefix: bytes, length: int) -> None:
-        """Send on a request the fast lane took: `data` is the whole request (its request
+        """Send on a request layer 1 or 3 took: `data` is the whole request (its request
         line ends at `first`), `prefix` its head with the forwarding fields (the request id
         goes next), `length` the size of its body (at the end of `data`)."""
         ctx = self.ctx
@@ -400,7 +281,7 @@ class ClientProtocol(asyncio.Protocol):
         except Exception as exc:
             self._internal_error(exc)
 
-    # httptools callbacks
+    # --- httptools callbacks (layer 4) ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.begun = True
@@ -470,7 +351,7 @@ class ClientProtocol(asyncio.Protocol):
             self.active = self.starting = ex
         else:
             self.queue.append(ex)
-            self._pause(_PIPELINE)
+            self._pause(PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
         ex = self.incoming
@@ -501,44 +382,6 @@ class ClientProtocol(asyncio.Protocol):
                 ex.feed_body(trailer_block(trailers))
             ex.body_done = True
 
-    # --- answering ----------------------------------------------------------------------------
-
-    def exchange_done(self, ex: Exchange, keep: bool) -> None:
-        """The active exchange has written its whole response (`keep`: the connection may
-        carry another request)."""
-        if ex is not self.active:
-            return
-        self.active = None
-        self.served += 1
-        if self.read_paused:
-            self._resume(_PENDING | _UPSTREAM)
-        if self.closed:
-            return
-        if self.incoming is ex:  # answered before its body was read: cannot continue
-            keep = False
-        if not keep or (self.ctx.closing and not self.queue):
-            self.close()
-            return
-        if self.queue:
-            nxt = self.active = self.queue.popleft()
-            if not self.queue:
-                self._resume(_PIPELINE)
-            self.ctx.loop.call_soon(self._start, nxt)
-            return
-        if self.pending_error is not None:
-            self._answer_error(self.pending_error)
-            return
-        if self.read_paused & _HALTED:  # half-closed by the client: nothing more will come
-            self.close()
-
-    def _start(self, ex: Exchange) -> None:
-        if ex is not self.active or ex.finished or self.closed:
-            return
-        try:
-            ex.start()
-        except Exception as exc:
-            self._internal_error(exc)
-
     def start_tunnel(self, ex: Exchange, up: UpstreamProtocol, rest: bytes) -> None:
         """The backend answered 101: pass bytes through both ways from now on."""
         self.active = None
@@ -551,43 +394,4 @@ class ClientProtocol(asyncio.Protocol):
             tunnel.from_client(b"".join(buffered))
         if self.write_paused:
             up.pause_reading()
-        self._resume(_UPGRADE | _PIPELINE | _PENDING)
-
-    def _reject(self, err: ClientError) -> None:
-        """The request being parsed is refused: answer it in turn, then close."""
-        self._pause(_HALTED)
-        self.ctx.metrics.client_errors += 1
-        log.info("client_error", status=err.status, error=str(err),
-                 client=self.client_ip.decode("ascii", "replace"))
-        ex, self.incoming = self.incoming, None
-        if ex is not None:
-            if ex is self.active:
-                ex.fail_client(err)
-                return
-            if ex in self.queue:
-                self.queue.remove(ex)
-            ex.abort()
-        self.pending_error = err
-        if self.active is None:
-            self._answer_error(err)
-
-    def _answer_error(self, err: ClientError) -> None:
-        self.pending_error = None
-        text = str(err) or err.reason.decode("ascii")
-        self.write(simple_response(err.status, err.reason, text, close=True))
-        self.ctx.metrics.responses[err.status // 100] += 1
-        self.close()
-
-    def _internal_error(self, exc: BaseException) -> None:
-        self.ctx.metrics.internal_errors += 1
-        log.error("internal_error", client=self.client_ip.decode("ascii", "replace"),
-                  exc_info=exc)
-        self._pause(_HALTED)
-        active = self.active
-        if active is not None and not active.finished:
-            active.on_internal_error(exc)  # answers 500 unless already responding
-            return
-        self.write(simple_response(500, b"Internal Server Error", "internal proxy error",
-                                   close=True))
-        self.ctx.metrics.responses[5] += 1
-        self.close()
+        self._resume(PAUSE_UPGRADE | PAUSE_PIPELINE | PAUSE_PENDING)

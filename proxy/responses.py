@@ -41,13 +41,8 @@ _NOT_AS_READ = frozenset({b"101", b"204", b"304", b"503"} | {b"1%02d" % n for n 
 _DIGITS_AS_0 = bytes.maketrans(b"0123456789", b"0" * 10)
 # (a response head's Content-Length field, from the CRLF before it to the CRLF after it)
 _LENGTH_VALUE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)\r\n", re.I)
-
-
-class _NoCallbacks:
-    """Parser callbacks for a response relayed whole: none."""
-
-
-_NO_CALLBACKS = _NoCallbacks()
+# Parser callbacks for a response relayed whole: none (llhttp validates it).
+_NO_CALLBACKS = object()
 
 
 class ResponseReader(asyncio.Protocol):

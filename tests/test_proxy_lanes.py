@@ -495,3 +495,31 @@ def test_llhttp_reads_no_digit_of_a_response_head_but_the_version_and_the_length
     for version in (b"1.0", b"1.1"):  # (what the version's digits say is checked)
         assert parse(b"HTTP/%s 200 OK\r\nContent-Length: 2\r\n\r\nok" % version)
     assert not parse(b"HTTP/1.9 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def test_llhttp_after_a_whole_request_keeps_alive_http11_alone():
+    # What layer 3 of the request pipeline (proxy/client.py) rests on: asked after a whole
+    # request, should_keep_alive() is true for HTTP/1.1 alone, so it stands for a version
+    # check; and llhttp reports CONNECT as an upgrade, so the lane never forwards one.
+    from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+    def keeps_alive(head: bytes) -> bool | None:
+        parser = HttpRequestParser(object())
+        try:
+            parser.feed_data(head)
+        except HttpParserError:
+            return None  # refused: 400 from the lane and from the general path alike
+        return parser.should_keep_alive()
+
+    head = b"GET / HTTP/%s\r\nHost: x\r\n%s\r\n"
+    assert keeps_alive(head % (b"1.1", b""))
+    for version in (b"0.9", b"1.0", b"2.0"):  # accepted by llhttp, not kept alive
+        assert keeps_alive(head % (version, b"")) is False
+    for version in (b"0.0", b"1.2", b"3.0"):
+        assert keeps_alive(head % (version, b"")) is None
+    # It tells nothing else by then (llhttp clears what Connection said at the message's
+    # end): the regex must keep heads with a Connection field out of the lane.
+    assert keeps_alive(head % (b"1.1", b"Connection: close\r\n"))
+    assert keeps_alive(head % (b"1.0", b"Connection: keep-alive\r\n")) is False
+    with pytest.raises(HttpParserUpgrade):
+        HttpRequestParser(object()).feed_data(b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n")
