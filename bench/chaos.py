@@ -65,6 +65,9 @@ from tests.netfault import (  # noqa: E402
 )
 
 SERVERS = ("s1", "s2", "s3")
+# --machines (the partition scenarios): the layout of the partition issue — a secondary is
+# chosen on another machine first, so s1's and s2's sessions are replicated to s3
+MACHINES = {"s1": "m1", "s2": "m1", "s3": "m2"}
 
 # The fault schedule: steps run one after the other while the clients run.
 #   ("sigkill"|"sigstop"|"sigcont"|"sigterm", server)  send the signal (sigkill/sigterm:
@@ -381,7 +384,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         # every process under a uid of its own, so that links between them can be cut
         uids = stack.enter_context(reserve_uids([*SERVERS, PROXY])).uids if args.uids else {}
-        cluster = Cluster(out / "cluster", n=len(SERVERS), app=args.app, session=session,
+        servers = [{"id": sid, **({"machine": MACHINES[sid]} if args.machines else {})}
+                   for sid in SERVERS]
+        cluster = Cluster(out / "cluster", servers=servers, app=args.app, session=session,
                           proxy=proxy,
                           cluster={"drain_timeout_s": 15.0, "rebalance": args.rebalance},
                           log_level=args.log_level, uids=uids)
@@ -504,6 +509,7 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                    "client_timeout_s": args.timeout, "warmup_s": args.warmup,
                    "method": args.method, "app": args.app,
                    "processes_under_own_uids": args.uids,
+                   "machines": MACHINES if args.machines else None,
                    "heartbeat": "0.5 s x 3 (tests/cluster.py)", "cpus": os.cpu_count(),
                    "log_level": args.log_level},
         "code": code_version(),
@@ -722,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uids", action=argparse.BooleanOptionalAction,
                    help="run every backend and the proxy under a uid of its own (default: "
                    "only for the partition scenarios, which need it; root)")
+    p.add_argument("--machines", action=argparse.BooleanOptionalAction,
+                   help="place s1 and s2 on machine m1, s3 on m2 (default: only for the "
+                   "partition scenarios)")
     p.add_argument("--app", help="default tests.apps:asgi_counter for GET, "
                    "bench.chaos_app:app for POST")
     p.add_argument("--log-level", default="INFO", help="TANDEM_LOG_LEVEL of the processes")
@@ -736,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     args.sessions = args.sessions or (60 if partitions else 200)
     args.method = args.method or ("POST" if partitions else "GET")
     args.uids = partitions if args.uids is None else args.uids
+    args.machines = partitions if args.machines is None else args.machines
     args.app = args.app or ("bench.chaos_app:app" if args.method == "POST"
                             else "tests.apps:asgi_counter")
     if args.uids and (reason := unavailable_reason()) is not None:

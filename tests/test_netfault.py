@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from tests.netfault import (
     NetfaultError,
     Partition,
     _nft,
+    cluster_endpoints,
     reserve_uids,
     run_as,
     unavailable_reason,
@@ -255,3 +257,26 @@ def test_the_table_is_deleted_on_exit_and_a_dead_runs_table_at_start():
 
 
 UID_A = 64190  # not started as processes here: the rules only name them
+
+
+def test_a_cluster_under_uids_is_partitioned_and_heals(make_cluster):
+    """tests/cluster.py's `uids=`: the backends run under their uids, and cutting s1 from
+    its peers makes each side see the other failed, while the test (root) still reaches
+    all; healed, the cluster forms again."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with reserve_uids(["s1", "s2", "s3"]) as lease:
+        cluster = make_cluster(uids=lease.uids, log_level="INFO")
+        with Partition(cluster_endpoints(cluster.config_path, lease.uids)) as partition:
+            cluster.start(proxy=False)
+            for sid, spec in cluster.servers.items():
+                status = Path(f"/proc/{spec['proc'].pid}/status").read_text()
+                assert f"Uid:\t{lease.uids[sid]}\t" in status
+            partition.isolate("s1", from_=["s2", "s3"])
+            assert _until(lambda: cluster.health("s1")["peers"] == {
+                "s2": "failed", "s3": "failed"}, 10.0)
+            assert _until(lambda: cluster.health("s2")["peers"]["s1"] == "failed", 10.0)
+            assert cluster.health("s2")["peers"]["s3"] == "alive"
+            partition.rejoin("s1", from_=["s2", "s3"])
+            cluster.wait_formed(timeout=20.0)
