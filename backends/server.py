@@ -20,6 +20,8 @@ import structlog
 
 from tandem.config import Config
 from tandem.logs import configure
+from tandem.startup import AppLoadError, StartupError, fail, one_line, warn_demo_secret
+from tandem.supervision import child_link
 
 from .cluster.peers import Membership, ReplicationListener
 from .errors import ConfigError
@@ -42,15 +44,23 @@ _GC_YOUNG_THRESHOLD = 10_000
 
 
 def load_app(ref: str, interface: str = "auto") -> ASGIApp:
-    """Import `module:attr` and return it as an ASGI app (WSGI apps are adapted)."""
+    """Import `module:attr` and return it as an ASGI app (WSGI apps are adapted);
+    AppLoadError (one line: the reference and the cause) if that fails."""
     module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--app must be MODULE:ATTR, got {ref!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    try:
+        if not module_name or not attr:
+            raise ValueError("expected MODULE:ATTR")
+        if interface not in ("auto", "asgi", "wsgi"):
+            raise ValueError(f"--interface must be auto, asgi or wsgi, got {interface!r}")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise TypeError(f"{attr} is a {type(obj).__name__}, not an application")
+    except (Exception, SystemExit) as exc:  # whatever the module raises at import
+        raise AppLoadError(ref=ref, cause=exc) from exc
     if interface == "auto":
         # a coroutine function, or an object whose __call__ is one (Starlette, Django ASGI)
         is_async = inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
@@ -58,8 +68,6 @@ def load_app(ref: str, interface: str = "auto") -> ASGIApp:
         interface = "asgi" if is_async else "wsgi"
     if interface == "wsgi":
         return WsgiToAsgi(obj)
-    if interface != "asgi":
-        raise ValueError(f"--interface must be auto, asgi or wsgi, got {interface!r}")
     return obj  # type: ignore[no-any-return]
 
 
@@ -67,27 +75,49 @@ class BackendServer:
     """Async context manager running one server of the cluster."""
 
     def __init__(self, *, config: Config, server_id: str, app: ASGIApp) -> None:
+        # configuration
         self.config = config
         self.me = config.server(server_id)
+        # the parts, started in this order and stopped in the reverse one
         self.membership = Membership(config=config, me=server_id)
         self.manager = SessionManager(config=config, me=server_id, membership=self.membership)
         self.listener = ReplicationListener(membership=self.membership,
                                             handler=self.manager.handle)
         self.middleware = TandemMiddleware(app, manager=self.manager, config=config)
         self.lifespan = Lifespan(app)
-        self.http: HttpServer | None = None
+        self.http = HttpServer(self.middleware, host=self.me.http.host, port=self.me.http.port,
+                               state=self.lifespan.state, shutdown_timeout_s=10.0,
+                               label=f"{server_id}'s http address")
+        # how it stops: False when the whole cluster stops (`tandem up`'s Ctrl-C), so no
+        # session is handed to a peer that is stopping too
+        self.hand_over = True
+        # what was started (a failed start stops only that)
+        self._store_open = False
+        self._app_started = False
+        self._running = False
 
     async def __aenter__(self) -> BackendServer:
-        # the session store first: a backend that cannot reach its store does not serve
-        if self.manager.persister is not None:
-            await self.manager.persister.open()
-        await self.lifespan.startup()
-        await self.listener.start()
-        self.membership.start()
-        self.manager.start()
-        self.http = HttpServer(self.middleware, host=self.me.http.host, port=self.me.http.port,
-                               state=self.lifespan.state, shutdown_timeout_s=10.0)
-        await self.http.__aenter__()
+        try:
+            # 1. Bind every listener first: a taken address fails here, before a peer is
+            #    dialled or a task started (the peers' connections wait in the backlog).
+            await self.http.bind()
+            await self.listener.bind()
+            # 2. The session store: a backend that cannot reach its store does not serve.
+            if self.manager.persister is not None:
+                await self.manager.persister.open()
+                self._store_open = True
+            # 3. The application's own start-up.
+            self._app_started = True
+            await self.lifespan.startup()
+            # 4. The replication channel, membership and sessions; then the requests.
+            self._running = True
+            await self.listener.start()
+            self.membership.start()
+            self.manager.start()
+            await self.http.start_serving()
+        except BaseException:
+            await self.stop()
+            raise
         log.info("backend_started", http=str(self.me.http),
                  replication=str(self.me.replication), replication_mode=self.manager.mode)
         return self
@@ -104,52 +134,132 @@ class BackendServer:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        # 1. refuse new requests, finish in-flight ones, hand the sessions over (bounded)
-        if not self.manager.draining and self.config.cluster.drain_timeout_s > 0:
-            await self.drain()
-        # 2. stop the HTTP listener (in-flight requests finish, within a bound)
-        if self.http is not None:
-            await self.http.close()
-        # 3. flush queued replication and store writes, stop background tasks, close the store
-        await self.manager.close()
-        # 4. say goodbye to the peers, close the replication channel
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop like a runbook: only what was started (a failed start comes here too)."""
+        if self._running:
+            # 1. Refuse new requests. Leaving alone (SIGTERM): finish in-flight requests and
+            #    hand the sessions over, bounded. The whole cluster stopping: nothing to hand
+            #    to, and peers that leave are not failures to repair (no promotion).
+            if self.hand_over and not self.manager.draining and (
+                    self.config.cluster.drain_timeout_s > 0):
+                await self.drain()
+            self.manager.draining = True
+        # 2. Stop the HTTP listener (in-flight requests finish, within a bound).
+        await self.http.close()
+        # 3. Flush queued replication and store writes, stop background tasks, close the store.
+        if self._running or self._store_open:
+            await self.manager.close()
+        # 4. Say goodbye to the peers, close the replication channel.
+        self.listener.leaving()
         await self.membership.close()
         await self.listener.close()
-        # 5. the application's own shutdown
-        await self.lifespan.shutdown()
-        log.info("backend_stopped")
+        # 5. The application's own shutdown.
+        if self._app_started:
+            await self.lifespan.shutdown()
+        if self._running:
+            log.info("backend_stopped")
+        self._running = self._app_started = self._store_open = False
+
+    def cluster_stopping(self) -> None:
+        """The whole cluster stops: refuse new requests, and repair nothing any more — a
+        peer leaving now is not a failure, and a stop hands nothing to peers that stop too."""
+        self.hand_over = False
+        if self._running:
+            self.manager.draining = True
+
+    def summary(self) -> str:
+        """What became of the sessions, for the supervisor's line ("s1 stopped (...)")."""
+        left = len(self.manager.store.primaries)
+        handed = self.manager.stats.get("handed_over", 0)
+        parts = [f"{handed} session{'s' * (handed != 1)} handed over"] if handed else []
+        if left:
+            kept = self.manager.persister is not None
+            parts.append(f"{left} session{'s' * (left != 1)} "
+                         + ("kept in the store" if kept else "ended with the cluster"))
+        return ", ".join(parts)
 
 
 def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -> int:
-    """Run one backend until SIGINT/SIGTERM."""
+    """Run one backend until SIGINT/SIGTERM (or `tandem up`'s stop); the exit status.
+
+    A failed start is one line (the traceback at DEBUG only): 2 for an app that does not
+    load or a bad configuration, 1 for anything else (a taken address, the store, the
+    application's own start-up).
+    """
     configure(component="backend", server=server_id)
     with contextlib.suppress(ImportError):
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    app = load_app(app_ref, interface)
+    link = child_link()
+    try:
+        app = load_app(app_ref, interface)
+        server = BackendServer(config=config, server_id=server_id, app=app)
+    except AppLoadError as exc:
+        return fail(f"tandem: {exc}", exc, code=2)
+    except ConfigError as exc:
+        return fail(f"tandem: configuration error: {exc}", exc, code=2)
+    warn_demo_secret(config, (server.me.http, server.me.replication), plain=link is None)
+    started = False
 
     async def main() -> None:
+        nonlocal started
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        async with BackendServer(config=config, server_id=server_id, app=app):
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_stop() -> None:
+            if started:
+                stop.set()
+            else:  # asked during start-up: what was started is torn down
+                task.cancel()
+
+        def on_word(word: str) -> None:  # from `tandem up`
+            if word == "stopping":
+                server.cluster_stopping()
+                assert link is not None
+                link.acknowledge_stopping()
+            elif word == "stop":
+                server.cluster_stopping()
+                on_stop()
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop)
+        if link is None:
+            loop.add_signal_handler(signal.SIGINT, on_stop)
+        else:  # (SIGINT is ignored: a terminal's Ctrl-C is for `tandem up`, which decides)
+            link.watch(loop, on_word)
+        async with server:
+            started = True
+            if link is not None:
+                link.ready()
             # What start-up made (modules, the app, the configuration) lives as long as the
             # process: out of every collection from now on.
             gc.collect()
             gc.freeze()
             gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
             await stop.wait()
-            log.info("backend_stopping")
+            log.info("backend_stopping", hand_over=server.hand_over)
+        if link is not None:
+            link.unwatch()
 
+    who = f"tandem: {server_id}"
     try:
         asyncio.run(main())
+    except asyncio.CancelledError:  # stopped by a signal while starting
+        return 0 if not started else 1
     except StoreError as exc:  # unreachable at start-up: the masked DSN and the cause
         log.error("store_unavailable", store=exc.store, where=exc.where, error=str(exc))
-        print(f"tandem: backend {server_id} cannot open its session store: {exc}",
-              file=sys.stderr)
-        return 1
+        return fail(f"{who} cannot open its session store: {exc}", exc)
     except ConfigError as exc:
-        print(f"tandem: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"tandem: configuration error: {exc}", exc, code=2)
+    except StartupError as exc:  # a listener: the message names the server and the address
+        return fail(f"tandem: {exc}", exc)
+    except Exception as exc:
+        if started:
+            raise  # not a start-up failure: a bug, with its traceback
+        return fail(f"{who} cannot start: {one_line(exc)}", exc)
+    if link is not None:
+        link.stopped(server.summary())
     return 0

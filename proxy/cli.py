@@ -3,50 +3,132 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+from importlib import metadata
 
-from backends import config as cluster_config
-from backends.errors import ConfigError
+from tandem import config as cluster_config
+from tandem import supervision
+from tandem.errors import ConfigError
 
 __all__ = ["main"]
+
+_INTERFACES = ("auto", "asgi", "wsgi")
+_INTERFACE_HELP = ("how to call the app: asgi, wsgi, or auto (ASGI if it is a coroutine "
+                   "function or its __call__ is one, else WSGI; default: auto)")
+_DEBUG_HELP = "show tracebacks of start-up errors and log at DEBUG (as TANDEM_LOG_LEVEL=DEBUG)"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tandem-proxy")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown (not installed)"
+
+
+def _up_epilog() -> str:
+    """What `tandem up` runs with no --config, read from the embedded cluster file itself."""
+    from .up import RESTART_LIMIT, RESTART_WINDOW_S
+
+    try:
+        cfg = cluster_config.load(cluster_config.default_config_path())
+        machines = sorted({s.machine for s in cfg.servers})
+        servers = "\n".join(
+            f"    {s.id}  http {s.http}, replication {s.replication}, machine {s.machine}"
+            for s in cfg.servers)
+        admin = (f" and its status page at http://{cfg.proxy.admin}/__tandem/status"
+                 if cfg.proxy.admin else "")
+        default = (
+            f"Without --config: the embedded demo cluster, {len(cfg.servers)} servers on "
+            f"{len(machines)} \"machines\" ({', '.join(machines)})\n"
+            "(a session's secondary is on another machine than its primary where it can be),\n"
+            f"{servers}\n"
+            f"the proxy at http://{cfg.proxy.listen}/{admin},\n"
+            "and the demo counter app (backends.demo:app).\n")
+    except ConfigError as exc:  # pragma: no cover - a broken install
+        default = f"(the embedded demo cluster cannot be read: {exc})\n"
+    return default + (
+        "\n"
+        "Once every server and the proxy listen, it prints the proxy's URL. A process that\n"
+        f"exits is restarted; {RESTART_LIMIT} exits of one process within "
+        f"{RESTART_WINDOW_S:g} s, or a restarted process\n"
+        "that cannot start, stop the whole cluster (exit status 1).\n"
+        "\n"
+        "Signals: Ctrl-C (SIGINT) or SIGTERM stops all of it, one line per process;\n"
+        "SIGHUP restarts the servers one at a time (a rolling restart: each hands its\n"
+        "sessions to their secondaries, restarts and rejoins before the next one goes).\n"
+        "\n"
+        "The servers and the proxy log at WARNING here (TANDEM_LOG_LEVEL, or --debug).\n"
+        "Exit status: 0 stopped by a signal, 1 a process failed, 2 bad configuration or app.")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description=(
         "HTTP reverse proxy with session affinity and failover, and a backend runtime "
         "that replicates sessions from a primary server to a secondary one."))
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"tandem {_version()}",
+                   help="print the installed version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="run the whole cluster on this machine (servers + proxy)")
-    up.add_argument("--config", help="cluster file (default: the embedded demo cluster)")
-    up.add_argument("--app", default="backends.demo:app", help="MODULE:ATTR of the app")
-    up.add_argument("--interface", default="auto", choices=("auto", "asgi", "wsgi"))
+    up = sub.add_parser(
+        "up", help="run the whole cluster on this machine (servers + proxy)",
+        description="Run every server of the cluster file and the proxy on this machine, "
+                    "as child processes, and supervise them.",
+        epilog=_up_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("--config", metavar="FILE",
+                    help="cluster file (default: the embedded demo cluster, below)")
+    up.add_argument("--app", default="backends.demo:app", metavar="MODULE:ATTR",
+                    help="the WSGI or ASGI app every server runs, imported from the current "
+                         "directory or the path (default: backends.demo:app, the demo counter)")
+    up.add_argument("--interface", default="auto", choices=_INTERFACES, help=_INTERFACE_HELP)
     up.add_argument("--no-restart", action="store_true",
-                    help="do not restart a server process that dies")
+                    help="stop the cluster when a process exits instead of restarting it")
+    up.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
 
-    be = sub.add_parser("backend", help="run one backend server of the cluster")
-    be.add_argument("--config", required=True)
-    be.add_argument("--server", required=True, help="server id from the cluster file")
-    be.add_argument("--app", required=True, help="MODULE:ATTR of the WSGI/ASGI app")
-    be.add_argument("--interface", default="auto", choices=("auto", "asgi", "wsgi"))
+    be = sub.add_parser(
+        "backend", help="run one backend server of the cluster",
+        description="Run one server of the cluster file: the app on its http address, the "
+                    "replication channel on its replication address. SIGTERM or Ctrl-C "
+                    "drains it (its sessions go to their secondaries), then it exits.")
+    be.add_argument("--config", required=True, metavar="FILE", help="cluster file")
+    be.add_argument("--server", required=True, metavar="ID",
+                    help="which server of the cluster file this is (its id)")
+    be.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                    help="the WSGI or ASGI app, imported from the current directory or the path")
+    be.add_argument("--interface", default="auto", choices=_INTERFACES, help=_INTERFACE_HELP)
+    be.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
 
-    px = sub.add_parser("proxy", help="run the proxy tier")
-    px.add_argument("--config", required=True)
+    px = sub.add_parser(
+        "proxy", help="run the proxy tier",
+        description="Run the proxy: its listen address, and its status page on the admin "
+                    "address (the [proxy] section of the cluster file).")
+    px.add_argument("--config", required=True, metavar="FILE", help="cluster file")
+    px.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
 
-    st = sub.add_parser("status", help="show the state of every server and of the proxy")
-    st.add_argument("--config", required=True)
+    st = sub.add_parser(
+        "status", help="show the state of every server and of the proxy",
+        description="Ask every server of the cluster file and the proxy how they are; "
+                    "exit status 1 if a server is down.")
+    st.add_argument("--config", required=True, metavar="FILE", help="cluster file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    if supervision.ENV in os.environ:
+        # Under `tandem up`: a terminal's Ctrl-C reaches every process of its group, but
+        # it is for the supervisor, which tells each process how to stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = _parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        os.environ["TANDEM_LOG_LEVEL"] = "DEBUG"  # this process and its children
     try:
         path = args.config or str(cluster_config.default_config_path())
         cfg = cluster_config.load(path)
     except ConfigError as exc:
-        print(f"tandem: configuration error: {exc}", file=sys.stderr)
-        return 2
+        from tandem.startup import fail
+        return fail(f"tandem: configuration error: {exc}", exc, code=2)
     if args.command == "backend":
         from backends.server import run as run_backend
         return run_backend(cfg, args.server, args.app, args.interface)

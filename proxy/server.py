@@ -13,8 +13,10 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
-from backends.config import Config
-from backends.logs import configure
+from tandem.config import Config
+from tandem.logs import configure
+from tandem.startup import StartupError, fail, listen_errors, warn_demo_secret
+from tandem.supervision import child_link
 
 from .admin import make_admin_app
 from .client import ClientProtocol
@@ -50,15 +52,19 @@ class ProxyServer:
         ctx = self.ctx = ProxyContext(self.config, loop=loop,
                                       max_idle_per_backend=self._max_idle_per_backend)
         try:
-            self._server = await loop.create_server(
-                lambda: ClientProtocol(ctx), p.listen.host, p.listen.port, backlog=1024)
+            # Both listeners first: a taken address fails here (ListenError), before the
+            # probes start.
+            with listen_errors(p.listen.host, p.listen.port):
+                self._server = await loop.create_server(
+                    lambda: ClientProtocol(ctx), p.listen.host, p.listen.port, backlog=1024)
             self.listen_address = _bound(self._server.sockets[0].getsockname())
             if p.admin is not None:
                 self._admin = web.AppRunner(make_admin_app(ctx), access_log=None,
                                             handle_signals=False)
                 await self._admin.setup()
                 site = web.TCPSite(self._admin, p.admin.host, p.admin.port)
-                await site.start()
+                with listen_errors(p.admin.host, p.admin.port, "the proxy's status page"):
+                    await site.start()
                 self.admin_address = _bound(self._admin.addresses[0])
             self._prober = HealthProber(
                 ctx.router, interval_s=p.health_interval_s, rise=p.health_rise,
@@ -149,16 +155,36 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(config: Config) -> int:
-    """Run the proxy until SIGINT or SIGTERM; the process exit code."""
+    """Run the proxy until SIGINT or SIGTERM (or `tandem up`'s stop); the exit status.
+
+    A failed start is one line (the traceback at DEBUG only), exit status 1.
+    """
     configure(component="proxy")
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_serve(config))
+    p = config.proxy
+    warn_demo_secret(config, [a for a in (p.listen, p.admin) if a is not None],
+                     plain=child_link() is None)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve(config))
+    except StartupError as exc:
+        return fail(f"tandem: {exc}", exc)
 
 
 async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
+    link = child_link()
+    signals = [signal.SIGTERM]
+    if link is None:
+        signals.append(signal.SIGINT)
+    else:  # (SIGINT is ignored: a terminal's Ctrl-C is for `tandem up`, which decides)
+        def on_word(word: str) -> None:
+            if word == "stopping":  # (nothing to prepare: the proxy repairs nothing)
+                link.acknowledge_stopping()
+            elif word == "stop":
+                stop.set()
+
+        link.watch(loop, on_word)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -168,13 +194,17 @@ async def _serve(config: Config) -> int:
                      admin="{}:{}".format(*srv.admin_address) if srv.admin_address else None,
                      backends=[f"{s.id}={s.http}" for s in config.servers],
                      loop=type(loop).__module__.split(".")[0])
+            if link is not None:
+                link.ready(*("{}:{}".format(*a) for a in (srv.listen_address,
+                                                          srv.admin_address) if a))
             await stop.wait()
             log.info("proxy_stopping")
-    except OSError as exc:
-        log.error("proxy_failed", error=str(exc))
-        return 1
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if link is not None:
+            link.unwatch()
     log.info("proxy_stopped")
+    if link is not None:
+        link.stopped()
     return 0

@@ -1,10 +1,17 @@
 """`tandem up`: every server of the cluster file as a child process, and the proxy.
 
-A small supervisor: starts the servers, waits until they answer, starts the proxy, prints
-the URL, restarts a server process that dies (unless told not to), and on Ctrl-C/SIGTERM
-stops everything — servers first get SIGTERM (a clean leave), then SIGKILL after a bound.
+A small supervisor. Start: the app is imported once, here (one line if it does not load,
+exit 2); then every server and the proxy start at once, and each says through its channel
+(`tandem.supervision`) that it listens — or, in one line, why it cannot: that line is
+printed, everything stops, exit 1. The URL is printed only once the proxy itself said it
+listens there (a probe of the port would also be answered by another program holding it).
+
+Running: a process that exits is restarted; RESTART_LIMIT exits of one process within
+RESTART_WINDOW_S, or a restarted process that cannot start, stop the cluster (exit 1).
 SIGHUP restarts the servers one by one (a rolling restart): each drains — hands its
 sessions to their secondaries — exits, starts again and rejoins before the next one goes.
+Ctrl-C or SIGTERM stops the whole cluster: the proxy first, then every server at once,
+told that the whole cluster stops (no hand-over to peers that stop too), one line each.
 """
 
 from __future__ import annotations
@@ -12,28 +19,39 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from backends.config import Config
+from tandem.config import Config
+from tandem.logs import configure
+from tandem.startup import AppLoadError, fail, warn_demo_secret
 
-__all__ = ["run_up", "print_status", "child_env"]
+from .children import Child, ChildState, describe_exit
 
-STOP_TIMEOUT_S = 15.0
+__all__ = ["run_up", "print_status", "child_env", "RESTART_LIMIT", "RESTART_WINDOW_S"]
+
+RESTART_LIMIT = 5  # exits of one process within RESTART_WINDOW_S that stop the cluster
+RESTART_WINDOW_S = 60.0
+START_TIMEOUT_S = 30.0  # for a process to say it listens (the app's start-up included)
+STOP_TIMEOUT_S = 15.0  # for the whole cluster to stop; then SIGKILL
+PREPARE_TIMEOUT_S = 2.0  # for every server to answer `stopping` (a hung one is not waited for)
+_TICK_S = 0.1
 
 
 def child_env() -> dict[str, str]:
-    """The environment of child processes: the caller's directory importable (for --app)."""
+    """The environment of child processes: the caller's directory importable (for --app),
+    and their logs at WARNING unless TANDEM_LOG_LEVEL says otherwise (`--debug`: DEBUG) —
+    the terminal shows what needs attention, not every session created."""
     env = dict(os.environ)
     extra = [os.getcwd()]
     if env.get("PYTHONPATH"):
         extra.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(extra)
+    env.setdefault("TANDEM_LOG_LEVEL", "WARNING")
     return env
 
 
@@ -47,11 +65,12 @@ def _backend_cmd(path: str, server: str, app: str, interface: str) -> list[str]:
             "--server", server, "--app", app, "--interface", interface]
 
 
-def _wait_rejoined(cfg: Config, server: str, timeout: float) -> bool:
+def _wait_rejoined(cfg: Config, server: str, timeout: float,
+                   stopping: Callable[[], bool]) -> bool:
     """Until `server` answers and sees every other server alive."""
     url = f"http://{cfg.server(server).http}/__tandem/health"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping():
         try:
             health = _get_json(url)
             if all(v == "alive" for v in health.get("peers", {}).values()):
@@ -62,124 +81,209 @@ def _wait_rejoined(cfg: Config, server: str, timeout: float) -> bool:
     return False
 
 
+class _Failed(Exception):
+    """The cluster stops because of a process; `lines` say why, one line each."""
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__(lines[0])
+        self.lines = lines
+
+
 def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -> int:
-    stopping = False
-    rolling = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping, rolling
-        if signum == signal.SIGHUP:
-            rolling = True
-        else:
-            stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    env = child_env()
-    children: dict[str, subprocess.Popen[bytes]] = {}
-    cmds: dict[str, list[str]] = {}
-    for s in cfg.servers:
-        cmds[s.id] = _backend_cmd(path, s.id, app, interface)
-    cmds["proxy"] = [sys.executable, "-m", "proxy.cli", "proxy", "--config", path]
+    """Run the cluster until Ctrl-C/SIGTERM (0) or a process fails (1); a bad app: 2."""
+    configure(component="up")
+    from backends.server import load_app  # (the backend runtime, only for `up`)
     try:
-        for s in cfg.servers:
-            children[s.id] = subprocess.Popen(cmds[s.id], env=env)
-        deadline = time.monotonic() + 30
-        for s in cfg.servers:
-            while not stopping:
-                if children[s.id].poll() is not None:
-                    print(f"tandem: server {s.id} exited with {children[s.id].returncode} "
-                          "during start-up", file=sys.stderr)
-                    return 1
-                try:
-                    _get_json(f"http://{s.http}/__tandem/health")
-                    break
-                except (OSError, urllib.error.URLError, ValueError):
-                    if time.monotonic() > deadline:
-                        print(f"tandem: server {s.id} did not answer on {s.http}",
-                              file=sys.stderr)
-                        return 1
-                    time.sleep(0.1)
-        children["proxy"] = subprocess.Popen(cmds["proxy"], env=env)
-        if not _wait_listening(cfg, children["proxy"], timeout=30.0):
-            print(f"tandem: the proxy did not start listening on {cfg.proxy.listen}",
-                  file=sys.stderr)
+        load_app(app, interface)  # once, here: not a traceback per server
+    except AppLoadError as exc:
+        return fail(f"tandem: {exc}", exc, code=2)
+    p = cfg.proxy
+    warn_demo_secret(cfg, [*(a for s in cfg.servers for a in (s.http, s.replication)),
+                           *(a for a in (p.listen, p.admin) if a is not None)], plain=True)
+    return _Supervisor(cfg, path, app=app, interface=interface, restart=restart).run()
+
+
+class _Supervisor:
+    def __init__(self, cfg: Config, path: str, *, app: str, interface: str,
+                 restart: bool) -> None:
+        # configuration
+        self.cfg = cfg
+        self.restart = restart
+        env = child_env()
+        self.proxy = Child(name="proxy", cmd=[sys.executable, "-m", "proxy.cli", "proxy",
+                                              "--config", path], env=env)
+        self.servers = {s.id: Child(name=s.id, cmd=_backend_cmd(path, s.id, app, interface),
+                                    env=env) for s in cfg.servers}
+        # what the signals asked for
+        self.stopping = False
+        self.rolling = False
+
+    @property
+    def children(self) -> list[Child]:
+        return [self.proxy, *self.servers.values()]
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.rolling = True
+        else:
+            self.stopping = True
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        announce = False
+        try:
+            for child in self.children:
+                child.spawn()
+            self._wait_ready(self.children)
+            if self.stopping:
+                return 0
+            self._announce()
+            announce = True
+            while not self.stopping:
+                time.sleep(_TICK_S)
+                if self.rolling:
+                    self.rolling = False
+                    self._rolling_restart()
+                for child in self.children:
+                    self._check(child)
+            return 0
+        except _Failed as exc:
+            for line in exc.lines:
+                print(line, file=sys.stderr, flush=True)
+            announce = False
             return 1
-        if not stopping:
-            admin = f", status page http://{cfg.proxy.admin}/__tandem/status" if (
-                cfg.proxy.admin) else ""
-            print(f"\ntandem is up: http://{cfg.proxy.listen}/{admin}\n"
-                  f"servers: {', '.join(f'{s.id}={s.http}' for s in cfg.servers)} — "
-                  "Ctrl-C stops all of it\n", file=sys.stderr, flush=True)
-        while not stopping:
-            time.sleep(0.2)
-            if rolling:
-                rolling = False
-                _rolling_restart(cfg, children, cmds, env)
-            for name, child in list(children.items()):
-                code = child.poll()
-                if code is None or stopping:
-                    continue
-                print(f"tandem: {name} exited with {code}"
-                      + ("; restarting it" if restart else ""), file=sys.stderr, flush=True)
-                if not restart:
-                    return 1
-                time.sleep(0.5)
-                children[name] = subprocess.Popen(cmds[name], env=env)
-        return 0
-    finally:
-        _stop_all(children)
+        finally:
+            self._stop_all(announce=announce)
 
+    # --- starting -----------------------------------------------------------------------
 
-def _wait_listening(cfg: Config, proxy: subprocess.Popen[bytes], *, timeout: float) -> bool:
-    """Until the proxy accepts connections (the URL we print must answer)."""
-    addr = cfg.proxy.listen
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proxy.poll() is None:
-        try:
-            with socket.create_connection((addr.host, addr.port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+    def _wait_ready(self, children: Iterable[Child]) -> None:
+        """Until each of `children` said it listens; _Failed if one cannot start."""
+        waiting = list(children)
+        while waiting and not self.stopping:
+            for child in waiting:
+                self._check_start(child)
+            waiting = [c for c in waiting if c.state is ChildState.STARTING]
+            if waiting:
+                time.sleep(_TICK_S)
 
+    def _check_start(self, child: Child) -> bool:
+        """True once it said it listens; _Failed if it cannot start."""
+        child.read()
+        if child.failure is None and child.state is ChildState.STARTING:
+            code = child.exit_code()
+            if code is not None:
+                child.read()  # the line it wrote just before it exited
+                if child.failure is None:
+                    raise _Failed(f"tandem: {child.name} exited while starting "
+                                  f"({describe_exit(code)})", *self._after_restart(child))
+            elif time.monotonic() - child.started_at > START_TIMEOUT_S:
+                raise _Failed(f"tandem: {child.name} did not start within "
+                              f"{START_TIMEOUT_S:g} s", *self._after_restart(child))
+        if child.failure is not None:
+            raise _Failed(child.failure, *self._after_restart(child))
+        return child.state is ChildState.READY
 
-def _rolling_restart(cfg: Config, children: dict[str, subprocess.Popen[bytes]],
-                     cmds: dict[str, list[str]], env: dict[str, str]) -> None:
-    drain = cfg.cluster.drain_timeout_s + 10.0
-    for s in cfg.servers:
-        print(f"tandem: rolling restart: {s.id} draining", file=sys.stderr, flush=True)
-        child = children[s.id]
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=drain)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        children[s.id] = subprocess.Popen(cmds[s.id], env=env)
-        if not _wait_rejoined(cfg, s.id, timeout=60.0):
-            print(f"tandem: rolling restart stopped: {s.id} did not rejoin",
-                  file=sys.stderr, flush=True)
+    @staticmethod
+    def _after_restart(child: Child) -> tuple[str, ...]:
+        if child.spawns < 2:
+            return ()
+        return (f"tandem: {child.name} could not restart; stopping the cluster",)
+
+    def _announce(self) -> None:
+        listen, *admin = self.proxy.addresses or [str(self.cfg.proxy.listen)]
+        status = f", status page http://{admin[0]}/__tandem/status" if admin else ""
+        servers = ", ".join(f"{s.id}={s.http}" for s in self.cfg.servers)
+        print(f"\ntandem is up: http://{listen}/{status}\n"
+              f"servers: {servers} — Ctrl-C stops all of it\n", file=sys.stderr, flush=True)
+
+    # --- running ------------------------------------------------------------------------
+
+    def _check(self, child: Child) -> None:
+        """A restarted process that is starting, or one that exited: restart it, within
+        the bound (_Failed past it)."""
+        if child.state is ChildState.STARTING:
+            if self._check_start(child):
+                print(f"tandem: {child.name} is up again", file=sys.stderr, flush=True)
             return
-    print("tandem: rolling restart done", file=sys.stderr, flush=True)
+        code = child.exit_code()
+        if code is None or child.state is not ChildState.READY:
+            return
+        child.state = ChildState.EXITED
+        why = describe_exit(code)
+        if not self.restart:
+            raise _Failed(f"tandem: {child.name} exited ({why}); not restarted (--no-restart)")
+        n = child.exited_within(RESTART_WINDOW_S)
+        if n >= RESTART_LIMIT:
+            raise _Failed(f"tandem: {child.name} exited {n} times within "
+                          f"{RESTART_WINDOW_S:g} s (last: {why}); stopping the cluster")
+        print(f"tandem: {child.name} exited ({why}); restarting it", file=sys.stderr,
+              flush=True)
+        child.spawn()
 
+    def _rolling_restart(self) -> None:
+        drain_s = self.cfg.cluster.drain_timeout_s + 10.0
+        for sid, child in self.servers.items():
+            if self.stopping:
+                return
+            print(f"tandem: rolling restart: {sid} draining", file=sys.stderr, flush=True)
+            child.stop(hand_over=True)
+            if child.wait(drain_s):
+                print(f"tandem: {sid} drained" + (f" ({child.summary})" if child.summary
+                                                   else ""), file=sys.stderr, flush=True)
+            else:
+                child.kill()
+                print(f"tandem: {sid} did not drain within {drain_s:g} s: killed",
+                      file=sys.stderr, flush=True)
+            child.spawn()
+            self._wait_ready([child])
+            if not _wait_rejoined(self.cfg, sid, 60.0, lambda: self.stopping):
+                if not self.stopping:
+                    print(f"tandem: rolling restart stopped: {sid} did not rejoin",
+                          file=sys.stderr, flush=True)
+                return
+        print("tandem: rolling restart done", file=sys.stderr, flush=True)
 
-def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
-    # the proxy first (no new requests), then the servers (each leaves cleanly)
-    order = sorted(children, key=lambda n: n != "proxy")
-    for name in order:
-        if children[name].poll() is None:
-            children[name].send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for name in order:
-        child = children[name]
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    # --- stopping -----------------------------------------------------------------------
+
+    def _stop_all(self, *, announce: bool) -> None:
+        """The whole cluster stops: the proxy first (no new requests), then every server
+        at once, each told that its peers stop too; `announce`: a line for each."""
+        running = [c for c in self.children if c.exit_code() is None and c.proc is not None]
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        killed = set()
+        for group in ([self.proxy], list(self.servers.values())):
+            self._prepare_stop(group)
+            for child in group:
+                child.stop(hand_over=False)
+            for child in group:
+                if not child.wait(deadline - time.monotonic()):
+                    child.kill()
+                    killed.add(child.name)
+        for child in self.children:
+            child.close()
+        if not announce:
+            return
+        for child in running:
+            if child.name in killed:
+                line = f"did not stop within {STOP_TIMEOUT_S:g} s: killed"
+            else:
+                line = "stopped" + (f" ({child.summary})" if child.summary else "")
+            print(f"tandem: {child.name} {line}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _prepare_stop(group: list[Child]) -> None:
+        """Tell each that the whole cluster stops, and wait (bounded) for every answer: none
+        leaves while another would still repair after it (`tandem.supervision`)."""
+        told = [c for c in group if c.prepare_stop()]
+        deadline = time.monotonic() + PREPARE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for child in told:
+                child.read()
+            if all(c.prepared or c.exit_code() is not None for c in told):
+                return
+            time.sleep(0.01)
 
 
 def print_status(cfg: Config, *, as_json: bool) -> int:

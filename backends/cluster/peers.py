@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from tandem.config import Config, ServerConfig
+from tandem.startup import listen_errors, listen_now
 
 from ..errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
 from . import wire
@@ -397,9 +398,26 @@ class ReplicationListener:
         self._tasks: set[asyncio.Future[None]] = set()
         self._closing = False
 
+    async def bind(self) -> None:
+        """Bind and listen before any peer is dialled (theirs wait in the backlog until
+        `start`): a taken address fails here, with nothing started (ListenError)."""
+        me = self._membership.me
+        addr = me.replication
+        with listen_errors(addr.host, addr.port, f"{me.id}'s replication address"):
+            self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
+                                                      start_serving=False)
+            listen_now(self._server)
+
     async def start(self) -> None:
-        addr = self._membership.me.replication
-        self._server = await asyncio.start_server(self._accept, addr.host, addr.port)
+        if self._server is None:
+            await self.bind()
+        assert self._server is not None
+        await self._server.start_serving()
+
+    def leaving(self) -> None:
+        """We are about to say goodbye: a peer that closes its link to us from now on is
+        answering our goodbye, not failing."""
+        self._closing = True
 
     async def close(self) -> None:
         self._closing = True

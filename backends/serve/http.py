@@ -21,6 +21,8 @@ from urllib.parse import unquote_to_bytes
 import structlog
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
+from tandem.startup import listen_errors, listen_now
+
 from .cycle import STATUS_LINE, RequestCycle
 from .websocket import WebSocketCycle, handshake_error
 
@@ -54,11 +56,13 @@ class HttpServer:
     def __init__(self, app: ASGIApp, *, host: str, port: int,
                  state: dict[str, Any] | None = None, max_head_bytes: int = 64 * 1024,
                  max_headers: int = 100, body_buffer_bytes: int = 256 * 1024,
-                 keepalive_timeout_s: float = 75.0, shutdown_timeout_s: float = 10.0) -> None:
+                 keepalive_timeout_s: float = 75.0, shutdown_timeout_s: float = 10.0,
+                 label: str | None = None) -> None:
         # configuration
         self.app = app
         self.host = host
         self.port = port
+        self.label = label  # what start-up errors call this listener ("s1's http address")
         self.state = state if state is not None else {}  # lifespan state, copied per request
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
@@ -75,13 +79,30 @@ class HttpServer:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> HttpServer:
+        await self.bind()
+        await self.start_serving()
+        return self
+
+    async def bind(self) -> None:
+        """Bind and listen, not yet accepting (connections wait in the backlog): a taken
+        address fails here (ListenError), before the rest of the server starts."""
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(
-            lambda: HttpProtocol(self), self.host, self.port, backlog=1024, reuse_address=True)
+        with listen_errors(self.host, self.port, self.label):
+            self._server = await self.loop.create_server(
+                lambda: HttpProtocol(self), self.host, self.port, backlog=1024,
+                reuse_address=True, start_serving=False)
+            listen_now(self._server, 1024)
         sock = self._server.sockets[0].getsockname()
         self.server_addr = (str(sock[0]), int(sock[1]))
+
+    async def start_serving(self) -> None:
+        """Accept connections (those waiting in the backlog first)."""
+        if self._server is None:
+            await self.bind()
+        assert self._server is not None and self.loop is not None
+        with listen_errors(self.host, self.port, self.label):
+            await self._server.start_serving()
         self._sweeper = self.loop.create_task(self._sweep(), name="http-idle-sweep")
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()

@@ -1,0 +1,167 @@
+"""The channel between `tandem up` and each process it starts: one socket pair per child,
+its fd named by TANDEM_SUPERVISOR_FD, one message per line.
+
+child → supervisor: `ready ADDRESS...` (every listener of this process is bound and
+serving, there), `failed LINE` (start-up failed; LINE is what a person reads), `stopping`
+(the answer to `stopping`), `stopped SUMMARY` (its last words).
+
+supervisor → child, when the whole cluster stops: first `stopping` to every server (stop
+repairing: a peer that leaves now is not a failure, its sessions are not taken over), and
+once all answered, `stop` (no hand-over to peers that stop too). Two steps, because a
+server that heard `stop` first would leave while a slower one still repairs after it.
+A child whose channel reaches end-of-file has lost its supervisor and stops as for `stop`.
+
+Why a channel and not a probe of the address: a probe answers for whatever program holds
+the port; only the child can say that *it* listens there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+
+__all__ = ["ENV", "ChildLink", "child_link", "ParentEnd", "spawn"]
+
+ENV = "TANDEM_SUPERVISOR_FD"
+
+_link: ChildLink | None = None
+_looked = False
+
+
+def child_link() -> ChildLink | None:
+    """This process's channel to `tandem up`, or None when it runs on its own."""
+    global _link, _looked
+    if not _looked:
+        _looked = True
+        _link = ChildLink.from_env(os.environ)
+    return _link
+
+
+class ChildLink:
+    """The child's end: reports start-up and stop, hears `stop` (or the supervisor's end)."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_inheritable(fd, False)  # the application's own subprocesses do not hold it
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(False)
+        self._buf = b""
+        self._watched: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ChildLink | None:
+        value = environ.get(ENV)
+        if not value or not value.isdigit():
+            return None
+        fd = int(value)
+        try:
+            os.fstat(fd)
+        except OSError:  # inherited the variable but not the fd (a grandchild): on its own
+            return None
+        return cls(fd)
+
+    def ready(self, *addresses: str) -> bool:
+        """Every listener is bound and serving (`addresses`: where, as bound)."""
+        return self._send(" ".join(("ready", *addresses)))
+
+    def failed(self, line: str) -> bool:
+        return self._send(f"failed {line}")
+
+    def stopped(self, summary: str = "") -> bool:
+        return self._send(f"stopped {summary}".rstrip())
+
+    def _send(self, text: str) -> bool:
+        """False when the supervisor's end is gone (the caller then says it itself)."""
+        try:
+            self._sock.send((" ".join(text.split()) + "\n").encode())
+        except OSError:
+            return False
+        return True
+
+    def acknowledge_stopping(self) -> bool:
+        return self._send("stopping")
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_word: Callable[[str], None]) -> None:
+        """Call `on_word` (in the loop) with each word the supervisor says, and with
+        `stop` when its end closes."""
+        def readable() -> None:
+            try:
+                data = self._sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            *lines, self._buf = (self._buf + data).split(b"\n")
+            for line in lines:
+                on_word(line.decode("ascii", "replace").strip())
+            if not data:
+                self.unwatch()
+                on_word("stop")
+
+        self._watched = loop
+        loop.add_reader(self._sock.fileno(), readable)
+
+    def unwatch(self) -> None:
+        if self._watched is not None:
+            with contextlib.suppress(Exception):
+                self._watched.remove_reader(self._sock.fileno())
+            self._watched = None
+
+
+class ParentEnd:
+    """The supervisor's end of one child's channel: its messages, line by line."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._sock.setblocking(False)
+        self._buf = b""
+        self.eof = False
+
+    def messages(self) -> list[tuple[str, str]]:
+        """What arrived since the last call, as (word, rest) pairs; never blocks."""
+        while not self.eof:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                break
+            self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        out = []
+        for raw in lines:
+            word, _, rest = raw.decode("utf-8", "replace").partition(" ")
+            out.append((word, rest))
+        return out
+
+    def tell(self, word: str) -> bool:
+        """Say `stopping` or `stop`; False if the child's end is gone."""
+        try:
+            self._sock.send(word.encode("ascii") + b"\n")
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def spawn(cmd: Sequence[str], env: Mapping[str, str]) -> tuple[subprocess.Popen[bytes],
+                                                                ParentEnd]:
+    """Start `cmd` with a channel to it."""
+    ours, theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen(list(cmd), env={**env, ENV: str(theirs.fileno())},
+                                pass_fds=(theirs.fileno(),))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ParentEnd(ours)
