@@ -21,6 +21,7 @@ from .headers import forwarded_for, simple_response
 if TYPE_CHECKING:
     from .context import ProxyContext
     from .exchange import Exchange
+    from .exchange_state import ExchangeState
     from .tunnel import Tunnel
     from .upstream import UpstreamProtocol
 
@@ -190,7 +191,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --- answering ----------------------------------------------------------------------------
 
-    def exchange_done(self, ex: Exchange, keep: bool) -> None:
+    def exchange_done(self, ex: ExchangeState, keep: bool) -> None:
         """The active exchange has written its whole response (`keep`: the connection may
         carry another request)."""
         if ex is not self.active:

@@ -523,3 +523,20 @@ def test_llhttp_after_a_whole_request_keeps_alive_http11_alone():
     assert keeps_alive(head % (b"1.0", b"Connection: keep-alive\r\n")) is False
     with pytest.raises(HttpParserUpgrade):
         HttpRequestParser(object()).feed_data(b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+def test_exchange_class_defaults_are_immutable():
+    # What the exchange's class-level defaults rest on (proxy/exchange_state.py): every
+    # exchange reads the same default objects until it writes its own value, so none of
+    # them may be mutable (a list appended to would be every exchange's list).
+    import types
+
+    from proxy.exchange import Exchange
+
+    defaults = {name: value for cls in Exchange.__mro__ for name, value in vars(cls).items()
+                if cls is not object and not name.startswith("__")
+                and not isinstance(value, types.FunctionType | types.MemberDescriptorType)}
+    assert {"candidates", "chunked_in", "close_after", "timer_mark"} <= defaults.keys()
+    mutable = {name: value for name, value in defaults.items()
+               if value is not None and type(value) not in (bool, int, float)}
+    assert mutable == {}
