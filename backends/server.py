@@ -93,7 +93,8 @@ class BackendServer:
         self.hand_over = True
         # what was started (a failed start stops only that)
         self._store_open = False
-        self._app_started = False
+        self._app_started = False  # its lifespan task runs
+        self._app_ready = False  # its start-up completed
         self._running = False
 
     async def __aenter__(self) -> BackendServer:
@@ -108,7 +109,11 @@ class BackendServer:
                 self._store_open = True
             # 3. The application's own start-up.
             self._app_started = True
-            await self.lifespan.startup()
+            try:
+                await self.lifespan.startup()
+            except RuntimeError as exc:  # it answered lifespan.startup.failed
+                raise StartupError(f"{self.me.id} cannot start: {exc}") from exc
+            self._app_ready = True
             # 4. The replication channel, membership and sessions; then the requests.
             self._running = True
             await self.listener.start()
@@ -155,12 +160,15 @@ class BackendServer:
         self.listener.leaving()
         await self.membership.close()
         await self.listener.close()
-        # 5. The application's own shutdown.
+        # 5. The application's own shutdown (one that never finished starting is cancelled:
+        #    it would not answer a shutdown event).
         if self._app_started:
+            if not self._app_ready:
+                self.lifespan.supported = False
             await self.lifespan.shutdown()
         if self._running:
             log.info("backend_stopped")
-        self._running = self._app_started = self._store_open = False
+        self._running = self._app_started = self._app_ready = self._store_open = False
 
     def cluster_stopping(self) -> None:
         """The whole cluster stops: refuse new requests, and repair nothing any more — a
@@ -168,6 +176,13 @@ class BackendServer:
         self.hand_over = False
         if self._running:
             self.manager.draining = True
+
+    async def leave(self) -> None:
+        """Say goodbye to the peers now (a whole-cluster stop's second step): the links
+        close each after its goodbye, while every listener is still open."""
+        if self._running:
+            self.listener.leaving()
+            await self.membership.close()
 
     def summary(self) -> str:
         """What became of the sessions, for the supervisor's line ("s1 stopped (...)")."""
@@ -208,6 +223,7 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
+        leaving: set[asyncio.Task[None]] = set()
         assert task is not None
 
         def on_stop() -> None:
@@ -216,13 +232,19 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
             else:  # asked during start-up: what was started is torn down
                 task.cancel()
 
-        def on_word(word: str) -> None:  # from `tandem up`
+        async def leave() -> None:
+            await server.leave()
+            assert link is not None
+            link.answer("left")
+
+        def on_word(word: str) -> None:  # from `tandem up`: the whole cluster stops
+            assert link is not None
+            server.cluster_stopping()
             if word == "stopping":
-                server.cluster_stopping()
-                assert link is not None
-                link.acknowledge_stopping()
+                link.answer("stopping")
+            elif word == "leave":
+                leaving.add(loop.create_task(leave()))
             elif word == "stop":
-                server.cluster_stopping()
                 on_stop()
 
         loop.add_signal_handler(signal.SIGTERM, on_stop)
@@ -254,7 +276,7 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
         return fail(f"{who} cannot open its session store: {exc}", exc)
     except ConfigError as exc:
         return fail(f"tandem: configuration error: {exc}", exc, code=2)
-    except StartupError as exc:  # a listener: the message names the server and the address
+    except StartupError as exc:  # a listener, the app's start-up: the message says which
         return fail(f"tandem: {exc}", exc)
     except Exception as exc:
         if started:

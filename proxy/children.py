@@ -49,7 +49,7 @@ class Child:
         self.failure: str | None = None  # the line it gave for a failed start
         self.summary: str | None = None  # what it said when it stopped
         self.addresses: list[str] = []  # where it listens, as it said when ready
-        self.prepared = False  # answered `stopping`: repairs nothing any more
+        self.answers: set[str] = set()  # to the whole-cluster stop's steps: stopping, left
         self.spawns = 0
         # over the supervisor's life: when it exited of itself (the restart bound)
         self.exits: deque[float] = deque()
@@ -61,7 +61,7 @@ class Child:
         self.state = ChildState.STARTING
         self.started_at = time.monotonic()
         self.failure = self.summary = None
-        self.prepared = False
+        self.answers = set()
         self.spawns += 1
 
     def read(self) -> None:
@@ -76,8 +76,8 @@ class Child:
                 self.failure = rest
             elif word == "stopped":
                 self.summary = rest
-            elif word == "stopping":
-                self.prepared = True
+            elif word in ("stopping", "left"):
+                self.answers.add(word)
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -92,11 +92,12 @@ class Child:
 
     # --- stopping -----------------------------------------------------------------------
 
-    def prepare_stop(self) -> bool:
-        """The whole cluster is about to stop (`stopping`); False if it cannot hear it."""
+    def tell(self, word: str) -> bool:
+        """A step of the whole cluster's stop (`stopping`, `leave`); False if it cannot
+        hear it (exited, or its channel is gone)."""
         if self.proc is None or self.proc.poll() is not None or self.channel is None:
             return False
-        return self.channel.tell("stopping")
+        return self.channel.tell(word)
 
     def stop(self, *, hand_over: bool) -> None:
         """`hand_over`: SIGTERM (it drains and leaves the cluster alone); otherwise the

@@ -179,8 +179,8 @@ async def _serve(config: Config) -> int:
         signals.append(signal.SIGINT)
     else:  # (SIGINT is ignored: a terminal's Ctrl-C is for `tandem up`, which decides)
         def on_word(word: str) -> None:
-            if word == "stopping":  # (nothing to prepare: the proxy repairs nothing)
-                link.acknowledge_stopping()
+            if word in ("stopping", "leave"):  # (steps for servers: nothing to do here)
+                link.answer("stopping" if word == "stopping" else "left")
             elif word == "stop":
                 stop.set()
 

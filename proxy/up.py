@@ -10,8 +10,9 @@ Running: a process that exits is restarted; RESTART_LIMIT exits of one process w
 RESTART_WINDOW_S, or a restarted process that cannot start, stop the cluster (exit 1).
 SIGHUP restarts the servers one by one (a rolling restart): each drains — hands its
 sessions to their secondaries — exits, starts again and rejoins before the next one goes.
-Ctrl-C or SIGTERM stops the whole cluster: the proxy first, then every server at once,
-told that the whole cluster stops (no hand-over to peers that stop too), one line each.
+Ctrl-C or SIGTERM stops the whole cluster: the proxy first, then every server at once, in
+steps (no hand-over to peers that stop too, no repair after peers that leave), one line
+each.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ RESTART_LIMIT = 5  # exits of one process within RESTART_WINDOW_S that stop the 
 RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 30.0  # for a process to say it listens (the app's start-up included)
 STOP_TIMEOUT_S = 15.0  # for the whole cluster to stop; then SIGKILL
-PREPARE_TIMEOUT_S = 2.0  # for every server to answer `stopping` (a hung one is not waited for)
+STEP_TIMEOUT_S = 2.0  # for every server to answer a step of the stop (a hung one: not waited)
 _TICK_S = 0.1
 
 
@@ -254,7 +255,8 @@ class _Supervisor:
         deadline = time.monotonic() + STOP_TIMEOUT_S
         killed = set()
         for group in ([self.proxy], list(self.servers.values())):
-            self._prepare_stop(group)
+            self._step(group, "stopping", "stopping")
+            self._step(group, "leave", "left")
             for child in group:
                 child.stop(hand_over=False)
             for child in group:
@@ -273,15 +275,15 @@ class _Supervisor:
             print(f"tandem: {child.name} {line}", file=sys.stderr, flush=True)
 
     @staticmethod
-    def _prepare_stop(group: list[Child]) -> None:
-        """Tell each that the whole cluster stops, and wait (bounded) for every answer: none
-        leaves while another would still repair after it (`tandem.supervision`)."""
-        told = [c for c in group if c.prepare_stop()]
-        deadline = time.monotonic() + PREPARE_TIMEOUT_S
+    def _step(group: list[Child], word: str, answer: str) -> None:
+        """Tell each of `group` a step of the whole cluster's stop, and wait (bounded) for
+        every answer before the next step (`tandem.supervision` says why)."""
+        told = [c for c in group if c.tell(word)]
+        deadline = time.monotonic() + STEP_TIMEOUT_S
         while time.monotonic() < deadline:
             for child in told:
                 child.read()
-            if all(c.prepared or c.exit_code() is not None for c in told):
+            if all(answer in c.answers or c.exit_code() is not None for c in told):
                 return
             time.sleep(0.01)
 

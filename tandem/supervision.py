@@ -3,12 +3,16 @@ its fd named by TANDEM_SUPERVISOR_FD, one message per line.
 
 child → supervisor: `ready ADDRESS...` (every listener of this process is bound and
 serving, there), `failed LINE` (start-up failed; LINE is what a person reads), `stopping`
-(the answer to `stopping`), `stopped SUMMARY` (its last words).
+and `left` (the answers to the words below), `stopped SUMMARY` (its last words).
 
-supervisor → child, when the whole cluster stops: first `stopping` to every server (stop
-repairing: a peer that leaves now is not a failure, its sessions are not taken over), and
-once all answered, `stop` (no hand-over to peers that stop too). Two steps, because a
-server that heard `stop` first would leave while a slower one still repairs after it.
+supervisor → child, when the whole cluster stops, each word to every server, the next
+once all answered (or a bound passed):
+  `stopping`  stop repairing: a peer that leaves from now on is not a failure (its sessions
+              are not taken over), and nothing is handed to peers that stop too;
+  `leave`     say goodbye to the peers (the links close, each after a goodbye);
+  `stop`      stop (the listeners close last: no peer sees a link drop before its goodbye).
+A server that heard `leave` before another heard `stopping` would be repaired after; one
+that closed its listener before another said goodbye would be seen failing.
 A child whose channel reaches end-of-file has lost its supervisor and stops as for `stop`.
 
 Why a channel and not a probe of the address: a probe answers for whatever program holds
@@ -81,8 +85,9 @@ class ChildLink:
             return False
         return True
 
-    def acknowledge_stopping(self) -> bool:
-        return self._send("stopping")
+    def answer(self, word: str) -> bool:
+        """`stopping` or `left`: done what the supervisor's word asked."""
+        return self._send(word)
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_word: Callable[[str], None]) -> None:
         """Call `on_word` (in the loop) with each word the supervisor says, and with
@@ -141,7 +146,7 @@ class ParentEnd:
         return out
 
     def tell(self, word: str) -> bool:
-        """Say `stopping` or `stop`; False if the child's end is gone."""
+        """Say `stopping`, `leave` or `stop`; False if the child's end is gone."""
         try:
             self._sock.send(word.encode("ascii") + b"\n")
         except OSError:

@@ -65,8 +65,14 @@ def test_tandem_up_serves_the_demo_survives_a_kill_and_stops_cleanly(tmp_path: P
             code = up.wait(timeout=30)
         finally:
             log.close()
-    assert code == 0, (tmp_path / "up.log").read_text()
+    text = (tmp_path / "up.log").read_text()
+    assert code == 0, text
     assert not any(_pids_of(s.id) for s in cfg.servers)
+    # the killed server was restarted; Ctrl-C: one line per process, the proxy first
+    assert f"tandem: {info['primary']} exited (killed by SIGKILL); restarting it" in text
+    assert [line.split(" (")[0] for line in text.strip().splitlines()[-4:]] == [
+        "tandem: proxy stopped", "tandem: s1 stopped", "tandem: s2 stopped",
+        "tandem: s3 stopped"], text
 
 
 @pytest.mark.timeout(120)
@@ -75,6 +81,6 @@ def test_the_wheel_embeds_the_default_cluster_and_the_demo(tmp_path: Path):
                     "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("tandem_proxy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "backends/default.toml" in names
+    assert "tandem/default.toml" in names
     assert "backends/demo/__init__.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)
