@@ -267,6 +267,8 @@ class _Supervisor:
             child.close()
         if not announce:
             return
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # past the terminal's "^C"
         for child in running:
             if child.name in killed:
                 line = f"did not stop within {STOP_TIMEOUT_S:g} s: killed"
