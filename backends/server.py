@@ -215,7 +215,8 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
         return fail(f"tandem: {exc}", exc, code=2)
     except ConfigError as exc:
         return fail(f"tandem: configuration error: {exc}", exc, code=2)
-    warn_demo_secret(config, (server.me.http, server.me.replication), plain=link is None)
+    if link is None:  # (under `tandem up`, the supervisor warned for the whole cluster)
+        warn_demo_secret(config, (server.me.http, server.me.replication), plain=True)
     started = False
 
     async def main() -> None:

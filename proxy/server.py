@@ -161,8 +161,8 @@ def run(config: Config) -> int:
     """
     configure(component="proxy")
     p = config.proxy
-    warn_demo_secret(config, [a for a in (p.listen, p.admin) if a is not None],
-                     plain=child_link() is None)
+    if child_link() is None:  # (under `tandem up`, the supervisor warned for the cluster)
+        warn_demo_secret(config, [a for a in (p.listen, p.admin) if a is not None], plain=True)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_serve(config))

@@ -386,4 +386,7 @@ def test_up_warns_once_for_the_demo_secret(tmp_path: Path) -> None:
     assert plain == [f"tandem: warning: the cluster secret is the demo's 'change-me' and "
                      f"0.0.0.0:{proxy} is not loopback: anyone who reaches it can forge "
                      "session tokens; set TANDEM_SECRETS"], lines
+    # and one structured warning, from the supervisor (not one more per process)
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [e["event"] for e in events if e["level"] == "warning"] == ["demo_secret_exposed"]
     assert up.returncode == 0, rest
