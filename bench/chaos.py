@@ -490,13 +490,16 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
         per_fault.append(entry)
     lost_events = [(e, v.session) for v in verdicts for e in v.lost_events]
     loss_detail = []
+    # signals and network cuts, in time order: a loss is put down to the last one before it
+    injected: list[Fault | Cut] = sorted([*faults, *runner.cuts], key=lambda f: f.t)
     for (t_seen, n, acked), sess in sorted(lost_events)[:200]:
-        before = [f for f in faults if f.t <= t_seen]
+        before = [f for f in injected if f.t <= t_seen]
         f = before[-1] if before else None
         loss_detail.append({
             "session": sess, "t_seen_s": round(t_seen, 3), "lost": n,
             "fault": f.label if f else None,
-            # how long before the fault each lost write had been acknowledged (ms)
+            # how long before the fault each lost write had been acknowledged (ms; negative:
+            # acknowledged after it — during a cut, by a server on the wrong side of it)
             "acked_before_fault_ms": [round((f.t - t) * 1000, 1) for t in acked] if f else [],
         })
     ages = [a for d in loss_detail for a in d["acked_before_fault_ms"]]
@@ -544,7 +547,7 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                    "loss_events": loss_detail,
                    "lost_acked_before_fault": percentiles([a / 1000 for a in ages]),
                    "dup_events": sorted(({"session": v.session, "t_s": round(t, 3), "dup": d,
-                                          "failed_since_ack": fs, "after": _last_fault(faults, t)}
+                                          "failed_since_ack": fs, "after": _last_fault(injected, t)}
                                          for v in verdicts for (t, d, fs) in v.dup_events),
                                         key=lambda d: d["t_s"])[:200]},
         "faults": per_fault,
@@ -566,7 +569,7 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
     return summary
 
 
-def _last_fault(faults: list[Fault], t: float) -> str | None:
+def _last_fault(faults: list[Fault | Cut], t: float) -> str | None:
     before = [f for f in faults if f.t <= t]
     return f"{before[-1].label} @{before[-1].t:.2f}s" if before else None
 

@@ -196,9 +196,12 @@ def server_executions(histories: Sequence[Sequence[Any]],
     runs: dict[tuple[int, int], list[Execution]] = {}
     for e in executions:
         runs.setdefault((e.client, e.write), []).append(e)
-    late, before, twice = [], 0, 0
+    late, before, twice, repeated = [], 0, 0, []
     for key, es in runs.items():
         twice += len(es) - 1
+        if len(es) > 1:  # e.g. run, not committed (503), and resent by the proxy
+            repeated.append({"session": key[0], "write": key[1],
+                             "runs": [[e.server, round(e.t, 3), e.counter] for e in es]})
         f = failed.get(key)
         if f is None:
             continue
@@ -215,6 +218,8 @@ def server_executions(histories: Sequence[Sequence[Any]],
     return {"executions": len(executions), "late": len(late),
             "late_not_seen_by_client": sum(1 for d in late if not d["seen_by_client"]),
             "failed_run_before_answer": before, "run_more_than_once": twice,
+            # (server, t, counter it produced) of each run
+            "run_more_than_once_events": repeated[:50],
             "late_events": late}
 
 
