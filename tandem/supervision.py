@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import stat
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
@@ -42,6 +43,7 @@ def child_link() -> ChildLink | None:
     if not _looked:
         _looked = True
         _link = ChildLink.from_env(os.environ)
+        os.environ.pop(ENV, None)  # the application's own subprocesses are not children
     return _link
 
 
@@ -62,8 +64,9 @@ class ChildLink:
             return None
         fd = int(value)
         try:
-            os.fstat(fd)
-        except OSError:  # inherited the variable but not the fd (a grandchild): on its own
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return None
+        except OSError:  # the variable came without the fd: on its own
             return None
         return cls(fd)
 
