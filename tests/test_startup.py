@@ -46,6 +46,9 @@ def tandem(*args: str, cwd: Path = ROOT, timeout: float = 30.0,
 def held(port: int) -> Iterator[socket.socket]:
     """Another program's listener on 127.0.0.1:`port`."""
     with socket.socket() as sock:
+        # (as servers do: a connection of the port's last owner in TIME_WAIT is no conflict;
+        # a listener is, with or without it)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         sock.listen()
         yield sock
