@@ -1,4 +1,5 @@
-"""Errors of the contract both tiers share: the cluster file and the route token.
+"""Errors of the contract both tiers share: the cluster file, the route token, and a
+process that cannot start.
 
 `ClusterError` is the root of every tandem error; the backend runtime's own errors
 (sessions, the replication channel) are in `backends.errors`.
@@ -6,7 +7,8 @@
 
 from __future__ import annotations
 
-__all__ = ["ClusterError", "ConfigError", "TokenError", "BadSignature", "MalformedToken"]
+__all__ = ["ClusterError", "ConfigError", "TokenError", "BadSignature", "MalformedToken",
+           "StartupError", "ListenError", "AppLoadError"]
 
 
 class ClusterError(Exception):
@@ -40,3 +42,32 @@ class BadSignature(TokenError):
 
 class MalformedToken(TokenError):
     """The token verified but its payload is not `SID!PRIMARY!SECONDARY`."""
+
+
+# --- start-up ---------------------------------------------------------------------------------
+
+
+class StartupError(ClusterError):
+    """A process could not start; the message is the line a person reads."""
+
+
+class ListenError(StartupError):
+    """A listening address could not be bound: taken, not this host's, or not resolvable."""
+
+    def __init__(self, *, address: str, what: str | None, reason: str,
+                 errno: int | None = None) -> None:
+        role = f" ({what})" if what else ""
+        super().__init__(f"cannot listen on {address}{role}: {reason}")
+        self.address = address
+        self.what = what
+        self.reason = reason
+        self.errno = errno
+
+
+class AppLoadError(StartupError):
+    """`MODULE:ATTR` of the application does not import or names nothing there."""
+
+    def __init__(self, *, ref: str, cause: BaseException) -> None:
+        super().__init__(f"cannot load app {ref!r}: {type(cause).__name__}: {cause}")
+        self.ref = ref
+        self.cause = cause

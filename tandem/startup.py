@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import structlog
 
 from .config import Address, Config
-from .errors import ClusterError
+from .errors import AppLoadError, ClusterError, ListenError, StartupError
 from .supervision import child_link
 
 __all__ = [
@@ -42,35 +42,6 @@ __all__ = [
 log = structlog.get_logger("tandem.startup")
 
 DEMO_SECRET = "change-me"  # the secret of the embedded demo cluster (tandem/default.toml)
-
-
-# --- errors (kept with the start-up they describe; tandem.errors holds the contract's) -------
-
-
-class StartupError(ClusterError):
-    """A process could not start; the message is the line a person reads."""
-
-
-class ListenError(StartupError):
-    """A listening address could not be bound: taken, not this host's, or not resolvable."""
-
-    def __init__(self, *, address: str, what: str | None, reason: str,
-                 errno: int | None = None) -> None:
-        role = f" ({what})" if what else ""
-        super().__init__(f"cannot listen on {address}{role}: {reason}")
-        self.address = address
-        self.what = what
-        self.reason = reason
-        self.errno = errno
-
-
-class AppLoadError(StartupError):
-    """`MODULE:ATTR` of the application does not import or names nothing there."""
-
-    def __init__(self, *, ref: str, cause: BaseException) -> None:
-        super().__init__(f"cannot load app {ref!r}: {type(cause).__name__}: {cause}")
-        self.ref = ref
-        self.cause = cause
 
 
 # --- listeners --------------------------------------------------------------------------------
