@@ -23,11 +23,12 @@ from tandem.logs import configure
 from tandem.startup import AppLoadError, StartupError, fail, one_line, warn_demo_secret
 from tandem.supervision import child_link
 
-from .cluster.peers import Membership, ReplicationListener
+from .cluster.listener import ReplicationListener
+from .cluster.membership import Membership
 from .errors import ConfigError
 from .persistence import StoreError
 from .serve.asgi import ASGIApp, TandemMiddleware
-from .serve.http import HttpServer
+from .serve.http_server import HttpServer
 from .serve.lifespan import Lifespan
 from .serve.wsgi import WsgiToAsgi
 from .sessions.manager import SessionManager

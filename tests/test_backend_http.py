@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from backends.serve.http import HttpServer
+from backends.serve.http_server import HttpServer
 
 Message = dict[str, Any]
 

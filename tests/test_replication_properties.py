@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from backends.cluster.peers import Membership, ReplicationListener
+from backends.cluster.listener import ReplicationListener
+from backends.cluster.membership import Membership
 from backends.sessions.manager import SessionManager, SessionMoved
 from backends.sessions.session import Session
 from tandem import config as cluster_config

@@ -15,7 +15,7 @@ from typing import Any
 
 from tandem.config import Config, ServerConfig
 
-from ..cluster.peers import Membership
+from ..cluster.membership import Membership
 from ..cluster.ranking import choose_secondary
 from ..errors import PeerTimeout, PeerUnavailable
 from ..persistence.persister import Persister, make_persister

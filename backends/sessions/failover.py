@@ -11,7 +11,7 @@ import time
 
 import structlog
 
-from ..cluster.peers import PeerState
+from ..cluster.link import PeerState
 from ..errors import ReplicationError
 from .committing import Committer
 from .context import Context

@@ -28,7 +28,7 @@ from tandem.config import Config, ServerConfig
 from tandem.logs import short
 from tandem.token import Route
 
-from ..cluster.peers import Membership
+from ..cluster.membership import Membership
 from ..errors import SessionMoved
 from ..persistence.persister import Persister
 from .committing import CommitResult, Committer

@@ -1,8 +1,9 @@
-"""Membership and the replication channel between servers.
+"""Our outbound replication link to one peer: calls with replies, pings, reconnection,
+and the peer's state as this server sees it.
 
 Each server dials every peer once (an outbound `PeerLink` carries our requests and their
-replies) and accepts the peers' own links (`ReplicationListener`). Liveness: a link pings
-every `heartbeat_interval_s`; a peer is failed when nothing was heard from it for
+replies) and accepts the peers' own links (`listener.ReplicationListener`). Liveness: a link
+pings every `heartbeat_interval_s`; a peer is failed when nothing was heard from it for
 `missed_heartbeats` intervals, or at once when a replication connection closes unexpectedly.
 Failed peers are re-dialled in the background and are alive again after a new handshake.
 """
@@ -12,28 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
-import inspect
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from tandem.config import Config, ServerConfig
-from tandem.startup import listen_errors, listen_now
 
 from ..errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
 from . import wire
 
-__all__ = ["PeerState", "PeerLink", "Membership", "ReplicationListener", "Outbox"]
+__all__ = ["PeerState", "PeerLink", "Outbox"]
 
 log = structlog.get_logger("tandem.peers")
-
-Reply = dict[str, Any] | None
-# A handler answers at once, or returns an awaitable when the answer needs network work.
-Handler = Callable[[str, dict[str, Any]], Reply | Awaitable[Reply]]
 
 
 class PeerState(enum.Enum):
@@ -287,211 +281,3 @@ class PeerLink:
 def _time_out(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
-
-
-class Membership:
-    """The cluster as this server sees it: which peers are alive, and the view hash."""
-
-    def __init__(self, *, config: Config, me: str) -> None:
-        self.config = config
-        self.me = config.server(me)
-        self.links: dict[str, PeerLink] = {
-            s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed,
-                           stalled=self.recently_stalled)
-            for s in config.servers if s.id != me
-        }
-        self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []
-        self._view: tuple[str, str] | None = None
-        self._stall_task: asyncio.Task[None] | None = None
-        self._stalled_at = -1e9  # monotonic time our last stall ended
-        self._last_tick = float("inf")  # when the stall watch last ran (not yet: inf)
-
-    def on_change(self, fn: Callable[[str, PeerState, str], Awaitable[None] | None]) -> None:
-        self._listeners.append(fn)
-
-    def start(self) -> None:
-        for link in self.links.values():
-            link.start()
-        self._stall_task = asyncio.create_task(self._watch_stalls(), name="stall-watch")
-
-    def recently_stalled(self, within: float | None = None) -> bool:
-        """Were we frozen long enough, recently, for the peers to have declared us failed?
-
-        Then the failures we see now are most likely our own: the peers closed our links.
-        `within`: seconds since the stall ended (default: until the peers have surely
-        noticed we are back, two rounds of missed heartbeats).
-        """
-        c = self.config.cluster
-        now = time.monotonic()
-        if now - self._last_tick > c.heartbeat_interval_s * c.missed_heartbeats / 2:
-            return True  # frozen until just now: the watch has not run yet
-        if within is None:
-            within = 2 * c.heartbeat_interval_s * (c.missed_heartbeats + 1)
-        return now - self._stalled_at < within
-
-    async def _watch_stalls(self) -> None:
-        c = self.config.cluster
-        tick = min(0.1, c.heartbeat_interval_s / 5)
-        limit = c.heartbeat_interval_s * c.missed_heartbeats / 2
-        self._last_tick = time.monotonic()
-        while True:
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            if now - self._last_tick > limit:
-                self._stalled_at = now
-                log.warning("stalled", seconds=round(now - self._last_tick, 3))
-            self._last_tick = now
-
-    async def close(self) -> None:
-        if self._stall_task is not None:
-            self._stall_task.cancel()
-        await asyncio.gather(*(link.close() for link in self.links.values()))
-
-    def is_alive(self, peer: str) -> bool:
-        link = self.links.get(peer)
-        return link is not None and link.alive
-
-    def alive_peers(self) -> list[ServerConfig]:
-        """Peers that may take new replicas (alive and not draining)."""
-        return [link.peer for link in self.links.values() if link.state is PeerState.ALIVE]
-
-    def broadcast(self, msg: dict[str, Any]) -> None:
-        for link in self.links.values():
-            link.send(dict(msg))
-
-    def states(self) -> dict[str, str]:
-        return {pid: link.state.value for pid, link in self.links.items()}
-
-    def view(self) -> tuple[str, str]:
-        """(hash, header value) of the live members and their http addresses."""
-        if self._view is None:
-            members = [self.me, *self.alive_peers()]
-            listing = ", ".join(f"{s.id}={s.http}" for s in sorted(members, key=lambda s: s.id))
-            digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
-            self._view = (digest, f"{digest}; {listing}")
-        return self._view
-
-    def _changed(self, peer: str, state: PeerState, cause: str) -> None:
-        self._view = None
-        if state is PeerState.ALIVE:
-            log.info("peer_alive", peer=peer)
-        elif state is PeerState.LEFT:
-            log.info("peer_left", peer=peer)
-        elif state is PeerState.DRAINING:
-            log.info("peer_draining", peer=peer)
-        else:
-            log.warning("peer_failed", peer=peer, cause=cause)
-        for fn in self._listeners:
-            result = fn(peer, state, cause)
-            if asyncio.iscoroutine(result):
-                asyncio.get_running_loop().create_task(result)
-
-
-class ReplicationListener:
-    """Accepts the peers' links, authenticates them, and answers their messages."""
-
-    def __init__(self, *, membership: Membership, handler: Handler) -> None:
-        self._membership = membership
-        self._handler = handler
-        self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Future[None]] = set()
-        self._closing = False
-
-    async def bind(self) -> None:
-        """Bind and listen before any peer is dialled (theirs wait in the backlog until
-        `start`): a taken address fails here, with nothing started (ListenError)."""
-        me = self._membership.me
-        addr = me.replication
-        with listen_errors(addr.host, addr.port, f"{me.id}'s replication address"):
-            self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
-                                                      start_serving=False)
-            listen_now(self._server)
-
-    async def start(self) -> None:
-        if self._server is None:
-            await self.bind()
-        assert self._server is not None
-        await self._server.start_serving()
-
-    def leaving(self) -> None:
-        """We are about to say goodbye: a peer that closes its link to us from now on is
-        answering our goodbye, not failing."""
-        self._closing = True
-
-    async def close(self) -> None:
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._conns):
-            writer.close()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        m = self._membership
-        cluster = m.config.cluster
-        try:
-            peer = await asyncio.wait_for(wire.accept_handshake(
-                reader, writer, me=m.me.id, cluster=cluster.name, secrets_=cluster.secrets,
-                known=m.config.server_ids), cluster.peer_connect_timeout_s)
-        except (ReplicationError, OSError, TimeoutError) as exc:
-            peername = writer.get_extra_info("peername")
-            log.warning("peer_refused", remote=str(peername), reason=str(exc))
-            writer.close()
-            return
-        self._conns.add(writer)
-        outbox = Outbox(writer, lambda _, exc: writer.close())
-        link = m.links[peer]
-        if not link.alive:
-            link.kick()  # it dialled us, so it is up: dial it back now
-        graceful = False
-        frames = wire.FrameReader(reader, peer=peer)
-        try:
-            while True:
-                msg = await frames.read()
-                op = msg.get("op")
-                if op == "leaving":
-                    graceful = True
-                    link.left()
-                    continue
-                if op == "draining":
-                    link.draining()
-                try:
-                    reply = self._handler(peer, msg)
-                except Exception:  # a bug must not kill the channel: answer and log
-                    log.exception("replication_handler_error", peer=peer, op=op)
-                    reply = {"ok": False, "error": "internal error"}
-                if type(reply) is not dict and reply is not None and inspect.isawaitable(reply):
-                    task = asyncio.ensure_future(self._answer_later(outbox, peer, msg, reply))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                    continue
-                self._answer(outbox, msg, reply)
-        except (ReplicationError, OSError) as exc:
-            if not graceful and not isinstance(exc, PeerUnavailable | OSError):
-                log.warning("replication_protocol_error", peer=peer, error=str(exc))
-            if not graceful and not self._closing:
-                link.fail("replication connection closed")
-        finally:
-            self._conns.discard(writer)
-            writer.close()
-
-    @staticmethod
-    def _answer(outbox: Outbox, msg: dict[str, Any], reply: Reply) -> None:
-        rid = msg.get("id")
-        if rid is not None:
-            outbox.write(wire.encode_frame({"re": rid, **(reply or {"ok": True})}))
-        elif reply is not None:
-            outbox.write(wire.encode_frame(reply))
-
-    async def _answer_later(self, outbox: Outbox, peer: str,
-                            msg: dict[str, Any], pending: Awaitable[Reply]) -> None:
-        try:
-            reply = await pending
-        except Exception:
-            log.exception("replication_handler_error", peer=peer, op=msg.get("op"))
-            reply = {"ok": False, "error": "internal error"}
-        if not outbox.writer.is_closing():
-            self._answer(outbox, msg, reply)

@@ -1,0 +1,137 @@
+"""The replication listener: accepts the peers' links, authenticates them, and hands their
+messages to the session manager, answering at once or when the answer is ready."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from tandem.startup import listen_errors, listen_now
+
+from ..errors import PeerUnavailable, ReplicationError
+from . import wire
+from .link import Outbox
+from .membership import Membership
+
+__all__ = ["ReplicationListener", "Handler", "Reply"]
+
+log = structlog.get_logger("tandem.peers")
+
+Reply = dict[str, Any] | None
+# A handler answers at once, or returns an awaitable when the answer needs network work.
+Handler = Callable[[str, dict[str, Any]], Reply | Awaitable[Reply]]
+
+
+class ReplicationListener:
+    """Accepts the peers' links, authenticates them, and answers their messages."""
+
+    def __init__(self, *, membership: Membership, handler: Handler) -> None:
+        self._membership = membership
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._closing = False
+
+    async def bind(self) -> None:
+        """Bind and listen before any peer is dialled (theirs wait in the backlog until
+        `start`): a taken address fails here, with nothing started (ListenError)."""
+        me = self._membership.me
+        addr = me.replication
+        with listen_errors(addr.host, addr.port, f"{me.id}'s replication address"):
+            self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
+                                                      start_serving=False)
+            listen_now(self._server)
+
+    async def start(self) -> None:
+        if self._server is None:
+            await self.bind()
+        assert self._server is not None
+        await self._server.start_serving()
+
+    def leaving(self) -> None:
+        """We are about to say goodbye: a peer that closes its link to us from now on is
+        answering our goodbye, not failing."""
+        self._closing = True
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._conns):
+            writer.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        m = self._membership
+        cluster = m.config.cluster
+        try:
+            peer = await asyncio.wait_for(wire.accept_handshake(
+                reader, writer, me=m.me.id, cluster=cluster.name, secrets_=cluster.secrets,
+                known=m.config.server_ids), cluster.peer_connect_timeout_s)
+        except (ReplicationError, OSError, TimeoutError) as exc:
+            peername = writer.get_extra_info("peername")
+            log.warning("peer_refused", remote=str(peername), reason=str(exc))
+            writer.close()
+            return
+        self._conns.add(writer)
+        outbox = Outbox(writer, lambda _, exc: writer.close())
+        link = m.links[peer]
+        if not link.alive:
+            link.kick()  # it dialled us, so it is up: dial it back now
+        graceful = False
+        frames = wire.FrameReader(reader, peer=peer)
+        try:
+            while True:
+                msg = await frames.read()
+                op = msg.get("op")
+                if op == "leaving":
+                    graceful = True
+                    link.left()
+                    continue
+                if op == "draining":
+                    link.draining()
+                try:
+                    reply = self._handler(peer, msg)
+                except Exception:  # a bug must not kill the channel: answer and log
+                    log.exception("replication_handler_error", peer=peer, op=op)
+                    reply = {"ok": False, "error": "internal error"}
+                if type(reply) is not dict and reply is not None and inspect.isawaitable(reply):
+                    task = asyncio.ensure_future(self._answer_later(outbox, peer, msg, reply))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    continue
+                self._answer(outbox, msg, reply)
+        except (ReplicationError, OSError) as exc:
+            if not graceful and not isinstance(exc, PeerUnavailable | OSError):
+                log.warning("replication_protocol_error", peer=peer, error=str(exc))
+            if not graceful and not self._closing:
+                link.fail("replication connection closed")
+        finally:
+            self._conns.discard(writer)
+            writer.close()
+
+    @staticmethod
+    def _answer(outbox: Outbox, msg: dict[str, Any], reply: Reply) -> None:
+        rid = msg.get("id")
+        if rid is not None:
+            outbox.write(wire.encode_frame({"re": rid, **(reply or {"ok": True})}))
+        elif reply is not None:
+            outbox.write(wire.encode_frame(reply))
+
+    async def _answer_later(self, outbox: Outbox, peer: str,
+                            msg: dict[str, Any], pending: Awaitable[Reply]) -> None:
+        try:
+            reply = await pending
+        except Exception:
+            log.exception("replication_handler_error", peer=peer, op=msg.get("op"))
+            reply = {"ok": False, "error": "internal error"}
+        if not outbox.writer.is_closing():
+            self._answer(outbox, msg, reply)
