@@ -505,3 +505,35 @@ async def test_websocket_upgrade_with_a_bad_version_gets_426():
                      b"Sec-WebSocket-Version: 8\r\n\r\n")
         resp = await read_response(reader)
         assert resp.status == 426 and resp.header("sec-websocket-version") == "13"
+
+
+async def test_a_whole_request_whose_connection_closes_with_it_is_delivered_whole() -> None:
+    """Head, body and FIN in one go (a client that half-closes after sending, a request
+    retransmitted late): the app reads the body that arrived, then the disconnect."""
+    seen: list[Message] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            seen.append(msg)
+            if msg["type"] == "http.disconnect" or not msg.get("more_body"):
+                break
+        done.set()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = asyncio.Event()
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        await gate.wait()  # the whole request and its FIN are read before the app runs
+        await app(scope, receive, send)
+
+    async with serve(held) as srv, connect(srv) as (reader, writer):
+        writer.write(b"POST /w HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        writer.write_eof()
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        gate.set()
+        await asyncio.wait_for(done.wait(), 5)
+    assert seen[0] == {"type": "http.request", "body": b"hello", "more_body": False}

@@ -162,10 +162,10 @@ class RequestCycle:
 
     async def receive(self) -> Message:
         while True:
-            if self.gone:
-                return _DISCONNECT
+            # What arrived before the client went away is delivered first: a request whose
+            # body and FIN came together is whole, and its app sees its body, not nothing.
             if self.delivered:
-                if self.finished:
+                if self.finished or self.gone:
                     return _DISCONNECT
             elif self.chunks or self.complete:
                 if len(self.chunks) == 1:
@@ -177,6 +177,8 @@ class RequestCycle:
                 self.conn.resume_reading_body()
                 self.delivered = self.complete
                 return {"type": "http.request", "body": body, "more_body": not self.complete}
+            elif self.gone:
+                return _DISCONNECT
             elif self.expect_continue:
                 self.expect_continue = False
                 if not self.started:
