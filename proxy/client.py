@@ -125,7 +125,7 @@ class ClientProtocol(ClientConnection):
             # accepted last time it accepts again (the lean parser stays at a boundary, as
             # after parsing them); and all that layer 3 found in them comes from the bytes
             # and the connection's client address (the route and the request id are made
-            # afresh in _forward). Pinned by (tests/test_proxy_lanes.py)
+            # afresh in _forward). Pinned by (as the layers below, in tests/test_proxy_lanes.py)
             #   test_a_request_as_long_as_the_last_one_is_still_validated
             #   test_a_repeated_request_gets_its_own_request_id_and_one_sent_early_waits_its_turn
             if data == self.lane_data:

@@ -118,7 +118,8 @@ class ResponseReader(asyncio.Protocol):
             # Layer 1, repeat. Relies on: llhttp's verdict on a whole response depends on
             # its bytes alone, from a message boundary, and ends at one — so the bytes it
             # accepted last time it accepts again; and what the relay decides from them
-            # (status, HEAD aside) comes from the bytes too. Pinned by (tests/test_proxy_lanes.py)
+            # (status, HEAD aside) comes from the bytes too. Pinned by (as the layers below,
+            # in tests/test_proxy_response_lanes.py)
             #   test_a_response_as_long_as_the_last_one_relayed_whole_is_still_looked_at
             #   test_an_invalid_response_as_long_as_the_last_one_relayed_whole_is_a_bad_gateway
             if data == self.whole_data and not self.head_only:
