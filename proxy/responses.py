@@ -187,7 +187,8 @@ class ResponseReader(asyncio.Protocol):
                     self.lean_parser = HttpResponseParser(_LeanCallbacks(self))
                 self.parser = self.lean_parser
 
-        # Layer 4 (and the rest of a response begun): the parser chosen above.
+        # Layer 4, the general path (the full parser), or layer 3's lean parser: the parser
+        # chosen above takes this read, and the rest of the response after it.
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
