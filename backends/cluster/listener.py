@@ -35,6 +35,10 @@ class ReplicationListener:
         self._handler = handler
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        # each peer's current inbound connection: the newest it authenticated. Only its loss
+        # says something about the peer; an older one closing (left over from before a
+        # partition or a stall, superseded since) says nothing.
+        self._current: dict[str, asyncio.StreamWriter] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self._closing = False
 
@@ -82,6 +86,10 @@ class ReplicationListener:
             writer.close()
             return
         self._conns.add(writer)
+        older = self._current.get(peer)
+        self._current[peer] = writer
+        if older is not None:
+            older.close()  # the peer dialled again: it has given the older one up
         outbox = Outbox(writer, lambda _, exc: writer.close())
         link = m.links[peer]
         if not link.alive:
@@ -112,10 +120,14 @@ class ReplicationListener:
         except (ReplicationError, OSError) as exc:
             if not graceful and not isinstance(exc, PeerUnavailable | OSError):
                 log.warning("replication_protocol_error", peer=peer, error=str(exc))
-            if not graceful and not self._closing:
+            if self._current.get(peer) is not writer:
+                log.info("replication_connection_superseded", peer=peer)
+            elif not graceful and not self._closing:
                 link.fail("replication connection closed")
         finally:
             self._conns.discard(writer)
+            if self._current.get(peer) is writer:
+                del self._current[peer]
             writer.close()
 
     @staticmethod
