@@ -131,11 +131,11 @@ def responses(kind: str) -> list[bytes]:
 def measure(kind: str, iterations: int, repeat: int) -> float:
     """Best CPU-µs per request over `repeat` rounds of `iterations`."""
     # (backends.*, not tandem.*: older checkouts, measured with --tree, have no tandem/)
-    from backends.config import loads
-    from backends.token import Route, TokenCodec
     from proxy.client import ClientProtocol
     from proxy.context import ProxyContext
     from proxy.upstream import UpstreamProtocol
+    from tandem.config import loads
+    from tandem.token import Route, TokenCodec
 
     loop = asyncio.new_event_loop()
     try:

@@ -9,8 +9,8 @@ import math
 import sys
 from typing import Any
 
-from backends.config import Config
-from backends.token import TokenCodec
+from tandem.config import Config
+from tandem.token import TokenCodec
 
 from .metrics import Metrics
 from .requestid import RequestIds

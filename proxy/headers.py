@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from backends.config import Address
+from tandem.config import Address
 
 from .errors import ClientProtocolError, ExpectationFailed, UnsupportedTransferCoding
 

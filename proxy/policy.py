@@ -1,4 +1,5 @@
-"""Failover and retry decisions (DESIGN.md section 2, steps 3-5), as pure functions.
+"""Failover and retry decisions (docs/architecture.md, the life of a request), as pure
+functions.
 
 What may be sent again after a failure depends on what the failure was (its class: see
 `errors.py`), whether the request body is still held in full, and `proxy.retry`.

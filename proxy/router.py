@@ -1,6 +1,6 @@
 """The backend table: states, bad marks, candidate order, round-robin and the dynamic view.
 
-Candidate order for a request (WebLogic plug-in rules, DESIGN.md section 2):
+Candidate order for a request (WebLogic plug-in rules, docs/architecture.md):
 1. the session's primary, then its secondary, when usable (not down, not marked bad,
    in the cluster's view; draining still counts for a session that lives there);
 2. the other backends that take new sessions (up), round-robin;

@@ -15,9 +15,9 @@ from urllib.parse import unquote
 
 import structlog
 
-from backends.errors import TokenError
-from backends.logs import short
-from backends.token import Route, TokenCodec, cookie_values, path_param, query_param
+from tandem.errors import TokenError
+from tandem.logs import short
+from tandem.token import Route, TokenCodec, cookie_values, path_param, query_param
 
 from .metrics import Metrics
 

@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from backends.config import Config, loads
-from backends.token import Route, TokenCodec
 from proxy.server import ProxyServer
+from tandem.config import Config, loads
+from tandem.token import Route, TokenCodec
 
 SECRET = "proxy-test-secret"
 

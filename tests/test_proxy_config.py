@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.config import Address, loads
 from backends.errors import ConfigError
+from tandem.config import Address, loads
 from tests.proxy_support import SECRET, AppBackend, RawClient
 
 ROOT = Path(__file__).resolve().parent.parent

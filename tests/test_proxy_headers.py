@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from backends.config import Address
 from proxy.headers import parse_cluster_header
+from tandem.config import Address
 from tests.proxy_support import (
     AppBackend,
     RawBackend,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backends.config import Address, ServerConfig
-from backends.token import Route
 from proxy.errors import BadStateTransition, UnknownBackend
 from proxy.router import Backend, BackendState, Router
+from tandem.config import Address, ServerConfig
+from tandem.token import Route
 
 
 class Clock:

@@ -66,7 +66,7 @@ async def test_run_serves_until_sigterm_and_exits_0(tmp_path):
     cfg.write_text(f'[cluster]\nsecrets = ["{SECRET}"]\n\n[proxy]\nlisten = "127.0.0.1:{port}"\n'
                    f'admin = "127.0.0.1:{admin}"\n\n[[servers]]\nid = "s1"\n'
                    f'http = "127.0.0.1:{backend.port}"\nreplication = "127.0.0.1:1"\n')
-    code = ("import sys; from backends.config import load; from proxy.server import run; "
+    code = ("import sys; from tandem.config import load; from proxy.server import run; "
             "sys.exit(run(load(sys.argv[1])))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = await asyncio.create_subprocess_exec(

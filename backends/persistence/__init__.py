@@ -1,4 +1,4 @@
-"""Persistent session stores: sessions that outlive both in-memory copies (DESIGN.md §4).
+"""Persistent session stores: sessions that outlive both in-memory copies (docs/persistence.md).
 
 `open_store(config)` builds the store `session.persistence` names — `file`, `sqlite`,
 `postgresql` or `redis` — without connecting it (`await store.open()` does); the driver of
