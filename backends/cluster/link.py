@@ -74,15 +74,17 @@ class PeerLink:
 
     def __init__(self, *, me: str, peer: ServerConfig, config: Config,
                  on_state: Callable[[str, PeerState, str], None],
-                 stalled: Callable[[], bool] = lambda: False) -> None:
+                 stalled: Callable[[], bool] = lambda: False, incarnation: str = "") -> None:
         # configuration
         self.me = me
+        self.incarnation = incarnation  # ours, sent in the handshake
         self._stalled = stalled  # were *we* frozen just now? (then its silence is ours)
         self.peer = peer
         self._cluster = config.cluster
         self._on_state = on_state
         # connection state
         self.state = PeerState.UNKNOWN
+        self.peer_incarnation = ""  # the peer's process, as its handshake named it
         self._writer: asyncio.StreamWriter | None = None
         self._outbox: Outbox | None = None  # writes to _writer
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -232,9 +234,9 @@ class PeerLink:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(addr.host, addr.port), timeout)
         try:
-            await asyncio.wait_for(wire.dial_handshake(
+            self.peer_incarnation = await asyncio.wait_for(wire.dial_handshake(
                 reader, writer, me=self.me, peer=self.peer.id, cluster=self._cluster.name,
-                secrets_=self._cluster.secrets), timeout)
+                secrets_=self._cluster.secrets, incarnation=self.incarnation), timeout)
         except BaseException:
             writer.close()
             raise

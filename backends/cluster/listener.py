@@ -77,14 +77,16 @@ class ReplicationListener:
         m = self._membership
         cluster = m.config.cluster
         try:
-            peer = await asyncio.wait_for(wire.accept_handshake(
+            dialler = await asyncio.wait_for(wire.accept_handshake(
                 reader, writer, me=m.me.id, cluster=cluster.name, secrets_=cluster.secrets,
-                known=m.config.server_ids), cluster.peer_connect_timeout_s)
+                known=m.config.server_ids, incarnation=m.incarnation),
+                cluster.peer_connect_timeout_s)
         except (ReplicationError, OSError, TimeoutError) as exc:
             peername = writer.get_extra_info("peername")
             log.warning("peer_refused", remote=str(peername), reason=str(exc))
             writer.close()
             return
+        peer = dialler.id
         self._conns.add(writer)
         older = self._current.get(peer)
         self._current[peer] = writer

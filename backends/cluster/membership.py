@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,9 +27,11 @@ class Membership:
     def __init__(self, *, config: Config, me: str) -> None:
         self.config = config
         self.me = config.server(me)
+        # this process: new at every start (a restarted server forgot everything it promised)
+        self.incarnation = secrets.token_hex(8)
         self.links: dict[str, PeerLink] = {
             s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed,
-                           stalled=self.recently_stalled)
+                           stalled=self.recently_stalled, incarnation=self.incarnation)
             for s in config.servers if s.id != me
         }
         self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []

@@ -14,12 +14,13 @@ import json
 import secrets
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HandshakeFailed, PeerUnavailable, ProtocolViolation
 
 __all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "FrameReader",
-           "dial_handshake", "accept_handshake"]
+           "dial_handshake", "accept_handshake", "Dialler"]
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -132,41 +133,60 @@ def _verify(secrets_: Sequence[str], mac: object, *parts: str) -> bool:
 
 
 async def dial_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                         me: str, peer: str, cluster: str, secrets_: Sequence[str]) -> None:
-    """Authenticate an outgoing connection to `peer` (raises HandshakeFailed)."""
+                         me: str, peer: str, cluster: str, secrets_: Sequence[str],
+                         incarnation: str = "") -> str:
+    """Authenticate an outgoing connection to `peer` (raises HandshakeFailed); returns the
+    peer's incarnation (its process's id, new at every start), authenticated like the rest."""
     challenge = await read_frame(reader, peer=peer)
     if challenge.get("op") != "challenge" or not isinstance(challenge.get("nonce"), str):
         raise HandshakeFailed("expected a challenge", peer=peer)
     if challenge.get("server") != peer:
         raise HandshakeFailed(f"answered as {challenge.get('server')!r}", peer=peer)
     server_nonce: str = challenge["nonce"]
+    their_inc = challenge.get("inc", "")
+    if not isinstance(their_inc, str):
+        raise HandshakeFailed("bad incarnation", peer=peer)
     my_nonce = secrets.token_hex(16)
-    write_frame(writer, {"op": "hello", "id": me, "nonce": my_nonce,
-                         "mac": _mac(secrets_[0], "dial", cluster, server_nonce, my_nonce, me)})
+    write_frame(writer, {"op": "hello", "id": me, "nonce": my_nonce, "inc": incarnation,
+                         "mac": _mac(secrets_[0], "dial", cluster, server_nonce, my_nonce, me,
+                                     incarnation)})
     reply = await read_frame(reader, peer=peer)
     if reply.get("op") != "welcome":
         raise HandshakeFailed(f"refused: {reply.get('reason', 'no reason given')}", peer=peer)
-    if not _verify(secrets_, reply.get("mac"), "accept", cluster, my_nonce, server_nonce, peer):
+    if not _verify(secrets_, reply.get("mac"), "accept", cluster, my_nonce, server_nonce, peer,
+                   their_inc):
         raise HandshakeFailed("peer does not know the cluster secret", peer=peer)
+    return their_inc
+
+
+@dataclass(frozen=True, slots=True)
+class Dialler:
+    """Who an accepted connection comes from: a server id and its process's incarnation."""
+
+    id: str
+    incarnation: str
 
 
 async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                            me: str, cluster: str, secrets_: Sequence[str],
-                           known: Sequence[str]) -> str:
-    """Authenticate an incoming connection; returns the peer's server id."""
+                           known: Sequence[str], incarnation: str = "") -> Dialler:
+    """Authenticate an incoming connection; returns who dialled."""
     nonce = secrets.token_hex(16)
-    write_frame(writer, {"op": "challenge", "server": me, "nonce": nonce})
+    write_frame(writer, {"op": "challenge", "server": me, "nonce": nonce, "inc": incarnation})
     hello = await read_frame(reader, peer="?")
     peer = hello.get("id")
     their_nonce = hello.get("nonce")
-    if hello.get("op") != "hello" or not isinstance(peer, str) or not isinstance(their_nonce, str):
+    their_inc = hello.get("inc", "")
+    if hello.get("op") != "hello" or not isinstance(peer, str) or not isinstance(
+            their_nonce, str) or not isinstance(their_inc, str):
         raise HandshakeFailed("expected hello", peer=str(peer))
     if peer not in known or peer == me:
         write_frame(writer, {"op": "refused", "reason": "unknown server id"})
         raise HandshakeFailed("not a member of this cluster", peer=peer)
-    if not _verify(secrets_, hello.get("mac"), "dial", cluster, nonce, their_nonce, peer):
+    if not _verify(secrets_, hello.get("mac"), "dial", cluster, nonce, their_nonce, peer,
+                   their_inc):
         write_frame(writer, {"op": "refused", "reason": "bad credentials"})
         raise HandshakeFailed("wrong cluster secret", peer=peer)
-    write_frame(writer, {"op": "welcome",
-                         "mac": _mac(secrets_[0], "accept", cluster, their_nonce, nonce, me)})
-    return peer
+    write_frame(writer, {"op": "welcome", "mac": _mac(secrets_[0], "accept", cluster,
+                                                      their_nonce, nonce, me, incarnation)})
+    return Dialler(peer, their_inc)
