@@ -4,8 +4,10 @@ next candidate, or an answer from the proxy (502, 503) — and the io watch.
 
 Callback driven: a pooled connection is used synchronously; only opening a new one runs
 a task. The request body is written through as it arrives and kept for replay while it
-stays under `proxy.retry_body_max_bytes`. The second stage of an `Exchange` (see
-proxy/exchange_state.py).
+stays under `proxy.retry_body_max_bytes`. Every attempt carries `X-Tandem-Deadline`, the
+least the proxy will wait for its response, and a connection given up on is reset (see
+`exchange_state.reset`): a backend never applies a request the proxy has answered for it
+(docs/consistency.md, I7). The second stage of an `Exchange` (see proxy/exchange_state.py).
 """
 
 from __future__ import annotations
@@ -31,12 +33,27 @@ if TYPE_CHECKING:
     from .router import Backend
     from .upstream import UpstreamProtocol
 
-__all__ = ["Attempts"]
+__all__ = ["Attempts", "DEADLINE_HEADER", "deadline_field"]
 
 log = structlog.get_logger("tandem.proxy")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _perf = time.perf_counter
+
+DEADLINE_HEADER = b"X-Tandem-Deadline"
+_DEADLINES: dict[float, bytes] = {}  # io timeout (s) -> its header line, made once
+
+
+def deadline_field(io_timeout_s: float) -> bytes:
+    """The `X-Tandem-Deadline` line of every attempt: the milliseconds the proxy waits at
+    least for the attempt's response unless it resets the connection first — its io
+    timeout, which check_io counts from a look after the last write (docs/consistency.md,
+    I7)."""
+    line = _DEADLINES.get(io_timeout_s)
+    if line is None:
+        ms = max(1, int(io_timeout_s * 1000))  # rounded down: never more than we wait
+        line = _DEADLINES[io_timeout_s] = b"%s: %d\r\n" % (DEADLINE_HEADER, ms)
+    return line
 
 
 class Attempts(ExchangeState):
@@ -149,12 +166,14 @@ class Attempts(ExchangeState):
             client.write(_CONTINUE)
         transport = up.transport
         assert transport is not None
+        ctx = self.ctx
+        deadline = _DEADLINES.get(ctx.io_timeout_s) or deadline_field(ctx.io_timeout_s)
         if not body:
-            transport.write(self.head + self.ctx.router.view_tail)
+            transport.write(self.head + deadline + ctx.router.view_tail)
         elif len(body) == 1 and len(body[0]) < 16384:
-            transport.write(b"%s%s%s" % (self.head, self.ctx.router.view_tail, body[0]))
+            transport.write(b"%s%s%s%s" % (self.head, deadline, ctx.router.view_tail, body[0]))
         else:
-            transport.writelines([self.head, self.ctx.router.view_tail, *body])
+            transport.writelines([self.head, deadline, ctx.router.view_tail, *body])
         if self.pending:
             self.pending = []
             self.pending_bytes = 0

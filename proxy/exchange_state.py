@@ -9,6 +9,9 @@ and failover) and `Exchange` (proxy/exchange.py: relaying the response to the cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import TYPE_CHECKING
 
 import structlog
@@ -28,6 +31,25 @@ if TYPE_CHECKING:
 __all__ = ["ExchangeState"]
 
 log = structlog.get_logger("tandem.proxy")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+def reset(up: UpstreamProtocol) -> None:
+    """Give up on a backend connection mid-request: close it with a reset (SO_LINGER 0).
+
+    Why not a FIN: a closed socket's kernel keeps retransmitting what the backend has not
+    acknowledged, followed by the FIN — across a partition, until the heal, tens of seconds
+    later — and the backend would then read, and apply, a request the proxy has already
+    answered (docs/consistency.md, I7). A reset drops those bytes with the socket.
+    """
+    transport = up.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # (already closed: nothing left to drop)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    up.abort()
 
 
 class ExchangeState:
@@ -188,14 +210,14 @@ class ExchangeState:
             self.connecting.cancel()
             self.connecting = None
         up = self.upstream
-        if up is not None:
+        if up is not None:  # given up on before its response ended: reset (see `reset`)
             self.upstream = None
-            up.close()
+            reset(up)
 
     def _drop_upstream(self, up: UpstreamProtocol) -> None:
         if self.upstream is up:
             self.upstream = None
-        up.abort()
+        reset(up)
 
     def _sid(self) -> str | None:
         return short(self.route.sid) if self.route is not None else None

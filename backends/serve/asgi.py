@@ -5,10 +5,13 @@ removes the path parameter from the path the app sees, puts the session at
 `scope["session"]`, and when the response head is ready commits the session and adds
 `Set-Cookie` if the token changed. It also answers `/__tandem/health` and piggy-backs the
 cluster view for the proxy (`X-Tandem-Cluster`) when the proxy's `X-Tandem-View` is stale.
+A proxied request the proxy no longer waits for is neither run nor committed
+(`X-Tandem-Deadline`: backends.serve.deadline).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
@@ -32,6 +35,7 @@ from ..errors import TokenError
 from ..sessions.manager import SessionManager, SessionMoved
 from ..sessions.session import Session
 from ..sessions.store import Primary
+from .deadline import DEADLINE_HEADER, Deadline, send_late
 from .origin import Origin, rewrite_url
 from .rewrite import UrlRewriteMiddleware, token_in_urls
 
@@ -118,6 +122,7 @@ class TandemMiddleware:
         cookie: str | None = None
         proxy_view: bytes | None = None
         rid: str | None = None  # the proxy's id of this client request, same on retries
+        budget: bytes | None = None  # the proxy's X-Tandem-Deadline (ms)
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value.decode("latin-1") if cookie is None else (
@@ -126,7 +131,16 @@ class TandemMiddleware:
                 proxy_view = value
             elif name == b"x-tandem-request-id":
                 rid = value.decode("latin-1")
+            elif name == DEADLINE_HEADER:
+                budget = value
         route, via = self._route(scope, cookie)
+        deadline: Deadline | None = None
+        if budget is not None and kind == "http":
+            deadline = Deadline.of(scope, budget, rid=rid, sid=route.sid if route else None)
+            if deadline is not None and deadline.missed(stage="start"):
+                # The proxy has answered for it already: nothing of it runs here.
+                await send_late(send, b"request past its deadline: not applied\n")
+                return
         # Whether this response's URLs carry the token: the rule of backends.serve.rewrite,
         # decided once per request, for the rewriter and session.encode_url alike.
         in_urls = self.url_rewriting and token_in_urls(via, cookie_sent=via == "cookie" or (
@@ -162,7 +176,7 @@ class TandemMiddleware:
         scope["tandem.server"] = manager.me.id
         scope["tandem.token_via"] = via  # "cookie" | "path" | "query" | None
         committed = False
-        replaced = False  # the app's response was replaced by ours (session moved)
+        replaced = False  # the app's response was replaced by ours (session moved, late)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal committed, replaced
@@ -171,6 +185,11 @@ class TandemMiddleware:
             mtype = message["type"]
             if not committed and mtype in ("http.response.start", "websocket.accept"):
                 committed = True
+                if deadline is not None and deadline.missed(stage="commit"):
+                    replaced = True  # (and what the app changes later is not committed)
+                    await self._drop_refused(session)
+                    await send_late(send, b"request past its deadline: not applied\n")
+                    return
                 try:
                     # (a session may move to a less loaded server only when its token comes
                     # by cookie: links in pages would still name this one)
@@ -179,6 +198,13 @@ class TandemMiddleware:
                     await _send_unavailable(send, b"session moved to another server; retry\n",
                                             kind)
                     replaced = True
+                    return
+                if deadline is not None and deadline.committed_late():
+                    # Applied (and replicated) after the proxy gave up: it stays, but is
+                    # not acknowledged — the proxy answered 502/503 for it, and a retry
+                    # with its request id is undone first (exactly-once).
+                    replaced = True
+                    await send_late(send, b"applied past its deadline: not acknowledged\n")
                     return
                 added: list[tuple[bytes, bytes]] = []
                 if result.cleared:
@@ -210,12 +236,24 @@ class TandemMiddleware:
             raise
         finally:
             current_session.reset(bound)
-        if session.record is not None and not session.invalidated and session.dirty:
+        if (not replaced and session.record is not None and not session.invalidated
+                and session.dirty):
             # Changes made after the response head (streaming handlers, websockets).
             try:
                 await manager.commit(session, rid=rid)
             except SessionMoved:
                 pass
+
+    async def _drop_refused(self, session: Session) -> None:
+        """A request refused at its commit leaves nothing behind: its changes are not
+        committed, and a session it created is removed again."""
+        record = session.record
+        if record is None or record.version != 0:
+            return
+        if not session.invalidated:
+            session.invalidate()
+        with contextlib.suppress(SessionMoved):
+            await self.manager.commit(session)
 
     def _route(self, scope: Scope, cookie: str | None) -> tuple[Route | None, str | None]:
         """The verified route of the request and where its token came from.

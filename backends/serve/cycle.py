@@ -11,6 +11,7 @@ sent as its own message leaves with the first body message, in one write.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -35,6 +36,11 @@ _SPECIAL = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgr
 _FIELD = b"%s: %s\r\n"
 _NO_BODY = frozenset({204, 304})
 _DISCONNECT: Message = {"type": "http.disconnect"}
+# Linux: the connection's TCP state is the first byte of TCP_INFO (1: ESTABLISHED); the
+# peer's FIN makes it CLOSE_WAIT and its RST CLOSE even while its data is still unread.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_ESTABLISHED = 1
+_monotonic = time.monotonic
 
 
 class _Date:
@@ -58,7 +64,7 @@ class RequestCycle:
     __slots__ = (
         "conn", "scope", "keep_alive", "expect_continue", "head_request", "task",
         # request body
-        "chunks", "buffered", "complete", "delivered", "waiter", "gone",
+        "chunks", "buffered", "complete", "delivered", "waiter", "gone", "read_at",
         # response
         "started", "finished", "head", "chunked", "no_body", "expected", "sent_bytes",
     )
@@ -78,6 +84,11 @@ class RequestCycle:
         self.delivered = False  # ... and handed to the application
         self.waiter: asyncio.Future[None] | None = None
         self.gone = False  # the client disconnected
+        # monotonic time of the read that brought this request's latest bytes: made while
+        # its head is parsed, so the time the head was read (docs/consistency.md, I7);
+        # the session middleware finds us in the scope until the response is complete
+        self.read_at = _monotonic()
+        scope["tandem.arrival"] = self
 
         self.started = False
         self.finished = False
@@ -125,6 +136,9 @@ class RequestCycle:
         if self.head is not None:
             self.flush_head()
         self.finished = True
+        # (the scope stays with the app: no reference back to us, a cycle only the garbage
+        # collector would free)
+        self.scope.pop("tandem.arrival", None)
         self._wake()
         if self.chunks:  # unread body: what is left of it is read and dropped
             self.chunks = []
@@ -137,6 +151,7 @@ class RequestCycle:
     def body_received(self, body: bytes) -> None:
         if self.finished:
             return  # answered without reading it: the rest is read and dropped
+        self.read_at = _monotonic()
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > self.conn.srv.body_buffer_bytes:
@@ -145,11 +160,28 @@ class RequestCycle:
 
     def body_complete(self) -> None:
         self.complete = True
+        self.read_at = _monotonic()
         self._wake()
 
     def disconnected(self) -> None:
         self.gone = True
         self._wake()
+
+    def peer_closed(self) -> bool:
+        """Whether the client has closed or reset the connection: its FIN or RST has
+        arrived, whether or not we have read everything it sent before."""
+        conn = self.conn
+        if self.gone or conn.closed:
+            return True
+        transport = conn.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or _TCP_INFO is None:
+            return False
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+        except OSError:  # not TCP (a Unix socket): nothing to tell
+            return False
+        return bool(info) and info[0] != _TCP_ESTABLISHED
 
     def _wake(self) -> None:
         waiter = self.waiter
