@@ -243,3 +243,22 @@ def test_the_backend_refuses_what_it_would_start_or_commit_past_the_budget(make_
     # a malformed budget is no budget (and a request without one is served as ever)
     status, _, body = post(c, "/count", headers={"X-Tandem-Deadline": "soon"})
     assert status == 200 and json.loads(body)["counter"] == 2, body
+
+
+def test_a_commit_that_finishes_past_the_budget_is_not_acknowledged(make_cluster):
+    """The commit starts within the budget, then waits for a stopped secondary (its
+    replication timeout, then another secondary): the write stays, unacknowledged."""
+    cluster = make_cluster(cluster={"replication_timeout_s": 0.5}, log_level="INFO").start(
+        proxy=False)
+    c = Client(cluster.url("s1"))
+    assert c.get("/count")[1]["counter"] == 1
+    secondary = cluster.servers[c.route[2]]["proc"]
+    secondary.send_signal(signal.SIGSTOP)
+    try:
+        status, headers, body = post(c, "/count", headers={"X-Tandem-Deadline": "400"})
+    finally:
+        secondary.send_signal(signal.SIGCONT)
+    assert status == 503 and headers.get("x-tandem-state") == "late", (status, body)
+    late = [e for e in cluster.events("s1") if e.get("event") == "commit_past_deadline"]
+    assert len(late) == 1 and late[0]["elapsed_ms"] >= 400, late
+    assert peek(cluster, c)["counter"] == 2  # applied, and protected, but not acknowledged
