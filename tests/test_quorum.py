@@ -1,0 +1,355 @@
+"""The view consensus and the leases in specific scenarios (the property test,
+tests/test_quorum_model.py, explores the rest): boot, removal, one silent link,
+restarts, rejoining, leases ending before removals, refusals, learning, two servers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from structlog.testing import capture_logs
+
+from backends.cluster.quorum import Quorum, Standing
+from backends.cluster.view import View
+from backends.errors import ProtocolViolation
+from tandem.errors import ConfigError
+from tests.quorum_sim import HEARTBEAT_S, SUSPECT_S, World
+
+S3 = ["s0", "s1", "s2"]
+
+
+def booted(servers: list[str], **rates: float) -> World:
+    world = World(servers=list(servers))
+    for i, sid in enumerate(servers):
+        world.start(sid, rate=rates.get(sid, 1.0), local0=1000.0 * (i + 1))
+    world.settle(8)
+    assert 2 in world.chosen, "the first view change did not happen"
+    world.settle(12)  # past the wait after a view change: removals are allowed again
+    return world
+
+
+def run_until(world: World, n: int, *, rounds: int) -> int:
+    for i in range(rounds):
+        if n in world.chosen:
+            return i
+        world.settle(1)
+        world.check()
+    raise AssertionError(f"view {n} not chosen in {rounds} rounds: {world.chosen}")
+
+
+def reasons(logs: list[dict[str, object]]) -> set[object]:
+    return {e["reason"] for e in logs if e["event"] == "view_refused"}
+
+
+# --- boot ---------------------------------------------------------------------------------
+
+
+def test_first_view_change_binds_every_server_to_its_process() -> None:
+    with capture_logs():
+        world = booted(S3)
+    v2 = world.chosen[2]
+    assert v2.members == ("s0", "s1", "s2")
+    assert v2.incarnations == tuple(world.procs[s].inc for s in S3)  # type: ignore[union-attr]
+    for p in world.up():
+        assert p.q.view == v2 and p.q.standing is Standing.MEMBER
+        assert p.q.holds_lease(p.local(world.now))
+
+
+def test_first_view_needs_every_server_and_grants_no_lease_before() -> None:
+    """A process cannot tell the cluster's first start from its own restart: until every
+    configured server has been up at once nothing is decided and nobody holds a lease."""
+    with capture_logs():
+        world = World(servers=list(S3))
+        world.start("s0")
+        world.start("s1")
+        world.settle(40)
+        assert max(world.chosen) == 1
+        assert not any(p.q.holds_lease(p.local(world.now)) for p in world.up())
+        world.start("s2")
+        run_until(world, 2, rounds=20)
+        world.settle(4)
+    assert all(p.q.holds_lease(p.local(world.now)) for p in world.up())
+
+
+# --- removal ------------------------------------------------------------------------------
+
+
+def test_a_crashed_server_is_removed_by_the_others() -> None:
+    with capture_logs():
+        world = booted(S3)
+        world.crash("s2")
+        rounds = run_until(world, 3, rounds=40)
+        world.settle(2)
+    assert world.chosen[3].members == ("s0", "s1")
+    assert rounds * 0.25 >= SUSPECT_S - 0.5  # suspicion first: silence for the timeout
+    for p in world.up():  # what each host is told: fence s2, promote what s2 was primary of
+        assert [(ev.old.number, ev.new.number, ev.removed) for ev in p.events][-1] == (
+            2, 3, ("s2",))
+
+
+def test_a_refused_port_removes_at_once() -> None:
+    """No process listening proves death: no suspicion timeout, no wait for leases."""
+    with capture_logs():
+        world = booted(S3)
+        world.crash("s2")
+        for p in world.up():
+            world.call(p, "refused", "s2")
+        rounds = run_until(world, 3, rounds=40)
+    assert rounds * 0.25 < SUSPECT_S
+
+
+def test_one_silent_link_removes_nobody() -> None:
+    """s0 and s1 cannot hear each other; s2 hears both: no one is suspected by a majority."""
+    with capture_logs() as logs:
+        world = booted(S3)
+        world.cut |= {("s0", "s1"), ("s1", "s0")}
+        world.settle(80)
+        world.check()
+    assert max(world.chosen) == 2
+    assert "not_suspected" in reasons(logs)
+    assert world.procs["s2"].q.holds_lease(world.procs["s2"].local(world.now))  # type: ignore[union-attr]
+
+
+def test_an_isolated_server_loses_its_lease_before_the_others_remove_it() -> None:
+    """Worst clocks: the isolated server's runs slow (its lease lasts longer in real
+    time), the majority's fast (their grants and suspicion end sooner)."""
+    with capture_logs():
+        world = booted(S3, s0=1.01, s1=1.01, s2=0.99)
+        s2 = world.procs["s2"]
+        assert s2 is not None
+        world.cut |= {(x, "s2") for x in ("s0", "s1")} | {("s2", x) for x in ("s0", "s1")}
+        lease_ended = None
+        for _ in range(200):
+            world.settle(1, step_s=0.05)
+            world.check()
+            if lease_ended is None and not s2.q.holds_lease(s2.local(world.now)):
+                lease_ended = world.now
+            if 3 in world.chosen:
+                break
+    assert lease_ended is not None and 3 in world.chosen
+    assert lease_ended <= world.chosen_at[3]
+    assert s2.q.view.number == 2  # it does not know yet, and holds no lease
+
+
+def test_a_lease_outlives_the_next_view_and_delays_the_one_after() -> None:
+    """s0 holds a lease of view n (granted by s1); view n + 1 adds s3 and s4, who never
+    heard s0, and with s2 they are a majority of it that suspects s0. They must not remove
+    s0 before the lease of view n ends: every voter waits the grant length after learning
+    a view (the m ≥ n + 2 case of the lease argument in quorum.py)."""
+    five = ["s0", "s1", "s2", "s3", "s4"]
+    with capture_logs():
+        world = booted(five)
+        world.crash("s3")
+        world.crash("s4")
+        for _ in range(80):
+            world.settle(1)
+            if world.chosen[max(world.chosen)].members == ("s0", "s1", "s2"):
+                break
+        n = max(world.chosen)
+        assert world.chosen[n].members == ("s0", "s1", "s2")
+        world.settle(12)
+        s0 = world.procs["s0"]
+        assert s0 is not None
+        world.cut |= {(a, b) for a in ("s2", "s3", "s4") for b in ("s0",)}
+        world.cut |= {(b, a) for a in ("s2", "s3", "s4") for b in ("s0",)}
+        world.start("s3", local0=7000.0)
+        world.start("s4", local0=8000.0)
+        run_until(world, n + 1, rounds=80)  # s1 and s2 admit s3 and s4
+        assert len(world.chosen[n + 1].members) == 5
+        assert s0.q.holds_lease(s0.local(world.now)) and s0.q.lease.lease_view == n
+        lease_end = None
+        for _ in range(200):
+            world.settle(1, step_s=0.05)
+            world.check()  # raises if s0 still holds its lease once it is removed
+            if lease_end is None and not s0.q.holds_lease(s0.local(world.now)):
+                lease_end = world.now
+            if n + 2 in world.chosen:
+                break
+    assert n + 2 in world.chosen and "s0" not in world.chosen[n + 2].members
+    assert lease_end is not None and lease_end <= world.chosen_at[n + 2]
+
+
+# --- restarts and joins -------------------------------------------------------------------
+
+
+def test_a_restarted_server_votes_only_once_a_view_binds_its_new_process() -> None:
+    with capture_logs() as logs:
+        world = booted(S3)
+        old = world.procs["s1"]
+        assert old is not None
+        world.crash("s1")
+        world.settle(1)
+        new = world.start("s1", local0=5000.0)
+        world.settle(2)  # it learns view 2, which binds the process it replaces
+        assert new.q.view == world.chosen[2]
+        assert new.q.standing is Standing.STARTING and not new.q.voter
+        # Its old process is proven gone by the new one's join: no timeout needed.
+        rounds = run_until(world, 3, rounds=20)
+        world.settle(2)
+    assert rounds * 0.25 < SUSPECT_S
+    v3 = world.chosen[3]
+    assert v3.members == ("s0", "s1", "s2") and v3.incarnation_of("s1") == new.inc
+    assert new.q.standing is Standing.MEMBER
+    assert any(e["event"] == "view_adopted" for e in logs)
+
+
+def test_a_process_that_is_not_bound_refuses_to_vote() -> None:
+    q = Quorum(me="s1", servers=S3, incarnation="new", heartbeat_interval_s=1.0,
+               missed_heartbeats=3, now=0.0)
+    v2 = View.of(2, {"s0": "a", "s1": "old", "s2": "c"})
+    q.receive("s0", {"op": "v_decided", "inc": "a", "vn": 2, "views": [v2.to_wire()]}, 0.1)
+    assert q.standing is Standing.STARTING
+    out = q.receive("s0", {"op": "v_prepare", "inc": "a", "vn": 2, "n": 3, "b": [5, 0, "a"]}, 0.2)
+    assert [m["op"] for _, m in out] == ["v_nack"] and out[0][1]["reason"] == "not_voter"
+
+
+def test_a_removed_server_learns_it_and_joins_again() -> None:
+    with capture_logs():
+        world = booted(S3)
+        s2 = world.procs["s2"]
+        assert s2 is not None
+        world.cut |= {(x, "s2") for x in ("s0", "s1")} | {("s2", x) for x in ("s0", "s1")}
+        run_until(world, 3, rounds=60)
+        world.cut.clear()
+        world.settle(2)
+        assert s2.q.standing is Standing.FENCED and not s2.q.holds_lease(s2.local(world.now))
+        removed = [ev for ev in s2.events if "s2" in ev.removed]
+        assert removed, "the removed server did not learn its removal"
+        run_until(world, 4, rounds=40)
+        world.settle(8)
+    assert world.chosen[4].members == ("s0", "s1", "s2")
+    assert s2.q.standing is Standing.MEMBER and s2.q.holds_lease(s2.local(world.now))
+
+
+def test_a_server_behind_catches_up_in_one_learn() -> None:
+    with capture_logs():
+        world = booted(["s0", "s1", "s2", "s3", "s4"])
+        s4 = world.procs["s4"]
+        assert s4 is not None
+        world.cut |= {(x, "s4") for x in world.servers}  # s4 hears nothing
+        world.crash("s3")
+        run_until(world, 3, rounds=60)
+        world.start("s3")
+        run_until(world, 4, rounds=60)
+        assert s4.q.view.number == 2
+        world.cut.clear()
+        world.settle(2)
+    assert s4.q.view == world.chosen[4]
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def _member(me: str, now: float = 0.0, *, started: float | None = None) -> Quorum:
+    """A member of view 2 = {s0: a, s1: b, s2: c}, learned at `now`."""
+    incs = {"s0": "a", "s1": "b", "s2": "c"}
+    q = Quorum(me=me, servers=S3, incarnation=incs[me], heartbeat_interval_s=HEARTBEAT_S,
+               missed_heartbeats=3, now=now if started is None else started)
+    v2 = View.of(2, incs)
+    q.receive("s0" if me != "s0" else "s1", {"op": "v_decided", "inc": "x", "vn": 2,
+                                             "views": [v2.to_wire()]}, now)
+    return q
+
+
+def _accept(q: Quorum, value: View, now: float, ballot: int = 1) -> dict[str, object]:
+    out = q.receive("s0", {"op": "v_accept", "inc": "a", "vn": 2, "n": 3,
+                           "b": [ballot, 0, "a"], "value": value.to_wire()}, now)
+    return out[-1][1]
+
+
+WITHOUT_S2 = View.of(3, {"s0": "a", "s1": "b"})
+
+
+def test_an_acceptor_refuses_to_remove_a_member_it_hears() -> None:
+    q = _member("s1")
+    q.heard("s2", "c", 10.0)
+    assert _accept(q, WITHOUT_S2, 11.0)["reason"] == "not_suspected"
+    assert _accept(q, WITHOUT_S2, 10.0 + SUSPECT_S)["op"] == "v_accepted"
+
+
+def test_an_acceptor_refuses_to_remove_a_member_it_granted_a_lease() -> None:
+    q = _member("s1")
+    grant = q.receive("s2", {"op": "l_ask", "inc": "c", "vn": 2, "seq": 1}, 10.0)
+    assert [m["op"] for _, m in grant] == ["l_grant"]
+    # Silent since: suspected at 13.0, but the grant runs until 10 + 2·1.0202.
+    assert q.lease.granted_until("s2", "c") == pytest.approx(10.0 + 2 * 1.01 / 0.99)
+    assert _accept(q, WITHOUT_S2, 10.0 + SUSPECT_S - 0.9)["reason"] == "not_suspected"
+    q2 = _member("s1")
+    q2.receive("s2", {"op": "l_ask", "inc": "c", "vn": 2, "seq": 1}, 10.0)
+    q2.sightings.suspect_after_s = 1.0  # suspect sooner than the grant ends
+    assert _accept(q2, WITHOUT_S2, 11.5)["reason"] == "lease_granted"
+    assert _accept(q2, WITHOUT_S2, 12.1)["op"] == "v_accepted"
+
+
+def test_an_acceptor_waits_after_a_view_change_before_removing() -> None:
+    """s2 went silent at 98; view 2 was learned at 100: a lease s2 got in view 1 from a
+    majority we are not part of may run until 100 + L, so no removal before 100 + L·f."""
+    q = _member("s1", now=100.0, started=90.0)
+    q.heard("s2", "c", 98.0)
+    assert _accept(q, WITHOUT_S2, 101.5)["reason"] == "view_too_recent"
+    assert _accept(q, WITHOUT_S2, 102.1)["op"] == "v_accepted"
+
+
+def test_an_acceptor_refuses_its_own_removal_and_unreachable_joiners() -> None:
+    q = _member("s2")
+    assert _accept(q, View.of(3, {"s0": "a", "s1": "b"}), 50.0)["reason"] == "drops_me"
+    rebind = View.of(3, {"s0": "a", "s1": "b2", "s2": "c"})
+    assert _accept(q, rebind, 50.0)["reason"] == "unreachable"
+
+
+def test_an_acceptor_grants_nothing_while_it_has_an_undecided_value() -> None:
+    q = _member("s1")
+    assert _accept(q, WITHOUT_S2, 10.0 + SUSPECT_S)["op"] == "v_accepted"
+    assert q.receive("s0", {"op": "l_ask", "inc": "a", "vn": 2, "seq": 7}, 14.0) == []
+
+
+def test_a_dead_process_is_removed_without_waiting() -> None:
+    q = _member("s1", now=100.0)
+    q.heard("s2", "c", 100.0)
+    q.refused("s2", 100.5)
+    assert _accept(q, WITHOUT_S2, 100.6)["op"] == "v_accepted"
+
+
+# --- two servers, and inputs ----------------------------------------------------------------
+
+
+def test_two_servers_never_remove_each_other() -> None:
+    """No majority without a witness: a server alone decides nothing and holds no lease."""
+    with capture_logs():
+        world = booted(["s0", "s1"])
+        world.crash("s1")
+        world.settle(120)
+        world.check()
+    assert max(world.chosen) == 2
+    s0 = world.procs["s0"]
+    assert s0 is not None and not s0.q.holds_lease(s0.local(world.now))
+
+
+def test_every_message_is_json_with_a_quorum_op() -> None:
+    with capture_logs():
+        world = booted(S3)
+        world.crash("s2")
+        world.settle(30)
+    ops = {json.loads(m.payload)["op"] for m in world.inflight}
+    q = world.procs["s0"]
+    assert q is not None
+    for _, msg in q.q.tick(q.local(world.now + 5)):
+        assert msg["op"][:2] in ("v_", "l_") and json.loads(json.dumps(msg)) == msg
+    assert ops <= {"v_prepare", "v_promise", "v_accept", "v_accepted", "v_nack", "v_decided",
+                   "v_learn", "v_join", "l_ask", "l_grant"}
+
+
+def test_bad_configuration_and_messages_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        Quorum(me="s0", servers=S3, incarnation="a", heartbeat_interval_s=1.0,
+               missed_heartbeats=1, now=0.0)
+    with pytest.raises(ConfigError):
+        Quorum(me="s9", servers=S3, incarnation="a", heartbeat_interval_s=1.0,
+               missed_heartbeats=3, now=0.0)
+    q = _member("s0")
+    with pytest.raises(ProtocolViolation):
+        q.receive("s1", {"op": "v_prepare", "inc": "b", "vn": 2, "n": 3, "b": "x"}, 1.0)
+    with pytest.raises(ProtocolViolation):
+        q.receive("s1", {"op": "v_nope", "inc": "b", "vn": 2}, 1.0)
+    with pytest.raises(ProtocolViolation):
+        q.receive("s9", {"op": "l_ask", "inc": "z", "vn": 2, "seq": 1}, 1.0)
