@@ -146,7 +146,7 @@ class TandemMiddleware:
         in_urls = self.url_rewriting and token_in_urls(via, cookie_sent=via == "cookie" or (
             cookie is not None and any(True for _ in cookie_values(cookie, self.cookie_name))))
         if (via == "cookie" and self.url_rewriting and kind == "http"
-                and scope["method"] in ("GET", "HEAD")
+                and scope["method"] in ("GET", "HEAD") and b";" in scope.get("raw_path", b";")
                 and await self._redirect_without_token(scope, send)):
             return
         if self._rewriter is not None and in_urls and kind == "http":
