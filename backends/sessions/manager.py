@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
 from tandem.config import Config, ServerConfig
 from tandem.logs import short
-from tandem.token import Route
 
 from ..cluster.membership import Membership
 from ..errors import SessionMoved
@@ -59,36 +59,20 @@ class SessionManager:
         self.failover = Failover(ctx, self.committer)
         self._tasks: list[asyncio.Task[None]] = []
         membership.on_change(self.failover.peer_changed)
-
-    # --- what the server reads ----------------------------------------------------------
-
-    @property
-    def config(self) -> Config:
-        return self.ctx.config
-
-    @property
-    def me(self) -> ServerConfig:
-        return self.ctx.me
-
-    @property
-    def mode(self) -> str:
-        return self.ctx.mode
-
-    @property
-    def membership(self) -> Membership:
-        return self.ctx.membership
-
-    @property
-    def store(self) -> LocalStore:
-        return self.ctx.store
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return self.ctx.stats
-
-    @property
-    def persister(self) -> Persister | None:
-        return self.ctx.persister
+        # What the server reads, fixed for the server's life. The per-request and
+        # per-message calls go straight to their component (no facade call on the path).
+        self.config: Config = ctx.config
+        self.me: ServerConfig = ctx.me
+        self.mode: str = ctx.mode
+        self.membership: Membership = ctx.membership
+        self.store: LocalStore = ctx.store
+        self.stats: dict[str, int] = ctx.stats
+        self.persister: Persister | None = ctx.persister
+        self.new_session: Callable[[], Primary] = self.opener.new_session
+        self.open: Callable[..., Awaitable[Primary | None]] = self.opener.open
+        self.planned_secondary: Callable[[Primary], str | None] = (
+            self.committer.planned_secondary)
+        self.handle: Callable[[str, dict[str, Any]], Any] = self.replica_side.handle
 
     @property
     def draining(self) -> bool:
@@ -126,12 +110,6 @@ class SessionManager:
 
     # --- per request --------------------------------------------------------------------
 
-    def new_session(self) -> Primary:
-        return self.opener.new_session()
-
-    async def open(self, route: Route | None, *, rid: str | None = None) -> Primary | None:
-        return await self.opener.open(route, rid=rid)
-
     async def commit(self, session: Session, *, discard: bool = False,
                      rid: str | None = None, migrate: bool = False) -> CommitResult:
         """Apply the request's changes and replicate them (sync: acknowledged first); with
@@ -147,11 +125,3 @@ class SessionManager:
                     log.info("session_migrated", sid=short(record.sid), to=peer)
                     return CommitResult(moved)
         return result
-
-    def planned_secondary(self, record: Primary) -> str | None:
-        return self.committer.planned_secondary(record)
-
-    # --- the replication channel --------------------------------------------------------
-
-    def handle(self, peer: str, msg: dict[str, Any]) -> Any:
-        return self.replica_side.handle(peer, msg)
