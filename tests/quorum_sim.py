@@ -103,7 +103,7 @@ class World:
 
     def call(self, p: Proc, method: str, *args: Any) -> None:
         """Call one input method of p's Quorum at p's clock; carry what it sends."""
-        outs = getattr(p.q, method)(*args, p.local(self.now))
+        outs = getattr(p.q, method)(*args, p.local(self.now)) or []  # heard() sends nothing
         for dst, msg in outs:
             assert dst != p.sid and dst in self.servers, (p.sid, dst, msg)
             op = msg["op"]
@@ -118,6 +118,20 @@ class World:
             return
         self.last_recv[(p.sid, p.inc, m.src, m.src_inc)] = self.now
         self.call(p, "receive", m.src, json.loads(m.payload))
+
+    def deliver_where(self, **match: str) -> int:
+        """Deliver every message in flight whose src, dst and op are as given."""
+        done = 0
+        i = 0
+        while i < len(self.inflight):
+            m = self.inflight[i]
+            seen = {"src": m.src, "dst": m.dst, "op": json.loads(m.payload)["op"]}
+            if all(seen[k] == v for k, v in match.items()):
+                self.deliver(i)
+                done += 1
+            else:
+                i += 1
+        return done
 
     def tick(self, p: Proc) -> None:
         self.call(p, "tick")

@@ -9,6 +9,7 @@ import json
 import pytest
 from structlog.testing import capture_logs
 
+from backends.cluster.lease import Lease
 from backends.cluster.quorum import Quorum, Standing
 from backends.cluster.view import View
 from backends.errors import ProtocolViolation
@@ -132,8 +133,9 @@ def test_an_isolated_server_loses_its_lease_before_the_others_remove_it() -> Non
 
 
 def test_a_lease_outlives_the_next_view_and_delays_the_one_after() -> None:
-    """s0 holds a lease of view n (granted by s1); view n + 1 adds s3 and s4, who never
-    heard s0, and with s2 they are a majority of it that suspects s0. They must not remove
+    """s0 holds a lease of view n = {s0, s1, s2}, granted by s1 (s2 no longer hears s0).
+    s0 and s1 decide view n + 1, adding s3 and s4, who never heard s0 either: with s2 they
+    are a majority of n + 1 that suspects s0 and has no grant to it. They must not remove
     s0 before the lease of view n ends: every voter waits the grant length after learning
     a view (the m ≥ n + 2 case of the lease argument in quorum.py)."""
     five = ["s0", "s1", "s2", "s3", "s4"]
@@ -150,16 +152,33 @@ def test_a_lease_outlives_the_next_view_and_delays_the_one_after() -> None:
         world.settle(12)
         s0 = world.procs["s0"]
         assert s0 is not None
-        world.cut |= {(a, b) for a in ("s2", "s3", "s4") for b in ("s0",)}
-        world.cut |= {(b, a) for a in ("s2", "s3", "s4") for b in ("s0",)}
+        world.cut |= {("s0", x) for x in ("s2", "s3", "s4")}  # s0 hears all; few hear s0
         world.start("s3", local0=7000.0)
         world.start("s4", local0=8000.0)
-        run_until(world, n + 1, rounds=80)  # s1 and s2 admit s3 and s4
+        # Their joins reach s0 and s1 only once s2, s3, s4 have missed s0 for long enough.
+        hold = {(x, y) for x in ("s3", "s4") for y in ("s0", "s1")}
+        world.cut |= hold
+        world.settle(int(SUSPECT_S / 0.25) + 2)
+        assert n + 1 not in world.chosen
+        world.cut -= hold
+        while n + 1 not in world.chosen:
+            world.settle(1, step_s=0.05)
+            world.check()
         assert len(world.chosen[n + 1].members) == 5
-        assert s0.q.holds_lease(s0.local(world.now)) and s0.q.lease.lease_view == n
+        assert s0.q.lease.lease_view == n
+        lease_left = s0.q.lease.lease_until - s0.local(world.now)
+        assert lease_left > 1.2  # longer than the others take to agree on removing s0
+        s3 = world.procs["s3"]
+        assert s3 is not None
+        for p in world.up():
+            p.q.auto = False  # the removal is the operator's request below, nothing else
         lease_end = None
+        asked = False
         for _ in range(200):
             world.settle(1, step_s=0.05)
+            if not asked and s3.q.view.number == n + 1:
+                world.call(s3, "propose_remove", "s0")  # an operator, as early as can be
+                asked = True
             world.check()  # raises if s0 still holds its lease once it is removed
             if lease_end is None and not s0.q.holds_lease(s0.local(world.now)):
                 lease_end = world.now
@@ -167,6 +186,128 @@ def test_a_lease_outlives_the_next_view_and_delays_the_one_after() -> None:
                 break
     assert n + 2 in world.chosen and "s0" not in world.chosen[n + 2].members
     assert lease_end is not None and lease_end <= world.chosen_at[n + 2]
+
+
+# --- rival ballots ------------------------------------------------------------------------
+
+
+def rival_joins() -> World:
+    """View {s0, s1, s2} of five servers; s3 and s4 restarted and asking to join; s0 has
+    heard only s3's request, s1 only s4's, s2 both. Nothing in flight."""
+    with capture_logs():
+        world = booted(["s0", "s1", "s2", "s3", "s4"])
+        world.crash("s3")
+        world.crash("s4")
+        for _ in range(80):
+            world.settle(1)
+            if world.chosen[max(world.chosen)].members == ("s0", "s1", "s2"):
+                break
+        assert world.chosen[max(world.chosen)].members == ("s0", "s1", "s2")
+        world.settle(12)
+        world.cut |= {("s3", "s1"), ("s4", "s0")}
+        world.start("s3", local0=7000.0)
+        world.start("s4", local0=8000.0)
+        for p in world.up():
+            p.q.auto = False  # who proposes what, and when, is up to the test
+        world.settle(2)
+        world.inflight.clear()
+    return world
+
+
+def test_crossing_ballots_with_rival_values_decide_one() -> None:
+    """s0 (ballot 1) and s1 (ballot 2) both gather s2's promise; s0's accept reaches s2
+    after s2 promised ballot 2: s2 must refuse it, or both values are decided."""
+    world = rival_joins()
+    n = max(world.chosen) + 1
+    s0, s1 = world.procs["s0"], world.procs["s1"]
+    assert s0 is not None and s1 is not None
+    with capture_logs():
+        world.call(s0, "propose_join", "s3")
+        world.deliver_where(src="s0", dst="s2", op="v_prepare")
+        world.call(s1, "propose_join", "s4")
+        world.deliver_where(src="s1", dst="s2", op="v_prepare")
+        world.deliver_where(dst="s1", op="v_promise")  # s1 asks for "s4 joins"
+        world.deliver_where(dst="s0", op="v_promise")  # s0 asks for "s3 joins"
+        world.deliver_where(src="s0", dst="s2", op="v_accept")  # too late for s0's ballot
+        world.deliver_where(dst="s0")
+        world.deliver_where(src="s1", dst="s2", op="v_accept")
+        world.deliver_where(dst="s1")
+        world.settle(4)
+    assert world.chosen[n].incarnation_of("s4") == world.procs["s4"].inc  # type: ignore[union-attr]
+    assert "s3" not in world.chosen[n].members
+
+
+def test_a_later_ballot_proposes_the_value_a_majority_accepted() -> None:
+    """s0's "s3 joins" is accepted by s0 and s2 — decided — but nobody hears of it; s1
+    then proposes "s4 joins" with a higher ballot and gets promises from s1 and s2: it must
+    propose s2's accepted value, not its own."""
+    world = rival_joins()
+    n = max(world.chosen) + 1
+    s0, s1 = world.procs["s0"], world.procs["s1"]
+    assert s0 is not None and s1 is not None
+    with capture_logs():
+        world.call(s0, "propose_join", "s3")
+        world.deliver_where(src="s0", dst="s2", op="v_prepare")
+        world.deliver_where(dst="s0", op="v_promise")
+        world.deliver_where(src="s0", dst="s2", op="v_accept")
+        world.deliver_where(dst="s0", op="v_accepted")  # decided by s0 and s2
+        assert world.chosen[n].incarnation_of("s3") == world.procs["s3"].inc  # type: ignore[union-attr]
+        world.inflight.clear()  # s0's announcement is lost
+        world.call(s1, "propose_join", "s4")
+        world.deliver_where(src="s1", dst="s2", op="v_prepare")
+        world.deliver_where(dst="s1", op="v_promise")
+        world.deliver_where(src="s1", dst="s2", op="v_accept")
+        world.deliver_where(dst="s1", op="v_accepted")
+        world.settle(4)
+    assert s1.q.view == world.chosen[n]
+
+
+def test_a_proposer_counts_only_accepts_of_its_current_ballot() -> None:
+    """s2's accept of s0's first ballot ("s3 joins") arrives after s0 moved on to a second
+    ballot with another value ("s3 and s4 join", promised by s1): it is no vote for it."""
+    world = rival_joins()
+    s0, s4 = world.procs["s0"], world.procs["s4"]
+    assert s0 is not None and s4 is not None
+    with capture_logs():
+        world.call(s0, "propose_join", "s3")
+        world.deliver_where(src="s0", dst="s2", op="v_prepare")
+        world.deliver_where(dst="s0", op="v_promise")
+        world.deliver_where(src="s0", dst="s2", op="v_accept")
+        late = [m for m in world.inflight if m.dst == "s0"]  # s2's accept, held back
+        world.inflight.clear()
+        world.now += 2 * HEARTBEAT_S + 0.5
+        world.cut.discard(("s4", "s0"))
+        world.call(s0, "heard", "s4", s4.inc)
+        world.call(s0, "propose_join", "s4")  # the first ballot timed out: a second one
+        world.inflight = [m for m in world.inflight if m.dst == "s1"]
+        world.deliver_where(src="s0", dst="s1", op="v_prepare")
+        world.deliver_where(dst="s0", op="v_promise")  # s0 and s1, free: s0's own value
+        world.inflight = late + [m for m in world.inflight if m.dst != "s2"]
+        world.deliver_where(src="s2", dst="s0")  # raises if s0 adopts a view not chosen
+    assert s0.q.view.number == max(world.chosen)
+
+
+def test_an_asker_with_an_undecided_value_does_not_vouch_for_itself() -> None:
+    """s1 accepted a value for the next view: a grant from s0 alone (2 of 3 with s1's own)
+    no longer makes a lease; it needs both others (the lease argument, m ≥ n + 2)."""
+    q = _member("s1")
+    assert _accept(q, WITHOUT_S2, 10.0 + SUSPECT_S)["op"] == "v_accepted"
+    asks = q.tick(20.0)
+    seq = next(m["seq"] for dst, m in asks if m["op"] == "l_ask" and dst == "s0")
+    q.receive("s0", {"op": "l_grant", "inc": "a", "vn": 2, "seq": seq}, 20.1)
+    assert not q.holds_lease(20.2)
+    q.receive("s2", {"op": "l_grant", "inc": "c", "vn": 2, "seq": seq}, 20.2)
+    assert q.holds_lease(20.3)
+
+
+def test_a_lease_ends_when_its_holder_leaves_the_view() -> None:
+    lease = Lease(me="s1", incarnation="b", duration_s=2.0)
+    v2 = View.of(2, {"s0": "a", "s1": "b", "s2": "c"})
+    seq = lease.ask(v2, 10.0, self_grant=True)[0][1]["seq"]
+    lease.on_grant("s0", "a", seq, 2)
+    assert lease.holds_lease(11.0) and not lease.holds_lease(12.0)
+    lease.view_changed(View.of(3, {"s0": "a", "s2": "c"}))
+    assert not lease.holds_lease(11.0)
 
 
 # --- restarts and joins -------------------------------------------------------------------
@@ -295,6 +436,8 @@ def test_an_acceptor_refuses_its_own_removal_and_unreachable_joiners() -> None:
     assert _accept(q, View.of(3, {"s0": "a", "s1": "b"}), 50.0)["reason"] == "drops_me"
     rebind = View.of(3, {"s0": "a", "s1": "b2", "s2": "c"})
     assert _accept(q, rebind, 50.0)["reason"] == "unreachable"
+    not_me = View.of(3, {"s0": "a", "s1": "b", "s2": "c-older"})
+    assert _accept(q, not_me, 50.0)["reason"] == "drops_me"
 
 
 def test_an_acceptor_grants_nothing_while_it_has_an_undecided_value() -> None:
@@ -308,6 +451,9 @@ def test_a_dead_process_is_removed_without_waiting() -> None:
     q.heard("s2", "c", 100.0)
     q.refused("s2", 100.5)
     assert _accept(q, WITHOUT_S2, 100.6)["op"] == "v_accepted"
+    fresh = _member("s1", now=100.0)  # never heard from s2: the process the view binds
+    fresh.refused("s2", 100.5)
+    assert _accept(fresh, WITHOUT_S2, 100.6)["op"] == "v_accepted"
 
 
 # --- two servers, and inputs ----------------------------------------------------------------

@@ -98,10 +98,12 @@ class Acceptor:
         q = self.member
         old, new = q.view.bindings(), value.bindings()
         mine = new.get(q.me)
-        if mine is None:
+        if mine is None or (mine != q.incarnation and q.view.bound):
             return ("drops_me", [q.me])
         if mine != q.incarnation and q.lease.holds_lease(now):
-            return ("holds_lease", [q.me])  # binds an older process of ours: not yet
+            # Only in view 1: an undecided first view binding an earlier process of our
+            # server must stay decidable — once no lease of ours depends on the current one.
+            return ("holds_lease", [q.me])
         bad = [m for m, inc in new.items() if m not in q.servers or not inc]
         if bad:
             return ("malformed", bad)

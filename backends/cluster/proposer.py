@@ -122,7 +122,7 @@ class Proposer:
                 return []
             log.debug("view_attempt_timed_out", n=a.n, ballot=a.ballot)
             self._abandon(now)
-        if now < self.retry_at:
+        if now < self.retry_at and not forced:
             return []
         own = self.desired(now)
         acc = q.acceptor

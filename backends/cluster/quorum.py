@@ -197,19 +197,17 @@ class Quorum:
         Only for a refusal that proves no process (ECONNREFUSED from the peer's own host),
         never for a timeout or a reset: it lets the majority remove the peer at once.
         """
-        self.sightings.refused(peer, now)
+        self.sightings.refused(peer, self.view.incarnation_of(peer) or "")
         return self.proposer.propose(now, forced=False)
 
     def propose_remove(self, peer: str, now: float) -> list[Out]:
         """Ask for a view without `peer` (an operator's command); acceptors still judge it."""
         self.proposer.forced_out.add(peer)
-        self.proposer.retry_at = float("-inf")
         return self.proposer.propose(now, forced=True)
 
     def propose_join(self, peer: str, now: float) -> list[Out]:
         """Ask for a view binding `peer`'s process heard most recently."""
         self.proposer.forced_in.add(peer)
-        self.proposer.retry_at = float("-inf")
         return self.proposer.propose(now, forced=True)
 
     def tick(self, now: float) -> list[Out]:

@@ -31,11 +31,14 @@ class Sightings:
         if now > self._heard.get(key, float("-inf")):
             self._heard[key] = now
 
-    def refused(self, peer: str, now: float) -> None:
-        """The peer's port refused a connection: every process of it heard so far is gone."""
+    def refused(self, peer: str, bound: str) -> None:
+        """The peer's port refused a connection: every process of it heard so far is gone,
+        and so is `bound`, the one our view binds ("" if none)."""
         for p, inc in list(self._heard):
             if p == peer:
                 self._dead.add((p, inc))
+        if bound:
+            self._dead.add((peer, bound))
 
     def superseded(self, peer: str, old: str) -> None:
         """A newer process of `peer` knows a view binding `old`: `old` has ended."""
