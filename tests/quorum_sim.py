@@ -103,7 +103,7 @@ class World:
 
     def call(self, p: Proc, method: str, *args: Any) -> None:
         """Call one input method of p's Quorum at p's clock; carry what it sends."""
-        outs = getattr(p.q, method)(*args, p.local(self.now)) or []  # heard() sends nothing
+        outs = getattr(p.q, method)(*args, p.local(self.now))
         for dst, msg in outs:
             assert dst != p.sid and dst in self.servers, (p.sid, dst, msg)
             op = msg["op"]

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..errors import ProtocolViolation
-from .lease import Out
-from .view import Ballot, View, ballot_from_wire
+from .view import Ballot, Out, View, ballot_from_wire
 
 if TYPE_CHECKING:
     from .quorum import Quorum

@@ -24,14 +24,10 @@ majority stops acknowledging before the majority may remove it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from .view import RHO, View
+from .view import RHO, Out, View
 
-__all__ = ["Lease", "Out", "lease_duration", "grant_factor"]
-
-# A message to send: (destination server id, JSON-able dict).
-Out = tuple[str, dict[str, Any]]
+__all__ = ["Lease", "lease_duration", "grant_factor"]
 
 # Asks older than this many lease durations can no longer extend the lease: forgotten.
 _KEEP_ASKS = 1.0

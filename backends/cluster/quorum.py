@@ -88,10 +88,10 @@ from tandem.errors import ConfigError
 
 from ..errors import ProtocolViolation
 from .acceptor import Acceptor
-from .lease import Lease, Out, lease_duration
+from .lease import Lease, lease_duration
 from .proposer import Proposer
 from .sightings import Sightings
-from .view import RHO, Ballot, View, ViewChanged
+from .view import RHO, Ballot, Out, View, ViewChanged
 
 __all__ = ["Quorum", "Standing", "View", "ViewChanged", "Out"]
 
@@ -187,9 +187,10 @@ class Quorum:
 
     # --- inputs from the host ---------------------------------------------------------------
 
-    def heard(self, peer: str, incarnation: str, now: float) -> None:
+    def heard(self, peer: str, incarnation: str, now: float) -> list[Out]:
         """Any frame from that process on its current connection (pings included)."""
         self.sightings.heard(peer, incarnation, now)
+        return []  # like every input: what to send (here, nothing)
 
     def refused(self, peer: str, now: float) -> list[Out]:
         """The peer's replication port refused a connection: no process is listening.

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ProtocolViolation
 
-__all__ = ["RHO", "Ballot", "View", "ViewChanged", "ballot_from_wire", "majority"]
+__all__ = ["RHO", "Ballot", "Out", "View", "ViewChanged", "ballot_from_wire", "majority"]
 
 # Clock rate error budget: every clock runs within 1 % of real time (docs/consistency.md).
 RHO = 0.01
@@ -26,6 +26,9 @@ RHO = 0.01
 # tuple. The incarnation makes ballots unique across restarts: a restarted proposer may
 # reuse a round its previous process used, never the same ballot.
 Ballot = tuple[int, int, str]
+
+# A message to send: (destination server id, JSON-able dict whose "op" starts v_ or l_).
+Out = tuple[str, dict[str, Any]]
 
 
 def majority(size: int) -> int:
