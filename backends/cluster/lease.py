@@ -1,8 +1,9 @@
 """Leases: a member may acknowledge writes only while a majority of its view vouches for it.
 
-Sans-IO bookkeeping, driven by `backends.cluster.quorum.Quorum` (which decides *whether* a
-member may count itself or grant, from its Paxos state) — the host never calls it directly
-except for `holds_lease`.
+Sans-IO bookkeeping, driven by `backends.cluster.quorum.Quorum`, which decides *whether* a
+member may count itself or grant from its Paxos state (neither while it has accepted a value
+for the next view that is not decided yet; the lease argument is in quorum.py). The host
+reads `Quorum.holds_lease`.
 
 Asker: every heartbeat a member sends `l_ask(seq, vn)` to every other member of its view `vn`
 and remembers when (`sent`, its own clock). It holds a lease until `sent + L` for the latest
@@ -12,7 +13,7 @@ processes of three would otherwise vouch for each other in a view 1 the others h
 
 Grantor: grants (`l_grant(seq)`) an ask made in its own current view by a member bound in it,
 and records `grant_until[asker] = received + L·(1+ρ)/(1−ρ)`. While that runs it refuses to
-vote for the asker's removal (the acceptor rule in `quorum.py`). The factor is the exact form
+vote for the asker's removal (`backends.cluster.acceptor`). The factor is the exact form
 of the design's `1 + 2ρ`: the asker's `L` may last `L/(1−ρ)` of real time on a slow clock,
 and the grantor's interval at least `grant/(1+ρ)` on a fast one.
 
