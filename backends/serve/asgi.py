@@ -165,10 +165,11 @@ class TandemMiddleware:
         manager = self.manager
         try:
             record = await manager.open(route, rid=rid)
-        except SessionMoved:
-            # Another server owns it now (or may, right after our own stall): the proxy
-            # fails the request over; nothing ran here.
-            await _send_unavailable(send, b"session moved to another server; retry\n", kind)
+        except SessionMoved as exc:
+            # Another server owns it now (or may, right after our own stall), or this one
+            # may not serve it (X-Tandem-State says why): the proxy fails the request over;
+            # nothing ran here.
+            await _send_unavailable(send, exc, kind)
             return
         session = Session(record, create=manager.new_session,
                           context=_RequestContext(self, scope) if in_urls else self)
@@ -194,9 +195,8 @@ class TandemMiddleware:
                     # (a session may move to a less loaded server only when its token comes
                     # by cookie: links in pages would still name this one)
                     result = await manager.commit(session, rid=rid, migrate=via == "cookie")
-                except SessionMoved:
-                    await _send_unavailable(send, b"session moved to another server; retry\n",
-                                            kind)
+                except SessionMoved as exc:
+                    await _send_unavailable(send, exc, kind)
                     replaced = True
                     return
                 if deadline is not None and deadline.committed_late():
@@ -315,6 +315,9 @@ class TandemMiddleware:
             "primaries": len(m.store.primaries),
             "replicas": len(m.store.replicas),
             "view": m.membership.view()[0],
+            "members": list(m.membership.quorum.view.members),
+            "standing": m.membership.quorum.standing.value,
+            "lease": m.membership.serving_state() is None,
             "stats": m.stats,
         }).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -346,12 +349,15 @@ class _RequestContext:
                            origin=self._origin)
 
 
-async def _send_unavailable(send: Send, body: bytes, kind: str) -> None:
-    """503 (server-initiated failover at the proxy); a websocket is closed with 1012."""
+async def _send_unavailable(send: Send, exc: SessionMoved, kind: str) -> None:
+    """503 (server-initiated failover at the proxy) with `X-Tandem-State`: `moved`, or why
+    this server may not serve the session now; a websocket is closed with 1012."""
     if kind == "websocket":
         await send({"type": "websocket.close", "code": 1012})
         return
+    body = (b"session moved to another server; retry\n" if exc.state == "moved"
+            else f"not serving this session here ({exc.state}); retry\n".encode())
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"0")]})
+        (b"retry-after", b"0"), (b"x-tandem-state", exc.state.encode("ascii"))]})
     await send({"type": "http.response.body", "body": body})
