@@ -22,6 +22,7 @@ __all__ = [
     "HandshakeFailed",
     "ProtocolViolation",
     "SessionMoved",
+    "NotServing",
 ]
 
 
@@ -65,3 +66,17 @@ class ProtocolViolation(ReplicationError):
 
 class SessionMoved(ReplicationError):
     """Another server took this session over while this request ran; it was not committed."""
+
+    state = "moved"  # X-Tandem-State of the 503 the request gets
+
+
+class NotServing(SessionMoved):
+    """This server may not acknowledge the request's session now; nothing of it is
+    acknowledged, and the 503's `X-Tandem-State` says why (docs/consistency.md):
+    `minority` (no lease: cut off from the majority), `starting` (not yet admitted to the
+    view), `fenced` (removed from the view), `unprotected` (the secondary the view names
+    cannot be reached, and the view has not removed it)."""
+
+    def __init__(self, message: str, *, peer: str, state: str) -> None:
+        super().__init__(message, peer=peer)
+        self.state = state

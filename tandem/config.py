@@ -71,7 +71,9 @@ class ClusterSection:
     name: str = "tandem"
     secrets: tuple[str, ...] = field(default=("change-me",), repr=False)
     heartbeat_interval_s: float = field(default=10.0, metadata=_positive())
-    missed_heartbeats: int = field(default=3, metadata={"min": 1})
+    # A peer silent this many intervals is suspected; a lease lasts one interval less, so at
+    # least 2 (docs/consistency.md, "Leases").
+    missed_heartbeats: int = field(default=3, metadata={"min": 2})
     # How long a replicate or fetch may wait for a peer before it is declared failed.
     replication_timeout_s: float = field(default=2.0, metadata=_positive())
     # How long a connection attempt to a peer's replication address may take.

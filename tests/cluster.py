@@ -165,19 +165,25 @@ class Cluster:
             self.servers[sid]["proc"])
 
     def wait_formed(self, alive: list[str] | None = None, timeout: float = 30.0) -> None:
-        """Wait until every server in `alive` sees exactly the others of `alive` alive."""
+        """Wait until every server in `alive` sees exactly the others of `alive` alive, and
+        they agree on a view of exactly `alive` in which each holds its lease."""
         members = alive or [s for s, v in self.servers.items()
                             if v["proc"] is not None and v["proc"].poll() is None]
 
         def formed() -> bool:
+            views = set()
             for sid in members:
                 try:
-                    peers = self.health(sid)["peers"]
+                    health = self.health(sid)
                 except (OSError, urllib.error.URLError):
                     return False
+                peers = health["peers"]
                 if any((peers[p] == "alive") != (p in members) for p in peers):
                     return False
-            return True
+                if not health["lease"] or sorted(health["members"]) != sorted(members):
+                    return False
+                views.add(health["view"])
+            return len(views) == 1
 
         self._wait(formed, "cluster membership", timeout=timeout)
 

@@ -74,7 +74,9 @@ class PeerLink:
 
     def __init__(self, *, me: str, peer: ServerConfig, config: Config,
                  on_state: Callable[[str, PeerState, str], None],
-                 stalled: Callable[[], bool] = lambda: False, incarnation: str = "") -> None:
+                 stalled: Callable[[], bool] = lambda: False, incarnation: str = "",
+                 on_refused: Callable[[str], None] = lambda peer: None,
+                 on_heard: Callable[[str, str], None] = lambda peer, inc: None) -> None:
         # configuration
         self.me = me
         self.incarnation = incarnation  # ours, sent in the handshake
@@ -82,6 +84,8 @@ class PeerLink:
         self.peer = peer
         self._cluster = config.cluster
         self._on_state = on_state
+        self._on_refused = on_refused  # the peer's port refused us: no process there
+        self._on_heard = on_heard  # a sign of life of the peer's process (handshake, pong)
         # connection state
         self.state = PeerState.UNKNOWN
         self.peer_incarnation = ""  # the peer's process, as its handshake named it
@@ -212,17 +216,30 @@ class PeerLink:
     async def _run(self) -> None:
         backoff = 0.05
         while not self._closing:
+            lost = False
             try:
                 await self._connect()
                 backoff = 0.05
                 await self._serve()
+            except ConnectionRefusedError as exc:
+                # No process listens on the peer's replication port: proof that the process
+                # we knew is gone (a hung or cut-off one would not refuse).
+                if self.state is PeerState.ALIVE:
+                    self.fail(f"connection refused: {exc}")
+                self._on_refused(self.peer.id)
             except (OSError, ReplicationError, TimeoutError) as exc:
+                lost = True
                 if self.state is PeerState.ALIVE:
                     self.fail(f"connection lost: {exc}")
                 elif self.state is PeerState.UNKNOWN and isinstance(exc, HandshakeFailed):
                     log.warning("peer_refused", peer=self.peer.id, reason=str(exc))
             if self._closing:
                 return
+            if lost and backoff == 0.05:
+                # The connection just dropped: dial again at once. A dead process refuses
+                # now, and that refusal lets the majority remove it within milliseconds.
+                backoff = 0.1
+                continue
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), backoff)
@@ -243,6 +260,7 @@ class PeerLink:
         self._reader, self._writer = reader, writer
         self._outbox = Outbox(writer, self._write_failed)
         self.last_heard = time.monotonic()
+        self._on_heard(self.peer.id, self.peer_incarnation)
         self._set_state(PeerState.ALIVE, "handshake")
 
     async def _serve(self) -> None:
@@ -253,8 +271,11 @@ class PeerLink:
                 msg = await frames.read()
                 self.last_heard = time.monotonic()
                 fut = self._pending.get(msg.get("re", 0))
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(msg)
+                elif msg.get("op") == "pong":  # (every heartbeat, not on every reply)
+                    self._on_heard(self.peer.id, self.peer_incarnation)
         finally:
             pinger.cancel()
 

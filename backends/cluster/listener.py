@@ -102,9 +102,15 @@ class ReplicationListener:
             while True:
                 msg = await frames.read()
                 op = msg.get("op")
-                if op == "leaving":
+                if type(op) is str and op[:2] in ("v_", "l_"):
+                    m.receive(peer, msg)  # the view consensus and the leases
+                    continue
+                if op == "ping":
+                    m.heard(peer, dialler.incarnation)
+                elif op == "leaving":
                     graceful = True
                     link.left()
+                    m.said_goodbye(peer)
                     continue
                 if op == "draining":
                     link.draining()

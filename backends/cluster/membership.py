@@ -1,10 +1,18 @@
-"""The cluster as this server sees it: a link to every peer, which of them are alive, and
-the view (live members and their addresses) the proxy is told about."""
+"""The cluster as this server sees it: a link to every peer, which of them answer, and the
+view the majority agreed on (docs/consistency.md).
+
+Two kinds of knowledge, kept apart:
+- *reachability* (`PeerLink.state`): what this server's own links say of each peer. It picks
+  secondaries among reachable members and re-dials the others; it never promotes anything.
+- *the view* (`Quorum`): members and their processes, decided by a majority; the lease that
+  lets this server acknowledge writes. Promotions, fencing and re-homing follow view changes
+  only (`ViewChanged` events), and the proxy is told the view by its number.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +22,10 @@ import structlog
 
 from tandem.config import Config, ServerConfig
 
+from ..errors import NotServing
 from .link import PeerLink, PeerState
+from .quorum import Quorum, Standing
+from .view import Out, ViewChanged
 
 __all__ = ["Membership"]
 
@@ -29,24 +40,132 @@ class Membership:
         self.me = config.server(me)
         # this process: new at every start (a restarted server forgot everything it promised)
         self.incarnation = secrets.token_hex(8)
+        c = config.cluster
+        self.quorum = Quorum(me=me, servers=config.server_ids, incarnation=self.incarnation,
+                             heartbeat_interval_s=c.heartbeat_interval_s,
+                             missed_heartbeats=c.missed_heartbeats, now=time.monotonic())
         self.links: dict[str, PeerLink] = {
             s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed,
-                           stalled=self.recently_stalled, incarnation=self.incarnation)
+                           stalled=self.recently_stalled, incarnation=self.incarnation,
+                           on_refused=self.refused, on_heard=self.heard)
             for s in config.servers if s.id != me
         }
         self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []
+        self._view_listeners: list[Callable[[ViewChanged], None]] = []
         self._view: tuple[str, str] | None = None
+        # until when (monotonic) this server may acknowledge writes: the lease, while bound
+        self.ack_until = float("-inf")
+        self.leaving = False  # said goodbye: acknowledges nothing more
+        self.voter = True  # bound in the view we know (view 1 binds any process)
+        self._view_changed = asyncio.Event()  # set and replaced at every adopted view
         self._stall_task: asyncio.Task[None] | None = None
+        self._quorum_task: asyncio.Task[None] | None = None
         self._stalled_at = -1e9  # monotonic time our last stall ended
         self._last_tick = float("inf")  # when the stall watch last ran (not yet: inf)
 
     def on_change(self, fn: Callable[[str, PeerState, str], Awaitable[None] | None]) -> None:
         self._listeners.append(fn)
 
+    def on_view_change(self, fn: Callable[[ViewChanged], None]) -> None:
+        """`fn` runs for every view this server adopts, before anything else is served."""
+        self._view_listeners.append(fn)
+
     def start(self) -> None:
         for link in self.links.values():
             link.start()
         self._stall_task = asyncio.create_task(self._watch_stalls(), name="stall-watch")
+        self._quorum_task = asyncio.create_task(self._tick_quorum(), name="quorum")
+
+    # --- the view consensus and the lease ----------------------------------------------
+
+    async def _tick_quorum(self) -> None:
+        tick = min(0.05, self.config.cluster.heartbeat_interval_s / 5)
+        while True:
+            self._deliver(self.quorum.tick(time.monotonic()))
+            await asyncio.sleep(tick)
+
+    def receive(self, peer: str, msg: dict[str, Any]) -> None:
+        """A `v_*`/`l_*` frame from `peer` (authenticated by the listener)."""
+        self._deliver(self.quorum.receive(peer, msg, time.monotonic()))
+
+    def heard(self, peer: str, incarnation: str) -> None:
+        """Any sign of life of that process of `peer` (a handshake, a ping, a pong)."""
+        self.quorum.heard(peer, incarnation, time.monotonic())
+
+    def refused(self, peer: str) -> None:
+        """`peer`'s replication port refused a connection: no process of it is running."""
+        self._deliver(self.quorum.refused(peer, time.monotonic()))
+
+    def said_goodbye(self, peer: str) -> None:
+        """`peer`'s process left (drained, then said goodbye): as good as proven gone."""
+        q = self.quorum
+        q.sightings.superseded(peer, q.view.incarnation_of(peer) or "")
+        self._deliver(q.proposer.propose(time.monotonic(), forced=False))
+
+    def _deliver(self, out: list[Out]) -> None:
+        for dest, msg in out:
+            link = self.links.get(dest)
+            if link is not None:
+                link.send(msg)
+        events = self.quorum.take_events()
+        q = self.quorum
+        self.voter = q.voter
+        if self.leaving or not self.voter:
+            self.ack_until = float("-inf")
+        else:
+            self.ack_until = q.lease.lease_until
+        for event in events:
+            self._view = None
+            for fn in self._view_listeners:
+                fn(event)  # promotions and fencing happen here, before anything else runs
+            self._view_changed.set()
+            self._view_changed = asyncio.Event()
+
+    def serving_state(self) -> str | None:
+        """None if this server may acknowledge writes now; else the X-Tandem-State why not."""
+        if time.monotonic() < self.ack_until:
+            return None
+        standing = self.quorum.standing
+        if self.leaving:
+            return "leaving"
+        if standing is Standing.MEMBER:
+            return "minority"
+        return str(standing.value)
+
+    async def ready(self, timeout: float | None = None) -> None:
+        """Return once this server may acknowledge writes (the lease held); NotServing
+        after `timeout` (default one heartbeat: a lease is renewed every heartbeat)."""
+        if time.monotonic() < self.ack_until:
+            return
+        if timeout is None:
+            timeout = self.config.cluster.heartbeat_interval_s
+        deadline = time.monotonic() + timeout
+        while (state := self.serving_state()) is not None:
+            if time.monotonic() >= deadline:
+                raise NotServing(f"not serving: {state}", peer=self.me.id, state=state)
+            await asyncio.sleep(0.01)
+
+    def in_view(self, peer: str) -> bool:
+        """Is `peer` a member of the view (whatever process the view binds)?"""
+        return self.quorum.view.incarnation_of(peer) is not None
+
+    async def wait_view(self, still: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `still()` is false — checked at every adopted view, and every 50 ms
+        for what links learn (a peer reachable again); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while still():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._view_changed.wait(), min(left, 0.05))
+        return True
+
+    def start_leaving(self) -> None:
+        """We drained and say goodbye: from now on acknowledge nothing (the majority may
+        remove us at once on our goodbye)."""
+        self.leaving = True
+        self.ack_until = float("-inf")
 
     def recently_stalled(self, within: float | None = None) -> bool:
         """Were we frozen long enough, recently, for the peers to have declared us failed?
@@ -77,8 +196,10 @@ class Membership:
             self._last_tick = now
 
     async def close(self) -> None:
-        if self._stall_task is not None:
-            self._stall_task.cancel()
+        self.start_leaving()  # before the goodbyes: the peers may remove us on hearing them
+        for task in (self._stall_task, self._quorum_task):
+            if task is not None:
+                task.cancel()
         await asyncio.gather(*(link.close() for link in self.links.values()))
 
     def is_alive(self, peer: str) -> bool:
@@ -86,8 +207,11 @@ class Membership:
         return link is not None and link.alive
 
     def alive_peers(self) -> list[ServerConfig]:
-        """Peers that may take new replicas (alive and not draining)."""
-        return [link.peer for link in self.links.values() if link.state is PeerState.ALIVE]
+        """Peers that may take new replicas: alive, not draining, and the very process the
+        view binds (a replica held by any other process would outlive its fencing)."""
+        view = self.quorum.view
+        return [link.peer for link in self.links.values() if link.state is PeerState.ALIVE
+                and view.incarnation_of(link.peer.id) in ("", link.peer_incarnation)]
 
     def broadcast(self, msg: dict[str, Any]) -> None:
         for link in self.links.values():
@@ -97,12 +221,16 @@ class Membership:
         return {pid: link.state.value for pid, link in self.links.items()}
 
     def view(self) -> tuple[str, str]:
-        """(hash, header value) of the live members and their http addresses."""
+        """(number, header value): the view's number and its members' http addresses.
+
+        The proxy adopts a view only if its number is higher than the one it holds: a
+        server in a minority, which knows only older views, cannot take it back.
+        """
         if self._view is None:
-            members = [self.me, *self.alive_peers()]
-            listing = ", ".join(f"{s.id}={s.http}" for s in sorted(members, key=lambda s: s.id))
-            digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
-            self._view = (digest, f"{digest}; {listing}")
+            view = self.quorum.view
+            listing = ", ".join(f"{m}={self.config.server(m).http}" for m in view.members)
+            number = str(view.number)
+            self._view = (number, f"{number}; {listing}")
         return self._view
 
     def _changed(self, peer: str, state: PeerState, cause: str) -> None:

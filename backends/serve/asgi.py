@@ -31,7 +31,7 @@ from tandem.token import (
     strip_path_param,
 )
 
-from ..errors import TokenError
+from ..errors import NotServing, TokenError
 from ..sessions.manager import SessionManager, SessionMoved
 from ..sessions.session import Session
 from ..sessions.store import Primary
@@ -109,7 +109,7 @@ class TandemMiddleware:
             return
         if self.manager.draining:
             # Sessions are being handed over: the proxy fails this over to the secondary.
-            await _send_unavailable(send, b"server draining; retry\n", kind)
+            await _send_unavailable(send, _DRAINING, kind)
             return
         self.inflight += 1
         try:
@@ -349,6 +349,9 @@ class _RequestContext:
                            origin=self._origin)
 
 
+_DRAINING = NotServing("server draining", peer="-", state="draining")
+
+
 async def _send_unavailable(send: Send, exc: SessionMoved, kind: str) -> None:
     """503 (server-initiated failover at the proxy) with `X-Tandem-State`: `moved`, or why
     this server may not serve the session now; a websocket is closed with 1012."""
@@ -356,6 +359,7 @@ async def _send_unavailable(send: Send, exc: SessionMoved, kind: str) -> None:
         await send({"type": "websocket.close", "code": 1012})
         return
     body = (b"session moved to another server; retry\n" if exc.state == "moved"
+            else b"server draining; retry\n" if exc.state == "draining"
             else f"not serving this session here ({exc.state}); retry\n".encode())
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),

@@ -15,7 +15,7 @@ import structlog
 from tandem.logs import short
 from tandem.token import Route
 
-from ..errors import PeerTimeout, PeerUnavailable, SessionMoved
+from ..errors import NotServing, PeerTimeout, PeerUnavailable, SessionMoved
 from .context import Context
 from .session import Session
 from .store import Primary
@@ -79,6 +79,10 @@ class Committer:
         if ctx.persister is not None:  # after replication: a write (sync: awaited) or a touch
             await ctx.persister.committed(
                 record, changed=record is not first or record.version != first_version)
+        if time.monotonic() >= ctx.membership.ack_until:
+            # Acknowledged only under the lease (docs/consistency.md, I1b): without it the
+            # majority may have ended us and promoted the copy this write is not in.
+            await ctx.membership.ready()
         return CommitResult(Route(record.sid, ctx.me.id, record.secondary))
 
     async def _regenerate(self, old: Primary) -> Primary:
@@ -121,16 +125,28 @@ class Committer:
 
     async def replicate_now(self, record: Primary) -> None:
         ctx = self.ctx
-        for _ in range(len(ctx.config.servers)):
+        membership = ctx.membership
+        waited = False
+        for _ in range(len(ctx.config.servers) + 2):
             peer = self.planned_secondary(record)
-            if peer is None or not ctx.membership.is_alive(peer):
-                break  # no live peer, or none may be chosen right after our own stall
+            if peer is not None and not membership.is_alive(peer):
+                await self.await_removal(record, peer)
+                continue  # the view removed it: a new secondary is chosen
+            if peer is None:
+                if waited or not self._others_in_view():
+                    break  # no live peer, or none may be chosen right after our own stall
+                # a member restarting or re-dialled right now: give it a heartbeat to come
+                waited = True
+                await membership.wait_view(lambda: ctx.choose_secondary() is None,
+                                           ctx.config.cluster.heartbeat_interval_s)
+                continue
             msg = self._replicate_msg(record)
             try:
-                reply = await ctx.membership.links[peer].call(msg, timeout=ctx.timeout)
+                reply = await membership.links[peer].call(msg, timeout=ctx.timeout)
             except (PeerUnavailable, PeerTimeout) as exc:
                 ctx.stats["replication_failures"] += 1
                 ctx.peer_error(peer, exc)
+                record.sent_version = -1  # whatever it got, the next attempt sends it all
                 continue
             if ctx.store.primaries.get(record.sid) is not record:
                 if record.superseded:
@@ -157,15 +173,42 @@ class Committer:
                 raise SessionMoved(f"session is primary at {reply['moved']}", peer=peer)
             log.error("replication_rejected", sid=short(record.sid), peer=peer,
                       reply=reply.get("error"))
-            return
+            record.sent_version = -1
+            raise NotServing(f"{peer} refused the copy: {reply.get('error')}",
+                             peer=peer, state="unprotected")
         if ctx.membership.recently_stalled():
             # Right after our own stall a secondary that does not answer has most likely
             # taken this session over: acknowledging would lose the write. The proxy fails
             # the request over instead.
             raise SessionMoved("could not replicate right after our own stall", peer=ctx.me.id)
-        # Every attempt failed: say so in the token rather than name a secondary without it.
+        if ctx.mode == "sync" and self._others_in_view():
+            # Sync acknowledges only what two copies hold (I1a): with another member in the
+            # view, a copy held here alone would be lost when the view ends us.
+            raise NotServing("no member of the view can hold the copy", peer=ctx.me.id,
+                             state="unprotected")
+        # Alone in the view (a one-server cluster): say so in the token.
         ctx.store.assign_secondary(record, None)
         log.warning("session_unprotected", sid=short(record.sid))
+
+    def _others_in_view(self) -> bool:
+        return len(self.ctx.membership.quorum.view.members) > 1
+
+    async def await_removal(self, record: Primary, peer: str) -> None:
+        """The secondary cannot be reached. While the view lists it, no other server may
+        take its place (rule R, docs/consistency.md): it may be alive behind a partition and
+        promote its copy once the majority ends us — a copy without what another secondary
+        acknowledged. So wait (bounded) for the view to remove it; 503 otherwise."""
+        ctx = self.ctx
+        membership = ctx.membership
+        c = ctx.config.cluster
+        timeout = c.heartbeat_interval_s * (2 * c.missed_heartbeats + 1)
+        if not await membership.wait_view(
+                lambda: membership.in_view(peer) and not membership.is_alive(peer), timeout):
+            raise NotServing(f"secondary {peer} unreachable and still in the view",
+                             peer=peer, state="unprotected")
+        if ctx.store.primaries.get(record.sid) is not record:
+            raise SessionMoved("session fenced or moved while its secondary was repaired",
+                               peer=ctx.me.id)
 
     @staticmethod
     def _replicate_msg(record: Primary) -> dict[str, Any]:
@@ -196,8 +239,9 @@ class Committer:
         replicate to, chosen now — not NONE just because a re-protection is under way."""
         ctx = self.ctx
         peer = record.secondary
-        if ctx.mode == "none" or (peer is not None and ctx.membership.is_alive(peer)):
-            return peer
+        if ctx.mode == "none" or (peer is not None and (
+                ctx.membership.is_alive(peer) or ctx.membership.in_view(peer))):
+            return peer  # (unreachable but in the view: only the view may replace it)
         if ctx.membership.recently_stalled():
             # No new secondary right after our own stall: it would hold no copy, and its
             # ack would say nothing of whether the session lives on elsewhere since.

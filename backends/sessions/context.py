@@ -64,9 +64,13 @@ class Context:
         self.touched: dict[str, dict[str, float]] = {}
         self.draining = False
 
-    def next_epoch(self, after: int) -> int:
-        """An epoch newer than `after` that no other server can produce (no ties)."""
-        return (after // _EPOCH_STRIDE + 1) * _EPOCH_STRIDE + self.index
+    def next_epoch(self, after: int, *, view: int | None = None) -> int:
+        """An epoch newer than `after` that no other server can produce (no ties), from
+        the number of the view it is made in (current by default): a promotion in a later
+        view orders after every copy of the views before it."""
+        if view is None:
+            view = self.membership.quorum.view.number
+        return (max(after // _EPOCH_STRIDE + 1, view)) * _EPOCH_STRIDE + self.index
 
     def choose_secondary(self) -> str | None:
         chosen = choose_secondary(self.me, self.membership.alive_peers(),

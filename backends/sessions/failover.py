@@ -1,6 +1,11 @@
-"""Reacting to membership changes: promote the replicas of a failed primary, re-protect the
-sessions whose secondary failed or left, and tell a peer that is back which of its sessions
-were taken over while it was unreachable.
+"""Reacting to membership changes (docs/consistency.md).
+
+View changes (decided by a majority) do the repairs: the replicas of a removed or restarted
+primary are promoted, the sessions whose secondary was removed get a new one, and a server
+the view no longer binds drops every session it holds (fenced). A link's own failure repairs
+nothing: the peer may be alive on the other side of a partition, serving. Reachability
+changes only re-protect sessions left without a secondary, move replicas off a draining peer,
+and tell a peer that is back which of its sessions were taken over meanwhile.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import time
 import structlog
 
 from ..cluster.link import PeerState
+from ..cluster.quorum import Standing
+from ..cluster.view import ViewChanged
 from ..errors import ReplicationError
 from .committing import Committer
 from .context import Context
@@ -28,6 +35,7 @@ class Failover:
     def __init__(self, ctx: Context, committer: Committer) -> None:
         self.ctx = ctx
         self.committer = committer
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def peer_changed(self, peer: str, state: PeerState, cause: str) -> None:
         ctx = self.ctx
@@ -40,27 +48,60 @@ class Failover:
             return
         if state is PeerState.ALIVE:
             orphans = list(store.primaries_with_secondary(None))
-        else:
+        elif state is PeerState.DRAINING:  # it still holds the copies: released after
             orphans = list(store.primaries_with_secondary(peer))
             for record in orphans:
                 store.assign_secondary(record, None)
-                if state is PeerState.DRAINING:  # it still holds the copy: release it after
-                    record.stale_holders.add(peer)
-            if state is not PeerState.DRAINING and not ctx.membership.recently_stalled():
-                # (after our own stall the "failed" peer is most likely alive: it was we
-                # who were silent; its sessions are promoted on request if it really died)
-                orphans += self.promote_orphans(peer)
+                record.stale_holders.add(peer)
+        else:
+            # Failed or left: repaired when the view removes it. Until then it may be alive
+            # and its replicas promotable (a partition); moving them would race that.
+            return
         if orphans:
             await self.reprotect(orphans, cause=f"{peer} {state.value}")
 
-    def promote_orphans(self, peer: str) -> list[Primary]:
-        """Promote the replicas whose primary just failed, so they have two copies again.
+    def view_changed(self, event: ViewChanged) -> None:
+        """A decided view: fence ourselves, or promote and re-home for the servers it ended.
+
+        Runs synchronously as the view is adopted, before any other request or message is
+        handled: a request for a session whose primary just ended finds it promoted here.
+        """
+        ctx = self.ctx
+        store = ctx.store
+        quorum = ctx.membership.quorum
+        if quorum.standing is not Standing.MEMBER:
+            held = len(store.primaries) + len(store.replicas)
+            if held:
+                store.primaries.clear()
+                store.replicas.clear()
+                log.warning("fenced", view=event.new.number, sessions_dropped=held,
+                            standing=quorum.standing.value)
+            return
+        ended = set(event.removed) | set(event.restarted)
+        if not ended or ctx.mode == "none" or ctx.draining:
+            return
+        orphans: list[Primary] = []
+        for peer in sorted(ended):
+            ctx.superseded.pop(peer, None)  # a later process of it holds nothing to release
+            for record in list(store.primaries_with_secondary(peer)):
+                store.assign_secondary(record, None)
+                orphans.append(record)
+            orphans += self.promote_orphans(peer, view=event.new.number)
+        if orphans:
+            cause = f"view {event.new.number} ended {', '.join(sorted(ended))}"
+            task = asyncio.get_running_loop().create_task(self.reprotect(orphans, cause=cause))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def promote_orphans(self, peer: str, *, view: int) -> list[Primary]:
+        """Promote the replicas whose primary the view `view` ended.
 
         Waiting for each session's next request (as WebLogic does) would leave it with a
         single copy for as long as its user is idle: a second failure would lose it. The
-        token still names the failed primary first, so the proxy's next candidate — its
-        secondary, this server — serves it, and the response carries the new token. If the
-        peer was only hung, epochs keep its stale copies from being served when it resumes.
+        token still names the ended primary first, so the proxy's next candidate — its
+        secondary, this server — serves it, and the response carries the new token. The
+        ended process acknowledges nothing any more (its lease ran out before the view was
+        decided), and the epoch, from this view's number, orders this copy after its own.
         """
         ctx = self.ctx
         replicas = [r for r in ctx.store.replicas.values() if r.primary == peer]
@@ -70,13 +111,13 @@ class Failover:
             if time.time() - replica.last_access > replica.max_inactive_s:
                 del ctx.store.replicas[replica.sid]
                 continue
-            record = ctx.store.promote(replica, epoch=ctx.next_epoch(replica.epoch))
+            record = ctx.store.promote(replica, epoch=ctx.next_epoch(replica.epoch, view=view))
             superseded[record.sid] = record.epoch
             promoted.append(record)
         if promoted:
             ctx.stats["promoted"] += len(promoted)
             log.info("promoted", sessions=len(promoted), old_primary=peer,
-                     cause="primary failed")
+                     cause=f"view {view} ended it")
         return promoted
 
     async def reprotect(self, records: list[Primary], *, cause: str) -> None:

@@ -59,6 +59,7 @@ class SessionManager:
         self.failover = Failover(ctx, self.committer)
         self._tasks: list[asyncio.Task[None]] = []
         membership.on_change(self.failover.peer_changed)
+        membership.on_view_change(self.failover.view_changed)
         # What the server reads, fixed for the server's life. The per-request and
         # per-message calls go straight to their component (no facade call on the path).
         self.config: Config = ctx.config

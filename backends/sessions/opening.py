@@ -1,8 +1,11 @@
 """Opening a request's session: the primary held here, or the session taken over.
 
-A request carrying token (SID, P, S) at server X:
+A request carrying token (SID, P, S) at server X (X holding the lease: docs/consistency.md):
 - X holds the primary: use it.
-- X holds the replica and P is failed: promote it (same version), pick a new secondary.
+- P is a member of the view but X cannot reach it: wait until the view removes P (its
+  replicas are promoted as the view is adopted), or answer 503 `owner-unreachable`. P may
+  be alive on the other side of a partition, still serving: only the majority may end it.
+- X holds the replica and P is no longer in the view: promote it, pick a new secondary.
 - otherwise fetch the session from P, then S (the holder keeps a demoted copy until the new
   secondary has the state, then is told to release it); X becomes primary.
 - found nowhere: loaded from the persistent store if there is one, else `session_lost`.
@@ -19,7 +22,7 @@ import structlog
 from tandem.logs import short
 from tandem.token import Route
 
-from ..errors import PeerTimeout, PeerUnavailable, SessionMoved
+from ..errors import NotServing, PeerTimeout, PeerUnavailable, SessionMoved
 from .committing import Committer
 from .context import Context, age
 from .expiry import Expiry
@@ -69,11 +72,22 @@ class Opener:
         if route is None:
             return None
         ctx = self.ctx
+        if time.monotonic() >= ctx.membership.ack_until:
+            # No lease: the majority may have moved this session on (no stale reads, no
+            # take-overs); wait briefly for it (a renewal, the cluster forming) or 503.
+            await ctx.membership.ready()
         record = ctx.store.primaries.get(route.sid)
         if record is not None:
             if record.expired(time.time()):
                 self.expiry.expire([record], [])
                 return None
+            secondary = record.secondary
+            if secondary is not None and not ctx.membership.is_alive(secondary) and (
+                    ctx.mode != "none"):
+                # Its secondary is unreachable: only the view may replace it (rule R).
+                # Settled before the handler runs, so that links it renders name the new one.
+                await self.committer.await_removal(record, secondary)
+                self.committer.planned_secondary(record)
             return record
         pending = ctx.opening.get(route.sid)
         if pending is not None:  # a concurrent request is already taking it over
@@ -104,6 +118,14 @@ class Opener:
             raise SessionMoved("not taking sessions over right after our own stall",
                                peer=ctx.me.id)
         local = store.replicas.get(sid)
+        unreachable = [p for p in (route.primary, local.primary if local else None)
+                       if p is not None and p != ctx.me.id and membership.in_view(p)
+                       and not membership.is_alive(p)]
+        if unreachable:
+            record = await self._await_removal(sid, unreachable)
+            if record is not None:  # promoted here as the view removed its primary
+                return record
+            local = store.replicas.get(sid)
         best: dict[str, Any] | None = None
         source = "replica"
         holders: dict[str, tuple[int, int]] = {}  # server -> (epoch, version) of its copy
@@ -141,6 +163,12 @@ class Opener:
             return raced
         silent = {p for p in (route.primary, local.primary if local else None)
                   if p is not None and p != ctx.me.id and p not in answered}
+        if any(membership.in_view(p) for p in silent) and (best or local) and not (
+                best is not None and best.get("kind") == "primary"):
+            # An owner the view still lists did not answer (hung, or cut off from us): it
+            # may be serving this session. Only the majority may end it (docs/consistency.md).
+            raise NotServing("the session's owner is unreachable and still in the view",
+                             peer=ctx.me.id, state="owner-unreachable")
         if silent and membership.recently_stalled() and (best or local):
             # We were frozen: the owner we cannot reach is most likely alive and serving this
             # session; taking it over now would make two primaries. Let the proxy retry.
@@ -192,6 +220,24 @@ class Opener:
             record.stale_holders = {p for p in holders if p != secondary}
             await self.committer.replicate(record)
         return record
+
+    async def _await_removal(self, sid: str, owners: list[str]) -> Primary | None:
+        """Wait (bounded) for the view to remove the unreachable `owners`; the session's
+        primary record if it was promoted here meanwhile, None if it was not."""
+        ctx = self.ctx
+        membership = ctx.membership
+        c = ctx.config.cluster
+        # suspicion, then the grant of a lease the owner may hold, then one ballot
+        timeout = c.heartbeat_interval_s * (2 * c.missed_heartbeats + 1)
+
+        def waiting() -> bool:
+            return sid not in ctx.store.primaries and any(
+                membership.in_view(p) and not membership.is_alive(p) for p in owners)
+
+        if not await membership.wait_view(waiting, timeout):
+            raise NotServing(f"{', '.join(owners)} unreachable and still in the view",
+                             peer=ctx.me.id, state="owner-unreachable")
+        return ctx.store.primaries.get(sid)
 
     async def _fetch(self, peer: str, sid: str) -> dict[str, Any] | None:
         ctx = self.ctx

@@ -72,6 +72,10 @@ class ReplicaSide:
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def _on_replicate(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if not self.ctx.membership.voter:
+            # Not bound in the view (fenced, or restarted and not yet admitted): a copy held
+            # here would be dropped at our fencing, so it must not count as one.
+            return {"ok": False, "error": "not a member of the view"}
         sid = msg["sid"]
         version, epoch = int(msg["v"]), int(msg.get("e", 0))
         mine = self.ctx.store.primaries.get(sid)
