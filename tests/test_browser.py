@@ -114,7 +114,7 @@ def token_free(driver: Any) -> None:
 def test_cookieless_browser_keeps_its_session_across_pages_and_failover(make_cluster,
                                                                          make_browser, app):
     module, has_form = APPS[app]
-    cluster = make_cluster(app=module, n=2).start(proxy=True)
+    cluster = make_cluster(app=module, n=3).start(proxy=True)
     browser = make_browser(cookies=False)
     browser.get(cluster.proxy_url + "/")
     assert shown(browser)[0] == 0
@@ -148,7 +148,7 @@ def test_cookieless_browser_keeps_its_session_across_pages_and_failover(make_clu
 def test_browser_with_cookies_sees_no_token_after_the_first_round_trip(make_cluster,
                                                                          make_browser, app):
     module, has_form = APPS[app]
-    cluster = make_cluster(app=module, n=2).start(proxy=True)
+    cluster = make_cluster(app=module, n=3).start(proxy=True)
     browser = make_browser(cookies=True)
     # The first round trip: the response that creates the session cannot know yet whether
     # this browser keeps cookies, so its URLs carry the token (the demo's first page, Flask's

@@ -411,7 +411,7 @@ EXAMPLES = {
 @pytest.mark.parametrize("framework", list(EXAMPLES))
 def test_example_counter_survives_kill_of_its_primary_through_the_proxy(make_cluster,
                                                                          framework):
-    cluster = make_cluster(app=EXAMPLES[framework], n=2).start(proxy=True)
+    cluster = make_cluster(app=EXAMPLES[framework], n=3).start(proxy=True)
     c = Client(cluster.proxy_url)
     for n in (1, 2, 3):
         status, body = c.get("/api/count")
