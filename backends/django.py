@@ -1,5 +1,6 @@
-"""Django's session engine: `SESSION_ENGINE = "backends.django"`, and
-`backends.django.SessionMiddleware` in place of Django's.
+"""Django's session engine: `SESSION_ENGINE = "backends.django"`, with
+`backends.django.SessionMiddleware` or Django's own; `backends.django.use(manager, loop=...)`
+for sessions outside requests.
 
 The public name of `backends.frameworks.django`."""
 

@@ -1,211 +1,350 @@
 """Django sessions backed by tandem's replicated session.
 
     SESSION_ENGINE = "backends.django"
-    MIDDLEWARE = ["backends.django.SessionMiddleware", ...]   # in place of Django's
+    MIDDLEWARE = ["backends.django.SessionMiddleware", ...]   # or Django's own
 
-`request.session` is then a view of the request's tandem session: what the app stores is
-replicated to the secondary when the response head is ready. `cycle_key()` (what
-`django.contrib.auth.login` calls) gives the session a new id with the same data;
-`flush()` (what `logout` calls) empties it and retires its id, and a session still empty at
-the end of the request is invalidated: both copies removed, the client's token cleared.
+`SessionStore` is Django's `SessionBase` with tandem as its storage, so the dictionary, the
+flags (`accessed`, `modified`), the expiry methods and `SESSION_SERIALIZER`
+(backends.frameworks.django_values) behave as with Django's own engines. What is stored:
 
-The cookie. tandem's token (cookie `JSESSIONID`, or `;jsessionid=` in URLs) is the one
-thing that names a session, and only tandem writes it. So the engine does not use Django's
-session key from the cookie at all: `SessionStore` binds to the tandem session of the
-request being served, which tandem publishes in a context variable
-(`backends.asgi.current_session`, also set in the worker thread of a WSGI app). This
-module's `SessionMiddleware` is Django's without the cookie: it never sets or deletes one.
-Django's own middleware works too, but it then also sends a `sessionid` cookie holding the
-bare session id, which tandem never reads (harmless: without the cluster secret's signature
-an id is no token).
+- In a request served by tandem: the request's tandem session. Tandem's token (cookie
+  `JSESSIONID`, or `;jsessionid=` in URLs) is the one thing that names a session, so the key
+  Django's middleware reads from its own cookie is not used. `save()` hands the values to
+  the tandem session, which commits them — replicated — when the response head is ready,
+  as every request's changes (so a retried request is applied once). Unsaved changes are
+  not committed: with either middleware, a 5xx response saves nothing. `delete()` and
+  `flush()` end the session (both copies; the client's token is cleared) unless the request
+  then writes to it, which makes a new one (`auth.login` after another user, a CSRF token
+  after `logout`). A `save()` after another request ended the session raises `UpdateError`
+  (the middlewares: `SessionInterrupted`, a 400). One difference: a new id (`cycle_key()`,
+  a new session after `flush()`) is given when the response is sent; until then
+  `session_key` is the old one.
+- Outside a request (Django's test client, a test, a shell): sessions by key, written at
+  `save()`, as with Django's own engines — through a real `SessionManager` bound with
+  `backends.django.use(manager, loop=loop)`, else this process's own sessions
+  (backends.frameworks.django_host). A project's test suite works unchanged.
 
-Kept from Django: `accessed`/`modified`, `Vary: Cookie`, `set_expiry()` (seconds of
-inactivity become tandem's `max_inactive_s`), and no saving on 5xx responses (the request's
-changes are dropped). Unlike Django, `session_key` changes when the response is sent, not
-at the `cycle_key()` call. Values must be JSON types (Django's default serializer is JSON
-too); with cookie-less clients use `CSRF_USE_SESSIONS = True`.
+Expiry: `set_expiry(seconds)` is tandem's `max_inactive_s`; a date becomes the time left;
+negative seconds or a past date end the session at `save()`. Without one, sessions live
+`SESSION_COOKIE_AGE` when the project sets it, else the cluster file's
+`session.max_inactive_s`. `clear_expired()` expires idle sessions at once (tandem's sweep
+does it anyway). The token's cookie follows `SESSION_COOKIE_*` (backends.frameworks.
+django_cookie).
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 # Django ships no type information (django-stubs is a separate project)
-from django.contrib.sessions.backends.base import SessionBase  # type: ignore[import-untyped]
+from django.conf import settings  # type: ignore[import-untyped]
+from django.contrib.sessions.backends.base import (  # type: ignore[import-untyped]
+    SessionBase,
+    UpdateError,
+)
+from django.contrib.sessions.exceptions import SessionInterrupted  # type: ignore[import-untyped]
 from django.contrib.sessions.middleware import (  # type: ignore[import-untyped]
     SessionMiddleware as _DjangoSessionMiddleware,
 )
-from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.utils import timezone  # type: ignore[import-untyped]
 from django.utils.cache import patch_vary_headers  # type: ignore[import-untyped]
 
+from tandem.token import new_sid
+
 from ..serve.asgi import current_session
+from .django_host import Host, current_host, use
+from .django_request import RequestSession
+from .django_values import ValueCodec, Values
 
 if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponse  # type: ignore[import-untyped]
 
-    from ..sessions.session import Session as TandemSession
+__all__ = ["SessionStore", "SessionMiddleware", "use"]
 
-__all__ = ["SessionStore", "SessionMiddleware"]
+_EXPIRY = "_session_expiry"  # where Django keeps a custom expiry, in the session itself
+_INTERRUPTED = ("The request's session was deleted before the request completed. The user "
+                "may have logged out in a concurrent request, for example.")
 
 
 class SessionStore(SessionBase):  # type: ignore[misc]
-    """Django's session API over the tandem session of the current request."""
+    """Django's session API over tandem's sessions."""
+
+    _session_key: str | None  # (SessionBase's property: None names no session)
 
     def __init__(self, session_key: str | None = None) -> None:
-        # the cookie's key is ignored: the request's tandem session is the session
-        self._tandem = current_session.get()
-        self._flushed = False
+        # in a request served by tandem: that request's session, whatever the cookie says
+        tandem = current_session.get()
+        self._request = None if tandem is None else RequestSession.of(tandem)
+        self._stored: dict[str, str] = {}  # key -> serialized value, as the storage holds it
+        if self._request is not None:
+            session_key = self._request.live_key()
         super().__init__(session_key)
+        self._codec = ValueCodec(self.serializer)
 
-    def _bound(self) -> TandemSession:
-        if self._tandem is None:
-            raise ImproperlyConfigured(
-                "SESSION_ENGINE 'backends.django' works inside requests served by tandem "
-                "(`tandem up --app project.wsgi:application`); there is no tandem session here")
-        return self._tandem
+    # --- the dictionary: assignments are checked by SESSION_SERIALIZER ----------------------
 
-    # --- what SessionBase reads and writes through ----------------------------------------
+    def _get_cache(self) -> Values:
+        return self._values  # (AttributeError until loaded: SessionBase relies on it)
 
-    def _get_session(self, no_load: bool = False) -> Any:
-        self.accessed = True
-        return self._bound()
+    def _set_cache(self, values: dict[str, Any]) -> None:
+        self._values = values if isinstance(values, Values) else Values(self._codec.dumps,
+                                                                        values)
 
-    _session = property(_get_session)
+    _session_cache = property(_get_cache, _set_cache)
 
-    async def _aget_session(self, no_load: bool = False) -> Any:
-        return self._get_session(no_load)
+    async def aset(self, key: str, value: Any) -> None:
+        (await self._aget_session())[key] = value
+        self.modified = True
 
-    def _get_key(self) -> str | None:
-        t = self._tandem
-        if t is None or t.invalidated or t.record is None:
-            return None
-        return t.record.sid
-
-    def _ignore_key(self, value: str | None) -> None:
-        pass  # SessionBase assigns the cookie's key; tandem's token decides
-
-    session_key = property(_get_key)
-    _session_key = property(_get_key, _ignore_key)
-
-    def _get_or_create_session_key(self) -> str:
-        return self._bound().id
-
-    def _get_new_session_key(self) -> str:
-        return self._bound().id
-
-    def is_empty(self) -> bool:
-        t = self._tandem
-        return t is None or t.invalidated or t.record is None or len(t) == 0
-
-    def clear(self) -> None:
-        t = self._bound()
-        if not t.invalidated:
-            for key in list(t):
-                del t[key]
-        self.accessed = self.modified = True
-
-    # --- the storage API --------------------------------------------------------------
+    # --- the storage API ------------------------------------------------------------------
 
     def exists(self, session_key: str | None) -> bool:
-        return session_key is not None and session_key == self.session_key
+        if self._request is not None:
+            r = self._request
+            return session_key is not None and session_key == r.live_key() and r.alive()
+        return self._host().run(lambda: self.aexists(session_key))
+
+    async def aexists(self, session_key: str | None) -> bool:
+        if self._request is not None:
+            return self.exists(session_key)
+        host = self._host()
+        return await host.arun(lambda: host.exists(session_key))
+
+    def load(self) -> dict[str, Any]:
+        if self._request is not None:
+            r = self._request
+            key = self.session_key
+            return self._loaded(r.read() if key is not None and key == r.live_key() else None)
+        return self._host().run(self.aload)
+
+    async def aload(self) -> dict[str, Any]:
+        if self._request is not None:
+            return self.load()
+        host = self._host()
+        stored = await host.arun(lambda: host.load(self.session_key))
+        values = self._loaded(stored)
+        if stored is not None and self._expired(values):
+            await host.arun(lambda: host.delete(self.session_key))
+            return self._loaded(None)
+        return values
 
     def create(self) -> None:
-        self._bound().id  # noqa: B018 - creates the session
+        if self._request is None:
+            return self._host().run(self.acreate)
+        self._session_key = self._request.new_identity()
+        self.modified = True
+        self.save(must_create=True)
+
+    async def acreate(self) -> None:
+        if self._request is not None:
+            return self.create()
+        host = self._host()
+        data = await self._aget_session(no_load=True)
+        if self._expired(data):  # created past its expiry: a key naming nothing
+            self._session_key, self._stored = new_sid(), {}
+            self.modified = True
+            return None
+        sid = await host.arun(lambda: host.write(None, self._changes(data, {}),
+                                                 max_inactive_s=self._max_inactive_s(data)))
+        self._session_key, self._stored = sid, self._serialized(data)
         self.modified = True
 
     def save(self, must_create: bool = False) -> None:
-        # Nothing to write: tandem commits and replicates when the response head is ready.
-        self._bound()
+        if self._request is None:
+            return self._host().run(lambda: self.asave(must_create))
+        if self.session_key is None:
+            return self.create()
+        r = self._request
+        if not must_create and (self.session_key != r.live_key() or not r.alive()):
+            raise UpdateError("this request's session has ended")
+        data = self._get_session(no_load=must_create)
+        if self._expired(data):
+            self._end()
+            return None
+        r.push(self._changes(data, self._stored), empty=not data,
+               max_inactive_s=self._max_inactive_s(data))
+        self._stored = self._serialized(data)
+        return None
+
+    async def asave(self, must_create: bool = False) -> None:
+        if self._request is not None:
+            return self.save(must_create)
+        if self.session_key is None:
+            return await self.acreate()
+        host = self._host()
+        data = await self._aget_session(no_load=must_create)
+        key = self.session_key
+        if self._expired(data):
+            await host.arun(lambda: host.delete(key))
+            return None
+        sid = await host.arun(lambda: host.write(key, self._changes(data, self._stored),
+                                                 max_inactive_s=self._max_inactive_s(data)))
+        if sid is None:
+            raise UpdateError(f"session {key[:8]}… does not exist (any more)")
+        self._stored = self._serialized(data)
+        return None
 
     def delete(self, session_key: str | None = None) -> None:
-        t = self._bound()
-        if session_key is not None and session_key != self.session_key:
-            return  # another request's session: it expires on its own
-        if t.record is not None and not t.invalidated:
-            t.invalidate()
+        if self._request is None:
+            return self._host().run(lambda: self.adelete(session_key))
+        r = self._request
+        if session_key is None:  # this session (flush(), logout)
+            if self.session_key is not None and self.session_key == r.live_key():
+                self._end()
+        elif session_key in r.retiring:
+            pass  # cycle_key() deleting the old id: it ends when the response is sent
+        elif session_key == r.live_key():
+            self._end()
+        # (no other session is reachable from a request: tandem's token names the request's)
+        return None
 
-    def load(self) -> dict[str, Any]:
-        return dict(self._bound())
+    async def adelete(self, session_key: str | None = None) -> None:
+        if self._request is not None:
+            return self.delete(session_key)
+        host = self._host()
+        key = session_key if session_key is not None else self.session_key
+        await host.arun(lambda: host.delete(key))
+        return None
 
     def cycle_key(self) -> None:
-        """A new session id at the end of this request, same data (session fixation)."""
-        t = self._bound()
-        if t.record is not None and not t.invalidated:
-            t.regenerate_id()
-        self.modified = True
+        """A new session id with the same values (what `auth.login` calls)."""
+        if self._request is not None:
+            return super().cycle_key()  # type: ignore[no-any-return]
+        return self._host().run(self.acycle_key)
 
-    def flush(self) -> None:
-        """Empty the session and retire its id (invalidated at the end if left empty)."""
-        t = self._bound()
-        self.clear()
-        if t.record is not None and not t.invalidated:
-            t.regenerate_id()
-        self._flushed = True
+    async def acycle_key(self) -> None:
+        if self._request is not None:
+            return self.cycle_key()
+        host = self._host()
+        data = await self._aget_session()
+        key = self.session_key
+        sid = None if key is None else await host.arun(lambda: host.write(
+            key, self._changes(data, self._stored), regenerate=True,
+            max_inactive_s=self._max_inactive_s(data)))
+        if sid is None:  # no stored session to carry over: a new one
+            await self.acreate()
+        else:
+            self._session_key, self._stored = sid, self._serialized(data)
+        self._session_cache = data
+        return None
 
-    def set_expiry(self, value: Any) -> None:
-        super().set_expiry(value)
-        if isinstance(value, datetime):
-            value = value - timezone.now()
-        if isinstance(value, timedelta):
-            value = value.total_seconds()
-        if isinstance(value, (int, float)) and value > 0:
-            self._bound().max_inactive_s = value
+    async def aflush(self) -> None:
+        if self._request is not None:
+            return self.flush()  # type: ignore[no-any-return]
+        return await super().aflush()  # type: ignore[no-any-return]
 
-    def finish(self, status: int) -> None:
-        """End of the request: drop the changes of a 5xx, invalidate a flushed empty session."""
-        t = self._tandem
-        if t is None or t.invalidated or t.record is None:
-            return
-        if status >= 500:
-            t.reset()
-        elif self._flushed and len(t) == 0:
-            t.invalidate()
+    def _get_new_session_key(self) -> str:
+        return new_sid()  # (tandem makes the ids of its sessions; this one is merely unused)
 
     @classmethod
     def clear_expired(cls) -> None:
-        pass  # tandem expires sessions (and their replicas) itself
-
-    # Everything is in memory: no thread hop for the async variants.
-
-    async def aexists(self, session_key: str | None) -> bool:
-        return self.exists(session_key)
-
-    async def acreate(self) -> None:
-        self.create()
-
-    async def asave(self, must_create: bool = False) -> None:
-        self.save(must_create)
-
-    async def adelete(self, session_key: str | None = None) -> None:
-        self.delete(session_key)
-
-    async def aload(self) -> dict[str, Any]:
-        return self.load()
-
-    async def acycle_key(self) -> None:
-        self.cycle_key()
-
-    async def aflush(self) -> None:
-        self.flush()
-
-    async def aset_expiry(self, value: Any) -> None:
-        self.set_expiry(value)
+        """Expire idle sessions now (tandem's sweep would, at its next round)."""
+        host = current_host()
+        host.run(host.clear_expired)
 
     @classmethod
     async def aclear_expired(cls) -> None:
-        pass
+        host = current_host()
+        await host.arun(host.clear_expired)
+
+    # --- expiry ---------------------------------------------------------------------------
+
+    def get_session_cookie_age(self) -> float:
+        """Sessions without an expiry of their own live this long (seconds of inactivity):
+        `SESSION_COOKIE_AGE` when the project sets it, else the cluster file's."""
+        if settings.is_overridden("SESSION_COOKIE_AGE"):
+            return settings.SESSION_COOKIE_AGE  # type: ignore[no-any-return]
+        age = (current_host().default_max_inactive_s if self._request is None
+               else self._request.default_max_inactive_s)
+        if age is None:
+            return settings.SESSION_COOKIE_AGE  # type: ignore[no-any-return]
+        return int(age) if age == int(age) else age
+
+    @staticmethod
+    def _expired(data: dict[str, Any]) -> bool:
+        """Whether the session's own expiry has passed (it ends at once)."""
+        expiry = data.get(_EXPIRY)
+        if isinstance(expiry, str):
+            return datetime.fromisoformat(expiry) <= timezone.now()  # type: ignore[no-any-return]
+        return isinstance(expiry, (int, float)) and expiry < 0
+
+    def _max_inactive_s(self, data: dict[str, Any]) -> float:
+        expiry = data.get(_EXPIRY)
+        if isinstance(expiry, str):
+            left: float = (datetime.fromisoformat(expiry) - timezone.now()).total_seconds()
+            return max(left, 0.001)
+        if isinstance(expiry, (int, float)) and expiry > 0:
+            return float(expiry)
+        return float(self.get_session_cookie_age())  # none, or 0 (until the browser closes)
+
+    def _end(self) -> None:
+        """This request's session is deleted (it ends when the response is sent, unless the
+        request writes to it again)."""
+        assert self._request is not None
+        self._request.end()
+        self._stored = {}
+        self._session_key = None
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _host(self) -> Host:
+        return current_host()
+
+    def _loaded(self, stored: dict[str, str] | None) -> dict[str, Any]:
+        """The values of a load (None: no such session — Django then forgets the key)."""
+        if stored is None:
+            self._session_key = None
+            self._stored = {}
+            return {}
+        self._stored = stored
+        loads = self._codec.loads
+        return {key: loads(key, serialized) for key, serialized in stored.items()}
+
+    def _serialized(self, data: dict[str, Any]) -> dict[str, str]:
+        dumps = self._codec.dumps
+        return {key: dumps(key, value) for key, value in data.items()}
+
+    def _changes(self, data: dict[str, Any], stored: dict[str, str]) -> dict[str, str | None]:
+        """What saving `data` over `stored` changes: key -> serialized value, None: deleted."""
+        changes: dict[str, str | None] = {key: None for key in stored if key not in data}
+        dumps = self._codec.dumps
+        for key, value in data.items():
+            serialized = dumps(key, value)
+            if stored.get(key) != serialized:
+                changes[key] = serialized
+        return changes
+
+    def changed_in_place(self) -> bool:
+        """Whether values read this request were changed without an assignment."""
+        try:
+            data = self._values
+        except AttributeError:
+            return False
+        return bool(self._changes(data, self._stored))
 
 
 class SessionMiddleware(_DjangoSessionMiddleware):  # type: ignore[misc]
-    """Django's session middleware without its cookie (tandem's token names the session)."""
+    """Django's session middleware; in requests served by tandem it sets no cookie of its
+    own (tandem's token names the session), and it also saves values changed in place."""
+
+    def process_request(self, request: HttpRequest) -> None:
+        if current_session.get() is None:
+            super().process_request(request)  # outside tandem: Django's own cookie
+        else:
+            request.session = self.SessionStore()
 
     def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
         session = getattr(request, "session", None)
-        if not isinstance(session, SessionStore):
+        if not isinstance(session, SessionStore) or session._request is None:
             return super().process_response(request, response)
         if session.accessed:
             patch_vary_headers(response, ("Cookie",))
-        session.finish(response.status_code)
+        if response.status_code < 500 and not session.is_empty() and (
+                session.modified or settings.SESSION_SAVE_EVERY_REQUEST
+                or session.changed_in_place()):
+            try:
+                session.save()
+            except UpdateError:
+                raise SessionInterrupted(_INTERRUPTED) from None
         return response
