@@ -118,6 +118,13 @@ def empty(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"key": request.session.session_key})
 
 
+def append_in_place(request: HttpRequest) -> HttpResponse:
+    """Changes a value in place, without an assignment (Django's middleware saves that only
+    with `session.modified = True`; tandem's saves it)."""
+    request.session["notes"].append("in place")
+    return JsonResponse({"notes": request.session["notes"]})
+
+
 def expire_now(request: HttpRequest) -> HttpResponse:
     request.session["notes"] = ["doomed"]
     request.session.set_expiry(int(request.GET.get("seconds", "-1")))
@@ -171,7 +178,7 @@ urlpatterns = [
     path("home", home), path("login", login_view), path("note", note),
     path("logout", logout_view), path("logout-quietly", logout_quietly),
     path("new-key", new_key), path("empty", empty), path("expire", expire_now),
-    path("slow-note", slow_note),
+    path("slow-note", slow_note), path("in-place", append_in_place),
     path("fail", fail), path("values", store_values), path("values/read", read_values),
 ]
 

@@ -208,6 +208,13 @@ async def test_save_makes_the_key_expiry_ends_it_and_5xx_saves_nothing(
         status, page, _ = await b.get("/home")
         assert page["notes"] == ["doomed"]
 
+        # a change in place: saved by tandem's middleware; by Django's only with `modified`
+        status, page, _ = await b.get("/in-place")
+        assert status == 200 and page["notes"] == ["doomed", "in place"]
+        status, page, _ = await b.get("/home")
+        assert page["notes"] == (["doomed", "in place"] if middleware == "tandem"
+                                 else ["doomed"])
+
 
 async def test_django_json_serializer_values_come_back_as_from_djangos_engines(
         django_cluster: Any) -> None:
