@@ -3,16 +3,19 @@
 It reads the route token (cookie, then `;jsessionid=` path parameter, then query parameter),
 removes the path parameter from the path the app sees, puts the session at
 `scope["session"]`, and when the response head is ready commits the session and adds
-`Set-Cookie` if the token changed. It also answers `/__tandem/health` and piggy-backs the
-cluster view for the proxy (`X-Tandem-Cluster`) when the proxy's `X-Tandem-View` is stale.
-A proxied request the proxy no longer waits for is neither run nor committed
-(`X-Tandem-Deadline`: backends.serve.deadline).
+`Set-Cookie` if the token changed (written with a framework's cookie settings when its glue
+set them on the session) and `Vary: Cookie` if the app read or wrote the session. A 5xx
+response commits nothing of its request (docs/frameworks.md). It also answers
+`/__tandem/health` and piggy-backs the cluster view for the proxy (`X-Tandem-Cluster`) when
+the proxy's `X-Tandem-View` is stale. A proxied request the proxy no longer waits for is
+neither run nor committed (`X-Tandem-Deadline`: backends.serve.deadline).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -32,6 +35,7 @@ from tandem.token import (
 )
 
 from ..errors import NotServing, TokenError
+from ..sessions.committing import CommitResult
 from ..sessions.manager import SessionManager, SessionMoved
 from ..sessions.session import Session
 from ..sessions.store import Primary
@@ -61,6 +65,10 @@ class TandemMiddleware:
 
     def __init__(self, app: ASGIApp, *, manager: SessionManager, config: Config) -> None:
         # configuration
+        if "starlette.middleware.sessions" in sys.modules:
+            # the app may keep Starlette's SessionMiddleware: ours takes its place
+            from ..frameworks.starlette import adopt
+            app = adopt(app, cookie_name=config.session.cookie_name)
         self.app = app
         self.manager = manager
         self.codec = TokenCodec(config.cluster.secrets)
@@ -72,6 +80,8 @@ class TandemMiddleware:
         if s.cookie_secure or s.cookie_samesite == "None":
             attrs += "; Secure"
         self._cookie_attrs = attrs
+        self.cookie_secure = s.cookie_secure  # a framework's cookie settings keep it Secure
+        self.default_max_inactive_s = s.max_inactive_s
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
         # With URL rewriting, links in responses to cookie-less clients carry the token.
         self._rewriter: UrlRewriteMiddleware | None = None
@@ -178,9 +188,10 @@ class TandemMiddleware:
         scope["tandem.token_via"] = via  # "cookie" | "path" | "query" | None
         committed = False
         replaced = False  # the app's response was replaced by ours (session moved, late)
+        dropped = False  # a server error: nothing of the request is committed
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal committed, replaced
+            nonlocal committed, replaced, dropped
             if replaced:
                 return
             mtype = message["type"]
@@ -191,10 +202,20 @@ class TandemMiddleware:
                     await self._drop_refused(session)
                     await send_late(send, b"request past its deadline: not applied\n")
                     return
+                start = mtype == "http.response.start"
                 try:
-                    # (a session may move to a less loaded server only when its token comes
-                    # by cookie: links in pages would still name this one)
-                    result = await manager.commit(session, rid=rid, migrate=via == "cookie")
+                    if start and message["status"] >= 500:
+                        # A 5xx, whoever sent it (the app, or Starlette's error middleware
+                        # after the app raised): nothing of the request is committed.
+                        dropped = True
+                        result = await self._drop_failed(session)
+                    else:
+                        if session.modified:
+                            session.settle()  # emptied: it ends
+                        # (a session may move to a less loaded server only when its token
+                        # comes by cookie: links in pages would still name this one)
+                        result = await manager.commit(session, rid=rid,
+                                                      migrate=via == "cookie")
                 except SessionMoved as exc:
                     await _send_unavailable(send, exc, kind)
                     replaced = True
@@ -207,19 +228,29 @@ class TandemMiddleware:
                     await send_late(send, b"applied past its deadline: not acknowledged\n")
                     return
                 added: list[tuple[bytes, bytes]] = []
+                cookie = session.cookie  # a framework's settings (None: the cluster file's)
                 if result.cleared:
-                    if route is not None:
-                        added.append((b"set-cookie", self._clear_cookie))
-                elif result.route is not None and result.route != route:
+                    if route is not None or session.cookie_refresh:
+                        added.append((b"set-cookie", self._clear_cookie if cookie is None
+                                      else cookie.clear(self.cookie_name,
+                                                        secure=self.cookie_secure)))
+                elif result.route is not None and (result.route != route
+                                                   or session.cookie_refresh):
                     token = self.codec.encode(result.route)
                     added.append((b"set-cookie", (
-                        f"{self.cookie_name}={token}{self._cookie_attrs}").encode("latin-1")))
+                        f"{self.cookie_name}={token}{self._cookie_attrs}").encode("latin-1")
+                        if cookie is None else cookie.set(self.cookie_name, token,
+                                                          secure=self.cookie_secure)))
                 if proxy_view is not None:
                     view_hash, view_header = manager.membership.view()
                     if proxy_view != view_hash.encode():
                         added.append((b"x-tandem-cluster", view_header.encode("latin-1")))
-                if added:  # (the app's message is left as it is)
-                    message = {**message, "headers": [*message.get("headers", ()), *added]}
+                vary = start and session.accessed  # read or written: Vary: Cookie
+                if added or vary:  # (the app's message is left as it is)
+                    headers = [*message.get("headers", ()), *added]
+                    if vary:
+                        _vary_cookie(headers)
+                    message = {**message, "headers": headers}
             await send(message)
 
         bound = current_session.set(session)
@@ -229,20 +260,28 @@ class TandemMiddleware:
             if not committed and session.record is not None:
                 # The handler failed: its changes are dropped, the session stays as it was.
                 committed = True
-                try:
-                    await manager.commit(session, discard=True)
-                except SessionMoved:
-                    pass
+                with contextlib.suppress(SessionMoved):
+                    await self._drop_failed(session)
             raise
         finally:
             current_session.reset(bound)
-        if (not replaced and session.record is not None and not session.invalidated
-                and session.dirty):
+        if (not replaced and not dropped and session.record is not None
+                and not session.invalidated and session.dirty):
             # Changes made after the response head (streaming handlers, websockets).
+            session.settle()
             try:
                 await manager.commit(session, rid=rid)
             except SessionMoved:
                 pass
+
+    async def _drop_failed(self, session: Session) -> CommitResult:
+        """A request answered 5xx (or whose app raised) commits nothing: not its changes,
+        not an invalidation; a session it created is removed again."""
+        session.discard()
+        record = session.record
+        if record is not None and record.version == 0:
+            session.invalidate()
+        return await self.manager.commit(session, discard=True)
 
     async def _drop_refused(self, session: Session) -> None:
         """A request refused at its commit leaves nothing behind: its changes are not
@@ -340,6 +379,10 @@ class _RequestContext:
     def route_of(self, record: Primary) -> Route:
         return self._mw.route_of(record)
 
+    @property
+    def default_max_inactive_s(self) -> float:
+        return self._mw.default_max_inactive_s
+
     def encode_url(self, url: str, record: Primary) -> str:
         if self._origin is None:
             self._origin = Origin(self._scope)
@@ -350,6 +393,17 @@ class _RequestContext:
 
 
 _DRAINING = NotServing("server draining", peer="-", state="draining")
+
+
+def _vary_cookie(headers: list[Any]) -> None:
+    """Add Cookie to the response's Vary (one header, as Starlette and Flask keep it)."""
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == b"vary":
+            if any(t.strip() in (b"cookie", b"*") for t in value.lower().split(b",")):
+                return
+            headers[i] = (name, value + b", Cookie")
+            return
+    headers.append((b"vary", b"Cookie"))
 
 
 async def _send_unavailable(send: Send, exc: SessionMoved, kind: str) -> None:

@@ -1,20 +1,31 @@
-"""The session object an application sees for one request.
+"""The session an application sees for one request: a `dict`, as Starlette's is.
 
-A `MutableMapping[str, value]` over the stored record, plus `id`, `invalidate()`,
-`regenerate_id()` and `max_inactive_s`. Assignments are serialized at once (a value that
-cannot be replicated raises TypeError there, and nothing of it is kept); values that were
-read are re-serialized at the end of the request, so in-place mutation is replicated too.
+Its values are decoded from the stored record when the request begins, so it is a real
+`dict` to everything that reads one (`json.dumps`, `JSONResponse({"session": session})`,
+`dict(session)`, `{**session}`), and every dict operation works (`|=`, `popitem()` LIFO,
+`setdefault`, `update`, `copy`). Writes go through its own methods: each assignment is
+serialized at once (a value that cannot be replicated raises TypeError there, and nothing
+of it is kept), and values handed out that can change in place (lists, dicts...) are
+serialized again at the end of the request, so in-place mutation is replicated too.
+
+Besides the mapping: `id`, `new`, `invalidate()`, `regenerate_id()`, `max_inactive_s`,
+`route`, `encode_url(url)`, and Starlette's `accessed` / `modified` flags. A session this
+request emptied (`clear()`, or deleting its last key) ends when the request commits, as
+Starlette, Flask and Django end theirs: both copies are removed and the client's token is
+cleared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SessionInvalidated
 from . import codec
 
 if TYPE_CHECKING:
+    from _collections_abc import dict_items, dict_keys, dict_values
+
     from tandem.token import Route
 
     from .store import Primary
@@ -27,9 +38,25 @@ class SessionContext(Protocol):
 
     def encode_url(self, url: str, record: Primary) -> str: ...
 
-__all__ = ["Session", "Changes", "SessionContext"]
+    # (optional) default_max_inactive_s: float — the cluster file's session lifetime
 
-_MISSING = object()
+
+class SessionCookie(Protocol):
+    """How a framework writes the token cookie (its own settings); None: the cluster file's.
+
+    Both return a whole `Set-Cookie` value; `secure` is the cluster file's `cookie_secure`,
+    which a framework's settings cannot turn off."""
+
+    def set(self, name: str, token: str, *, secure: bool) -> bytes: ...
+
+    def clear(self, name: str, *, secure: bool) -> bytes: ...
+
+
+__all__ = ["Session", "Changes", "SessionContext", "SessionCookie"]
+
+_MISSING: Any = object()
+# values of these exact types cannot change in place: no need to serialize them again
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 class Changes:
@@ -48,26 +75,42 @@ class Changes:
         return bool(self.set or self.deleted or self.max_inactive_s is not None)
 
 
-class Session(MutableMapping[str, Any]):
-    """One request's view of a session; changes reach the store when the handler completes."""
+class Session(dict[str, Any]):
+    """One request's session; changes reach the store when the response head is sent."""
 
-    __slots__ = ("_record", "_create", "_cache", "_read_as", "_set", "_deleted", "_invalidated",
-                 "_regenerate", "_max_inactive_s", "_context", "__weakref__")
+    __slots__ = ("_record", "_create", "_context", "_stored", "_set", "_deleted", "_handed",
+                 "_invalidated", "_regenerate", "_max_inactive_s", "accessed", "modified",
+                 "cookie", "cookie_refresh", "__weakref__")
 
     def __init__(self, record: Primary | None, *, create: Callable[[], Primary],
                  context: SessionContext | None = None) -> None:
+        super().__init__()
         # the stored record (None: no session yet; created lazily on first write)
         self._record = record
         self._create = create
-        # per-request state
-        self._cache: dict[str, Any] = {}        # key -> value handed out (in-place edits)
-        self._read_as: dict[str, str] = {}      # key -> serialized form when it was read
-        self._set: dict[str, str] = {}          # key -> serialized value assigned this request
+        self._context = context
+        # per request: the serialized form of each value when it was loaded (what a value
+        # only read is compared with: a concurrent request may have committed that key
+        # since, and a value we did not change must not overwrite it)
+        self._stored: dict[str, str] = {}
+        if record is not None and record.data:
+            self._stored = stored = dict(record.data)
+            loads = codec.loads
+            dict.update(self, {k: loads(v) for k, v in stored.items()})
+        self._set: dict[str, str] = {}     # key -> serialized value assigned this request
         self._deleted: set[str] = set()
+        self._handed: set[str] = set()     # keys whose (mutable) values were handed out
         self._invalidated = False
         self._regenerate = False
         self._max_inactive_s: float | None = None
-        self._context = context
+        # Starlette's flags: read or written / written (Vary: Cookie; an emptied session)
+        self.accessed = False
+        self.modified = False
+        # set by a framework's glue: how to write the token cookie, and whether to send it
+        # again although the token did not change (Flask's permanent sessions, Starlette's
+        # Max-Age refreshed by each write)
+        self.cookie: SessionCookie | None = None
+        self.cookie_refresh = False
 
     # --- identity -------------------------------------------------------------------------
 
@@ -89,10 +132,17 @@ class Session(MutableMapping[str, Any]):
         """End the session: both copies are removed and the client's token is cleared."""
         self._check()
         self._invalidated = True
+        dict.clear(self)
 
     @property
     def invalidated(self) -> bool:
         return self._invalidated
+
+    def settle(self) -> None:
+        """Just before a commit: a session this request emptied ends (as Starlette, Flask
+        and Django end theirs), unless the request failed (see `discard`)."""
+        if self.modified and self._record is not None and not dict.__len__(self):
+            self._invalidated = True
 
     def regenerate_id(self) -> None:
         """Give the session a new id at the end of this request (session-fixation defence)."""
@@ -120,6 +170,11 @@ class Session(MutableMapping[str, Any]):
         self._max_inactive_s = float(seconds)
 
     @property
+    def default_max_inactive_s(self) -> float | None:
+        """The cluster file's session lifetime (None outside a tandem server)."""
+        return getattr(self._context, "default_max_inactive_s", None)
+
+    @property
     def route(self) -> Route | None:
         """Where the session lives now: (sid, primary, secondary); None before it exists."""
         if self._context is None or self._record is None or self._invalidated:
@@ -137,25 +192,75 @@ class Session(MutableMapping[str, Any]):
             return url
         return self._context.encode_url(url, self._record)
 
-    # --- mapping --------------------------------------------------------------------------
+    # --- Starlette's session API ----------------------------------------------------------
+
+    def mark_accessed(self) -> None:
+        self.accessed = True
+
+    def mark_modified(self) -> None:
+        self.accessed = self.modified = True
+
+    # --- reads ----------------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
         self._check()
-        if key in self._cache:
-            return self._cache[key]
-        if key in self._set:
-            value = codec.loads(self._set[key])
-        elif key in self._deleted or self._record is None or key not in self._record.data:
-            raise KeyError(key)
-        else:
-            # Compare against what was read, not against what is stored at commit time: a
-            # concurrent request may have committed this key since, and a value we only
-            # read must not overwrite it.
-            serialized = self._record.data[key]
-            self._read_as[key] = serialized
-            value = codec.loads(serialized)
-        self._cache[key] = value
+        self.accessed = True
+        value = dict.__getitem__(self, key)
+        if value.__class__ not in _SCALARS:
+            self._handed.add(key)
         return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._check()
+        self.accessed = True
+        value = dict.get(self, key, _MISSING)
+        if value is _MISSING:
+            return default
+        if value.__class__ not in _SCALARS:
+            self._handed.add(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        self._check()
+        self.accessed = True
+        return dict.__contains__(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._check()
+        self.accessed = True
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._check()
+        self.accessed = True
+        return dict.__len__(self)
+
+    def keys(self) -> dict_keys[str, Any]:
+        self._check()
+        self.accessed = True
+        return dict.keys(self)
+
+    def values(self) -> dict_values[str, Any]:
+        self._hand_out_all()
+        return dict.values(self)
+
+    def items(self) -> dict_items[str, Any]:
+        self._hand_out_all()
+        return dict.items(self)
+
+    def copy(self) -> dict[str, Any]:
+        self._hand_out_all()
+        return dict.copy(self)
+
+    def __or__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]
+        self._hand_out_all()
+        return dict.__or__(self, other)
+
+    def __ror__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]
+        self._hand_out_all()
+        return dict.__ror__(self, other)
+
+    # --- writes ---------------------------------------------------------------------------
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._check()
@@ -163,42 +268,58 @@ class Session(MutableMapping[str, Any]):
         self._ensure()
         self._set[key] = serialized
         self._deleted.discard(key)
-        self._cache[key] = value
+        self.accessed = self.modified = True
+        dict.__setitem__(self, key, value)
 
     def __delitem__(self, key: str) -> None:
         self._check()
-        if key not in self:
-            raise KeyError(key)
-        self._set.pop(key, None)
-        self._cache.pop(key, None)
-        self._deleted.add(key)
+        dict.__delitem__(self, key)
+        self._deleted_now(key)
 
-    def __contains__(self, key: object) -> bool:
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        self[key] = default
+        return default
+
+    def pop(self, key: str, *default: Any) -> Any:
         self._check()
-        if key in self._set:
-            return True
-        if key in self._deleted or self._record is None:
-            return False
-        return key in self._record.data
+        self.accessed = True
+        if not dict.__contains__(self, key):
+            return dict.pop(self, key, *default)  # the default, or KeyError
+        value = dict.pop(self, key)
+        self._deleted_now(key)
+        return value
 
-    def _keys(self) -> list[str]:
-        stored = [] if self._record is None else list(self._record.data)
-        keys = [k for k in stored if k not in self._deleted]
-        keys += [k for k in self._set if k not in keys]
-        return keys
-
-    def __iter__(self) -> Iterator[str]:
+    def popitem(self) -> tuple[str, Any]:
         self._check()
-        return iter(self._keys())
+        key, value = dict.popitem(self)  # the newest key first, KeyError when empty
+        self._deleted_now(key)
+        return key, value
 
-    def __len__(self) -> int:
+    def clear(self) -> None:
         self._check()
-        return len(self._keys())
+        for key in dict.keys(self):
+            self._set.pop(key, None)
+            self._deleted.add(key)
+        dict.clear(self)
+        self._handed.clear()
+        self.accessed = self.modified = True
 
-    def __repr__(self) -> str:
-        if self._record is None:
-            return "<Session (none yet)>"
-        return f"<Session {self._record.sid[:8]}… keys={len(self)}>"
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+        values = dict(*args, **kwargs)
+        serialized = {k: codec.dumps(k, v) for k, v in values.items()}  # all or nothing
+        if serialized:
+            self._ensure()
+            self._set.update(serialized)
+            self._deleted.difference_update(serialized)
+            dict.update(self, values)
+        self.accessed = self.modified = True
+
+    def __ior__(self, other: Any) -> Session:  # type: ignore[override]
+        self.update(other)
+        return self
 
     # --- end of request -------------------------------------------------------------------
 
@@ -209,42 +330,54 @@ class Session(MutableMapping[str, Any]):
         replicable value; the reason is listed in `changes.errors` for the caller to log.
         """
         changes = Changes()
-        if self._record is None:
+        record = self._record
+        if record is None:
             return changes
-        stored = self._record.data
-        read_as = self._read_as
-        for key, value in self._cache.items():
-            if key in self._deleted:
+        assigned, stored = self._set, self._stored
+        for key in (self._handed | assigned.keys()) if self._handed else assigned:
+            value = dict.get(self, key, _MISSING)
+            if value is _MISSING:
+                continue  # deleted since
+            before = assigned.get(key)
+            if before is not None and value.__class__ in _SCALARS:
+                changes.set[key] = before
                 continue
             try:
                 now = codec.dumps(key, value)
             except TypeError as exc:
                 changes.errors.append(str(exc))
-                if key in self._set:  # the last replicable value assigned this request
-                    changes.set[key] = self._set[key]
+                if before is not None:  # the last replicable value assigned this request
+                    changes.set[key] = before
                 continue
-            if key in self._set or now != read_as.get(key, _MISSING):
+            if before is not None or now != stored.get(key, _MISSING):
                 changes.set[key] = now
-        for key, serialized in self._set.items():
-            if key not in changes.set and key not in self._deleted and key not in self._cache:
-                changes.set[key] = serialized
-        changes.deleted = {k for k in self._deleted if k in stored}
+        if self._deleted:
+            changes.deleted = {k for k in self._deleted if k in record.data}
         changes.max_inactive_s = self._max_inactive_s
         return changes
 
     def reset(self) -> None:
-        """Forget this request's changes (the values it holds are re-read from the store)."""
-        self._cache.clear()
-        self._read_as.clear()
+        """Forget this request's changes: what is stored now is what later changes are
+        compared with (after a commit, or to drop them)."""
         self._set.clear()
         self._deleted.clear()
+        self._handed.clear()
         self._max_inactive_s = None
         self._regenerate = False
+        self.modified = False
+        self._stored = {} if self._record is None else dict(self._record.data)
+
+    def discard(self) -> None:
+        """Drop everything this request asked for, an invalidation included (its response
+        is a server error: nothing of it is committed)."""
+        self.reset()
+        self._invalidated = False
+        self.cookie_refresh = False
 
     @property
     def dirty(self) -> bool:
         """Anything for a commit to look at (values handed out, set, deleted, flags)?"""
-        return bool(self._cache or self._set or self._deleted or self._regenerate
+        return bool(self._handed or self._set or self._deleted or self._regenerate
                     or self._max_inactive_s is not None)
 
     # --- internals ------------------------------------------------------------------------
@@ -260,3 +393,17 @@ class Session(MutableMapping[str, Any]):
 
     def _attach(self, record: Primary) -> None:
         self._record = record
+
+    def _deleted_now(self, key: str) -> None:
+        self._set.pop(key, None)
+        self._handed.discard(key)
+        self._deleted.add(key)
+        self.accessed = self.modified = True
+
+    def _hand_out_all(self) -> None:
+        self._check()
+        self.accessed = True
+        handed = self._handed
+        for key, value in dict.items(self):
+            if value.__class__ not in _SCALARS:
+                handed.add(key)
