@@ -66,3 +66,7 @@ def test_the_engine_wrote_through_the_cluster(results: dict[str, Any]) -> None:
     # sessions made, replicated to their secondaries (real processes), and ended
     assert stats["created"] > 20 and stats["replicated"] > 20 and stats["invalidated"] > 20
     assert stats["replication_failures"] == 0
+
+
+def test_nothing_of_a_request_outlives_it(results: dict[str, Any]) -> None:
+    assert results["request_views_left"] == 0

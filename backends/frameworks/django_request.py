@@ -29,10 +29,11 @@ _views: dict[int, RequestSession] = {}
 class RequestSession:
     """One request's tandem session, by Django's storage operations."""
 
-    __slots__ = ("session", "manager", "ended", "retiring", "__weakref__")
+    __slots__ = ("_session", "manager", "ended", "retiring")
 
     def __init__(self, session: Session) -> None:
-        self.session = session
+        # (weakly: this view lives in `_views` until the session is collected)
+        self._session = weakref.ref(session)
         self.manager: SessionManager | None = manager_of(session)
         self.ended = False  # deleted in this request, and not made anew
         self.retiring: set[str] = set()  # ids a cycle_key() gave up (they end at the commit)
@@ -47,6 +48,12 @@ class RequestSession:
             view = _views[id(session)] = cls(session)
             weakref.finalize(session, _views.pop, id(session), None)
         return view
+
+    @property
+    def session(self) -> Session:
+        session = self._session()
+        assert session is not None, "the request is over"
+        return session
 
     @property
     def default_max_inactive_s(self) -> float | None:
