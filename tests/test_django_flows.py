@@ -177,8 +177,11 @@ async def test_save_makes_the_key_expiry_ends_it_and_5xx_saves_nothing(
     cluster = django_cluster(middleware=middleware)
     async with Browser(cluster.proxy_url) as b:
         # `if not request.session.session_key: request.session.save()`
-        status, page, _ = await b.get("/new-key")
+        status, page, resp = await b.get("/new-key")
         assert status == 200 and page["key"] is not None and page["key"] == b.route[0]
+        # no SESSION_COOKIE_AGE of the project's: the cluster file's browser-session cookie
+        (cookie,) = set_cookies(resp, "JSESSIONID")
+        assert "Max-Age" not in cookie and "expires" not in cookie.lower()
         status, page, _ = await b.get("/new-key")
         assert page["key"] == b.route[0]  # the same session
         key = page["key"]

@@ -9,10 +9,11 @@ one left at the framework's default leaves the cluster file's. For Django:
 - `SESSION_COOKIE_DOMAIN`, `SESSION_COOKIE_HTTPONLY`: `Domain`, `HttpOnly` (the cluster file
   has neither: Django's values, whose defaults are none and on).
 - `SESSION_COOKIE_AGE`, `SESSION_EXPIRE_AT_BROWSER_CLOSE`, `set_expiry()`: `Max-Age` and
-  `Expires` as Django's middleware sets them — the session's expiry age, or none (a
-  browser-session cookie) when it expires at browser close. The age without `set_expiry()`
-  is `SESSION_COOKIE_AGE` when the project sets it, else the cluster file's
-  `session.max_inactive_s` (backends.frameworks.django).
+  `Expires` as Django's middleware sets them (the session's expiry age; none when it
+  expires at browser close) — for a session with an expiry of its own, or when the project
+  sets `SESSION_COOKIE_AGE`. Otherwise the cluster file's browser-session cookie: its
+  lifetime is then the cluster's `session.max_inactive_s` of inactivity, which every
+  request renews, where a `Max-Age` is renewed only by a save.
 - `SESSION_COOKIE_NAME` is not used: the proxy finds the token by the cluster file's
   `session.cookie_name`.
 """
@@ -40,7 +41,7 @@ _CLEARED = "; expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0"
 class DjangoCookie:
     """The `Set-Cookie` values of one request's token (tandem's `SessionCookie`)."""
 
-    __slots__ = ("_attrs", "_session", "_browser_close")
+    __slots__ = ("_attrs", "_session", "_browser_close", "_age_set")
 
     def __init__(self, session: Session, cluster: SessionSection) -> None:
         attrs = ""
@@ -61,6 +62,7 @@ class DjangoCookie:
         self._attrs = attrs
         self._session = weakref.ref(session)
         self._browser_close = settings.SESSION_EXPIRE_AT_BROWSER_CLOSE
+        self._age_set = settings.is_overridden("SESSION_COOKIE_AGE")
 
     def set(self, name: str, token: str, *, secure: bool) -> bytes:
         expiry = self._max_age()
@@ -84,7 +86,7 @@ class DjangoCookie:
         expiry: Any = None
         if session is not None:
             expiry = dict.get(session, _EXPIRY)  # (no read flags: the response is going out)
-        if expiry == 0 or (expiry is None and self._browser_close):
+        if expiry == 0 or (expiry is None and (self._browser_close or not self._age_set)):
             return None
         if session is None or session.record is None:
             return None
