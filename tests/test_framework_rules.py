@@ -264,3 +264,21 @@ def test_flask_own_test_client_and_session_transaction() -> None:
         sess.clear()
     assert client.get("/types").status_code == 500  # the session ended: no "t"
     assert json.loads(client.get("/bad").data)["error"]
+
+
+async def test_the_cluster_files_settings_where_the_app_leaves_its_frameworks_defaults() -> None:
+    cluster = {"cookie_path": "/c", "cookie_samesite": "Strict"}
+    defaults = Middleware(StarletteSessionMiddleware, secret_key="unused")
+    async with local_backend(_starlette([defaults]), session=cluster) as base, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.post(base + "/put", json={"a": 1}) as resp:
+            assert set_cookie(resp).endswith(  # type: ignore[union-attr]
+                "; path=/c; Max-Age=1209600; httponly; samesite=strict")
+    for config, path, samesite in (({}, "Path=/c", "SameSite=Strict"),
+                                   ({"APPLICATION_ROOT": "/app", "SESSION_COOKIE_SAMESITE":
+                                     "Lax"}, "Path=/app", "SameSite=Lax")):
+        async with local_backend(WsgiToAsgi(_flask(**config)), session=cluster) as base, \
+                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            async with http.get(base + "/write") as resp:
+                attrs = {a.strip() for a in (set_cookie(resp) or "").split(";")}
+            assert {path, samesite} <= attrs, attrs

@@ -17,10 +17,10 @@ rules keep their meaning (docs/frameworks.md has the whole table):
   as Flask deletes its cookie. `session.permanent = True`: the session lives
   `PERMANENT_SESSION_LIFETIME` of inactivity on the servers and its cookie gets `Expires`;
   with `SESSION_REFRESH_EACH_REQUEST` the cookie is sent again with each response.
-- The token cookie is written with Flask's settings — `SESSION_COOKIE_DOMAIN`, `_PATH` (or
-  `APPLICATION_ROOT`), `_SECURE`, `_HTTPONLY`, `_SAMESITE`, `_PARTITIONED` — in place of the
-  cluster file's; its name stays the cluster file's `session.cookie_name` (the proxy routes
-  by it), and the cluster's `cookie_secure = true` keeps it Secure.
+- The token cookie is written as Flask writes its own, with `SESSION_COOKIE_DOMAIN`, `_PATH`
+  (or `APPLICATION_ROOT`), `_SECURE`, `_HTTPONLY`, `_SAMESITE`, `_PARTITIONED` layered over
+  the cluster file's settings (backends.frameworks.cookie_rule); its name stays the cluster
+  file's `session.cookie_name` (the proxy routes by it).
 - Called in-process by its own test client (`app.test_client()`,
   `client.session_transaction()`), outside any tandem server, the app keeps its sessions in
   this process (backends.frameworks.local) under Flask's cookie name, so users' test suites
@@ -41,6 +41,7 @@ from flask.sessions import SessionInterface as _FlaskSessionInterface
 from flask.sessions import SessionMixin, session_json_serializer
 from werkzeug.http import dump_cookie
 
+from .cookie_rule import cluster_sets, layered
 from .local import LocalSessions
 
 if TYPE_CHECKING:
@@ -326,11 +327,27 @@ class SessionInterface(_FlaskSessionInterface):
     # --- internals ----------------------------------------------------------------------
 
     def _cookie(self, app: Flask, session: FlaskSession) -> FlaskCookie:
-        partitioned = getattr(self, "get_cookie_partitioned", None)
+        """The token cookie by Flask's settings, layered over the cluster file's
+        (backends.frameworks.cookie_rule)."""
+        config, defaults = app.config, app.default_config
+
+        def sets(*keys: str) -> bool:  # the app sets it: not Flask's default
+            return any(config.get(k) != defaults.get(k) for k in keys)
+
+        cluster = session.tandem.cluster_settings
+        path = layered(self.get_cookie_path(app),
+                       app_sets=sets("SESSION_COOKIE_PATH", "APPLICATION_ROOT"),
+                       cluster_value=cluster_sets(cluster, "cookie_path"))
+        samesite = layered(self.get_cookie_samesite(app),
+                           app_sets=sets("SESSION_COOKIE_SAMESITE"),
+                           cluster_value=cluster_sets(cluster, "cookie_samesite"))
+        partitioned = getattr(self, "get_cookie_partitioned", None)  # (Flask 3.1 on)
         return FlaskCookie(
             self, flask_name=self.get_cookie_name(app), domain=self.get_cookie_domain(app),
-            path=self.get_cookie_path(app), secure=self.get_cookie_secure(app),
-            httponly=self.get_cookie_httponly(app), samesite=self.get_cookie_samesite(app),
+            path=path, samesite=samesite, httponly=self.get_cookie_httponly(app),
+            # (the cluster file's SameSite=None: browsers refuse it without Secure)
+            secure=self.get_cookie_secure(app) or (
+                samesite == "None" and not sets("SESSION_COOKIE_SAMESITE")),
             partitioned=bool(partitioned(app)) if partitioned is not None else False,
             expires=self.get_expiration_time(app, session))
 

@@ -7,12 +7,12 @@ module's `SessionMiddleware` in its place (`adopt`, wherever the app has it: its
 list, a mounted app's, a wrapped instance), which leaves tandem's session in the scope and
 writes the token cookie with the middleware's settings, as Starlette writes its own:
 
-- `path`, `same_site`, `https_only`, `domain`, `partitioned`: the cookie's attributes, in
-  place of the cluster file's (the cluster's `cookie_secure = true` keeps it Secure);
+- `path`, `same_site`, `https_only`, `domain`, `partitioned`: the cookie's attributes,
+  layered over the cluster file's settings (backends.frameworks.cookie_rule);
 - `max_age`: the cookie's `Max-Age`, sent again with each response that wrote the session
-  (as Starlette re-sends its cookie), and the session's lifetime of inactivity on the
-  servers; `max_age <= 0`: the session ends with each response; `None`: a browser-session
-  cookie and the cluster file's lifetime;
+  (as Starlette re-sends its cookie); set by the app (not Starlette's default), also the
+  session's lifetime of inactivity on the servers (else the cluster file's); `max_age <= 0`:
+  the session ends with each response; `None`: a browser-session cookie;
 - `session_cookie`: not used — the token cookie keeps the cluster file's
   `session.cookie_name`, by which the proxy routes (logged once when they differ);
 - `secret_key`: not used — the token is signed with the cluster's secrets.
@@ -20,17 +20,22 @@ writes the token cookie with the middleware's settings, as Starlette writes its 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ..sessions.session import Session
+from .cookie_rule import cluster_sets, layered
+
+if TYPE_CHECKING:
+    from tandem.config import SessionSection
 
 __all__ = ["SessionMiddleware", "StarletteCookie", "adopt"]
 
 log = structlog.get_logger("tandem.frameworks")
 
 _DEPTH = 64  # how deep `adopt` looks into nested apps and routers
+_MAX_AGE = 14 * 24 * 60 * 60  # Starlette's default max_age (s)
 _EXPIRED = "expires=Thu, 01 Jan 1970 00:00:00 GMT; "
 
 
@@ -64,30 +69,44 @@ class SessionMiddleware:
     session stays tandem's, the options go to its cookie and lifetime."""
 
     def __init__(self, app: Any, secret_key: Any = None, session_cookie: str = "session",
-                 max_age: int | None = 14 * 24 * 60 * 60, path: str = "/",
-                 same_site: str = "lax", https_only: bool = False, domain: str | None = None,
+                 max_age: int | None = _MAX_AGE, path: str = "/", same_site: str = "lax",
+                 https_only: bool = False, domain: str | None = None,
                  partitioned: bool = False) -> None:
         self.app = app
         self.session_cookie = session_cookie
         self.max_age = max_age
-        # the same flags, in the same order, as Starlette's
-        flags = "httponly; samesite=" + same_site
-        if https_only:
-            flags += "; secure"
-        if domain is not None:
-            flags += f"; domain={domain}"
-        if partitioned:
-            flags += "; partitioned"
-        self.cookie = StarletteCookie(path=path, max_age=max_age, flags=flags)
+        self.path = path
+        self.same_site = same_site
+        self.https_only = https_only
+        self.domain = domain
+        self.partitioned = partitioned
+        self._cookie: StarletteCookie | None = None  # made at the first request
 
     @classmethod
     def replacing(cls, theirs: Any) -> SessionMiddleware:
         """Ours in place of an instance of Starlette's, with its settings."""
-        ours = cls(theirs.app, session_cookie=theirs.session_cookie, max_age=theirs.max_age,
-                   path=theirs.path)
-        ours.cookie = StarletteCookie(path=theirs.path, max_age=theirs.max_age,
-                                      flags=theirs.security_flags)
-        return ours
+        flags = [f.strip() for f in theirs.security_flags.split(";")]
+        option = {f.partition("=")[0]: f.partition("=")[2] for f in flags}
+        return cls(theirs.app, session_cookie=theirs.session_cookie, max_age=theirs.max_age,
+                   path=theirs.path, same_site=option.get("samesite", "lax"),
+                   https_only="secure" in option, domain=option.get("domain"),
+                   partitioned="partitioned" in option)
+
+    def cookie(self, cluster: SessionSection | None) -> StarletteCookie:
+        """The cookie by these options layered over the cluster file's
+        (backends.frameworks.cookie_rule), with the flags in Starlette's order."""
+        path = layered(self.path, app_sets=self.path != "/",
+                       cluster_value=cluster_sets(cluster, "cookie_path"))
+        same_site = layered(self.same_site, app_sets=self.same_site != "lax",
+                            cluster_value=cluster_sets(cluster, "cookie_samesite"))
+        flags = "httponly; samesite=" + same_site.lower()
+        if self.https_only or (same_site == "None" and self.same_site == "lax"):
+            flags += "; secure"  # (the cluster file's SameSite=None needs Secure)
+        if self.domain is not None:
+            flags += f"; domain={self.domain}"
+        if self.partitioned:
+            flags += "; partitioned"
+        return StarletteCookie(path=path, max_age=self.max_age, flags=flags)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -98,7 +117,9 @@ class SessionMiddleware:
             raise RuntimeError(
                 "backends.frameworks.starlette.SessionMiddleware stands in for Starlette's "
                 "in an app served by tandem; there is no tandem session in this scope")
-        session.cookie = self.cookie
+        if self._cookie is None:
+            self._cookie = self.cookie(session.cluster_settings)
+        session.cookie = self._cookie
 
         async def send_wrapper(message: Any) -> None:
             if message["type"] in ("http.response.start", "websocket.accept"):
@@ -119,8 +140,8 @@ class SessionMiddleware:
             session.cookie_refresh = session.modified
             session.invalidate()
             return
-        if max_age is not None and session.max_inactive_s != max_age:
-            session.max_inactive_s = max_age
+        if max_age is not None and max_age != _MAX_AGE and session.max_inactive_s != max_age:
+            session.max_inactive_s = max_age  # set by the app: the lifetime on the servers
         if session.modified:
             session.cookie_refresh = True  # a new Max-Age with each write, as Starlette
 

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 import structlog
 
-from tandem.config import Config
+from tandem.config import Config, SessionSection
 from tandem.logs import short
 from tandem.token import (
     Route,
@@ -81,7 +81,7 @@ class TandemMiddleware:
             attrs += "; Secure"
         self._cookie_attrs = attrs
         self.cookie_secure = s.cookie_secure  # a framework's cookie settings keep it Secure
-        self.default_max_inactive_s = s.max_inactive_s
+        self.cluster_settings = s  # what a framework's settings are layered over
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
         # With URL rewriting, links in responses to cookie-less clients carry the token.
         self._rewriter: UrlRewriteMiddleware | None = None
@@ -380,8 +380,8 @@ class _RequestContext:
         return self._mw.route_of(record)
 
     @property
-    def default_max_inactive_s(self) -> float:
-        return self._mw.default_max_inactive_s
+    def cluster_settings(self) -> SessionSection:
+        return self._mw.cluster_settings
 
     def encode_url(self, url: str, record: Primary) -> str:
         if self._origin is None:

@@ -26,6 +26,7 @@ from . import codec
 if TYPE_CHECKING:
     from _collections_abc import dict_items, dict_keys, dict_values
 
+    from tandem.config import SessionSection
     from tandem.token import Route
 
     from .store import Primary
@@ -38,7 +39,7 @@ class SessionContext(Protocol):
 
     def encode_url(self, url: str, record: Primary) -> str: ...
 
-    # (optional) default_max_inactive_s: float — the cluster file's session lifetime
+    # (optional) cluster_settings: SessionSection — the cluster file's [session] section
 
 
 class SessionCookie(Protocol):
@@ -170,9 +171,15 @@ class Session(dict[str, Any]):
         self._max_inactive_s = float(seconds)
 
     @property
+    def cluster_settings(self) -> SessionSection | None:
+        """The cluster file's `[session]` section (None outside a tandem server)."""
+        return getattr(self._context, "cluster_settings", None)
+
+    @property
     def default_max_inactive_s(self) -> float | None:
         """The cluster file's session lifetime (None outside a tandem server)."""
-        return getattr(self._context, "default_max_inactive_s", None)
+        settings = self.cluster_settings
+        return None if settings is None else settings.max_inactive_s
 
     @property
     def route(self) -> Route | None:
@@ -334,7 +341,10 @@ class Session(dict[str, Any]):
         if record is None:
             return changes
         assigned, stored = self._set, self._stored
-        for key in (self._handed | assigned.keys()) if self._handed else assigned:
+        # (assigned keys in the order of assignment: new keys reach the record in that
+        # order, which popitem() follows)
+        keys = [*assigned, *(k for k in self._handed if k not in assigned)]
+        for key in keys:
             value = dict.get(self, key, _MISSING)
             if value is _MISSING:
                 continue  # deleted since
