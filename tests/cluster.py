@@ -183,7 +183,7 @@ class Cluster:
                 if not health["lease"] or sorted(health["members"]) != sorted(members):
                     return False
                 views.add(health["view"])
-            return len(views) == 1
+            return len(views) <= 1
 
         self._wait(formed, "cluster membership", timeout=timeout)
 

@@ -70,6 +70,9 @@ class Node:
                 link._task.cancel()
         for task in self.manager._tasks:
             task.cancel()
+        for task in (self.membership._quorum_task, self.membership._stall_task):
+            if task is not None:
+                task.cancel()
         await asyncio.sleep(0)
 
     async def stop(self) -> None:
@@ -100,9 +103,25 @@ class ReplicationMachine(RuleBasedStateMachine):
         await self._formed()
 
     async def _formed(self) -> None:
+        """The live servers reach each other, agree on a view of exactly them, and each
+        holds its lease (a crashed or drained server was removed, a restarted one joined)."""
         alive = [s for s in IDS if s != self.down]
-        while not all(self.nodes[s].membership.is_alive(p) for s in alive for p in alive
-                      if p != s):
+
+        def formed() -> bool:
+            ms = [self.nodes[s].membership for s in alive]
+            return (all(m.is_alive(p) for m, s in zip(ms, alive, strict=True) for p in alive
+                        if p != s)
+                    and all(m.quorum.view.members == tuple(alive) for m in ms)
+                    and all(m.serving_state() is None for m in ms))
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not formed():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("not formed: " + "; ".join(
+                    f"{s}: view {m.quorum.view.number} {m.quorum.view.members} "
+                    f"{m.quorum.standing.value} {m.serving_state()} links {m.states()} "
+                    f"accepted {m.quorum.accepted}"
+                    for s in alive for m in [self.nodes[s].membership]))
             await asyncio.sleep(0.02)
 
     async def _protected(self) -> None:

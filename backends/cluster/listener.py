@@ -87,6 +87,9 @@ class ReplicationListener:
             writer.close()
             return
         peer = dialler.id
+        if self._closing:  # authenticated while we closed: not adopted, closed
+            writer.close()
+            return
         self._conns.add(writer)
         older = self._current.get(peer)
         self._current[peer] = writer
