@@ -17,6 +17,7 @@ cleared.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,6 +61,23 @@ _MISSING: Any = object()
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # (C: no per-call setup)
+
+
+def _decoded(stored: dict[str, str]) -> dict[str, Any]:
+    """The values of a record, from their stored (serialized) forms."""
+    out = {}
+    for key, serialized in stored.items():
+        try:
+            value, end = _scan(serialized, 0)
+        except StopIteration:
+            end = -1
+        if end != len(serialized):  # not one compact JSON value: the strict parser says
+            value = codec.loads(serialized)
+        out[key] = value
+    return out
+
+
 class Changes:
     """What one request did to its session: keys set (serialized) and keys deleted."""
 
@@ -96,8 +114,7 @@ class Session(dict[str, Any]):
         self._stored: dict[str, str] = {}
         if record is not None and record.data:
             self._stored = stored = dict(record.data)
-            loads = codec.loads
-            dict.update(self, {k: loads(v) for k, v in stored.items()})
+            dict.update(self, _decoded(stored))
         self._set: dict[str, str] = {}     # key -> serialized value assigned this request
         self._deleted: set[str] = set()
         self._handed: set[str] = set()     # keys whose (mutable) values were handed out
@@ -369,13 +386,20 @@ class Session(dict[str, Any]):
     def reset(self) -> None:
         """Forget this request's changes: what is stored now is what later changes are
         compared with (after a commit, or to drop them)."""
+        record = self._record
+        if record is not None:  # (the other keys keep the form they were read in)
+            stored, data = self._stored, record.data
+            for key in (*self._set, *self._deleted, *self._handed):
+                if key in data:
+                    stored[key] = data[key]
+                else:
+                    stored.pop(key, None)
         self._set.clear()
         self._deleted.clear()
         self._handed.clear()
         self._max_inactive_s = None
         self._regenerate = False
         self.modified = False
-        self._stored = {} if self._record is None else dict(self._record.data)
 
     def discard(self) -> None:
         """Drop everything this request asked for, an invalidation included (its response
