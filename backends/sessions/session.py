@@ -61,21 +61,7 @@ _MISSING: Any = object()
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
-_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # (C: no per-call setup)
-
-
-def _decoded(stored: dict[str, str]) -> dict[str, Any]:
-    """The values of a record, from their stored (serialized) forms."""
-    out = {}
-    for key, serialized in stored.items():
-        try:
-            value, end = _scan(serialized, 0)
-        except StopIteration:
-            end = -1
-        if end != len(serialized):  # not one compact JSON value: the strict parser says
-            value = codec.loads(serialized)
-        out[key] = value
-    return out
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # one JSON value, in C
 
 
 class Changes:
@@ -103,7 +89,7 @@ class Session(dict[str, Any]):
 
     def __init__(self, record: Primary | None, *, create: Callable[[], Primary],
                  context: SessionContext | None = None) -> None:
-        super().__init__()
+        # (no dict.__init__: the dict is empty until the values are decoded below)
         # the stored record (None: no session yet; created lazily on first write)
         self._record = record
         self._create = create
@@ -111,10 +97,18 @@ class Session(dict[str, Any]):
         # per request: the serialized form of each value when it was loaded (what a value
         # only read is compared with: a concurrent request may have committed that key
         # since, and a value we did not change must not overwrite it)
-        self._stored: dict[str, str] = {}
         if record is not None and record.data:
-            self._stored = stored = dict(record.data)
-            dict.update(self, _decoded(stored))
+            self._stored = stored = record.data.copy()
+            for key, serialized in stored.items():
+                try:
+                    value, end = _scan(serialized, 0)  # (C: no json.loads setup per value)
+                except StopIteration:
+                    end = -1
+                if end != len(serialized):  # not one compact JSON value: the strict parser
+                    value = codec.loads(serialized)
+                dict.__setitem__(self, key, value)
+        else:
+            self._stored = {}
         self._set: dict[str, str] = {}     # key -> serialized value assigned this request
         self._deleted: set[str] = set()
         self._handed: set[str] = set()     # keys whose (mutable) values were handed out
@@ -360,7 +354,8 @@ class Session(dict[str, Any]):
         assigned, stored = self._set, self._stored
         # (assigned keys in the order of assignment: new keys reach the record in that
         # order, which popitem() follows)
-        keys = [*assigned, *(k for k in self._handed if k not in assigned)]
+        handed = self._handed
+        keys = [*assigned, *(handed - assigned.keys())] if handed else assigned
         for key in keys:
             value = dict.get(self, key, _MISSING)
             if value is _MISSING:
@@ -389,11 +384,12 @@ class Session(dict[str, Any]):
         record = self._record
         if record is not None:  # (the other keys keep the form they were read in)
             stored, data = self._stored, record.data
-            for key in (*self._set, *self._deleted, *self._handed):
-                if key in data:
-                    stored[key] = data[key]
-                else:
-                    stored.pop(key, None)
+            for keys in (self._set, self._deleted, self._handed):
+                for key in keys:
+                    if key in data:
+                        stored[key] = data[key]
+                    else:
+                        stored.pop(key, None)
         self._set.clear()
         self._deleted.clear()
         self._handed.clear()
