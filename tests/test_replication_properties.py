@@ -241,11 +241,14 @@ class ReplicationMachine(RuleBasedStateMachine):
                     continue
                 with contextlib.suppress(Exception):
                     await node.crash()
-            await asyncio.sleep(0.05)
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Twice: connections a peer re-dialled at the last moment are accepted (and
+            # their tasks made) after the first sweep.
+            for _ in range(2):
+                await asyncio.sleep(0.05)
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             for node in self.nodes.values():
                 if node.listener._server is not None:
                     await node.listener._server.wait_closed()

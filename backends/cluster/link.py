@@ -216,7 +216,6 @@ class PeerLink:
     async def _run(self) -> None:
         backoff = 0.05
         while not self._closing:
-            lost = False
             try:
                 await self._connect()
                 backoff = 0.05
@@ -228,18 +227,12 @@ class PeerLink:
                     self.fail(f"connection refused: {exc}")
                 self._on_refused(self.peer.id)
             except (OSError, ReplicationError, TimeoutError) as exc:
-                lost = True
                 if self.state is PeerState.ALIVE:
                     self.fail(f"connection lost: {exc}")
                 elif self.state is PeerState.UNKNOWN and isinstance(exc, HandshakeFailed):
                     log.warning("peer_refused", peer=self.peer.id, reason=str(exc))
             if self._closing:
                 return
-            if lost and backoff == 0.05:
-                # The connection just dropped: dial again at once. A dead process refuses
-                # now, and that refusal lets the majority remove it within milliseconds.
-                backoff = 0.1
-                continue
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), backoff)

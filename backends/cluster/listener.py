@@ -76,6 +76,7 @@ class ReplicationListener:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         m = self._membership
         cluster = m.config.cluster
+        self._conns.add(writer)  # from the start: a close() mid-handshake closes it too
         try:
             dialler = await asyncio.wait_for(wire.accept_handshake(
                 reader, writer, me=m.me.id, cluster=cluster.name, secrets_=cluster.secrets,
@@ -84,13 +85,18 @@ class ReplicationListener:
         except (ReplicationError, OSError, TimeoutError) as exc:
             peername = writer.get_extra_info("peername")
             log.warning("peer_refused", remote=str(peername), reason=str(exc))
+            self._conns.discard(writer)
             writer.close()
             return
+        except BaseException:  # cancelled (the server stops): the socket goes with us
+            self._conns.discard(writer)
+            writer.transport.abort()
+            raise
         peer = dialler.id
         if self._closing:  # authenticated while we closed: not adopted, closed
+            self._conns.discard(writer)
             writer.close()
             return
-        self._conns.add(writer)
         older = self._current.get(peer)
         self._current[peer] = writer
         if older is not None:

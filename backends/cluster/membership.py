@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -149,9 +149,18 @@ class Membership:
         """Is `peer` a member of the view (whatever process the view binds)?"""
         return self.quorum.view.incarnation_of(peer) is not None
 
-    async def wait_view(self, still: Callable[[], bool], timeout: float) -> bool:
+    async def wait_view(self, still: Callable[[], bool], timeout: float,
+                        redial: Iterable[str] = ()) -> bool:
         """Wait until `still()` is false — checked at every adopted view, and every 50 ms
-        for what links learn (a peer reachable again); False on timeout."""
+        for what links learn (a peer reachable again); False on timeout.
+
+        `redial`: peers to dial again at once — a dead process refuses the connection, and
+        that refusal lets the majority remove it within milliseconds.
+        """
+        for peer in redial:
+            link = self.links.get(peer)
+            if link is not None:
+                link.kick()
         deadline = time.monotonic() + timeout
         while still():
             left = deadline - time.monotonic()

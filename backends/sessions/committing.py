@@ -203,7 +203,8 @@ class Committer:
         c = ctx.config.cluster
         timeout = c.heartbeat_interval_s * (2 * c.missed_heartbeats + 1)
         if not await membership.wait_view(
-                lambda: membership.in_view(peer) and not membership.is_alive(peer), timeout):
+                lambda: membership.in_view(peer) and not membership.is_alive(peer), timeout,
+                redial=[peer]):
             raise NotServing(f"secondary {peer} unreachable and still in the view",
                              peer=peer, state="unprotected")
         if ctx.store.primaries.get(record.sid) is not record:

@@ -149,6 +149,10 @@ class Opener:
                 if state is None:
                     continue
                 holders[peer] = age(state)
+                old_secondary = state.get("secondary")
+                if isinstance(old_secondary, str) and old_secondary != ctx.me.id:
+                    # released by the old primary already; told again after our replication
+                    holders.setdefault(old_secondary, (-1, -1))
                 authoritative = state.get("kind") == "primary"
                 if best is None or age(state) > age(best) or (
                         authoritative and age(state) == age(best)):
@@ -234,7 +238,7 @@ class Opener:
             return sid not in ctx.store.primaries and any(
                 membership.in_view(p) and not membership.is_alive(p) for p in owners)
 
-        if not await membership.wait_view(waiting, timeout):
+        if not await membership.wait_view(waiting, timeout, redial=owners):
             raise NotServing(f"{', '.join(owners)} unreachable and still in the view",
                              peer=ctx.me.id, state="owner-unreachable")
         return ctx.store.primaries.get(sid)

@@ -129,13 +129,27 @@ class ReplicaSide:
         self.ctx.stats["superseded"] += 1
         log.warning("session_superseded", sid=short(record.sid), by=by, epoch=record.epoch)
 
-    def _on_fetch(self, peer: str, sid: str) -> dict[str, Any]:
+    async def _handed_over(self, reply: dict[str, Any], sid: str,
+                           holder: str) -> dict[str, Any]:
+        """Our secondary lets go of its copy before the new primary gets the session: a copy
+        naming us as primary would be promoted when the view ends us, in place of the newer
+        one the new primary acknowledges from now on. (If it cannot be told, the new primary
+        releases it once its own secondary has the state.)"""
+        await self.ctx.call_quietly(holder, {"op": "release", "sid": sid})
+        return reply
+
+    def _on_fetch(self, peer: str, sid: str) -> Any:
         record = self.ctx.store.primaries.get(sid)
         if record is not None:
             state = record.state()
             self.ctx.store.demote(record, new_primary=peer)  # kept until the new secondary has it
             log.info("session_handed_over", sid=short(sid), to=peer, version=record.version)
-            return {"found": True, "kind": "primary", **state}
+            reply = {"found": True, "kind": "primary", "secondary": record.secondary, **state}
+            holder = record.secondary
+            if holder is None or holder == peer:
+                return reply
+            return self._handed_over(reply, sid, holder)
+
         replica = self.ctx.store.replicas.get(sid)
         if replica is not None:
             primary, replica.primary = replica.primary, peer
