@@ -267,11 +267,6 @@ async def test_session_cookie_settings_shape_the_token_cookie(django_cluster: An
     assert "httponly" not in attrs and attrs["path"] == "/"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the engine raises SessionInterrupted (Django's 400), but the commit of a session another "
-    "request ended raises SessionMoved (backends/sessions/committing.py), answered 503, which "
-    "the proxy retries elsewhere on a new session: the committer must tell a session ended "
-    "here from one moved"))
 async def test_write_racing_a_logout_is_interrupted(django_cluster: Any) -> None:
     """Django's rule: a request saving a session that a concurrent request deleted raises
     SessionInterrupted (400), rather than resurrect it or drop its write silently."""

@@ -11,8 +11,6 @@ from email.message import Message
 from typing import Any
 from urllib.parse import urlencode
 
-import pytest
-
 from tests.cluster import Cluster
 
 
@@ -137,9 +135,6 @@ def test_fastapi_session_as_json_across_a_kill_of_the_primary(make_cluster: Any)
     assert status == 200 and body["session"] == {} and not b.set_cookies
 
 
-@pytest.mark.xfail(strict=True, reason="a replica applies the keys of a replicated change in "
-                   "no particular order (the primary sends them from a set): the promoted "
-                   "copy's key order, which popitem() follows, may differ from the primary's")
 def test_popitem_takes_the_newest_key_after_a_failover(make_cluster: Any) -> None:
     cluster: Cluster = make_cluster(app="tests.framework_apps:fastapi_app", n=3).start()
     b = Browser(cluster.proxy_url)

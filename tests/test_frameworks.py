@@ -176,19 +176,6 @@ async def test_flask_unreplicable_value_and_flashed_messages():
         assert (await get_json(http, base + "/flashes"))["messages"] == []
 
 
-def test_flask_outside_tandem_says_so():
-    from flask import Flask, session
-
-    from backends.frameworks.flask import SessionInterface
-
-    app = Flask("outside")
-    app.testing = True  # the error reaches the caller
-    app.session_interface = SessionInterface()
-    app.get("/")(lambda: str(session.get("x")))
-    with pytest.raises(RuntimeError, match="served by tandem"):
-        app.test_client().get("/")
-
-
 # --- Django ---------------------------------------------------------------------------------
 # This module is the test project's URLconf.
 
@@ -312,7 +299,8 @@ async def test_django_login_cycles_the_key_and_logout_flushes(django_settings, i
         async with http.get(base + "/count") as resp:
             first = token_of(resp)
             body = await resp.json()
-        assert first and body["counter"] == 1 and body["key"] == first.split("!")[0]
+        # Django's rule: a new session has its key once it is saved (here: at the response)
+        assert first and body["counter"] == 1 and body["key"] is None
         assert not any(c.startswith("sessionid=") for c in resp.headers.getall("Set-Cookie"))
         old = {"Cookie": f"JSESSIONID={first}"}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import itertools
 import time
@@ -146,7 +147,9 @@ class PeerLink:
         self._pending[rid] = fut
         msg["id"] = rid
         # a timer on the reply itself: cheaper than asyncio.wait_for on the sync hot path
-        timer = loop.call_later(timeout, _time_out, fut)
+        # (in an empty context: the caller's — its request, session, scope — is not kept
+        # alive until the timer's deadline after the reply came)
+        timer = loop.call_later(timeout, _time_out, fut, context=_NO_CONTEXT)
         try:
             outbox.write(wire.encode_frame(msg))
             return await fut
@@ -292,6 +295,9 @@ class PeerLink:
                     16 * 1024 * 1024):
                 self.fail("peer is not reading its replication connection")
                 return
+
+
+_NO_CONTEXT = contextvars.Context()
 
 
 def _time_out(fut: asyncio.Future[Any]) -> None:

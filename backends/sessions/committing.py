@@ -49,7 +49,13 @@ class Committer:
         if record is None:
             return CommitResult(None)
         if ctx.store.primaries.get(record.sid) is not record:
-            # taken over by another server, invalidated or expired meanwhile
+            sid = record.sid
+            if not (record.superseded or sid in ctx.store.primaries or sid in ctx.store.replicas
+                    or sid in ctx.moved_to):
+                # Ended here meanwhile (another request invalidated it, or it expired): this
+                # request's changes die with it, and the client's token is cleared.
+                return CommitResult(None, cleared=True)
+            # taken over by another server, or fenced, meanwhile
             ctx.stats["moved"] += 1
             raise SessionMoved("session is no longer primary here", peer=ctx.me.id)
         if session.invalidated:
@@ -222,7 +228,8 @@ class Committer:
         else:
             data = record.data
             msg["base"] = record.sent_version
-            msg["set"] = {k: data[k] for k in record.pending if k in data}
+            pending = record.pending  # (in the data's order: a replica iterates as we do)
+            msg["set"] = {k: v for k, v in data.items() if k in pending}
             msg["del"] = [k for k in record.pending if k not in data]
         record.sent_version = record.version
         record.pending.clear()

@@ -72,6 +72,8 @@ class Failover:
         if quorum.standing is not Standing.MEMBER:
             held = len(store.primaries) + len(store.replicas)
             if held:
+                for record in store.primaries.values():
+                    record.superseded = True  # a request holding it gets 503, not "ended"
                 store.primaries.clear()
                 store.replicas.clear()
                 log.warning("fenced", view=event.new.number, sessions_dropped=held,
