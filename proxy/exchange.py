@@ -50,7 +50,8 @@ class Exchange(Attempts):
         assert b is not None
         ctx = self.ctx
         if status == 503:
-            ctx.router.mark_bad(b)
+            if _server_wide(raw):  # (not for one session's trouble: its server serves others)
+                ctx.router.mark_bad(b)
             if self.kept is not None and self._has_next():
                 self._drop_upstream(up)
                 self._failed(UpstreamUnavailable("answered 503", backend_id=b.id,
@@ -174,8 +175,8 @@ class Exchange(Attempts):
             log.warning("bad_cluster_header", backend=self.backend.id if self.backend else None,
                         error=str(exc))
             return
-        if view_hash == router.view_hash:
-            return
+        if not router.is_newer(view_hash):
+            return  # the same, or an older one (a server in a minority knows no newer)
         was_in = [b for b in router.backends if b.in_view]
         added = router.apply_view(view_hash, members,
                                   declined=self.backend if declined else None)
@@ -185,3 +186,15 @@ class Exchange(Attempts):
         self.ctx.metrics.views_applied += 1
         log.info("view_updated", view=view_hash, members=sorted(members), added=added)
 
+
+# X-Tandem-State of a 503 that concerns one session, not its server: the server keeps its
+# place (no skip mark); the request still fails over to the next candidate.
+_SESSION_STATES = frozenset({b"unprotected", b"owner-unreachable", b"late"})
+
+
+def _server_wide(raw: list[tuple[bytes, bytes]]) -> bool:
+    """Is this 503 about the whole server (draining, no lease, fenced, ...)?"""
+    for name, value in raw:
+        if len(name) == 14 and name.lower() == b"x-tandem-state":
+            return value.strip().lower() not in _SESSION_STATES
+    return True

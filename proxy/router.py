@@ -120,6 +120,7 @@ class Router:
         self._rr = random.randrange(len(self._order)) if self._order else 0
         # dynamic view: the hash the proxy announces in X-Tandem-View
         self.view_hash = "-"
+        self.view_number = -1  # views are adopted in the order of their numbers
         self.view_tail = b"X-Tandem-View: -\r\n\r\n"
         self.views_applied = 0
         # Told of a backend before and after each change of its state (see the docstring
@@ -243,6 +244,15 @@ class Router:
 
     # --- dynamic server list ------------------------------------------------------------------
 
+    def is_newer(self, view: str) -> bool:
+        """Is `view` (a cluster view's number) newer than the one adopted? A view agreed by
+        a majority has a higher number than every view before it; a server cut off from
+        the majority knows only older ones, so the last view to arrive is not trusted."""
+        try:
+            return int(view) > self.view_number
+        except ValueError:  # not a number: a server of an older release (its hash)
+            return view != self.view_hash
+
     def apply_view(self, view_hash: str, members: Mapping[str, Address], *,
                    declined: Backend | None = None) -> list[str]:
         """Adopt a cluster view; returns the ids of backends added to the table.
@@ -270,6 +280,8 @@ class Router:
             b.in_view = b.id in members
             self._observe(b)
         self.view_hash = view_hash
+        if view_hash.isdigit():
+            self.view_number = int(view_hash)
         self.view_tail = b"X-Tandem-View: " + view_hash.encode("ascii") + b"\r\n\r\n"
         self.views_applied += 1
         return added

@@ -115,6 +115,18 @@ def test_out_of_view_backends_come_last():
     assert router.view_tail == b"X-Tandem-View: v1\r\n\r\n"
 
 
+def test_views_are_adopted_in_the_order_of_their_numbers():
+    """A server cut off from the majority knows only older views: the proxy, which has seen
+    a newer one, must not take its view (it would send every session there)."""
+    router, _ = make_router(3)
+    assert router.is_newer("4")
+    router.apply_view("4", {"s2": Address("127.0.0.1", 9002),
+                            "s3": Address("127.0.0.1", 9003)})
+    assert not router.is_newer("4") and not router.is_newer("3")  # the isolated s1's
+    assert router.is_newer("5")
+    assert router.view_tail == b"X-Tandem-View: 4\r\n\r\n"
+
+
 def test_unknown_ids_and_bad_states_raise_with_a_sentence():
     router, _ = make_router(2)
     with pytest.raises(UnknownBackend, match="known: s1, s2"):

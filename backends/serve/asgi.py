@@ -243,7 +243,7 @@ class TandemMiddleware:
                                                           secure=self.cookie_secure)))
                 if proxy_view is not None:
                     view_hash, view_header = manager.membership.view()
-                    if proxy_view != view_hash.encode():
+                    if proxy_view != view_hash.encode() and _older(proxy_view, view_hash):
                         added.append((b"x-tandem-cluster", view_header.encode("latin-1")))
                 vary = start and session.accessed  # read or written: Vary: Cookie
                 if added or vary:  # (the app's message is left as it is)
@@ -390,6 +390,15 @@ class _RequestContext:
         # same-origin URLs only: a token never goes to another site
         return rewrite_url(url, param=mw.param_name, token=mw.codec.encode(mw.route_of(record)),
                            origin=self._origin)
+
+
+def _older(proxy_view: bytes, ours: str) -> bool:
+    """Is the proxy's view older than ours (then it is sent ours)? Not when ours is the older
+    one: a server cut off from the majority must not push its view on the proxy."""
+    try:
+        return int(proxy_view) < int(ours)
+    except ValueError:  # "-" (the proxy knows none yet), or a hash of an older release
+        return True
 
 
 _DRAINING = NotServing("server draining", peer="-", state="draining")
