@@ -64,7 +64,9 @@ class Cluster:
         self.servers: dict[str, dict[str, Any]] = {}
         lines = ["[cluster]", 'name = "test"',
                  f"secrets = {json.dumps(secrets or ['test-secret'])}",
-                 "heartbeat_interval_s = 0.5", "missed_heartbeats = 3",
+                 # (`cluster` may override the heartbeat settings: partition tests run short)
+                 f"heartbeat_interval_s = {json.dumps(cluster.pop('heartbeat_interval_s', 0.5))}",
+                 f"missed_heartbeats = {json.dumps(cluster.pop('missed_heartbeats', 3))}",
                  # tests place sessions on chosen servers; tests/test_rebalance.py turns it on
                  f"rebalance = {json.dumps(cluster.pop('rebalance', False))}"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in cluster.items()]
