@@ -144,6 +144,9 @@ class ServerConfig:
     machine: str = ""  # empty: a machine of its own (filled with the id at load)
     group: str = ""
     preferred_secondary_group: str = ""
+    # A third voter for the view and the leases (clusters of two): hosts no app and no
+    # session, answers only /__tandem/health on its http address (`tandem witness`).
+    witness: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,24 @@ class Config:
 
     @property
     def server_ids(self) -> tuple[str, ...]:
+        """Every server, witnesses included: the voters of the view."""
         return tuple(s.id for s in self.servers)
+
+    @property
+    def app_servers(self) -> tuple[ServerConfig, ...]:
+        """The servers that host the app and its sessions (every one but the witnesses):
+        the proxy's backends, the candidates for a secondary."""
+        return tuple(s for s in self.servers if not s.witness)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What is allowed but most likely not meant, one line each (said at start)."""
+        if len(self.app_servers) == 2 and len(self.servers) == 2:
+            a, b = (s.id for s in self.servers)
+            return (f"{a} and {b} cannot fail over without a third voter (a majority of two "
+                    "is two); add a [[servers]] entry with witness = true "
+                    f"({self.source})",)
+        return ()
 
 
 _SECTIONS: dict[str, type] = {
@@ -253,6 +273,13 @@ def loads(text: str, *, source: str = "<memory>",
         if not _ID_RE.fullmatch(srv.id) or srv.id == "NONE":
             raise ConfigError("server id must be 1-64 of [A-Za-z0-9_-] and not NONE",
                               key=f"servers[{i}].id", value=srv.id, file=source)
+        if srv.witness:
+            # Where a witness hosts nothing, these would be silently ignored.
+            for key in ("machine", "group", "preferred_secondary_group"):
+                if key in entry:
+                    raise ConfigError("a witness hosts no sessions: remove it",
+                                      key=f"servers[{i}].{key}", value=entry[key],
+                                      file=source)
         if not srv.machine:
             srv = dataclasses.replace(srv, machine=srv.id)
         for what, addr in (("http", srv.http), ("replication", srv.replication)):
@@ -264,6 +291,9 @@ def loads(text: str, *, source: str = "<memory>",
             raise ConfigError("duplicate server id", key=f"servers[{i}].id", value=srv.id,
                               file=source)
         servers.append(srv)
+    if all(s.witness for s in servers):
+        raise ConfigError("at least one server must host the app (witness = false)",
+                          key="servers", value=[s.id for s in servers], file=source)
     return Config(servers=tuple(servers), source=source, **sections)
 
 

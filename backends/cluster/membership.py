@@ -216,10 +216,12 @@ class Membership:
         return link is not None and link.alive
 
     def alive_peers(self) -> list[ServerConfig]:
-        """Peers that may take new replicas: alive, not draining, and the very process the
-        view binds (a replica held by any other process would outlive its fencing)."""
+        """Peers that may take new replicas: alive, not draining, not a witness (it holds
+        no sessions), and the very process the view binds (a replica held by any other
+        process would outlive its fencing)."""
         view = self.quorum.view
         return [link.peer for link in self.links.values() if link.state is PeerState.ALIVE
+                and not link.peer.witness
                 and view.incarnation_of(link.peer.id) in ("", link.peer_incarnation)]
 
     def broadcast(self, msg: dict[str, Any]) -> None:
@@ -233,11 +235,13 @@ class Membership:
         """(number, header value): the view's number and its members' http addresses.
 
         The proxy adopts a view only if its number is higher than the one it holds: a
-        server in a minority, which knows only older views, cannot take it back.
+        server in a minority, which knows only older views, cannot take it back. Witnesses
+        vote in the view but are no backends: the listing leaves them out.
         """
         if self._view is None:
             view = self.quorum.view
-            listing = ", ".join(f"{m}={self.config.server(m).http}" for m in view.members)
+            listing = ", ".join(f"{m}={s.http}" for m in view.members
+                                if not (s := self.config.server(m)).witness)
             number = str(view.number)
             self._view = (number, f"{number}; {listing}")
         return self._view

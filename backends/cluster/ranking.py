@@ -7,6 +7,7 @@
 |  4   | no                                          | no                     |
 
 Ties go to the server holding fewest of this primary's replicas, then to the id order.
+A witness (`witness = true`) is never a candidate: it votes, it holds no sessions.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def choose_secondary(primary: ServerConfig, candidates: Iterable[ServerConfig],
     best: ServerConfig | None = None
     best_key: tuple[int, int, str] | None = None
     for c in candidates:
-        if c.id == primary.id:
+        if c.id == primary.id or c.witness:
             continue
         key = (rank(primary, c), load.get(c.id, 0), c.id)
         if best_key is None or key < best_key:
