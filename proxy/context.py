@@ -53,7 +53,7 @@ class ProxyContext:
             return Pool(backend, loop=loop, connect_timeout_s=p.connect_timeout_s,
                         keepalive_s=p.keepalive_s, max_idle=max_idle_per_backend)
 
-        self.router = Router(config.servers, max_skip_s=p.max_skip_s, pool_factory=pool_for)
+        self.router = Router(config.app_servers, max_skip_s=p.max_skip_s, pool_factory=pool_for)
         self.connections: set[Any] = set()  # open ClientProtocol instances
         self.closing = False  # shutting down: finish in-flight requests, keep nothing alive
         # How long a request waiting at a server the cluster reports failed (out of its

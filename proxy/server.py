@@ -192,7 +192,7 @@ async def _serve(config: Config) -> int:
             log.info("proxy_started",
                      listen="{}:{}".format(*srv.listen_address or ("?", 0)),
                      admin="{}:{}".format(*srv.admin_address) if srv.admin_address else None,
-                     backends=[f"{s.id}={s.http}" for s in config.servers],
+                     backends=[f"{s.id}={s.http}" for s in config.app_servers],
                      loop=type(loop).__module__.split(".")[0])
             if link is not None:
                 link.ready(*("{}:{}".format(*a) for a in (srv.listen_address,
