@@ -1,8 +1,9 @@
 """Starts a tandem cluster of real processes on loopback for end-to-end tests.
 
 `Cluster` writes a cluster file with free ports, starts one `tandem backend` process per
-server and (optionally) one `tandem proxy`, waits until every server sees every peer, and
-kills whatever is left when closed. Each process logs to a file the tests can read.
+server (`tandem witness` for a `"witness": True` entry) and (optionally) one `tandem proxy`,
+waits until every server sees every peer, and kills whatever is left when closed. Each
+process logs to a file the tests can read.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def get_json(url: str, timeout: float = 2.0) -> Any:
 class Cluster:
     """N backend processes (+ a proxy) described by one generated cluster file."""
 
-    def __init__(self, tmp: Path, *, servers: list[dict[str, str]] | None = None, n: int = 3,
+    def __init__(self, tmp: Path, *, servers: list[dict[str, Any]] | None = None, n: int = 3,
                  app: str = "tests.apps:asgi_counter", interface: str = "auto",
                  secrets: list[str] | None = None, session: dict[str, Any] | None = None,
                  proxy: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None,
@@ -100,9 +101,14 @@ class Cluster:
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def start_server(self, sid: str, *, wait: bool = True) -> None:
-        self.servers[sid]["proc"] = self._spawn(sid, [
-            "backend", "--config", str(self.config_path), "--server", sid,
-            "--app", self.app, "--interface", self.interface])
+        """Start a server's process: `tandem backend`, or `tandem witness` for a server
+        whose spec says `"witness": True`."""
+        if self.servers[sid].get("witness"):
+            args = ["witness", "--config", str(self.config_path), "--server", sid]
+        else:
+            args = ["backend", "--config", str(self.config_path), "--server", sid,
+                    "--app", self.app, "--interface", self.interface]
+        self.servers[sid]["proc"] = self._spawn(sid, args)
         if wait:
             self.wait_health(sid)
 
