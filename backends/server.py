@@ -14,14 +14,14 @@ import signal
 import sys
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from tandem.config import Config
+from tandem.config import Config, ServerConfig
 from tandem.logs import configure
 from tandem.startup import AppLoadError, StartupError, fail, one_line, warn_demo_secret
-from tandem.supervision import child_link
+from tandem.supervision import ChildLink, child_link
 
 from .cluster.listener import ReplicationListener
 from .cluster.membership import Membership
@@ -33,7 +33,8 @@ from .serve.lifespan import Lifespan
 from .serve.wsgi import WsgiToAsgi
 from .sessions.manager import SessionManager
 
-__all__ = ["BackendServer", "load_app", "run"]
+__all__ = ["BackendServer", "Runnable", "load_app", "run", "serve", "use_uvloop",
+           "warn_cluster_file"]
 
 log = structlog.get_logger("tandem.backend")
 
@@ -79,6 +80,9 @@ class BackendServer:
         # configuration
         self.config = config
         self.me = config.server(server_id)
+        if self.me.witness:  # (it would host the app on a server no request is routed to)
+            raise ConfigError("is a witness: run it with `tandem witness`", key="servers.id",
+                              value=server_id, file=config.source)
         # the parts, started in this order and stopped in the reverse one
         self.membership = Membership(config=config, me=server_id)
         self.manager = SessionManager(config=config, me=server_id, membership=self.membership)
@@ -205,9 +209,7 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
     application's own start-up).
     """
     configure(component="backend", server=server_id)
-    with contextlib.suppress(ImportError):
-        import uvloop
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    use_uvloop()
     link = child_link()
     try:
         app = load_app(app_ref, interface)
@@ -216,8 +218,44 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
         return fail(f"tandem: {exc}", exc, code=2)
     except ConfigError as exc:
         return fail(f"tandem: configuration error: {exc}", exc, code=2)
+    return serve(server, link)
+
+
+def warn_cluster_file(config: Config) -> None:
+    """Say what the cluster file allows but most likely does not mean (`Config.warnings`):
+    a line on stderr and a structured warning each, once the process has started (a failed
+    start stays one line)."""
+    for line in config.warnings:
+        log.warning("cluster_file_warning", warning=line, file=config.source)
+        print(f"tandem: warning: {line}", file=sys.stderr, flush=True)
+
+
+def use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class Runnable(Protocol):
+    """What `serve` runs: a `BackendServer`, or a witness (backends.witness)."""
+
+    config: Config
+    me: ServerConfig
+    hand_over: bool
+
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None: ...
+    def cluster_stopping(self) -> None: ...
+    async def leave(self) -> None: ...
+    def summary(self) -> str: ...
+
+
+def serve(server: Runnable, link: ChildLink | None) -> int:
+    """Run a built server until SIGINT/SIGTERM (or `tandem up`'s stop); the exit status."""
+    server_id = server.me.id
     if link is None:  # (under `tandem up`, the supervisor warned for the whole cluster)
-        warn_demo_secret(config, (server.me.http, server.me.replication), plain=True)
+        warn_demo_secret(server.config, (server.me.http, server.me.replication), plain=True)
     started = False
 
     async def main() -> None:
@@ -256,6 +294,8 @@ def run(config: Config, server_id: str, app_ref: str, interface: str = "auto") -
             link.watch(loop, on_word)
         async with server:
             started = True
+            if link is None:  # (under `tandem up`, the supervisor said it once)
+                warn_cluster_file(server.config)
             if link is not None:
                 link.ready()
             # What start-up made (modules, the app, the configuration) lives as long as the

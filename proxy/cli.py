@@ -1,4 +1,4 @@
-"""The `tandem` command: up, backend, proxy, status."""
+"""The `tandem` command: up, backend, witness, proxy, status."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up", help="run the whole cluster on this machine (servers + proxy)",
         description="Run every server of the cluster file and the proxy on this machine, "
-                    "as child processes, and supervise them.",
+                    "as child processes, and supervise them (a server with witness = true "
+                    "runs as `tandem witness`).",
         epilog=_up_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--config", metavar="FILE",
                     help="cluster file (default: the embedded demo cluster, below)")
@@ -98,6 +99,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="the WSGI or ASGI app, imported from the current directory or the path")
     be.add_argument("--interface", default="auto", choices=_INTERFACES, help=_INTERFACE_HELP)
     be.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+
+    wi = sub.add_parser(
+        "witness", help="run a witness of the cluster (a third voter for two servers)",
+        description="Run a server of the cluster file that has witness = true: it votes in "
+                    "the cluster's view and grants leases, so that two servers can fail over "
+                    "to each other; it hosts no app and no sessions, and its http address "
+                    "answers only /__tandem/health. SIGTERM or Ctrl-C stops it.")
+    wi.add_argument("--config", required=True, metavar="FILE", help="cluster file")
+    wi.add_argument("--server", required=True, metavar="ID",
+                    help="which server of the cluster file this is (its id)")
+    wi.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
 
     px = sub.add_parser(
         "proxy", help="run the proxy tier",
@@ -129,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         from tandem.startup import fail
         return fail(f"tandem: configuration error: {exc}", exc, code=2)
+    if args.command == "witness":
+        from backends.witness import run as run_witness
+        return run_witness(cfg, args.server)
     if args.command == "backend":
         from backends.server import run as run_backend
         return run_backend(cfg, args.server, args.app, args.interface)

@@ -1,5 +1,7 @@
 """`tandem up`: every server of the cluster file as a child process, and the proxy.
 
+A server with `witness = true` runs as `tandem witness` (it votes; it hosts no app).
+
 A small supervisor. Start: the app is imported once, here (one line if it does not load,
 exit 2); then every server and the proxy start at once, and each says through its channel
 (`tandem.supervision`) that it listens — or, in one line, why it cannot: that line is
@@ -27,7 +29,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tandem.config import Config
+from tandem.config import Config, ServerConfig
 from tandem.logs import configure
 from tandem.startup import AppLoadError, fail, warn_demo_secret
 
@@ -64,6 +66,14 @@ def _get_json(url: str, timeout: float = 1.0) -> Any:
 def _backend_cmd(path: str, server: str, app: str, interface: str) -> list[str]:
     return [sys.executable, "-m", "proxy.cli", "backend", "--config", path,
             "--server", server, "--app", app, "--interface", interface]
+
+
+def _server_cmd(path: str, server: ServerConfig, app: str, interface: str) -> list[str]:
+    """A server runs the app; a witness (`witness = true`) only votes."""
+    if server.witness:
+        return [sys.executable, "-m", "proxy.cli", "witness", "--config", path,
+                "--server", server.id]
+    return _backend_cmd(path, server.id, app, interface)
 
 
 def _wait_rejoined(cfg: Config, server: str, timeout: float,
@@ -113,7 +123,7 @@ class _Supervisor:
         env = child_env()
         self.proxy = Child(name="proxy", cmd=[sys.executable, "-m", "proxy.cli", "proxy",
                                               "--config", path], env=env)
-        self.servers = {s.id: Child(name=s.id, cmd=_backend_cmd(path, s.id, app, interface),
+        self.servers = {s.id: Child(name=s.id, cmd=_server_cmd(path, s, app, interface),
                                     env=env) for s in cfg.servers}
         # what the signals asked for
         self.stopping = False
@@ -139,6 +149,8 @@ class _Supervisor:
             self._wait_ready(self.children)
             if self.stopping:
                 return 0
+            from backends.server import warn_cluster_file
+            warn_cluster_file(self.cfg)  # (once for the cluster: not by each server)
             self._announce()
             announce = True
             while not self.stopping:
@@ -195,7 +207,8 @@ class _Supervisor:
     def _announce(self) -> None:
         listen, *admin = self.proxy.addresses or [str(self.cfg.proxy.listen)]
         status = f", status page http://{admin[0]}/__tandem/status" if admin else ""
-        servers = ", ".join(f"{s.id}={s.http}" for s in self.cfg.servers)
+        servers = ", ".join(f"{s.id}={s.http}" + (" (witness)" if s.witness else "")
+                            for s in self.cfg.servers)
         print(f"\ntandem is up: http://{listen}/{status}\n"
               f"servers: {servers} — Ctrl-C stops all of it\n", file=sys.stderr, flush=True)
 
@@ -309,7 +322,8 @@ def print_status(cfg: Config, *, as_json: bool) -> int:
         print(f"{'server':<10}{'state':<10}{'primaries':>10}{'replicas':>10}  peers")
         for sid, h in report["servers"].items():
             peers = ", ".join(f"{k}:{v}" for k, v in h.get("peers", {}).items())
-            print(f"{sid:<10}{h.get('state', '?'):<10}{h.get('primaries', '-'):>10}"
+            state = "witness" if h.get("role") == "witness" else h.get("state", "?")
+            print(f"{sid:<10}{state:<10}{h.get('primaries', '-'):>10}"
                   f"{h.get('replicas', '-'):>10}  {peers}")
         proxy = report["proxy"]
         if proxy is not None:

@@ -197,7 +197,11 @@ class Committer:
         log.warning("session_unprotected", sid=short(record.sid))
 
     def _others_in_view(self) -> bool:
-        return len(self.ctx.membership.quorum.view.members) > 1
+        """Is another member of the view one that could hold a copy? (A witness votes and
+        holds none: with only witnesses besides us we are a one-server cluster.)"""
+        config = self.ctx.config
+        return sum(not config.server(m).witness
+                   for m in self.ctx.membership.quorum.view.members) > 1
 
     async def await_removal(self, record: Primary, peer: str) -> None:
         """The secondary cannot be reached. While the view lists it, no other server may
