@@ -38,12 +38,12 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_option_of_every_subcommand_has_help() -> None:
     commands = _subcommands()
-    assert set(commands) == {"up", "backend", "proxy", "status"}
+    assert set(commands) == {"up", "backend", "witness", "proxy", "status"}
     for name, parser in commands.items():
         for action in parser._actions:
             assert action.help and action.help.strip(), (name, action.option_strings)
         assert parser.description, name
-    for name in ("up", "backend", "proxy"):
+    for name in ("up", "backend", "witness", "proxy"):
         assert "--debug" in commands[name]._option_string_actions, name
 
 
