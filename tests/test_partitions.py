@@ -21,6 +21,7 @@ have applied (no write applied twice).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -37,6 +38,7 @@ import pytest
 
 from tests.cluster import Cluster, get_json
 from tests.netfault import Partition, cluster_endpoints, reserve_uids, unavailable_reason
+from tests.proxy_support import proxy_env, token
 
 HEARTBEAT_S = 0.2
 MISSED = 3
@@ -419,6 +421,31 @@ def test_3_the_proxy_never_adopts_the_cut_off_servers_view(run_b):
     assert seen == sorted(seen), seen
     majority = {view_number(s["s2"]) for _, s in r.samples if s["s2"]}
     assert seen and seen[-1] in majority and seen[-1] > (r.v0 or 0), (seen[-1:], majority)
+
+
+async def test_3_an_older_view_arriving_after_a_newer_one_is_not_adopted_by_the_proxy():
+    """The proxy's own rule, on a real proxy with scripted backends. (Above, tandem's servers
+    never send it an older view: a server without the lease answers only 503s, which carry
+    no view, and a server sends its view only when the proxy's is older. This is the second
+    line.) s1's response, delayed, carries the view it had before the cut, `[s1]`; meanwhile
+    s2's brought the majority's newer one."""
+    async with proxy_env(*SERVERS) as env:
+        b = env.backends
+        addr = {sid: f"{sid}=127.0.0.1:{x.port}" for sid, x in b.items()}
+        b["s1"].view = ("2", f"2; {addr['s1']}")
+        b["s2"].view = ("3", f"3; {', '.join(addr.values())}")
+        slow = asyncio.create_task(
+            env.get("/slow?s=0.5", headers={"Cookie": f"JSESSIONID={token('s1', 's2')}"}))
+        await asyncio.sleep(0.2)  # at s1, sent while the proxy knew no view yet
+        got = await env.get("/id", headers={"Cookie": f"JSESSIONID={token('s2', 's3')}"})
+        assert got[:2] == (200, "s2")
+        assert (await env.status())["view"] == "3"
+        got = await slow
+        assert got[:2] == (200, "s1")
+        assert b["s1"].seen_views == ["-"]  # so its answer carried its view (the proxy drops it)
+        snap = await env.status()
+        assert snap["view"] == "3", "the proxy took the older view that came last"
+        assert all(env.backend_status(snap, sid)["in_view"] for sid in SERVERS)
 
 
 # --- A and D: the s1<->s2 link cut, or cut and healed every second ----------------------
