@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from backends.cluster.ranking import choose_secondary
 from tandem.config import loads
 from tandem.errors import ConfigError
 from tests.cluster import ROOT, Client, Cluster, get_json
+from tests.netfault import Partition, cluster_endpoints, reserve_uids, unavailable_reason
 
 SERVERS = [{"id": "s1"}, {"id": "s2"}, {"id": "w", "witness": True}]
 
@@ -33,6 +35,49 @@ def _config(*servers: str) -> str:
 def _server(sid: str, n: int, *extra: str) -> str:
     return "\n".join(["[[servers]]", f'id = "{sid}"', f'http = "127.0.0.1:{9000 + n}"',
                       f'replication = "127.0.0.1:{9100 + n}"', *extra, ""])
+
+
+class Writer:
+    """A client doing read-modify-write (`GET /count`) that checks its own history: an
+    acknowledged counter never goes back (no lost write), and never jumps by more than the
+    unacknowledged attempts since the last one could have applied (none applied twice)."""
+
+    def __init__(self, base: str) -> None:
+        self.client = Client(base)
+        self.acked = 0
+        self.unacked = 0  # attempts since the last acknowledgement (5xx, or no answer)
+        self.answers: list[tuple[int, str | None]] = []  # (status, X-Tandem-State or server)
+
+    def step(self) -> int:
+        try:
+            status, body = self.client.get("/count")
+        except (OSError, urllib.error.URLError):
+            status, body = 0, None
+        if status != 200:
+            self.unacked += 1
+            self.answers.append((status, None))
+            return status
+        n = body["counter"]
+        assert self.acked < n <= self.acked + 1 + self.unacked, (self.acked, self.unacked, n)
+        self.acked, self.unacked = n, 0
+        self.answers.append((200, body["server"]))
+        return status
+
+
+def _writers_on_both(cluster: Cluster, each: int) -> list[Writer]:
+    writers: list[Writer] = []
+    while min(sum(w.client.route[1] == s for w in writers) for s in ("s1", "s2")) < each:
+        w = Writer(cluster.proxy_url)
+        assert w.step() == 200 and w.step() == 200
+        writers.append(w)
+        assert len(writers) < 20 * each, "new sessions are not spread over the servers"
+    return writers
+
+
+def _skip_without_netfault() -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def _status(url: str) -> tuple[int, bytes]:
@@ -211,6 +256,12 @@ def test_tandem_up_starts_the_witness(tmp_path: Path) -> None:
             status = get_json(f"http://127.0.0.1:{cluster.admin_port}/__tandem/status"
                               "?format=json")
             assert sorted(b["id"] for b in status["backends"]) == ["s1", "s2"]
+            shown = subprocess.run([sys.executable, "-m", "proxy.cli", "status", "--config",
+                                    str(cluster.config_path)], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=30)
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            (row,) = [line for line in shown.stdout.splitlines() if line.startswith("w ")]
+            assert row.split()[:4] == ["w", "witness", "-", "-"], shown.stdout
         finally:
             os.killpg(up.pid, signal.SIGINT)
             code = up.wait(timeout=60)
@@ -222,3 +273,64 @@ def test_tandem_up_starts_the_witness(tmp_path: Path) -> None:
     assert [line.split(" (")[0] for line in said] == [
         "tandem: proxy stopped", "tandem: s1 stopped", "tandem: s2 stopped",
         "tandem: w stopped"], text
+
+
+# --- partitions -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_a_server_cut_off_from_its_peer_and_the_witness_is_replaced(make_cluster):
+    """s1 cut from s2 and the witness, the proxy still reaching it: s2 and the witness are
+    the majority; s1 stops acknowledging, its sessions go on at s2 with every acknowledged
+    write; healed, s1 is fenced (drops its copies) and re-admitted."""
+    _skip_without_netfault()
+    with reserve_uids(["s1", "s2", "w"]) as lease:
+        cluster = make_cluster(servers=SERVERS, uids=lease.uids, log_level="INFO")
+        with Partition(cluster_endpoints(cluster.config_path, lease.uids)) as partition:
+            cluster.start()
+            writers = _writers_on_both(cluster, 4)
+            partition.isolate("s1", from_=["s2", "w"])
+            deadline = time.monotonic() + 60
+            # every session answered by s2 again, twice in a row
+            while not all(w.answers[-2:] == [(200, "s2")] * 2 for w in writers):
+                assert time.monotonic() < deadline, [w.answers for w in writers]
+                for w in writers:
+                    w.step()
+            assert not cluster.health("s1")["lease"]
+            assert sorted(cluster.health("s2")["members"]) == ["s2", "w"]
+            partition.rejoin("s1", from_=["s2", "w"])
+            cluster.wait_formed(timeout=30)
+            assert cluster.wait_event("s1", "fenced")  # it held copies: dropped, not served
+            for w in writers:
+                assert w.step() == 200, w.answers
+                assert w.client.route[1:] == ("s2", "s1")  # protected again, on s1
+
+
+@pytest.mark.timeout(180)
+def test_two_servers_cut_from_each_other_but_not_from_the_witness_lose_nothing(make_cluster):
+    """The s1<->s2 link cut, both still reaching the witness: it suspects neither, so no
+    view removes either (a removal needs the witness's vote); no acknowledged write is lost
+    or applied twice, and the sessions go on when the link heals."""
+    _skip_without_netfault()
+    with reserve_uids(["s1", "s2", "w"]) as lease:
+        cluster = make_cluster(servers=SERVERS, uids=lease.uids, log_level="INFO")
+        with Partition(cluster_endpoints(cluster.config_path, lease.uids)) as partition:
+            cluster.start()
+            writers = _writers_on_both(cluster, 2)
+            view = cluster.health("w")["view"]
+            partition.cut("s1", "s2")
+            until = time.monotonic() + 6  # past suspicion, a lease and rule R's wait
+            with ThreadPoolExecutor(len(writers)) as pool:  # (each waits seconds for a 503)
+                while time.monotonic() < until:
+                    list(pool.map(Writer.step, writers))
+            for sid in ("s1", "s2", "w"):
+                health = cluster.health(sid)
+                assert sorted(health["members"]) == ["s1", "s2", "w"], (sid, health)
+            assert cluster.health("w")["view"] == view
+            partition.heal("s1", "s2")
+            cluster.wait_formed(timeout=30)
+            deadline = time.monotonic() + 30
+            while not all(w.answers[-1][0] == 200 for w in writers):
+                assert time.monotonic() < deadline, [w.answers for w in writers]
+                for w in writers:
+                    w.step()
