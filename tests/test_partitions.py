@@ -9,7 +9,8 @@ between three servers and the proxy, each under a uid of its own.
   ran out, and never with a token naming no secondary.
 - Case 3: the proxy adopts views by their number, never the isolated server's.
 - A and D (case 4): the s1<->s2 link cut, or cut and healed every second: no acknowledged
-  write lost, none applied twice; a session that cannot be served answers 503.
+  write lost, none applied twice; a request that cannot be served gets no 200 (503 or 502,
+  which acknowledge nothing).
 - Case 5 (a request the proxy gave up on, applied after the heal): tests/test_deadlines.py;
   case 6 (a leftover connection closing after the heal): tests/test_cluster_connections.py.
 
@@ -348,7 +349,7 @@ def run_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunB]:
                finals, samples, after)
 
 
-def test_b_no_acknowledged_write_is_lost_when_a_primary_is_cut_off(run_b):
+def test_b_no_acknowledged_write_is_lost_when_a_primary_is_cut_off(run_b: RunB) -> None:
     r = run_b
     report("B, through the proxy", r.through_proxy, r.t_cut, r.t_heal)
     report("B, at s1 directly", r.direct, r.t_cut, r.t_heal)
@@ -359,7 +360,8 @@ def test_b_no_acknowledged_write_is_lost_when_a_primary_is_cut_off(run_b):
     assert sum(a.status == 200 for a in during) > 0  # the majority served meanwhile
 
 
-def test_b_the_cut_off_server_answers_503_with_its_state_once_its_lease_ran_out(run_b):
+def test_b_the_cut_off_server_answers_503_with_its_state_once_its_lease_ran_out(
+        run_b: RunB) -> None:
     r = run_b
     at_s1 = r.probes + [a for s in r.direct for a in s.attempts
                         if r.t_cut + EXPIRED_S <= a.sent and a.done < r.t_heal]
@@ -371,7 +373,7 @@ def test_b_the_cut_off_server_answers_503_with_its_state_once_its_lease_ran_out(
     assert late and not any(h.get("lease", True) for h in late), late[-1:]
 
 
-def test_b_the_majority_removes_it_fences_it_and_admits_it_again(run_b):
+def test_b_the_majority_removes_it_fences_it_and_admits_it_again(run_b: RunB) -> None:
     r = run_b
     assert r.v0 is not None, "the servers' health shows no view number, or not one view"
     removed = [view_number(s["s2"]) for t, s in r.samples
@@ -391,7 +393,7 @@ def test_b_the_majority_removes_it_fences_it_and_admits_it_again(run_b):
     assert int(fenced[0]["view"]) >= v1
 
 
-def test_2_a_cut_off_primary_acknowledges_no_write_it_could_not_replicate(run_b):
+def test_2_a_cut_off_primary_acknowledges_no_write_it_could_not_replicate(run_b: RunB) -> None:
     r = run_b
     during = [a for s in r.direct for a in s.attempts if r.t_cut <= a.sent < r.t_heal]
     expired = [a for a in during if a.sent >= r.t_cut + EXPIRED_S]
@@ -406,7 +408,7 @@ def test_2_a_cut_off_primary_acknowledges_no_write_it_could_not_replicate(run_b)
     assert not unprotected, f"tokens naming no secondary:\n{shown(unprotected)}"
 
 
-def test_3_the_proxy_never_adopts_the_cut_off_servers_view(run_b):
+def test_3_the_proxy_never_adopts_the_cut_off_servers_view(run_b: RunB) -> None:
     r = run_b
     adopted = [e for e in r.cluster.events("proxy") if e.get("event") == "view_updated"]
     assert adopted, "the proxy adopted no view"
@@ -423,12 +425,12 @@ def test_3_the_proxy_never_adopts_the_cut_off_servers_view(run_b):
     assert seen and seen[-1] in majority and seen[-1] > (r.v0 or 0), (seen[-1:], majority)
 
 
-async def test_3_an_older_view_arriving_after_a_newer_one_is_not_adopted_by_the_proxy():
+async def test_3_an_older_view_arriving_after_a_newer_one_is_not_adopted_by_the_proxy() -> None:
     """The proxy's own rule, on a real proxy with scripted backends. (Above, tandem's servers
     never send it an older view: a server without the lease answers only 503s, which carry
     no view, and a server sends its view only when the proxy's is older. This is the second
-    line.) s1's response, delayed, carries the view it had before the cut, `[s1]`; meanwhile
-    s2's brought the majority's newer one."""
+    line.) s1's response, delayed, carries an older view listing only itself (what the
+    isolated s1 sent before the fix); meanwhile s2's brought a newer one."""
     async with proxy_env(*SERVERS) as env:
         b = env.backends
         addr = {sid: f"{sid}=127.0.0.1:{x.port}" for sid, x in b.items()}
@@ -457,7 +459,8 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_4_a_cut_link_between_two_servers_loses_and_duplicates_nothing(tmp_path, scenario):
+def test_4_a_cut_link_between_two_servers_loses_and_duplicates_nothing(
+        tmp_path: Path, scenario: str) -> None:
     """A: the link s1<->s2 cut for 3 s; D: cut 1 s and healed 1 s, three times. The proxy
     reaches every server throughout, so every session's requests reach one copy or other."""
     _skip_without_netfault()
