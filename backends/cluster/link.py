@@ -219,9 +219,11 @@ class PeerLink:
     async def _run(self) -> None:
         backoff = 0.05
         while not self._closing:
+            served_since = float("inf")
             try:
                 await self._connect()
                 backoff = 0.05
+                served_since = time.monotonic()
                 await self._serve()
             except ConnectionRefusedError as exc:
                 # No process listens on the peer's replication port: proof that the process
@@ -236,9 +238,15 @@ class PeerLink:
                     log.warning("peer_refused", peer=self.peer.id, reason=str(exc))
             if self._closing:
                 return
+            delay = backoff
+            if time.monotonic() - served_since > 1.0:
+                # A connection that had served a while dropped: dial again at once. A dead
+                # process refuses now, and that refusal lets the majority remove it within
+                # milliseconds (the first good response after a kill -9 waits for it).
+                delay = 0.005
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), backoff)
+                await asyncio.wait_for(self._kick.wait(), delay)
             backoff = min(backoff * 2, self._cluster.heartbeat_interval_s)
 
     async def _connect(self) -> None:
