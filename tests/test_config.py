@@ -412,6 +412,7 @@ OUT_OF_RANGE = [
     ("cluster", "heartbeat_interval_s", -1.0),
     ("cluster", "heartbeat_interval_s", -math.inf),
     ("cluster", "missed_heartbeats", 0),
+    ("cluster", "missed_heartbeats", 1),  # a lease lasts one heartbeat less: none at 1
     ("cluster", "replication_timeout_s", 0.0),
     ("cluster", "peer_connect_timeout_s", -0.1),
     ("session", "max_inactive_s", 0),
@@ -440,7 +441,7 @@ def test_out_of_range_value_is_rejected_naming_the_key(name: str, key: str, valu
 
 
 BOUNDARIES = [
-    ("cluster", "missed_heartbeats", 1),
+    ("cluster", "missed_heartbeats", 2),
     ("cluster", "heartbeat_interval_s", 0.001),
     ("proxy", "max_skip_s", 0.0),
     ("proxy", "retry_body_max_bytes", 0),
