@@ -74,6 +74,9 @@ class ClusterSection:
     # A peer silent this many intervals is suspected; a lease lasts one interval less, so at
     # least 2 (docs/consistency.md, "Leases").
     missed_heartbeats: int = field(default=3, metadata={"min": 2})
+    # What a server cut off from the majority does (docs/consistency.md, "Availability"):
+    # "consistent" — it acknowledges nothing (503) until it is back. No other mode yet.
+    partitions: str = field(default="consistent", metadata=_choice("consistent"))
     # How long a replicate or fetch may wait for a peer before it is declared failed.
     replication_timeout_s: float = field(default=2.0, metadata=_positive())
     # How long a connection attempt to a peer's replication address may take.
