@@ -117,7 +117,7 @@ class RequestCycle:
                 log.error("app_no_response", path=scope["path"])
                 self._error(500, b"application sent no response\n")
         if not self.finished:  # the client cannot tell where the body ends
-            if self.started:
+            if self.started and not self.gone:  # (gone: its body went nowhere, not short)
                 log.error("app_incomplete_response", path=scope["path"])
             self._finish(reusable=False)
 
