@@ -77,6 +77,11 @@ class ClusterSection:
     # What a server cut off from the majority does (docs/consistency.md, "Availability"):
     # "consistent" — it acknowledges nothing (503) until it is back. No other mode yet.
     partitions: str = field(default="consistent", metadata=_choice("consistent"))
+    # Who keeps the view and the leases (docs/consistency.md, "Views"): "embedded" — the
+    # servers' own consensus; "redis" — one Redis at `membership_url` (its own setting, not
+    # persistence.url: it must be a single Redis whose acknowledged writes survive).
+    membership: str = field(default="embedded", metadata=_choice("embedded", "redis"))
+    membership_url: str = field(default="", repr=False)
     # How long a replicate or fetch may wait for a peer before it is declared failed.
     replication_timeout_s: float = field(default=2.0, metadata=_positive())
     # How long a connection attempt to a peer's replication address may take.
@@ -258,6 +263,14 @@ def loads(text: str, *, source: str = "<memory>",
             "must be greater than cluster.replication_timeout_s "
             f"({sections['cluster'].replication_timeout_s})", key="proxy.io_timeout_s",
             value=sections["proxy"].io_timeout_s, file=source)
+    cluster = sections["cluster"]
+    if cluster.membership == "redis" and not cluster.membership_url:
+        raise ConfigError('required when cluster.membership = "redis"',
+                          key="cluster.membership_url", value=None, file=source)
+    if cluster.membership_url and not cluster.membership_url.startswith(
+            ("redis://", "rediss://", "unix://")):
+        raise ConfigError("must be a redis://, rediss:// or unix:// URL",
+                          key="cluster.membership_url", value="***", file=source)
     cookie = sections["session"].cookie_name
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
         raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",

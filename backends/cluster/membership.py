@@ -25,6 +25,7 @@ from tandem.config import Config, ServerConfig
 from ..errors import NotServing
 from .link import PeerLink, PeerState
 from .quorum import Quorum, Standing
+from .store_view import StoreView
 from .view import Out, ViewChanged
 
 __all__ = ["Membership"]
@@ -41,9 +42,19 @@ class Membership:
         # this process: new at every start (a restarted server forgot everything it promised)
         self.incarnation = secrets.token_hex(8)
         c = config.cluster
-        self.quorum = Quorum(me=me, servers=config.server_ids, incarnation=self.incarnation,
-                             heartbeat_interval_s=c.heartbeat_interval_s,
-                             missed_heartbeats=c.missed_heartbeats, now=time.monotonic())
+        # the view and the leases: our own consensus, or a store's (cluster.membership)
+        self.store: StoreView | None = None
+        self.quorum: Quorum | StoreView
+        if c.membership == "redis":
+            self.quorum = self.store = StoreView(
+                me=me, servers=config.server_ids, incarnation=self.incarnation, cluster=c.name,
+                url=c.membership_url, heartbeat_interval_s=c.heartbeat_interval_s,
+                missed_heartbeats=c.missed_heartbeats)
+        else:
+            self.quorum = Quorum(me=me, servers=config.server_ids,
+                                 incarnation=self.incarnation,
+                                 heartbeat_interval_s=c.heartbeat_interval_s,
+                                 missed_heartbeats=c.missed_heartbeats, now=time.monotonic())
         self.links: dict[str, PeerLink] = {
             s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed,
                            stalled=self.recently_stalled, incarnation=self.incarnation,
@@ -81,6 +92,8 @@ class Membership:
     async def _tick_quorum(self) -> None:
         tick = min(0.05, self.config.cluster.heartbeat_interval_s / 5)
         while True:
+            if self.store is not None:
+                await self.store.beat(time.monotonic())
             self._deliver(self.quorum.tick(time.monotonic()))
             await asyncio.sleep(tick)
 
@@ -99,6 +112,8 @@ class Membership:
     def said_goodbye(self, peer: str) -> None:
         """`peer`'s process left (drained, then said goodbye): as good as proven gone."""
         q = self.quorum
+        if isinstance(q, StoreView):
+            return  # it released its lease key: the store's members remove it at once
         q.sightings.superseded(peer, q.view.incarnation_of(peer) or "")
         self._deliver(q.proposer.propose(time.monotonic(), forced=False))
 
@@ -210,6 +225,8 @@ class Membership:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(link.close() for link in self.links.values()))
+        if self.store is not None:
+            await self.store.close()
 
     def is_alive(self, peer: str) -> bool:
         link = self.links.get(peer)
