@@ -99,6 +99,12 @@ class Membership:
 
     def receive(self, peer: str, msg: dict[str, Any]) -> None:
         """A `v_*`/`l_*` frame from `peer` (authenticated by the listener)."""
+        if msg.get("op") in ("v_prepare", "v_accept"):
+            # A change is proposed: re-dial the peers we lost now, so that a dead one's
+            # refusal (the proof we may vote it out on) is here by the proposer's retry.
+            for link in self.links.values():
+                if not link.alive:
+                    link.kick()
         self._deliver(self.quorum.receive(peer, msg, time.monotonic()))
 
     def heard(self, peer: str, incarnation: str) -> None:

@@ -28,6 +28,8 @@ log = structlog.get_logger("tandem.quorum")
 _ATTEMPT_HEARTBEATS = 2.0
 # An accepted value not decided within this many heartbeats is finished by its acceptor.
 _FINISH_HEARTBEATS = 2.0
+# Retry after acceptors refused to remove a process we have proof of death for (seconds).
+_PROVEN_RETRY_S = 0.02
 
 
 @dataclass(slots=True)
@@ -235,11 +237,19 @@ class Proposer:
             self._abandon(now)
             return []
         a.refusals.add(src)
-        if a.value is not None and a.value == a.own:
-            for member in m.get("members") or []:
-                if isinstance(member, str):
-                    self.contested[member] = now + q.sightings.suspect_after_s
+        members = [x for x in m.get("members") or [] if isinstance(x, str)]
+        # Members we hold proof of death for: the refusing acceptor lacks that proof yet
+        # (its own dial of the dead port is a few milliseconds behind ours), so try again
+        # soon rather than back off (liveness only: the first good response after a kill -9
+        # waits for this removal).
+        proven = bool(members) and all(
+            q.sightings.is_dead(x, q.view.incarnation_of(x) or "") for x in members)
+        if a.value is not None and a.value == a.own and not proven:
+            for member in members:
+                self.contested[member] = now + q.sightings.suspect_after_s
         if len(q.view.members) - len(a.refusals) < q.view.votes_needed:
             log.debug("view_attempt_refused", n=a.n, ballot=a.ballot, reason=reason)
             self._abandon(now)
+            if proven:
+                self.retry_at = now + _PROVEN_RETRY_S
         return []
