@@ -58,6 +58,31 @@ class Address:
         return cls(host, port)
 
 
+# The URL schemes each store-backed membership accepts (cluster.membership_url).
+_MEMBERSHIP_SCHEMES = {
+    "redis": ("redis://", "rediss://", "unix://"),
+    "postgresql": ("postgresql://", "postgres://"),
+}
+
+
+def _check_membership_url(cluster: ClusterSection, source: str) -> None:
+    kind, url = cluster.membership, cluster.membership_url
+    if kind != "embedded" and not url:
+        raise ConfigError(f'required when cluster.membership = "{kind}"',
+                          key="cluster.membership_url", value=None, file=source)
+    if not url:
+        return
+    if kind == "embedded":
+        # set but unused would be silently ignored: say so (the value may hold a password)
+        raise ConfigError('set only with cluster.membership = "redis" or "postgresql"',
+                          key="cluster.membership_url", value="***", file=source)
+    schemes = _MEMBERSHIP_SCHEMES[kind]
+    if not url.startswith(schemes):
+        raise ConfigError(f"must be a {', '.join(schemes)} URL "
+                          f'with cluster.membership = "{kind}"',
+                          key="cluster.membership_url", value="***", file=source)
+
+
 def _choice(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
 
@@ -79,8 +104,10 @@ class ClusterSection:
     partitions: str = field(default="consistent", metadata=_choice("consistent"))
     # Who keeps the view and the leases (docs/consistency.md, "Views"): "embedded" — the
     # servers' own consensus; "redis" — one Redis at `membership_url` (its own setting, not
-    # persistence.url: it must be a single Redis whose acknowledged writes survive).
-    membership: str = field(default="embedded", metadata=_choice("embedded", "redis"))
+    # persistence.url: it must be a single Redis whose acknowledged writes survive);
+    # "postgresql" — one PostgreSQL database, `membership_url` a postgresql:// DSN.
+    membership: str = field(default="embedded",
+                            metadata=_choice("embedded", "redis", "postgresql"))
     membership_url: str = field(default="", repr=False)
     # How long a replicate or fetch may wait for a peer before it is declared failed.
     replication_timeout_s: float = field(default=2.0, metadata=_positive())
@@ -264,13 +291,7 @@ def loads(text: str, *, source: str = "<memory>",
             f"({sections['cluster'].replication_timeout_s})", key="proxy.io_timeout_s",
             value=sections["proxy"].io_timeout_s, file=source)
     cluster = sections["cluster"]
-    if cluster.membership == "redis" and not cluster.membership_url:
-        raise ConfigError('required when cluster.membership = "redis"',
-                          key="cluster.membership_url", value=None, file=source)
-    if cluster.membership_url and not cluster.membership_url.startswith(
-            ("redis://", "rediss://", "unix://")):
-        raise ConfigError("must be a redis://, rediss:// or unix:// URL",
-                          key="cluster.membership_url", value="***", file=source)
+    _check_membership_url(cluster, source)
     cookie = sections["session"].cookie_name
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
         raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",

@@ -183,3 +183,33 @@ def test_store_unreachable_is_503_minority_and_serving_resumes(make_cluster, req
     assert store_view(redis)["n"] == number
     status, body = c.get()
     assert status == 200 and body["counter"] == 2 and body["server"] == "s1", body
+
+
+def test_after_an_outage_no_server_is_removed_before_it_had_a_grant_to_renew(
+        make_cluster: Any, request: pytest.FixtureRequest) -> None:
+    """A member removes others only once its own renewals have run without a gap for a
+    whole grant: s3, stopped through Redis's outage and resumed a while after it (more than
+    a heartbeat, less than a grant), is still a member."""
+    redis: RedisServer = request.getfixturevalue("make_redis")()
+    # heartbeat 2 s: the grant is 4.08 s; s3 is back 3 s after Redis
+    cluster = make_cluster(n=3, cluster={"membership": "redis", "membership_url": redis.url,
+                                         "heartbeat_interval_s": 2.0}).start(proxy=False)
+    number = store_view(redis)["n"]
+    assert redis.proc is not None
+    s3 = cluster.servers["s3"]["proc"]
+
+    redis.proc.send_signal(signal.SIGSTOP)
+    s3.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: not any(cluster.health(s)["lease"] for s in ("s1", "s2")),
+                   "a server kept its lease without the store", timeout=20)
+        time.sleep(4.5)  # s3's lease key has expired too, by Redis's clock
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        try:
+            time.sleep(3.0)
+        finally:
+            s3.send_signal(signal.SIGCONT)
+
+    cluster.wait_formed(["s1", "s2", "s3"])
+    assert store_view(redis)["n"] == number

@@ -25,7 +25,7 @@ from tandem.config import Config, ServerConfig
 from ..errors import NotServing
 from .link import PeerLink, PeerState
 from .quorum import Quorum, Standing
-from .store_view import StoreView
+from .store_view import StoreView, open_store_view
 from .view import Out, ViewChanged
 
 __all__ = ["Membership"]
@@ -45,10 +45,11 @@ class Membership:
         # the view and the leases: our own consensus, or a store's (cluster.membership)
         self.store: StoreView | None = None
         self.quorum: Quorum | StoreView
-        if c.membership == "redis":
-            self.quorum = self.store = StoreView(
-                me=me, servers=config.server_ids, incarnation=self.incarnation, cluster=c.name,
-                url=c.membership_url, heartbeat_interval_s=c.heartbeat_interval_s,
+        if c.membership != "embedded":  # "redis", "postgresql"
+            self.quorum = self.store = open_store_view(
+                c.membership, me=me, servers=config.server_ids, incarnation=self.incarnation,
+                cluster=c.name, url=c.membership_url,
+                heartbeat_interval_s=c.heartbeat_interval_s,
                 missed_heartbeats=c.missed_heartbeats)
         else:
             self.quorum = Quorum(me=me, servers=config.server_ids,

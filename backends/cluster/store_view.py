@@ -1,28 +1,30 @@
-"""Store-backed membership: the view and the leases kept in Redis (`cluster.membership =
-"redis"`; docs/consistency.md, "Views" and "Leases").
+"""Store-backed membership: the view and the leases kept in an external store
+(`cluster.membership = "redis"` or `"postgresql"`; docs/consistency.md, "Store-backed views").
 
 The same surface `Membership` uses from `Quorum` (view, standing, voter, lease.lease_until,
-take_events, tick/receive/heard/refused), with Redis as the agreement and the clock:
+take_events, tick/receive/heard/refused), with the store as the agreement and the clock. This
+module holds what every store shares — the bookkeeping of the view, the events and the lease;
+a subclass holds only the store calls (`store_redis.RedisView`, `store_postgres.PostgresView`).
 
-- the view is one key, `tandem:{<cluster>}:view`, JSON `{"n", "m", "i"}` (`View.to_wire`);
-- each process's lease is one key per server, `tandem:{<cluster>}:lease:<server>`, value
-  `<incarnation>:<since>` (`since`: the store's time, ms, at which this process's unbroken
-  run of renewals began), expiring `L·(1+ρ)/(1−ρ)` after each renewal by the store's clock.
+Every heartbeat one atomic step in the store (`_exchange`) does, from the view it reads:
 
-Every heartbeat one Lua script (atomic: a compare-and-set on the view and more) renews this
-process's lease if the view binds it, removes the members whose lease key is gone or names
-another process, and binds this process when it may. The script is the only writer of the
-view, so every change is `n → n + 1` from the value it read.
+- removes the members whose lease is absent, expired by the store's clock, or names another
+  process — only if this process's own run of renewals has lasted a whole grant;
+- binds this process when it may (see below);
+- writes the result as `n + 1` if anything changed (a compare-and-set on the number);
+- renews this process's lease for a grant, `L·(1+ρ)/(1−ρ)` on the store's clock, only if the
+  resulting view binds it; a lease records `since`, the store's time at which this process's
+  unbroken run of renewals began.
 
 Why a removal is safe: this process holds its lease until `sent + L` (its own clock, `sent`
-taken before the renewal left) only if the store acknowledged the renewal; the key lasts
-`L·(1+ρ)/(1−ρ)` on the store's clock from a moment after `sent`, so when another member finds
-it gone, the lease has ended whatever the two clock rates (within ρ). The remover must itself
-have renewed without a gap for a whole grant: after an outage of the store (or of the
-remover's own link to it) every server gets a grant's time to renew before anyone is removed.
+taken before the renewal left) only if the store acknowledged the renewal; the store's lease
+lasts a grant on its clock from a moment after `sent`, so when another member finds it ended,
+the lease has ended whatever the two clock rates (within ρ). The remover must itself have
+renewed without a gap for a whole grant: after an outage of the store (or of the remover's
+own link to it) every server gets a grant's time to renew before anyone is removed.
 
-A process binds itself (joins, or replaces its server's earlier process) only when no lease
-key of its server exists — an earlier process's lease has ended — and only once it has
+A process binds itself (joins, or replaces its server's earlier process) only when no live
+lease of its server exists — an earlier process's lease has ended — and only once it has
 adopted a view that does not bind it (a process removed while stalled first sees its removal,
 fences itself and drops its sessions, and joins in a later beat).
 """
@@ -33,90 +35,18 @@ import asyncio
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-import redis.asyncio as aioredis
 import structlog
-from redis import exceptions as rex
 
 from ..errors import ProtocolViolation
 from .lease import grant_factor, lease_duration
 from .quorum import Standing
 from .view import RHO, Out, View, ViewChanged
 
-__all__ = ["StoreView"]
+__all__ = ["StoreView", "open_store_view"]
 
 log = structlog.get_logger("tandem.quorum")
-
-# KEYS[1] view, KEYS[1 + k] the lease key of ARGV[5 + k]
-# ARGV: me, incarnation, grant_ms, may_join (0/1), the view we know ('' = none), servers...
-# Returns {view JSON or '', renewed 0/1}.
-_BEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local me, inc, grant, may_join = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
-local leases, mykey = {}, nil
-for k = 6, #ARGV do
-  leases[ARGV[k]] = redis.call('GET', KEYS[k - 4])
-  if ARGV[k] == me then mykey = KEYS[k - 4] end
-end
-local function holder(v)
-  if not v then return nil, nil end
-  local h, s = string.match(v, '^(.*):(%d+)$')
-  return h, tonumber(s)
-end
-local raw = redis.call('GET', KEYS[1])
-local view
-if raw then view = cjson.decode(raw)
-elseif ARGV[5] ~= '' then view = cjson.decode(ARGV[5])
-else view = {n = 1, m = {}, i = {}} end
-local bound = {}
-for k, m in ipairs(view.m) do bound[m] = view.i[k] end
-local member = bound[me] == inc
-local changed = (not raw) and member
-local my_holder, my_since = holder(leases[me])
-if member and my_holder == inc and now - my_since >= grant then
-  for m, minc in pairs(bound) do
-    if m ~= me and holder(leases[m]) ~= minc then
-      bound[m] = nil
-      changed = true
-    end
-  end
-end
-if not member and may_join and not leases[me] then
-  bound[me] = inc
-  member = true
-  changed = true
-end
-if changed then
-  local ms, is = {}, {}
-  for m in pairs(bound) do table.insert(ms, m) end
-  table.sort(ms)
-  for k, m in ipairs(ms) do is[k] = bound[m] end
-  raw = cjson.encode({n = view.n + 1, m = ms, i = is})
-  redis.call('SET', KEYS[1], raw)
-end
-local renewed = 0
-if member then
-  local since = now
-  if my_holder == inc then since = my_since end
-  redis.call('SET', mykey, inc .. ':' .. since, 'PX', grant)
-  renewed = 1
-end
-return {raw or '', renewed}
-"""
-
-# KEYS[1] our lease key; ARGV[1] our incarnation. Deletes it only if it is ours.
-_RELEASE = """
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-# Any failure of a call (unreachable, a timeout, a refusal such as NOAUTH): no renewal.
-_UNAVAILABLE = (rex.RedisError, OSError, TimeoutError)
 
 
 class _Held:
@@ -129,26 +59,23 @@ class _Held:
 
 
 class StoreView:
-    """One server process's view and lease, kept in Redis."""
+    """One server process's view and lease, kept in a store (a subclass per store)."""
+
+    kind: ClassVar[str] = ""
+    # Any failure of a store call (unreachable, a timeout, a refusal): no renewal.
+    unavailable: ClassVar[tuple[type[BaseException], ...]] = (OSError, TimeoutError)
 
     def __init__(self, *, me: str, servers: Sequence[str], incarnation: str, cluster: str,
-                 url: str, heartbeat_interval_s: float, missed_heartbeats: int,
-                 rho: float = RHO, client: Any = None) -> None:
+                 heartbeat_interval_s: float, missed_heartbeats: int,
+                 rho: float = RHO) -> None:
         # configuration
         self.me = me
         self.incarnation = incarnation
         self.servers = tuple(servers)
+        self.cluster = cluster
         self.heartbeat_s = heartbeat_interval_s
         self.duration_s = lease_duration(heartbeat_interval_s, missed_heartbeats)
         self.grant_ms = math.ceil(self.duration_s * grant_factor(rho) * 1000)
-        prefix = f"tandem:{{{cluster}}}:"
-        self._keys = [prefix + "view", *(f"{prefix}lease:{s}" for s in self.servers)]
-        # resources: one command at a time, each bounded by a heartbeat
-        self._client: Any = client or aioredis.Redis.from_url(
-            url, socket_timeout=heartbeat_interval_s,
-            socket_connect_timeout=heartbeat_interval_s)
-        self._beat = self._client.register_script(_BEAT)
-        self._release = self._client.register_script(_RELEASE)
         # state
         # View 1 binds nobody (as in the embedded consensus): a placeholder until the store's
         # view is read; the first view the store holds is 2.
@@ -158,6 +85,22 @@ class StoreView:
         self._events: list[ViewChanged] = []
         self._next_beat = float("-inf")
         self._reachable = True
+
+    # --- the store: what a subclass implements ------------------------------------------------
+
+    async def _exchange(self, *, known: dict[str, Any] | None, may_join: bool
+                        ) -> tuple[str | bytes | None, bool]:
+        """The heartbeat's one atomic step (module docstring): (the view as JSON after it,
+        None if the store holds none; whether our lease was renewed). `known`: the view we
+        adopted (written again as `n + 1` if the store lost its view)."""
+        raise NotImplementedError
+
+    async def _release(self) -> None:
+        """End our lease in the store now, only if it names our incarnation."""
+        raise NotImplementedError
+
+    async def _close_client(self) -> None:
+        raise NotImplementedError
 
     # --- what the host reads (as from Quorum) ------------------------------------------------
 
@@ -194,7 +137,7 @@ class StoreView:
     def tick(self, now: float) -> list[Out]:
         return []  # the store is asked in `beat`, awaited by the host
 
-    # --- the store -------------------------------------------------------------------------
+    # --- the heartbeat -------------------------------------------------------------------------
 
     async def beat(self, now: float) -> None:
         """Once per heartbeat: renew, remove the ended, bind ourselves; adopt the result."""
@@ -202,22 +145,18 @@ class StoreView:
             return
         self._next_beat = now + self.heartbeat_s
         sent = now  # before the renewal leaves: the lease counts from here
-        known = json.dumps(self.view.to_wire()) if self.learned else ""
-        may_join = "0" if self.voter else "1"
+        known = self.view.to_wire() if self.learned else None
         try:
             raw, renewed = await asyncio.wait_for(
-                self._beat(keys=self._keys,
-                           args=[self.me, self.incarnation, self.grant_ms, may_join, known,
-                                 *self.servers]),
-                timeout=self.heartbeat_s)
-        except _UNAVAILABLE as exc:
+                self._exchange(known=known, may_join=not self.voter), timeout=self.heartbeat_s)
+        except self.unavailable as exc:
             if self._reachable:
-                log.warning("membership_store_unreachable", error=type(exc).__name__,
-                            detail=str(exc)[:200])
+                log.warning("membership_store_unreachable", store=self.kind,
+                            error=type(exc).__name__, detail=str(exc)[:200])
             self._reachable = False
             return
         if not self._reachable:
-            log.info("membership_store_reachable")
+            log.info("membership_store_reachable", store=self.kind)
         self._reachable = True
         if isinstance(raw, bytes):
             raw = raw.decode()
@@ -226,12 +165,13 @@ class StoreView:
         try:
             view = View.from_wire(json.loads(raw), peer="store")
         except (ValueError, ProtocolViolation):
-            log.error("membership_store_malformed_view", view=raw[:200])
+            log.error("membership_store_malformed_view", store=self.kind, view=raw[:200])
             return  # no lease on a view we cannot read
         if self.learned and view.number < self.view.number:
-            # The store lost acknowledged writes (a flushed or failed-over Redis): no lease
+            # The store lost acknowledged writes (a flushed or failed-over store): no lease
             # on a view older than one we adopted.
-            log.error("membership_store_behind", store=view.number, ours=self.view.number)
+            log.error("membership_store_behind", store=self.kind, stored=view.number,
+                      ours=self.view.number)
             return
         self._adopt(view)
         if renewed and view.binds(self.me, self.incarnation):
@@ -251,10 +191,20 @@ class StoreView:
         at once, so the others remove us without waiting for its expiry."""
         try:
             if self.voter:
-                await asyncio.wait_for(
-                    self._release(keys=[self._keys[1 + self.servers.index(self.me)]],
-                                  args=[self.incarnation]), timeout=self.heartbeat_s)
-        except _UNAVAILABLE:
+                await asyncio.wait_for(self._release(), timeout=self.heartbeat_s)
+        except self.unavailable:
             pass  # it expires by itself
         finally:
-            await self._client.aclose()
+            await self._close_client()
+
+
+def open_store_view(kind: str, *, url: str, **options: Any) -> StoreView:
+    """The store-backed view for `cluster.membership = kind`; its driver is imported only
+    here (redis and asyncpg are optional dependencies)."""
+    if kind == "redis":
+        from .store_redis import RedisView
+        return RedisView(url=url, **options)
+    if kind == "postgresql":
+        from .store_postgres import PostgresView
+        return PostgresView(dsn=url, **options)
+    raise ValueError(f"no store-backed membership {kind!r}")
