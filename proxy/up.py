@@ -319,12 +319,16 @@ def print_status(cfg: Config, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{'server':<10}{'state':<10}{'primaries':>10}{'replicas':>10}  peers")
+        print(f"{'server':<10}{'state':<10}{'primaries':>10}{'replicas':>10}{'view':>6}  "
+              f"{'standing':<10}  peers")
         for sid, h in report["servers"].items():
             peers = ", ".join(f"{k}:{v}" for k, v in h.get("peers", {}).items())
             state = "witness" if h.get("role") == "witness" else h.get("state", "?")
+            # standing: "serving" under the lease; else why not (minority, starting, fenced)
+            standing = ("-" if "standing" not in h else "serving" if h.get("lease")
+                        else "minority" if h["standing"] == "member" else str(h["standing"]))
             print(f"{sid:<10}{state:<10}{h.get('primaries', '-'):>10}"
-                  f"{h.get('replicas', '-'):>10}  {peers}")
+                  f"{h.get('replicas', '-'):>10}{h.get('view', '-'):>6}  {standing:<10}  {peers}")
         proxy = report["proxy"]
         if proxy is not None:
             print(f"proxy: {'down' if proxy.get('state') == 'down' else 'up'}")

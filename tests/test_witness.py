@@ -262,6 +262,8 @@ def test_tandem_up_starts_the_witness(tmp_path: Path) -> None:
             assert shown.returncode == 0, shown.stdout + shown.stderr
             (row,) = [line for line in shown.stdout.splitlines() if line.startswith("w ")]
             assert row.split()[:4] == ["w", "witness", "-", "-"], shown.stdout
+            (s1,) = [line for line in shown.stdout.splitlines() if line.startswith("s1 ")]
+            assert s1.split()[5] == "serving", shown.stdout  # under its lease, in the view
         finally:
             os.killpg(up.pid, signal.SIGINT)
             code = up.wait(timeout=60)
