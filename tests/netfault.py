@@ -28,7 +28,8 @@ Dropping in the `output` hook is silent, as a partition is: a dialler's SYN is
 retransmitted until its connect times out, data is retransmitted and arrives after a heal
 (TCP's backoff, up to tens of seconds after a long cut).
 
-Clean-up: the table (`tandem_test_<pid>`) is deleted when the `Partition` closes, at
+Clean-up: the table (`tandem_test_<pid>_<n>`: the n-th `Partition` of the process, so two
+open at once keep their own rules) is deleted when the `Partition` closes, at
 interpreter exit (atexit) and — for a run killed earlier — by the next `Partition`, which
 deletes every `tandem_test_*` table whose process is gone. The uids are numeric (no passwd
 entry needed) from `UID_BASE`, reserved by a lock file held for the lease's lifetime, so
@@ -43,6 +44,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -68,6 +70,7 @@ __all__ = [
 ]
 
 TABLE_PREFIX = "tandem_test_"
+_TABLE_NUMBERS = itertools.count(1)
 UID_BASE = 64100   # numeric uids for the processes, UID_BASE .. UID_BASE + UID_SLOTS - 1
 UID_SLOTS = 100
 _NFT_TIMEOUT_S = 10.0
@@ -207,7 +210,7 @@ def delete_stale_tables() -> list[str]:
     """Delete the tables of runs whose process is gone (killed before their clean-up)."""
     deleted = []
     for line in _nft(None, "list", "tables").splitlines():
-        m = re.fullmatch(r"table inet (" + TABLE_PREFIX + r"(\d+))", line.strip())
+        m = re.fullmatch(r"table inet (" + TABLE_PREFIX + r"(\d+)(?:_\d+)?)", line.strip())
         if m is None:
             continue
         try:
@@ -233,7 +236,8 @@ class Partition:
 
     def __init__(self, members: Mapping[str, Endpoint], *, table: str | None = None) -> None:
         self.members = dict(members)
-        self.table = table or f"{TABLE_PREFIX}{os.getpid()}"
+        # one table per Partition: two open at once in one process keep their own rules
+        self.table = table or f"{TABLE_PREFIX}{os.getpid()}_{next(_TABLE_NUMBERS)}"
         self._cut: set[frozenset[str]] = set()  # the links cut now
         self._open = False
 

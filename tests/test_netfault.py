@@ -256,6 +256,21 @@ def test_the_table_is_deleted_on_exit_and_a_dead_runs_table_at_start():
     partition.close()  # twice is fine
 
 
+def test_two_partitions_open_at_once_keep_their_own_tables():
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    members = {"a": Endpoint(UID_A, (1,)), "b": Endpoint(UID_A + 1, (2,))}
+    with Partition(members) as first:
+        with Partition(members) as second:
+            assert first.table != second.table
+            assert {first.table, second.table} <= set(_tables())
+            second.cut("a", "b")
+        assert first.table in _tables() and second.table not in _tables()
+        first.cut("a", "b")  # its rules are still there to change
+    assert first.table not in _tables()
+
+
 UID_A = 64190  # not started as processes here: the rules only name them
 
 
