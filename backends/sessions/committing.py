@@ -192,9 +192,11 @@ class Committer:
             # view, a copy held here alone would be lost when the view ends us.
             raise NotServing("no member of the view can hold the copy", peer=ctx.me.id,
                              state="unprotected")
-        # Alone in the view (a one-server cluster): say so in the token.
+        # Alone in the view (a one-server cluster): say so in the token (and in the log once
+        # per session that had a secondary, not at every commit while alone).
+        if record.secondary is not None:
+            log.warning("session_unprotected", sid=short(record.sid), was=record.secondary)
         ctx.store.assign_secondary(record, None)
-        log.warning("session_unprotected", sid=short(record.sid))
 
     def _others_in_view(self) -> bool:
         """Is another member of the view one that could hold a copy? (A witness votes and
