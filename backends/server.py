@@ -90,7 +90,9 @@ class BackendServer:
                                             handler=self.manager.handle)
         self.middleware = TandemMiddleware(app, manager=self.manager, config=config)
         self.lifespan = Lifespan(app)
-        self.http = HttpServer(self.middleware, host=self.me.http.host, port=self.me.http.port,
+        # what the listener binds; `me.http` is what the proxy and the peers dial
+        http_bind = self.me.http_bind or self.me.http
+        self.http = HttpServer(self.middleware, host=http_bind.host, port=http_bind.port,
                                state=self.lifespan.state, shutdown_timeout_s=10.0,
                                label=f"{server_id}'s http address")
         # how it stops: False when the whole cluster stops (`tandem up`'s Ctrl-C), so no
@@ -255,7 +257,9 @@ def serve(server: Runnable, link: ChildLink | None) -> int:
     """Run a built server until SIGINT/SIGTERM (or `tandem up`'s stop); the exit status."""
     server_id = server.me.id
     if link is None:  # (under `tandem up`, the supervisor warned for the whole cluster)
-        warn_demo_secret(server.config, (server.me.http, server.me.replication), plain=True)
+        me = server.me  # the bound addresses too: 0.0.0.0 exposes the secret's holder
+        warn_demo_secret(server.config, (me.http, me.replication, *filter(None, (
+            me.http_bind, me.replication_bind))), plain=True)
     started = False
 
     async def main() -> None:

@@ -50,7 +50,9 @@ class WitnessServer:
         # the parts, started in this order and stopped in the reverse one
         self.membership = Membership(config=config, me=server_id)
         self.listener = ReplicationListener(membership=self.membership, handler=self._handle)
-        self.http = HttpServer(self._app, host=self.me.http.host, port=self.me.http.port,
+        # what the listener binds; `me.http` is what the proxy and the peers dial
+        http_bind = self.me.http_bind or self.me.http
+        self.http = HttpServer(self._app, host=http_bind.host, port=http_bind.port,
                                shutdown_timeout_s=2.0, label=f"{server_id}'s http address")
         self.hand_over = False  # (nothing to hand over: `serve` logs it)
         self._running = False

@@ -7,6 +7,7 @@ file. `TANDEM_SECRETS` (comma-separated) overrides `cluster.secrets`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -50,12 +51,22 @@ class Address:
         """`allow_port_0`: for a listening address (0: the system picks a free port)."""
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
         if m is None:
+            if text.count(":") > 1 and "[" not in text:
+                raise ValueError("an IPv6 address goes in brackets: [::1]:9001")
             raise ValueError("expected host:port")
         host = m.group(1) or m.group(3)
         port = int(m.group(2) or m.group(4))
         if not (0 if allow_port_0 else 1) <= port < 65536:
             raise ValueError("port out of range")
         return cls(host, port)
+
+    @property
+    def wildcard(self) -> bool:
+        """Every interface (0.0.0.0, ::): a listener may bind it, nobody can dial it."""
+        try:
+            return ipaddress.ip_address(self.host).is_unspecified
+        except ValueError:  # a host name
+            return False
 
 
 # The URL schemes each store-backed membership accepts (cluster.membership_url).
@@ -174,9 +185,17 @@ class PersistenceSection:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     id: str
+    # The addresses the proxy and the peers dial (what the view advertises): never a
+    # wildcard. They are also what the server binds unless `*_bind` says otherwise.
     http: Address
     replication: Address
-    machine: str = ""  # empty: a machine of its own (filled with the id at load)
+    # What the listeners bind when it is not the dialled address: "0.0.0.0:9001" (every
+    # interface), an address behind NAT... None: bind `http` / `replication` themselves.
+    http_bind: Address | None = field(default=None, metadata={"no_off": True})
+    replication_bind: Address | None = field(default=None, metadata={"no_off": True})
+    # empty: the host of the `http` address (filled at load), so that servers on one
+    # host count as one machine when a secondary is chosen
+    machine: str = ""
     group: str = ""
     preferred_secondary_group: str = ""
     # A third voter for the view and the leases (clusters of two): hosts no app and no
@@ -317,8 +336,23 @@ def loads(text: str, *, source: str = "<memory>",
                     raise ConfigError("a witness hosts no sessions: remove it",
                                       key=f"servers[{i}].{key}", value=entry[key],
                                       file=source)
+        for what in ("http", "replication"):
+            addr: Address = getattr(srv, what)
+            if addr.wildcard:
+                # A peer cannot dial "every interface"; guessing one of this host's
+                # addresses would advertise the wrong one on a multi-homed host.
+                raise ConfigError(
+                    f"{addr.host} cannot be dialled by the proxy or the peers: set {what} to "
+                    f'the address they dial and {what}_bind = "{addr}" to listen on every '
+                    "interface", key=f"servers[{i}].{what}", value=str(addr), file=source)
         if not srv.machine:
-            srv = dataclasses.replace(srv, machine=srv.id)
+            srv = dataclasses.replace(srv, machine=srv.http.host)
+        if (srv.http_bind or srv.replication_bind) and (
+                (srv.http_bind or srv.http) == (srv.replication_bind or srv.replication)):
+            raise ConfigError("binds the same address as the http listener",
+                              key=f"servers[{i}].replication"
+                                  + ("_bind" if srv.replication_bind else ""),
+                              value=str(srv.replication_bind or srv.replication), file=source)
         for what, addr in (("http", srv.http), ("replication", srv.replication)):
             if str(addr) in seen:
                 raise ConfigError(f"address already used by {seen[str(addr)]}",
@@ -365,7 +399,7 @@ def _coerce(hint: Any, value: Any, meta: Mapping[str, Any], key: str, source: st
         return ConfigError(msg, key=key, value=_shown(key, value), file=source)
 
     if hint in (Address, Address | None):
-        if value in ("", "off", "none") and hint is not Address:
+        if value in ("", "off", "none") and hint is not Address and not meta.get("no_off"):
             return None
         if not isinstance(value, str):
             raise bad("expected a \"host:port\" string")

@@ -38,6 +38,11 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def hostport(host: str, port: int) -> str:
+    """`host:port`, `[v6]:port` for an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def get_json(url: str, timeout: float = 2.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
@@ -50,8 +55,12 @@ class Cluster:
                  app: str = "tests.apps:asgi_counter", interface: str = "auto",
                  secrets: list[str] | None = None, session: dict[str, Any] | None = None,
                  proxy: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None,
-                 log_level: str = "DEBUG", uids: Mapping[str, int] | None = None) -> None:
+                 log_level: str = "DEBUG", uids: Mapping[str, int] | None = None,
+                 host: str = "127.0.0.1", bind_host: str | None = None) -> None:
         self.tmp = tmp
+        # the servers' (advertised) host, "::1" for IPv6; `bind_host`: what they bind
+        # instead (http_bind / replication_bind), "0.0.0.0" say
+        self.host = host
         # processes named here (server ids, "proxy") run under that uid, so that
         # tests/netfault.py can cut links between them; the others run as we do
         self.uids = dict(uids or {})
@@ -83,7 +92,11 @@ class Cluster:
             http, repl = ports[2 * i], ports[2 * i + 1]
             self.servers[spec["id"]] = {"http": http, "proc": None, **spec}
             lines += ["", "[[servers]]", *(f"{k} = {json.dumps(v)}" for k, v in spec.items()),
-                      f'http = "127.0.0.1:{http}"', f'replication = "127.0.0.1:{repl}"']
+                      f'http = "{hostport(host, http)}"',
+                      f'replication = "{hostport(host, repl)}"']
+            if bind_host is not None:
+                lines += [f'http_bind = "{hostport(bind_host, http)}"',
+                          f'replication_bind = "{hostport(bind_host, repl)}"']
         self.config_path = tmp / "cluster.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
         self.proxy_proc: subprocess.Popen[bytes] | None = None
@@ -148,7 +161,7 @@ class Cluster:
     # --- waiting ------------------------------------------------------------------------
 
     def health(self, sid: str) -> Any:
-        return get_json(f"http://127.0.0.1:{self.servers[sid]['http']}/__tandem/health")
+        return get_json(f"{self.url(sid)}/__tandem/health")
 
     def _up(self, url: str, raw: bool = False) -> bool:
         try:
@@ -169,7 +182,7 @@ class Cluster:
 
     def wait_health(self, sid: str) -> None:
         self._wait(lambda: self._up(
-            f"http://127.0.0.1:{self.servers[sid]['http']}/__tandem/health"), sid,
+            f"{self.url(sid)}/__tandem/health"), sid,
             self.servers[sid]["proc"])
 
     def wait_formed(self, alive: list[str] | None = None, timeout: float = 30.0) -> None:
@@ -227,7 +240,7 @@ class Cluster:
         return f"http://127.0.0.1:{self.proxy_port}"
 
     def url(self, sid: str) -> str:
-        return f"http://127.0.0.1:{self.servers[sid]['http']}"
+        return f"http://{hostport(self.host, self.servers[sid]['http'])}"
 
 
 class Client:

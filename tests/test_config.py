@@ -174,7 +174,7 @@ flush_threshold = 100
 id = "s1"
 http = "127.0.0.1:9001"
 replication = "127.0.0.1:9101"
-machine = "m1"                   # optional; default: its own machine
+machine = "m1"                   # optional; default: the host of http
 group = "a"                      # optional replication group
 preferred_secondary_group = "b"  # optional
 """
@@ -736,13 +736,14 @@ def test_valid_server_id_is_accepted(good_id: str) -> None:
     assert load_text(server(good_id)).server_ids == (good_id,)
 
 
-def test_machine_defaults_to_the_server_id() -> None:
+def test_machine_defaults_to_the_host_of_the_http_address() -> None:
     cfg = load_text(
         server("s1", "127.0.0.1:9001", "127.0.0.1:9101"),
         server("s2", "127.0.0.1:9002", "127.0.0.1:9102", machine="rack-7"),
-        server("s3", "127.0.0.1:9003", "127.0.0.1:9103", machine=""),
+        server("s3", "127.0.0.3:9003", "127.0.0.3:9103", machine=""),
+        server("s4", "[::1]:9004", "[::1]:9104"),
     )
-    assert [s.machine for s in cfg.servers] == ["s1", "rack-7", "s3"]
+    assert [s.machine for s in cfg.servers] == ["127.0.0.1", "rack-7", "127.0.0.3", "::1"]
 
 
 def test_group_and_preferred_secondary_group_default_to_empty() -> None:

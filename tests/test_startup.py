@@ -323,7 +323,10 @@ def _demo_config(tmp: Path, *, proxy_host: str, server_host: str) -> tuple[Path,
     path.write_text("\n".join([
         "[cluster]", 'secrets = ["change-me"]', "",
         "[proxy]", f'listen = "{proxy_host}:{proxy}"', 'admin = "off"', "",
-        "[[servers]]", 'id = "s1"', f'http = "{server_host}:{http}"',
+        "[[servers]]", 'id = "s1"',
+        # a server binding 0.0.0.0 advertises an address a peer can dial
+        *([f'http = "127.0.0.1:{http}"', f'http_bind = "{server_host}:{http}"']
+          if server_host == "0.0.0.0" else [f'http = "{server_host}:{http}"']),
         f'replication = "127.0.0.1:{repl}"', ""]))
     return path, proxy, http
 

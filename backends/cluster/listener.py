@@ -46,7 +46,7 @@ class ReplicationListener:
         """Bind and listen before any peer is dialled (theirs wait in the backlog until
         `start`): a taken address fails here, with nothing started (ListenError)."""
         me = self._membership.me
-        addr = me.replication
+        addr = me.replication_bind or me.replication  # the peers dial me.replication
         with listen_errors(addr.host, addr.port, f"{me.id}'s replication address"):
             self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
                                                       start_serving=False)
