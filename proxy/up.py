@@ -109,7 +109,9 @@ def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -
     except AppLoadError as exc:
         return fail(f"tandem: {exc}", exc, code=2)
     p = cfg.proxy
-    warn_demo_secret(cfg, [*(a for s in cfg.servers for a in (s.http, s.replication)),
+    warn_demo_secret(cfg, [*(a for s in cfg.servers for a in (s.http, s.replication,
+                                                         s.http_bind, s.replication_bind)
+                             if a is not None),
                            *(a for a in (p.listen, p.admin) if a is not None)], plain=True)
     return _Supervisor(cfg, path, app=app, interface=interface, restart=restart).run()
 

@@ -5,10 +5,13 @@ real clusters through the proxy."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +20,7 @@ from backends.errors import ConfigError
 from proxy.headers import parse_cluster_header
 from tandem.config import Address, Config, loads
 from tandem.config import load as load_file
-from tests.cluster import ROOT, Client, get_json, hostport
+from tests.cluster import ROOT, Client, free_ports, get_json, hostport
 
 SOURCE = "addresses.toml"
 
@@ -204,3 +207,30 @@ def test_servers_bound_to_0_0_0_0_advertise_their_own_address(make_cluster) -> N
         sid: hostport("127.0.0.1", p) for sid, p in ports.items()}
     # the servers placed secondaries: all on one machine (127.0.0.1), none refused
     assert c.route[2] not in ("NONE", c.route[1])
+
+
+def test_tandem_up_warns_for_the_demo_secret_on_a_wildcard_bind(tmp_path: Path) -> None:
+    proxy, admin, http, repl = free_ports(4)
+    path = tmp_path / "bind.toml"
+    path.write_text("\n".join([
+        "[cluster]", 'secrets = ["change-me"]', "",
+        "[proxy]", f'listen = "127.0.0.1:{proxy}"', f'admin = "127.0.0.1:{admin}"', "",
+        "[[servers]]", 'id = "s1"', f'http = "127.0.0.1:{http}"',
+        f'http_bind = "0.0.0.0:{http}"', f'replication = "127.0.0.1:{repl}"', ""]))
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_SECRETS", "TANDEM_LOG_LEVEL")}
+    up = subprocess.Popen([sys.executable, "-m", "proxy.cli", "up", "--config", str(path),
+                           "--app", "tests.apps:asgi_counter"], cwd=ROOT,
+                          env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("tandem is up"):
+                break
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        up.communicate(timeout=30)
+    warned = [line for line in lines if line.startswith("tandem: warning:")]
+    assert len(warned) == 1 and f"0.0.0.0:{http} is not loopback" in warned[0], lines
