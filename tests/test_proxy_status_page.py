@@ -159,9 +159,10 @@ def test_a_killed_and_restarted_server_goes_failing_then_serving_without_traffic
                 break
         assert client.route[1] == "s1"
         cluster.kill("s1")  # SIGKILL
-        cluster.wait_formed(alive=["s2", "s3"])
-        # its next request fails over: the proxy marks s1 bad and learns the view without it
+        # its next request, at once (before the probes see s1 down), fails over: the proxy
+        # marks s1 bad and learns the view without it from the response
         assert client.get("/count")[0] == 200
+        cluster.wait_formed(alive=["s2", "s3"])
         seen: list[str] = []
         failing = wait_state(cluster, "s1", "failing (probe)", 10.0, seen)
         assert failing["in_view"] is False and failing["bad"] is True
