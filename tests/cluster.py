@@ -90,10 +90,13 @@ class Cluster:
                   *(f"{k} = {json.dumps(v)}" for k, v in proxy.items())]
         for i, spec in enumerate(servers):
             http, repl = ports[2 * i], ports[2 * i + 1]
-            self.servers[spec["id"]] = {"http": http, "proc": None, **spec}
-            lines += ["", "[[servers]]", *(f"{k} = {json.dumps(v)}" for k, v in spec.items()),
-                      f'http = "{hostport(host, http)}"',
-                      f'replication = "{hostport(host, repl)}"']
+            # a spec's "host": that server's own (127.0.0.2 standing for another host)
+            shost = spec.get("host", host)
+            self.servers[spec["id"]] = {"http": http, "proc": None, "host": shost, **spec}
+            lines += ["", "[[servers]]", *(f"{k} = {json.dumps(v)}" for k, v in spec.items()
+                                           if k != "host"),
+                      f'http = "{hostport(shost, http)}"',
+                      f'replication = "{hostport(shost, repl)}"']
             if bind_host is not None:
                 lines += [f'http_bind = "{hostport(bind_host, http)}"',
                           f'replication_bind = "{hostport(bind_host, repl)}"']
@@ -240,7 +243,8 @@ class Cluster:
         return f"http://127.0.0.1:{self.proxy_port}"
 
     def url(self, sid: str) -> str:
-        return f"http://{hostport(self.host, self.servers[sid]['http'])}"
+        s = self.servers[sid]
+        return f"http://{hostport(s['host'], s['http'])}"
 
 
 class Client:

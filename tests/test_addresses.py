@@ -234,3 +234,18 @@ def test_tandem_up_warns_for_the_demo_secret_on_a_wildcard_bind(tmp_path: Path) 
         up.communicate(timeout=30)
     warned = [line for line in lines if line.startswith("tandem: warning:")]
     assert len(warned) == 1 and f"0.0.0.0:{http} is not loopback" in warned[0], lines
+
+
+def test_a_secondary_lands_on_another_host_when_one_is_free(make_cluster) -> None:
+    # s1 and s2 share a host, s3 is alone on 127.0.0.2; no `machine` anywhere
+    cluster = make_cluster(servers=[{"id": "s1"}, {"id": "s2"},
+                                    {"id": "s3", "host": "127.0.0.2"}]).start()
+    routes = []
+    while sum(r[1] == "s1" for r in routes) < 6:
+        c = Client(cluster.proxy_url)
+        assert c.get("/count")[0] == 200
+        routes.append(c.route)
+        assert len(routes) < 60
+    # s1's and s2's secondaries on s3 (the other machine); s3's on either of the first host
+    assert {r[2] for r in routes if r[1] in ("s1", "s2")} == {"s3"}, routes
+    assert {r[2] for r in routes if r[1] == "s3"} <= {"s1", "s2"}, routes
