@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,8 @@ def _proxy_backends(cluster: Any) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 def test_ipv6_cluster_through_the_proxy_survives_kill_9(make_cluster) -> None:
-    cluster = make_cluster(host="::1").start()
+    # the proxy's active probes on too: they dial the [::1] addresses as well
+    cluster = make_cluster(host="::1", proxy={"health_interval_s": 0.1}).start()
     ports = {sid: s["http"] for sid, s in cluster.servers.items()}
     # the servers advertise [::1]:port, and the proxy parses it
     _, members = parse_cluster_header(_view_header(cluster.url("s2")))
@@ -168,6 +170,10 @@ def test_ipv6_cluster_through_the_proxy_survives_kill_9(make_cluster) -> None:
     backends = _proxy_backends(cluster)
     assert {b: backends[b]["address"] for b in backends} == {
         sid: f"[::1]:{p}" for sid, p in ports.items()}
+    deadline = time.monotonic() + 10
+    while not all(b["probe_successes"] > 0 for b in _proxy_backends(cluster).values()):
+        assert time.monotonic() < deadline, _proxy_backends(cluster)
+        time.sleep(0.05)
 
     cluster.kill("s1")  # SIGKILL
     for c in clients:
