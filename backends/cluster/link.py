@@ -239,7 +239,7 @@ class PeerLink:
             if self._closing:
                 return
             delay = backoff
-            if time.monotonic() - served_since > 1.0:
+            if time.monotonic() - served_since > 1.0 and self.state is not PeerState.LEFT:
                 # A connection that had served a while dropped: dial again at once. A dead
                 # process refuses now, and that refusal lets the majority remove it within
                 # milliseconds (the first good response after a kill -9 waits for it).

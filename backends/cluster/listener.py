@@ -84,7 +84,12 @@ class ReplicationListener:
                 cluster.peer_connect_timeout_s)
         except (ReplicationError, OSError, TimeoutError) as exc:
             peername = writer.get_extra_info("peername")
-            log.warning("peer_refused", remote=str(peername), reason=str(exc))
+            if isinstance(exc, PeerUnavailable | ConnectionError):
+                # the dialler hung up before it finished (it is stopping, or gave up): no
+                # reason to warn about anybody
+                log.info("peer_dial_abandoned", remote=str(peername), reason=str(exc))
+            else:
+                log.warning("peer_refused", remote=str(peername), reason=str(exc))
             self._conns.discard(writer)
             writer.close()
             return
