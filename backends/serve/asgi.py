@@ -404,15 +404,23 @@ def _older(proxy_view: bytes, ours: str) -> bool:
 _DRAINING = NotServing("server draining", peer="-", state="draining")
 
 
+_VARY_COOKIE = (b"vary", b"Cookie")
+
+
 def _vary_cookie(headers: list[Any]) -> None:
     """Add Cookie to the response's Vary (one header, as Starlette and Flask keep it)."""
+    for name, _ in headers:  # (most responses have no Vary: one cheap pass, then append)
+        if len(name) == 4 and name.lower() == b"vary":
+            break
+    else:
+        headers.append(_VARY_COOKIE)
+        return
     for i, (name, value) in enumerate(headers):
         if name.lower() == b"vary":
             if any(t.strip() in (b"cookie", b"*") for t in value.lower().split(b",")):
                 return
             headers[i] = (name, value + b", Cookie")
             return
-    headers.append((b"vary", b"Cookie"))
 
 
 async def _send_unavailable(send: Send, exc: SessionMoved, kind: str) -> None:
