@@ -7,8 +7,6 @@ file. `TANDEM_SECRETS` (comma-separated) overrides `cluster.secrets`.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import math
 import os
 import re
 import tomllib
@@ -16,9 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
+from .address import Address
 from .errors import ConfigError
+from .fields import build, shown
 
 __all__ = [
     "Address",
@@ -34,39 +34,6 @@ __all__ = [
 ]
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A `host:port` pair (`[v6]:port` for IPv6)."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str, *, allow_port_0: bool = False) -> Address:
-        """`allow_port_0`: for a listening address (0: the system picks a free port)."""
-        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
-        if m is None:
-            if text.count(":") > 1 and "[" not in text:
-                raise ValueError("an IPv6 address goes in brackets: [::1]:9001")
-            raise ValueError("expected host:port")
-        host = m.group(1) or m.group(3)
-        port = int(m.group(2) or m.group(4))
-        if not (0 if allow_port_0 else 1) <= port < 65536:
-            raise ValueError("port out of range")
-        return cls(host, port)
-
-    @property
-    def wildcard(self) -> bool:
-        """Every interface (0.0.0.0, ::): a listener may bind it, nobody can dial it."""
-        try:
-            return ipaddress.ip_address(self.host).is_unspecified
-        except ValueError:  # a host name
-            return False
 
 
 # The URL schemes each store-backed membership accepts (cluster.membership_url).
@@ -283,7 +250,7 @@ def loads(text: str, *, source: str = "<memory>",
 
     unknown = set(raw) - set(_SECTIONS) - {"servers"}
     for key in sorted(unknown):
-        raise ConfigError("unknown section or key", key=key, value=_shown(key, raw[key]),
+        raise ConfigError("unknown section or key", key=key, value=shown(key, raw[key]),
                           file=source)
 
     sections: dict[str, Any] = {}
@@ -291,7 +258,7 @@ def loads(text: str, *, source: str = "<memory>",
         table = raw.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError("must be a table", key=name, value=table, file=source)
-        sections[name] = _build(cls, table, prefix=name, source=source)
+        sections[name] = build(cls, table, prefix=name, source=source)
 
     secrets_env = env.get("TANDEM_SECRETS")
     if secrets_env:
@@ -325,7 +292,7 @@ def loads(text: str, *, source: str = "<memory>",
     for i, entry in enumerate(servers_raw):
         if not isinstance(entry, dict):
             raise ConfigError("must be a table", key=f"servers[{i}]", value=entry, file=source)
-        srv = _build(ServerConfig, entry, prefix=f"servers[{i}]", source=source)
+        srv = build(ServerConfig, entry, prefix=f"servers[{i}]", source=source)
         if not _ID_RE.fullmatch(srv.id) or srv.id == "NONE":
             raise ConfigError("server id must be 1-64 of [A-Za-z0-9_-] and not NONE",
                               key=f"servers[{i}].id", value=srv.id, file=source)
@@ -366,73 +333,3 @@ def loads(text: str, *, source: str = "<memory>",
         raise ConfigError("at least one server must host the app (witness = false)",
                           key="servers", value=[s.id for s in servers], file=source)
     return Config(servers=tuple(servers), source=source, **sections)
-
-
-def _build(cls: type, table: dict[str, Any], *, prefix: str, source: str) -> Any:
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        dotted = f"{prefix}.{key}"
-        if key not in fields:
-            raise ConfigError("unknown key", key=dotted, value=_shown(dotted, value), file=source)
-        values[key] = _coerce(hints[key], value, fields[key].metadata, dotted, source)
-    missing = [n for n, f in fields.items() if n not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError("required key missing", key=f"{prefix}.{missing[0]}", value=None,
-                          file=source)
-    return cls(**values)
-
-
-def _shown(key: str, value: Any) -> Any:
-    """What an error may print of a value: never anything under a secret-looking key."""
-    if any(word in key.lower() for word in ("secret", "password")):
-        return "***"
-    if isinstance(value, dict):  # a misplaced table may hold secrets too
-        return {k: _shown(k, v) for k, v in value.items()}
-    return value
-
-
-def _coerce(hint: Any, value: Any, meta: Mapping[str, Any], key: str, source: str) -> Any:
-    def bad(msg: str) -> ConfigError:
-        return ConfigError(msg, key=key, value=_shown(key, value), file=source)
-
-    if hint in (Address, Address | None):
-        if value in ("", "off", "none") and hint is not Address and not meta.get("no_off"):
-            return None
-        if not isinstance(value, str):
-            raise bad("expected a \"host:port\" string")
-        try:
-            return Address.parse(value, allow_port_0=bool(meta.get("port_0")))
-        except ValueError as exc:
-            raise bad(str(exc)) from None
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("expected true or false")
-        return value
-    if hint in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(f"expected a number ({hint.__name__})")
-        if hint is int and not isinstance(value, int):
-            raise bad("expected a whole number")
-        if not math.isfinite(value):
-            raise bad("must be a finite number")
-        lo = meta.get("min")
-        if lo is not None and (value < lo or (meta.get("exclusive") and value == lo)):
-            raise bad(f"must be {'>' if meta.get('exclusive') else '>='} {lo}")
-        return hint(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad("expected a string")
-        choices = meta.get("choices")
-        if choices and value not in choices:
-            raise bad(f"must be one of {', '.join(choices)}")
-        return value
-    if hint == tuple[str, ...]:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("expected a list of strings")
-        return tuple(value)
-    raise AssertionError(f"unsupported config type {hint!r} for {key}")  # pragma: no cover
