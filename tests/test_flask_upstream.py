@@ -18,8 +18,8 @@ No assertion is changed. Two tests of the group cannot apply and are reported as
 the reason: both test the signing of Flask's cookie with `SECRET_KEY`, which tandem's
 sessions do not use (the cookie carries a token signed with the cluster's secret).
 
-Set `TANDEM_UPSTREAM_FLASK` to a checkout of Flask's repository (or to tests/test_basic.py);
-without it (as in CI, which cannot fetch it) every test here is skipped.
+The file comes from the installed Flask's sdist, fetched at test time (tests/sdists.py);
+`TANDEM_UPSTREAM_FLASK` names a checkout of Flask's repository (or tests/test_basic.py) instead.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from tests.upstream import ThreadedBackend, load_module, upstream_file
 # backends/server.py passes shutdown_timeout to TCPSite, which aiohttp 3.10+ deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:shutdown_timeout:DeprecationWarning")
 
-_FILE = upstream_file("TANDEM_UPSTREAM_FLASK", "tests/test_basic.py")
+_FILE = upstream_file("TANDEM_UPSTREAM_FLASK", "tests/test_basic.py", "Flask")
 _upstream = load_module(_FILE, "flask_upstream_test_basic")
 
 APPLICABLE = [
@@ -68,10 +68,28 @@ NOT_APPLICABLE = {
     "test_session_secret_key_fallbacks": "rotating SECRET_KEY makes Flask's signed cookie "
                                          "unreadable; tandem's token is signed with the "
                                          "cluster's secrets (TANDEM_SECRETS rotates those)",
+    "test_session_transactions_no_null_sessions": "(tests/test_testing.py) without "
+                                                  "SECRET_KEY Flask opens no session; "
+                                                  "tandem's sessions do not need one",
 }
 
 for _name in APPLICABLE:
     globals()[_name] = getattr(_upstream, _name)
+
+# tests/test_testing.py: the test client's session support, which users' own suites rely on
+_testing = load_module(_FILE.parent / "test_testing.py", "flask_upstream_test_testing")
+APPLICABLE_TESTING = [
+    "test_redirect_session",
+    "test_session_transactions",
+    "test_session_transactions_keep_context",
+    "test_session_transaction_needs_cookies",
+]
+# `client.session_transaction()` opens and saves the session in the test process, where a
+# user's own suite calls the app too; served, the app's sessions are on the server
+IN_PROCESS_ONLY = {"test_session_transactions", "test_session_transactions_keep_context",
+                   "test_session_transaction_needs_cookies"}
+for _name in APPLICABLE_TESTING:
+    globals()[_name] = getattr(_testing, _name)
 
 
 def _not_applicable(reason: str) -> Any:
@@ -166,6 +184,10 @@ class _ThroughTandem(FlaskClient):
 
 @pytest.fixture(params=["served", "own-client"])
 def app(request: pytest.FixtureRequest) -> Iterator[Flask]:
+    test = getattr(request.node, "originalname", request.node.name)
+    if request.param == "served" and test in IN_PROCESS_ONLY:
+        pytest.skip("a session transaction runs in the test process: it applies to the "
+                    "app called in-process (own-client), as in a user's own suite")
     app = Flask("flask_test", root_path=str(_FILE.parent))
     app.config.update(TESTING=True, SECRET_KEY="test key")
     app.session_interface = SessionInterface()
@@ -182,6 +204,12 @@ def app(request: pytest.FixtureRequest) -> Iterator[Flask]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def app_ctx(app: Flask) -> Iterator[Any]:
+    with app.app_context() as ctx:
+        yield ctx
 
 
 @pytest.fixture

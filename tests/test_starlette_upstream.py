@@ -9,8 +9,9 @@ redirects — instead of into the app in-process; an exception the app raises re
 as with `TestClient(raise_server_exceptions=True)`. No assertion is changed. The cluster
 file names the token cookie `session`, Starlette's default name, as its users would.
 
-Set `TANDEM_UPSTREAM_STARLETTE` to a checkout of Starlette's repository (or to the test file);
-without it (as in CI, which cannot fetch it) every test here is skipped.
+The file comes from the installed Starlette's sdist, fetched at test time (tests/sdists.py);
+`TANDEM_UPSTREAM_STARLETTE` names a checkout of Starlette's repository (or the test file)
+instead.
 """
 
 from __future__ import annotations
@@ -23,17 +24,36 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from backends.sessions.session import Session as TandemSession
+from backends.sessions.store import LocalStore
 from tests.upstream import ThreadedBackend, load_module, upstream_file
 
 # backends/server.py passes shutdown_timeout to TCPSite, which aiohttp 3.10+ deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:shutdown_timeout:DeprecationWarning")
 
-_FILE = upstream_file("TANDEM_UPSTREAM_STARLETTE", "tests/middleware/test_session.py")
+_FILE = upstream_file("TANDEM_UPSTREAM_STARLETTE", "tests/middleware/test_session.py",
+                      "starlette")
 # The file imports its fixture's type from the suite's tests/types.py, which needs the
 # suite's own requirements: a stand-in gives the name.
 _types = sys.modules.setdefault("tests.types", ModuleType("tests.types"))
 _types.TestClientFactory = Callable[..., httpx.Client]  # type: ignore[attr-defined]
 _upstream = load_module(_FILE, "starlette_upstream_test_session")
+
+
+def _tandem_session(data: dict[str, Any] | None = None) -> TandemSession:
+    """`Session(data)` as the suite writes it, made as tandem makes a request's session:
+    over a stored session holding `data`. The suite's tests of Starlette's `Session` class
+    (its change tracking) run on tandem's."""
+    store = LocalStore(max_inactive_s=60)
+    first = TandemSession(None, create=store.create)
+    first.update(data or {})
+    changes = first.collect_changes()
+    assert first.record is not None
+    first.record.apply(changes.set, changes.deleted)
+    return TandemSession(first.record, create=store.create)
+
+
+_upstream.Session = _tandem_session  # type: ignore[attr-defined]
 
 for _name in dir(_upstream):
     if _name.startswith("test_") and callable(getattr(_upstream, _name)):

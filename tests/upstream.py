@@ -1,10 +1,10 @@
 """Running a framework's own test file against tandem: where the file comes from, and a real
 tandem backend in a thread of the test process for the apps those tests build.
 
-Flask's and Starlette's source distributions carry no tests, and CI reaches only the package
-index, so their test files are read from a checkout named by an environment variable
-(`TANDEM_UPSTREAM_FLASK`, `TANDEM_UPSTREAM_STARLETTE`: the checkout's root or the test file
-itself); without it the harness skips, saying so. Nothing of them is copied here.
+The test files come from the installed version's source distribution, fetched from the
+package index at test time (tests/sdists.py); an environment variable
+(`TANDEM_UPSTREAM_FLASK`, `TANDEM_UPSTREAM_STARLETTE`: a checkout's root or the test file
+itself) names another copy instead. Nothing of them is copied here.
 """
 
 from __future__ import annotations
@@ -23,17 +23,20 @@ import pytest
 from backends.server import BackendServer
 from tandem.config import loads
 from tests.cluster import free_ports
+from tests.sdists import sdist
 
 __all__ = ["upstream_file", "load_module", "ThreadedBackend"]
 
 
-def upstream_file(variable: str, relative: str) -> Path:
-    """The upstream test file `relative` (to its checkout's root), or a module-level skip."""
+def upstream_file(variable: str, relative: str, distribution: str) -> Path:
+    """The upstream test file `relative` (to the source tree's root): from the checkout
+    `$variable` names, else from `distribution`'s sdist; a module-level skip if neither."""
     where = os.environ.get(variable)
     if not where:
-        pytest.skip(f"${variable} is not set: it names a checkout of the framework's "
-                    f"repository (or {relative} itself); CI cannot fetch it, as the "
-                    f"framework's sdist carries no tests", allow_module_level=True)
+        try:
+            where = str(sdist(distribution))
+        except pytest.skip.Exception as skipped:
+            pytest.skip(str(skipped), allow_module_level=True)
     path = Path(where)
     if path.is_dir():
         path = path / relative

@@ -55,8 +55,10 @@ class StarletteCookie:
                 ).encode("latin-1")
 
     def clear(self, name: str, *, secure: bool) -> bytes:
-        return f"{name}=null; path={self.path}; {_EXPIRED}{self._flags(secure)}".encode(
-            "latin-1")
+        # max_age <= 0: the session ended because of it, and Starlette's cookie says so
+        gone = (f"Max-Age={self.max_age}; " if self.max_age is not None and self.max_age <= 0
+                else _EXPIRED)
+        return f"{name}=null; path={self.path}; {gone}{self._flags(secure)}".encode("latin-1")
 
     def _flags(self, secure: bool) -> str:
         if secure and "secure" not in (f.strip() for f in self.flags.split(";")):

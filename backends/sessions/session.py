@@ -314,9 +314,9 @@ class Session(dict[str, Any]):
 
     def pop(self, key: str, *default: Any) -> Any:
         self._check()
-        self.accessed = True
-        if not dict.__contains__(self, key):
+        if not dict.__contains__(self, key):  # (neither accessed nor modified: Starlette's)
             return dict.pop(self, key, *default)  # the default, or KeyError
+        self.accessed = True
         value = dict.pop(self, key)
         self._deleted_now(key)
         return value
