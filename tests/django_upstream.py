@@ -56,13 +56,8 @@ NOT_APPLICABLE: dict[str, dict[str, str]] = {
     "middleware-ours-request": {"test_empty_session_saved": _DB_MODEL,
                                 **dict.fromkeys(COOKIE_TESTS, _OUR_COOKIE)},
 }
-_NEW_ID_AT_COMMIT = ("in a request, a new id (cycle_key()) is given when the response is "
-                     "sent, where the request's changes are committed; until then "
-                     "session_key and exists() still name the old one")
-# suite -> test -> why it fails by design (docs/frameworks.md)
-DIFFERENCES: dict[str, dict[str, str]] = {
-    "mixin-request": {"test_cycle": _NEW_ID_AT_COMMIT, "test_cycle_async": _NEW_ID_AT_COMMIT},
-}
+# suite -> test -> why it fails by design (docs/frameworks.md); none now
+DIFFERENCES: dict[str, dict[str, str]] = {}
 SUITES = {
     "mixin-outside": "SessionTestsMixin, outside a request (sessions by key, s1's manager)",
     "mixin-request": "SessionTestsMixin, in a request served by tandem",

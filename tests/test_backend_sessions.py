@@ -19,6 +19,18 @@ def third(cluster, *names):
     return next(s for s in cluster.servers if s not in names)
 
 
+def get_after_kill(c, path, *, base, within=15.0):
+    """GET as a client does after its primary died: a 503 (the secondary waits for the view
+    to remove the dead primary before it takes over; a loaded machine may outlast that
+    wait) is retried, as the proxy or the client would, until `within` seconds passed."""
+    deadline = time.monotonic() + within
+    while True:
+        status, body = c.get(path, base=base)
+        if status != 503 or time.monotonic() > deadline:
+            return status, body
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("app", APPS)
 def test_third_server_fetches_the_session_and_becomes_primary(make_cluster, app):
     cluster = make_cluster(app=app).start(proxy=False)
@@ -56,7 +68,7 @@ def test_non_serializable_value_raises_and_session_stays(make_cluster, app):
     # and nothing of it was replicated: the secondary's copy is the same
     _, primary, secondary = c.route
     cluster.kill(primary)
-    status, body = c.get("/peek", base=cluster.url(secondary))
+    status, body = get_after_kill(c, "/peek", base=cluster.url(secondary))
     assert body["keys"] == ["counter"] and body["counter"] == 2
 
 
@@ -67,7 +79,7 @@ def test_in_place_mutation_is_replicated(make_cluster):
         c.get("/mutate")
     _, primary, secondary = c.route
     cluster.kill(primary)
-    status, body = c.get("/peek", base=cluster.url(secondary))
+    status, body = get_after_kill(c, "/peek", base=cluster.url(secondary))
     assert body["items"] == [0, 1, 2]
 
 
@@ -178,6 +190,25 @@ def test_regenerate_id_keeps_data_and_kills_old_id(make_cluster):
     assert body["counter"] == 1  # the old id is gone: a fresh session
     c.token = new_token
     assert c.get("/peek")[1]["counter"] == 2
+
+
+def test_a_link_rendered_after_regenerate_id_names_the_new_id_and_its_secondary(make_cluster):
+    # URL rewriting: the response that regenerates the id renders links with the new token
+    # (the old one ends with that response), naming the secondary its copy then goes to
+    cluster = make_cluster().start(proxy=False)
+    c = Client(cluster.url("s1"), cookies=False)
+    c.get("/count")
+    old_token, old_sid = c.token, c.route[0]
+    status, body = c.get(c.next_path.replace("/count", "/regenerate", 1))
+    assert status == 200 and body["counter"] == 1
+    sid, primary, secondary = c.route  # (the token of the link the response rendered)
+    assert sid != old_sid and primary == "s1" and secondary == body["secondary"]
+    cluster.kill("s1")
+    status, body = get_after_kill(c, c.next_path, base=cluster.url(secondary))
+    assert status == 200 and body["counter"] == 2  # the copy is there, under the new id
+    c.token, c.next_path = old_token, f"/count;jsessionid={old_token}"
+    status, body = c.get(base=cluster.url(secondary))
+    assert body["counter"] == 1  # the old id names nothing: a fresh session
 
 
 def test_hung_secondary_is_replaced(make_cluster):

@@ -16,9 +16,9 @@ flags (`accessed`, `modified`), the expiry methods and `SESSION_SERIALIZER`
   `flush()` end the session (both copies; the client's token is cleared) unless the request
   then writes to it, which makes a new one (`auth.login` after another user, a CSRF token
   after `logout`). A `save()` after another request ended the session raises `UpdateError`
-  (the middlewares: `SessionInterrupted`, a 400). One difference: a new id (`cycle_key()`,
-  a new session after `flush()`) is given when the response is sent; until then
-  `session_key` is the old one.
+  (the middlewares: `SessionInterrupted`, a 400). A new id (`cycle_key()`, a new session
+  after `flush()`) is chosen at once — `session_key` is the new one, the old one no longer
+  `exists()` — and the session moves to it when the request commits.
 - Outside a request (Django's test client, a test, a shell): sessions by key, written at
   `save()`, as with Django's own engines — through a real `SessionManager` bound with
   `backends.django.use(manager, loop=loop)`, else this process's own sessions

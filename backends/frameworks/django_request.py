@@ -64,7 +64,7 @@ class RequestSession:
         t = self.session
         if t.invalidated or t.record is None or self.ended:
             return None
-        return t.record.sid
+        return t.regenerate_requested or t.record.sid  # (a cycle_key()'s new id at once)
 
     def alive(self) -> bool:
         """Whether the session is still this server's: not ended meanwhile by a concurrent
@@ -88,12 +88,10 @@ class RequestSession:
             t.id  # noqa: B018 - the new session's record, made now
         elif self.ended:
             self.ended = False  # its values were dropped and its id retired already
-        else:  # cycle_key(): a new id for the same values, when the response is sent
-            self.retiring.add(t.record.sid)
+        else:  # cycle_key(): a new id for the same values, the old one gone from now on
+            self.retiring.add(t.id)
             t.regenerate_id()
-        record = t.record
-        assert record is not None
-        return record.sid
+        return t.id
 
     def push(self, changes: dict[str, str | None], *, empty: bool,
              max_inactive_s: float) -> None:

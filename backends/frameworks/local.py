@@ -62,8 +62,9 @@ class LocalSessions:
             record.max_inactive_s = changes.max_inactive_s
         if changes.set or changes.deleted:
             record.apply(changes.set, changes.deleted)
-        if session.regenerate_requested:
-            old, record = record, store.create()
+        new_id = session.regenerate_requested
+        if new_id is not None:
+            old, record = record, store.create(new_id)
             record.data, record.version = old.data, old.version
             record.max_inactive_s, record.created = old.max_inactive_s, old.created
             store.remove(old.sid)

@@ -97,7 +97,7 @@ class TandemMiddleware:
     def route_of(self, record: Primary) -> Route:
         return Route(record.sid, self.manager.me.id, self.manager.planned_secondary(record))
 
-    def encode_url(self, url: str, record: Primary) -> str:
+    def encode_url(self, url: str, route: Route) -> str:
         # The context of a request whose URLs carry no token (by the rule of
         # backends.serve.rewrite); the others have a _RequestContext.
         return url
@@ -383,12 +383,12 @@ class _RequestContext:
     def cluster_settings(self) -> SessionSection:
         return self._mw.cluster_settings
 
-    def encode_url(self, url: str, record: Primary) -> str:
+    def encode_url(self, url: str, route: Route) -> str:
         if self._origin is None:
             self._origin = Origin(self._scope)
         mw = self._mw
         # same-origin URLs only: a token never goes to another site
-        return rewrite_url(url, param=mw.param_name, token=mw.codec.encode(mw.route_of(record)),
+        return rewrite_url(url, param=mw.param_name, token=mw.codec.encode(route),
                            origin=self._origin)
 
 

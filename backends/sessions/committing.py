@@ -70,8 +70,9 @@ class Committer:
                 record.max_inactive_s = changes.max_inactive_s
             if changes.set or changes.deleted:
                 record.apply(changes.set, changes.deleted, rid=rid)
-            if session.regenerate_requested:
-                record = await self._regenerate(record)
+            new_id = session.regenerate_requested
+            if new_id is not None:
+                record = await self._regenerate(record, new_id)
                 session._attach(record)
             session.reset()
         record.last_access = time.time()
@@ -91,11 +92,18 @@ class Committer:
             await ctx.membership.ready()
         return CommitResult(Route(record.sid, ctx.me.id, record.secondary))
 
-    async def _regenerate(self, old: Primary) -> Primary:
-        record = self.ctx.store.create()
+    async def _regenerate(self, old: Primary, sid: str) -> Primary:
+        """The session under the id `regenerate_id()` chose (and handed out already: in the
+        app's links, its `id`), with the secondary a token of the request named; the old
+        id ends."""
+        store = self.ctx.store
+        secondary = self.planned_secondary(old)
+        record = store.create(sid)
         record.data, record.version = old.data, old.version
         record.max_inactive_s, record.created = old.max_inactive_s, old.created
         await self.invalidate(old)
+        if secondary is not None:
+            store.assign_secondary(record, secondary)
         log.info("session_id_regenerated", old=short(old.sid), new=short(record.sid))
         return record
 

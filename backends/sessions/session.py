@@ -22,6 +22,8 @@ import json.encoder
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tandem.token import Route, new_sid
+
 from ..errors import SessionInvalidated
 from . import codec
 
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
     from _collections_abc import dict_items, dict_keys, dict_values
 
     from tandem.config import SessionSection
-    from tandem.token import Route
 
     from .store import Primary
 
@@ -39,7 +40,7 @@ class SessionContext(Protocol):
 
     def route_of(self, record: Primary) -> Route: ...
 
-    def encode_url(self, url: str, record: Primary) -> str: ...
+    def encode_url(self, url: str, route: Route) -> str: ...
 
     # (optional) cluster_settings: SessionSection — the cluster file's [session] section
 
@@ -118,7 +119,7 @@ class Session(dict[str, Any]):
         self._deleted: set[str] = set()
         self._handed: set[str] = set()     # keys whose (mutable) values were handed out
         self._invalidated = False
-        self._regenerate = False
+        self._regenerate: str | None = None  # the new id regenerate_id() gave
         self._max_inactive_s: float | None = None
         # Starlette's flags: read or written / written (Vary: Cookie; an emptied session)
         self.accessed = False
@@ -133,8 +134,10 @@ class Session(dict[str, Any]):
 
     @property
     def id(self) -> str:
-        """The session id (creates the session if it does not exist yet)."""
-        return self._ensure().sid
+        """The session id (creates the session if it does not exist yet); after
+        `regenerate_id()`, the new one."""
+        record = self._ensure()
+        return self._regenerate or record.sid
 
     @property
     def new(self) -> bool:
@@ -162,13 +165,16 @@ class Session(dict[str, Any]):
             self._invalidated = True
 
     def regenerate_id(self) -> None:
-        """Give the session a new id at the end of this request (session-fixation defence)."""
+        """Give the session a new id (session-fixation defence). The id is chosen now —
+        `id`, `route` and `encode_url` name it from here on — and the session moves to it
+        when the request commits; the old id ends then."""
         self._check()
         self._ensure()
-        self._regenerate = True
+        self._regenerate = new_sid()
 
     @property
-    def regenerate_requested(self) -> bool:
+    def regenerate_requested(self) -> str | None:
+        """The new id `regenerate_id()` chose (None: none asked for)."""
         return self._regenerate
 
     @property
@@ -202,7 +208,10 @@ class Session(dict[str, Any]):
         """Where the session lives now: (sid, primary, secondary); None before it exists."""
         if self._context is None or self._record is None or self._invalidated:
             return None
-        return self._context.route_of(self._record)
+        route = self._context.route_of(self._record)
+        if self._regenerate is not None:  # (its secondary stays: see Committer._regenerate)
+            route = Route(self._regenerate, route.primary, route.secondary)
+        return route
 
     def encode_url(self, url: str) -> str:
         """`url` with `;jsessionid=TOKEN` when this request's URLs carry the token, else `url`.
@@ -211,9 +220,10 @@ class Session(dict[str, Any]):
         cookie, yes when it came in the URL, and yes in the first response of a new session;
         only for URLs to this same site.
         """
-        if self._context is None or self._record is None or self._invalidated:
+        route = self.route
+        if route is None or self._context is None:
             return url
-        return self._context.encode_url(url, self._record)
+        return self._context.encode_url(url, route)
 
     # --- Starlette's session API ----------------------------------------------------------
 
@@ -406,7 +416,7 @@ class Session(dict[str, Any]):
         self._deleted.clear()
         self._handed.clear()
         self._max_inactive_s = None
-        self._regenerate = False
+        self._regenerate = None
         self.modified = False
 
     def discard(self) -> None:
@@ -419,8 +429,8 @@ class Session(dict[str, Any]):
     @property
     def dirty(self) -> bool:
         """Anything for a commit to look at (values handed out, set, deleted, flags)?"""
-        return bool(self._handed or self._set or self._deleted or self._regenerate
-                    or self._max_inactive_s is not None)
+        return bool(self._handed or self._set or self._deleted or self._max_inactive_s is not None
+                    or self._regenerate is not None)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -116,8 +116,11 @@ class LocalStore:
         # how many of this server's primaries each peer holds as secondary (rank tie-break)
         self.replica_counts: dict[str, int] = {}
 
-    def create(self) -> Primary:
-        sid = new_sid()
+    def create(self, sid: str | None = None) -> Primary:
+        """A new primary, under `sid` if given (an id already handed out: a regenerated
+        session's), else a new one."""
+        if sid is None or sid in self.primaries or sid in self.replicas:
+            sid = new_sid()
         while sid in self.primaries or sid in self.replicas:  # pragma: no cover - 2**-192
             sid = new_sid()
         record = Primary(sid, max_inactive_s=self.max_inactive_s)
