@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "load",
     "loads",
+    "parse_server",
     "default_config_path",
 ]
 
@@ -41,6 +42,39 @@ _MEMBERSHIP_SCHEMES = {
     "redis": ("redis://", "rediss://", "unix://"),
     "postgresql": ("postgresql://", "postgres://"),
 }
+
+
+def parse_server(entry: object, *, where: str, source: str) -> ServerConfig:
+    """One `[[servers]]` table (or a joining server's announcement of itself), checked."""
+    if not isinstance(entry, dict):
+        raise ConfigError("must be a table", key=where, value=entry, file=source)
+    srv: ServerConfig = build(ServerConfig, entry, prefix=where, source=source)
+    if not _ID_RE.fullmatch(srv.id) or srv.id == "NONE":
+        raise ConfigError("server id must be 1-64 of [A-Za-z0-9_-] and not NONE",
+                          key=f"{where}.id", value=srv.id, file=source)
+    if srv.witness:
+        # Where a witness hosts nothing, these would be silently ignored.
+        for key in ("machine", "group", "preferred_secondary_group"):
+            if key in entry:
+                raise ConfigError("a witness hosts no sessions: remove it",
+                                  key=f"{where}.{key}", value=entry[key], file=source)
+    for what in ("http", "replication"):
+        addr: Address = getattr(srv, what)
+        if addr.wildcard:
+            # A peer cannot dial "every interface"; guessing one of this host's
+            # addresses would advertise the wrong one on a multi-homed host.
+            raise ConfigError(
+                f"{addr.host} cannot be dialled by the proxy or the peers: set {what} to "
+                f'the address they dial and {what}_bind = "{addr}" to listen on every '
+                "interface", key=f"{where}.{what}", value=str(addr), file=source)
+    if not srv.machine:
+        srv = dataclasses.replace(srv, machine=srv.http.host)
+    if (srv.http_bind or srv.replication_bind) and (
+            (srv.http_bind or srv.http) == (srv.replication_bind or srv.replication)):
+        raise ConfigError("binds the same address as the http listener",
+                          key=f"{where}.replication" + ("_bind" if srv.replication_bind else ""),
+                          value=str(srv.replication_bind or srv.replication), file=source)
+    return srv
 
 
 def _check_membership_url(cluster: ClusterSection, source: str) -> None:
@@ -290,36 +324,7 @@ def loads(text: str, *, source: str = "<memory>",
     servers: list[ServerConfig] = []
     seen: dict[str, str] = {}
     for i, entry in enumerate(servers_raw):
-        if not isinstance(entry, dict):
-            raise ConfigError("must be a table", key=f"servers[{i}]", value=entry, file=source)
-        srv = build(ServerConfig, entry, prefix=f"servers[{i}]", source=source)
-        if not _ID_RE.fullmatch(srv.id) or srv.id == "NONE":
-            raise ConfigError("server id must be 1-64 of [A-Za-z0-9_-] and not NONE",
-                              key=f"servers[{i}].id", value=srv.id, file=source)
-        if srv.witness:
-            # Where a witness hosts nothing, these would be silently ignored.
-            for key in ("machine", "group", "preferred_secondary_group"):
-                if key in entry:
-                    raise ConfigError("a witness hosts no sessions: remove it",
-                                      key=f"servers[{i}].{key}", value=entry[key],
-                                      file=source)
-        for what in ("http", "replication"):
-            addr: Address = getattr(srv, what)
-            if addr.wildcard:
-                # A peer cannot dial "every interface"; guessing one of this host's
-                # addresses would advertise the wrong one on a multi-homed host.
-                raise ConfigError(
-                    f"{addr.host} cannot be dialled by the proxy or the peers: set {what} to "
-                    f'the address they dial and {what}_bind = "{addr}" to listen on every '
-                    "interface", key=f"servers[{i}].{what}", value=str(addr), file=source)
-        if not srv.machine:
-            srv = dataclasses.replace(srv, machine=srv.http.host)
-        if (srv.http_bind or srv.replication_bind) and (
-                (srv.http_bind or srv.http) == (srv.replication_bind or srv.replication)):
-            raise ConfigError("binds the same address as the http listener",
-                              key=f"servers[{i}].replication"
-                                  + ("_bind" if srv.replication_bind else ""),
-                              value=str(srv.replication_bind or srv.replication), file=source)
+        srv = parse_server(entry, where=f"servers[{i}]", source=source)
         for what, addr in (("http", srv.http), ("replication", srv.replication)):
             if str(addr) in seen:
                 raise ConfigError(f"address already used by {seen[str(addr)]}",
