@@ -37,6 +37,7 @@ from tandem.config import Config, ServerConfig
 from tandem.logs import configure
 from tandem.placement import Placement, select
 from tandem.startup import AppLoadError, fail, warn_demo_secret
+from tandem.supervision import PART_ENV
 
 from .children import Child, ChildState, describe_exit
 
@@ -144,8 +145,10 @@ class _Supervisor:
         self.proxy = Child(name="proxy", cmd=[sys.executable, "-m", "proxy.cli", "proxy",
                                               "--config", path], env=env) \
             if placement.proxy else None
+        # part of the cluster: a server that loses this supervisor drains to the others
+        server_env = env if placement.whole else {**env, PART_ENV: "1"}
         self.servers = {s.id: Child(name=s.id, cmd=_server_cmd(path, s, app, interface),
-                                    env=env) for s in placement.servers}
+                                    env=server_env) for s in placement.servers}
         # what the signals asked for
         self.stopping = False
         self.rolling = False

@@ -266,7 +266,42 @@ def test_three_hosts_each_start_their_part_and_form_one_cluster(tmp_path: Path, 
                     "tandem: s2 is up again"], said
     every_session_continues()
     assert not {c.route[1] for c in clients} & {"s3"}
-    assert "s3" not in cluster.health("s1")["members"]
+    cluster.wait_formed(alive=["s1", "s2"])  # (s3 removed from the view on its goodbye)
+
+    # host 3 comes back and rejoins; then its `tandem up` is killed (-9): its server, without
+    # a supervisor, drains to the others (hand-overs, not promotions of replicas)
+    host3 = Up(tmp_path, "3b", path, "--host", "127.0.0.3")
+    ups.append(host3)
+    host3.wait_for("tandem is up")
+    cluster.wait_formed(alive=["s1", "s2", "s3"])
+    s3_pid = host3.pid_of("s3")
+    while _served_by(clients).get("s3", 0) < 3:
+        c = Client(cluster.proxy_url)
+        assert c.get("/count")[0] == 200
+        counts[id(c)] = 1
+        clients.append(c)
+        assert len(clients) < 160
+
+    def stats(key: str) -> int:
+        return sum(cluster.health(s)["stats"].get(key, 0) for s in ("s1", "s2"))
+
+    taken, promoted = stats("taken_over"), stats("promoted")
+    host3.proc.send_signal(signal.SIGKILL)
+    host3.proc.wait(timeout=10)
+    deadline = time.monotonic() + 40
+    while os.path.exists(f"/proc/{s3_pid}") and "zombie" not in _state(s3_pid):
+        assert time.monotonic() < deadline, "s3 did not stop without its supervisor"
+        time.sleep(0.1)
+    assert stats("taken_over") - taken >= 3 and stats("promoted") == promoted
+    every_session_continues()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return f.read()
+    except OSError:
+        return "zombie"
 
 
 def test_an_unknown_host_or_server_is_one_line(tmp_path: Path, make_cluster: Any) -> None:
