@@ -249,6 +249,12 @@ def test_three_hosts_each_start_their_part_and_form_one_cluster(tmp_path: Path, 
     cluster.wait_formed(alive=["s1", "s2", "s3"])
     every_session_continues()
 
+    # SIGHUP of host 1's `tandem up`: a rolling restart of its own servers only (s1), each
+    # back in the view before the next
+    host1.proc.send_signal(signal.SIGHUP)
+    host1.wait_for("tandem: rolling restart done", timeout=60)
+    every_session_continues()
+
     # host 3 stops (SIGTERM, as systemd or `docker stop` would): s3 drains to the others,
     # which carry on; nothing of host 1 or 2 stops
     on_s3 = [c for c in clients if c.route[1] == "s3"]
@@ -260,9 +266,10 @@ def test_three_hosts_each_start_their_part_and_form_one_cluster(tmp_path: Path, 
     assert len(said) == 1 and said[0].startswith("tandem: s3 drained ("), host3.text
     assert int(said[0].split("(")[1].split()[0]) >= len(on_s3), host3.text  # handed over
     assert host1.proc.poll() is None and host2.proc.poll() is None
-    said = [line for line in (host1.text + host2.text).splitlines()
+    said = [line.split(" (")[0] for line in (host1.text + host2.text).splitlines()
             if line.startswith("tandem:")]
-    assert said == ["tandem: s2 exited (killed by SIGKILL); restarting it",
+    assert said == ["tandem: rolling restart: s1 draining", "tandem: s1 drained",
+                    "tandem: rolling restart done", "tandem: s2 exited",
                     "tandem: s2 is up again"], said
     every_session_continues()
     assert not {c.route[1] for c in clients} & {"s3"}
