@@ -58,6 +58,9 @@ def _up_epilog() -> str:
         "Signals: Ctrl-C (SIGINT) or SIGTERM stops all of it, one line per process;\n"
         "SIGHUP restarts the servers one at a time (a rolling restart: each hands its\n"
         "sessions to their secondaries, restarts and rejoins before the next one goes).\n"
+        "With --host or --servers (part of the cluster, the other hosts running the rest),\n"
+        "Ctrl-C or SIGTERM drains this part's servers one at a time to the others, then\n"
+        "stops its proxy (docs/deployment.md).\n"
         "\n"
         "The servers and the proxy log at WARNING here (TANDEM_LOG_LEVEL, or --debug).\n"
         "Exit status: 0 stopped by a signal, 1 a process failed, 2 bad configuration or app.")
@@ -92,10 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser(
-        "up", help="run the whole cluster on this machine (servers + proxy)",
-        description="Run every server of the cluster file and the proxy on this machine, "
-                    "as child processes, and supervise them (a server with witness = true "
-                    "runs as `tandem witness`).",
+        "up", help="run the cluster on this machine (servers + proxy), or this host's part",
+        description="Run every server of the cluster file and the proxy on this machine "
+                    "(or, with --host or --servers, this host's part of them), as child "
+                    "processes, and supervise them (a server with witness = true runs as "
+                    "`tandem witness`).",
         epilog=_up_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--config", metavar="FILE",
                     help="cluster file (default: the embedded demo cluster, below)")
