@@ -245,7 +245,7 @@ class _Supervisor:
         others = [s.id for s in self.cfg.servers if s.id not in self.servers]
         print(f"\ntandem is up ({here.scope}): {first}\n"
               f"servers: {servers}; on other hosts: {', '.join(others)}\n"
-              "(the cluster serves once every server of the file has been up together)\n"
+              "(a new cluster first serves once every server of the file has been up together)\n"
               "Ctrl-C drains the servers here to the others, then stops\n", file=sys.stderr,
               flush=True)
 

@@ -325,3 +325,20 @@ def test_an_unknown_host_or_server_is_one_line(tmp_path: Path, make_cluster: Any
         lines = (done.stdout + done.stderr).splitlines()
         assert done.returncode == 2 and len(lines) == 1, lines
         assert lines[0].startswith(start), lines
+
+
+def test_a_host_of_a_witness_alone_needs_no_app(tmp_path: Path, ups: list[Up],
+                                                make_cluster: Any) -> None:
+    cluster = make_cluster(servers=[{"id": "s1"}, {"id": "s2"},
+                                    {"id": "w1", "host": "127.0.0.2", "witness": True}])
+    up = Up(tmp_path, "w", cluster.config_path, "--host", "127.0.0.2", "--app",
+            "no_such_module_x:app")  # (the app is not imported where only a witness runs)
+    ups.append(up)
+    up.wait_for("tandem is up")
+    assert "servers: w1=127.0.0.2:" in up.text and "(witness)" in up.text
+    assert cluster.health("w1")["role"] == "witness"
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(timeout=30) == 0, up.text
+    assert [line for line in up.text.splitlines() if line.startswith("tandem:")] == [
+        "tandem: w1 drained"], up.text
+
