@@ -7,6 +7,7 @@ file. `TANDEM_SECRETS` (comma-separated) overrides `cluster.secrets`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -95,6 +96,21 @@ def _check_membership_url(cluster: ClusterSection, source: str) -> None:
                           key="cluster.membership_url", value="***", file=source)
 
 
+def _check_proxy_hosts(hosts: tuple[str, ...], source: str) -> None:
+    for host in hosts:
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ip = ipaddress.ip_address(bare)
+        except ValueError:
+            ip = None
+        if ip is None and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", host):
+            raise ConfigError("expected a host name or an IP address, without a port",
+                              key="proxy.hosts", value=host, file=source)
+        if ip is not None and ip.is_unspecified:
+            raise ConfigError("a wildcard is no host: name the host the proxy runs on",
+                              key="proxy.hosts", value=host, file=source)
+
+
 def _choice(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
 
@@ -154,6 +170,9 @@ class ProxySection:
     # Port 0 on the proxy's own listeners: the system picks a free port.
     listen: Address = field(default=Address("127.0.0.1", 8080), metadata={"port_0": True})
     admin: Address | None = field(default=Address("127.0.0.1", 8081), metadata={"port_0": True})
+    # The hosts `tandem up --host H` starts the proxy on (tandem.placement); empty: the
+    # host of `listen`. A host, no port: "10.0.0.1", "node-a", "2001:db8::1".
+    hosts: tuple[str, ...] = ()
     connect_timeout_s: float = field(default=2.0, metadata=_positive())
     io_timeout_s: float = field(default=300.0, metadata=_positive())
     max_skip_s: float = field(default=10.0, metadata={"min": 0.0})
@@ -312,6 +331,7 @@ def loads(text: str, *, source: str = "<memory>",
             value=sections["proxy"].io_timeout_s, file=source)
     cluster = sections["cluster"]
     _check_membership_url(cluster, source)
+    _check_proxy_hosts(sections["proxy"].hosts, source)
     cookie = sections["session"].cookie_name
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
         raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",
