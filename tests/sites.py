@@ -1,0 +1,71 @@
+"""Two sites for end-to-end tests: two clusters of real processes (site A: a1..an, site B:
+b1..bn), each with its proxy, each file naming the other in `[[sites]]` (docs/sites.md).
+
+Each site has its own secret; each trusts the other's. The inter-site listeners are on
+free loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import Cluster, free_ports
+
+__all__ = ["TwoSites", "SECRETS"]
+
+SECRETS = {"a": "site-a-secret", "b": "site-b-secret"}
+
+
+class TwoSites:
+    """Site A and site B: `a` and `b` are `tests.cluster.Cluster`s."""
+
+    def __init__(self, tmp: Path, *, mode: str = "man", n: int = 3,
+                 app: str = "tests.apps:asgi_counter", site: dict[str, Any] | None = None,
+                 session: dict[str, Any] | None = None,
+                 persistence: dict[str, dict[str, Any]] | None = None,
+                 cluster: dict[str, Any] | None = None) -> None:
+        ports = iter(free_ports(2 * n))
+        self.site_ports: dict[str, int] = {}
+        self.clusters: dict[str, Cluster] = {}
+        for name in ("a", "b"):
+            (tmp / name).mkdir()
+            servers = []
+            for i in range(n):
+                sid = f"{name}{i + 1}"
+                self.site_ports[sid] = next(ports)
+                servers.append({"id": sid,
+                                "site_replication": f"127.0.0.1:{self.site_ports[sid]}"})
+            self.clusters[name] = Cluster(tmp / name, servers=servers, app=app,
+                                          secrets=[SECRETS[name]], session=session,
+                                          cluster=cluster)
+        self.a, self.b = self.clusters["a"], self.clusters["b"]
+        for name, other in (("a", "b"), ("b", "a")):
+            c, o = self.clusters[name], self.clusters[other]
+            text = c.config_path.read_text().replace('name = "test"', f'name = "{name}"')
+            extra = ["", "[[sites]]", f'name = "{other}"', f'mode = "{mode}"',
+                     f"secrets = {json.dumps([SECRETS[other]])}",
+                     *(f"{k} = {json.dumps(v)}" for k, v in (site or {}).items())]
+            for sid, spec in o.servers.items():
+                extra += ["[[sites.servers]]", f'id = "{sid}"',
+                          f'http = "127.0.0.1:{spec["http"]}"',
+                          f'site_replication = "127.0.0.1:{self.site_ports[sid]}"']
+            pers = (persistence or {}).get(name)
+            if pers:
+                text = text.replace("[proxy]", "[persistence]\n" + "\n".join(
+                    f"{k} = {json.dumps(v)}" for k, v in pers.items()) + "\n\n[proxy]", 1)
+            c.config_path.write_text(text + "\n".join(extra) + "\n")
+
+    def start(self) -> TwoSites:
+        self.a.start()
+        self.b.start()
+        return self
+
+    def close(self) -> None:
+        for c in self.clusters.values():
+            c.close()
+
+    def kill_site(self, name: str) -> None:
+        for sid in self.clusters[name].servers:
+            self.clusters[name].kill(sid)
