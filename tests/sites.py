@@ -8,12 +8,14 @@ free loopback ports.
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 from tests.cluster import Cluster, free_ports
 
-__all__ = ["TwoSites", "SECRETS"]
+__all__ = ["TwoSites", "SECRETS", "write_then_kill"]
 
 SECRETS = {"a": "site-a-secret", "b": "site-b-secret"}
 
@@ -69,3 +71,24 @@ class TwoSites:
     def kill_site(self, name: str) -> None:
         for sid in self.clusters[name].servers:
             self.clusters[name].kill(sid)
+
+
+def write_then_kill(sites: TwoSites, clients: list[Any], seconds: float) -> tuple[
+        dict[int, list[float]], float]:
+    """Writes (GET /count) through A's proxy, round robin over the sessions, for `seconds`;
+    then kill -9 every server of A at once. Per client (by index) the time each acknowledged
+    write was acknowledged (list index + 1 = the counter it acknowledged, from the first
+    write here on: the clients' earlier writes are not timed), and when the kill began."""
+    acked: dict[int, list[float]] = {i: [] for i in range(len(clients))}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for i, c in enumerate(clients):
+            status, body = c.get("/count")
+            assert status == 200, body
+            acked[i].append(time.monotonic())
+    t_kill = time.monotonic()
+    for sid in sites.a.servers:  # all at once: no server of A outlives the others
+        sites.a.servers[sid]["proc"].send_signal(signal.SIGKILL)
+    for sid in sites.a.servers:
+        sites.a.servers[sid]["proc"].wait(timeout=20)
+    return acked, t_kill

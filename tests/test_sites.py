@@ -13,7 +13,8 @@ import pytest
 
 from tandem.token import Route, TokenCodec
 from tests.cluster import Client
-from tests.sites import SECRETS, TwoSites
+from tests.sites import SECRETS, TwoSites, write_then_kill
+from tests.stores import RedisServer
 
 WRITES = 5  # acknowledged writes per session before the kill
 
@@ -77,3 +78,110 @@ def test_man_kill_site_a_every_session_continues_at_b(two_sites):
         status, body = c.get("/count", base=sites.b.proxy_url)
         assert status == 200 and body["counter"] == WRITES + 2
         assert body["server"] == c.route[1]
+
+
+def test_wan_kill_site_a_loses_at_most_the_flush_window(two_sites, tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        flush_s = 1.0
+        base = redis.url.rsplit("/", 1)[0]
+        sites = two_sites(
+            mode="wan", site={"flush_interval_s": flush_s, "flush_threshold": 10_000},
+            session={"persistence": "redis"},
+            persistence={"a": {"url": f"{base}/1"}, "b": {"url": f"{base}/2"}}).start()
+        clients = sessions_at_a(sites, 20, 1)
+        acked, t_kill = write_then_kill(sites, clients, 2.5)
+
+        found = continue_at_b(sites, clients)
+        lost_writes = []
+        for i, times in acked.items():
+            have = found[i] - 1  # (the first write, before the timed ones)
+            assert have >= 0, (i, found[i])
+            lost_writes += times[have:]  # acknowledged, not found at B
+        # WAN: what is lost is what was acknowledged after the last flush reached B — at
+        # most one flush interval (plus the flush's own time) before the site was lost
+        window = flush_s + 0.5
+        assert all(t > t_kill - window for t in lost_writes), (
+            [round(t_kill - t, 3) for t in lost_writes])
+        total = sum(len(t) for t in acked.values())
+        print(f"\nwan: sessions={len(clients)} acknowledged={total} lost={len(lost_writes)} "
+              f"flush_interval_s={flush_s} oldest_lost_before_kill_s="
+              f"{max((t_kill - t for t in lost_writes), default=0):.3f}")
+        stored = sum(sites.b.health(s)["stats"].get("site_copies_stored", 0)
+                     for s in sites.b.servers)
+        assert stored > 0  # the copies went to B's store, not only to memory
+    finally:
+        redis.stop()
+
+
+def test_link_cut_a_serves_locally_b_takes_nothing_over_then_catches_up(two_sites):
+    sites = two_sites(mode="man").start()
+    clients = sessions_at_a(sites, 10, 3)
+
+    # A silent (hung hosts, or the link cut): B must not take A's sessions over — A may
+    # still be serving them. Asked directly, every B server refuses (503 site-up).
+    for sid in sites.a.servers:
+        sites.a.kill(sid, signal.SIGSTOP)
+    try:
+        time.sleep(2.0)  # B's links to A have failed on missed heartbeats meanwhile
+        for c in clients[:3]:
+            for b in sites.b.servers:
+                status, body = Client(sites.b.url(b)).get(
+                    "/count", headers={"Cookie": f"JSESSIONID={c.token}"})
+                assert status == 503, (b, body)
+        for b in sites.b.servers:
+            health = sites.b.health(b)
+            assert health["stats"]["site_taken_over"] == 0 and health["sites"]["down"] == []
+    finally:
+        for sid in sites.a.servers:
+            sites.a.kill(sid, signal.SIGCONT)
+
+    # B silent: A keeps serving with its local copies; the remote copies fall behind
+    for sid in sites.b.servers:
+        sites.b.kill(sid, signal.SIGSTOP)
+    try:
+        for c in clients:
+            for n in (4, 5):
+                status, body = c.get("/count")
+                assert status == 200 and body["counter"] == n, body
+        behind = sum(sites.a.health(s)["sites"]["behind"]["b"] for s in sites.a.servers)
+        assert behind == len(clients)
+    finally:
+        for sid in sites.b.servers:
+            sites.b.kill(sid, signal.SIGCONT)
+
+    # the link is back: the remote copies catch up, so losing A now loses nothing
+    deadline = time.monotonic() + 20
+    while sum(sites.a.health(s)["sites"]["behind"]["b"] for s in sites.a.servers):
+        assert time.monotonic() < deadline, "the remote copies did not catch up"
+        time.sleep(0.2)
+    sites.kill_site("a")
+    time.sleep(1.0)  # (B's servers were stopped too: past their own stall's hold)
+    assert continue_at_b(sites, clients) == [5] * len(clients)
+
+
+def test_invalidated_and_untrusted_tokens_do_not_bring_sessions_back(two_sites):
+    sites = two_sites(mode="man").start()
+    kept, ended = sessions_at_a(sites, 2, 3)
+    old_token = ended.token  # what a stale tab, or a thief, still holds
+    status, body = ended.get("/invalidate")
+    assert status == 200 and body["invalidated"]
+    ended_sid = old_token.split("!")[0]
+    sid, primary, secondary = kept.route
+    # the same session, in a token signed with a secret neither site trusts
+    forged = TokenCodec(["not-a-trusted-secret"]).encode(Route(sid, primary, secondary))
+
+    sites.kill_site("a")
+
+    for token in (forged, old_token):
+        c = Client(sites.b.proxy_url)
+        c.token = token
+        status, body = c.get("/count")
+        assert status == 200 and body["counter"] == 1, body  # a new, empty session
+        assert c.token.split("!")[0] not in (sid, ended_sid)
+    assert continue_at_b(sites, [kept]) == [3]  # the trusted token still finds its session
+    # a token signed with A's secret that names a server of B: A's trust covers A's only
+    c = Client(sites.b.proxy_url)
+    c.token = TokenCodec([SECRETS["a"]]).encode(Route(kept.route[0], kept.route[1], None))
+    status, body = c.get("/peek")
+    assert status == 200 and body["counter"] == 0, body  # not the session (its counter: 4)
