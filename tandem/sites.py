@@ -47,6 +47,10 @@ class SiteConfig:
     # this many sessions are waiting
     flush_interval_s: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
     flush_threshold: int = field(default=100, metadata={"min": 1})
+    # Unsafe under partitions, off (0) by default: take the remote site's sessions over once
+    # no server of it has answered for this long, though none refused (a site that is
+    # only cut off keeps serving them: two primaries). docs/sites.md, "The site-down rule".
+    takeover_after_s: float = field(default=0.0, metadata={"min": 0.0})
     # the remote site's secrets: verify its tokens, authenticate its servers
     secrets: tuple[str, ...] = field(default=(), repr=False)
     servers: tuple[SiteServer, ...] = ()

@@ -185,3 +185,24 @@ def test_invalidated_and_untrusted_tokens_do_not_bring_sessions_back(two_sites):
     c.token = TokenCodec([SECRETS["a"]]).encode(Route(kept.route[0], kept.route[1], None))
     status, body = c.get("/peek")
     assert status == 200 and body["counter"] == 0, body  # not the session (its counter: 4)
+
+
+def test_takeover_after_s_accepts_the_risk_for_a_silent_site(two_sites):
+    # (off by default: the link-cut test above shows B taking nothing over without it)
+    sites = two_sites(mode="man", site={"takeover_after_s": 1.5}).start()
+    clients = sessions_at_a(sites, 3, 2)
+    for sid in sites.a.servers:
+        sites.a.kill(sid, signal.SIGSTOP)
+    try:
+        time.sleep(0.5)
+        c = clients[0]
+        status, _ = Client(sites.b.url("b1")).get(
+            "/peek", headers={"Cookie": f"JSESSIONID={c.token}"})
+        assert status == 503  # silent for less than takeover_after_s
+        time.sleep(1.5)
+        for c in clients:
+            status, body = c.get("/count", base=sites.b.url("b1"))
+            assert status == 200 and body["counter"] == 3 and body["server"] == "b1", body
+    finally:
+        for sid in sites.a.servers:
+            sites.a.kill(sid, signal.SIGCONT)

@@ -47,6 +47,7 @@ class SiteTakeover:
         self.copies = copies
         self.committer = committer
         self.down: set[str] = set()  # sites proven down (until one of their servers is back)
+        self._started = time.monotonic()
         ctx.stats.setdefault("site_taken_over", 0)
 
     def server_back(self, server: str) -> None:
@@ -60,14 +61,25 @@ class SiteTakeover:
     async def proven_down(self, site: SiteConfig) -> bool:
         if site.name in self.down:
             return True
+        now = time.monotonic()
         if any(self.channel.alive(s.id) for s in site.servers):
             return False
         refused = await asyncio.gather(*(self._refuses(s) for s in site.servers))
-        if not all(refused):
+        if all(refused):
+            proof = "every server refused a connection"
+        elif site.takeover_after_s and now - self._last_heard(site) > site.takeover_after_s:
+            proof = f"silent for more than takeover_after_s ({site.takeover_after_s:g} s)"
+        else:
             return False
         self.down.add(site.name)
-        log.warning("site_down", site=site.name, proof="every server refused a connection")
+        log.warning("site_down", site=site.name, proof=proof)
         return True
+
+    def _last_heard(self, site: SiteConfig) -> float:
+        """When (monotonic) a server of the site was last heard on its link (or we
+        started: a site never heard since is given the same time)."""
+        return max([self._started, *(self.channel.links[s.id].last_heard
+                                     for s in site.servers)])
 
     async def _refuses(self, srv: SiteServer) -> bool:
         addr = srv.site_replication
