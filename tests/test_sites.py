@@ -206,3 +206,19 @@ def test_takeover_after_s_accepts_the_risk_for_a_silent_site(two_sites):
     finally:
         for sid in sites.a.servers:
             sites.a.kill(sid, signal.SIGCONT)
+
+
+def test_copies_of_a_lost_remote_server_are_sent_again(two_sites):
+    sites = two_sites(mode="man").start()
+    clients = sessions_at_a(sites, 12, 3)
+    held = {b: sites.b.health(b)["sites"]["copies"] for b in sites.b.servers}
+    victim = max(held, key=lambda b: held[b])
+    assert held[victim] > 0
+    sites.b.kill(victim)  # its copies are gone; A's sessions are not written again
+    deadline = time.monotonic() + 15
+    while sum(sites.b.health(b)["sites"]["copies"] for b in sites.b.servers
+              if b != victim) < len(clients):
+        assert time.monotonic() < deadline, "the lost copies were not sent again"
+        time.sleep(0.2)
+    sites.kill_site("a")
+    assert continue_at_b(sites, clients) == [3] * len(clients)

@@ -35,7 +35,8 @@ class Sites:
         self.copies = RemoteCopies(ctx)
         self.channel = SiteChannel(config=ctx.config, me=ctx.me.id,
                                    incarnation=ctx.membership.incarnation,
-                                   handler=self.handle_remote, on_alive=self._server_back)
+                                   handler=self.handle_remote, on_alive=self._server_back,
+                                   on_lost=self._server_lost)
         self.replicator = SiteReplicator(ctx, self.channel)
         self.takeover = SiteTakeover(ctx, self.channel, self.copies, committer)
         self._tasks: list[asyncio.Task[None]] = []
@@ -65,6 +66,9 @@ class Sites:
         while True:
             await asyncio.sleep(_SWEEP_S)
             self.copies.sweep()
+
+    def _server_lost(self, server: str, site: str) -> None:
+        self.replicator.holder_lost(server, site)
 
     def _server_back(self, server: str) -> None:
         self.takeover.server_back(server)

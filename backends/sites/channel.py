@@ -45,12 +45,14 @@ class SiteChannel:
     """Links to the remote sites' servers, and the listener their links arrive at."""
 
     def __init__(self, *, config: Config, me: str, incarnation: str, handler: Handler,
-                 on_alive: Callable[[str], None]) -> None:
+                 on_alive: Callable[[str], None],
+                 on_lost: Callable[[str, str], None]) -> None:
         # configuration
         self.me = config.server(me)
         self.sites = config.sites
         self._handler = handler
         self._on_alive = on_alive  # a remote server authenticated: its site is up
+        self._on_lost = on_lost  # (server, site) its link failed or it left
         secrets = tuple(config.cluster.secrets) + tuple(
             s for site in config.sites for s in site.secrets)
         self._secrets = secrets
@@ -115,6 +117,8 @@ class SiteChannel:
         if state is PeerState.ALIVE:
             self.refused_at.pop(peer, None)
             self._on_alive(peer)
+        elif state in (PeerState.FAILED, PeerState.LEFT):
+            self._on_lost(peer, site)
 
     def _refused(self, peer: str) -> None:
         self.refused_at[peer] = time.monotonic()

@@ -48,8 +48,10 @@ class SiteReplicator:
         self.ctx = ctx
         self.channel = channel
         self.sites = ctx.config.sites
-        # per site: the (epoch, version) its copy of each session acknowledged
+        # per site: the (epoch, version) its copy of each session acknowledged, and which
+        # of its servers holds that copy
         self.acked: dict[str, dict[str, tuple[int, int]]] = {s.name: {} for s in self.sites}
+        self.holder: dict[str, dict[str, str]] = {s.name: {} for s in self.sites}
         # per site: sessions to send in the next batch (WAN; MAN behind after a failure)
         self.dirty: dict[str, dict[str, None]] = {s.name: {} for s in self.sites}
         # per site: last accesses to send (sid -> last_access)
@@ -72,7 +74,7 @@ class SiteReplicator:
             if self.acked[name].get(record.sid) == key:
                 self.touched[name][record.sid] = record.last_access  # nothing new
                 continue
-            if site.mode == "man" and site.remote_sync and record.sid not in self.dirty[name]:
+            if site.mode == "man" and site.remote_sync:
                 await self._send_now(site, record)
             else:
                 self._queue(site, record.sid)
@@ -82,6 +84,7 @@ class SiteReplicator:
         calls = []
         for site in self.sites:
             self.acked[site.name].pop(sid, None)
+            self.holder[site.name].pop(sid, None)
             self.dirty[site.name].pop(sid, None)
             self.touched[site.name].pop(sid, None)
             for srv in site.servers:
@@ -133,8 +136,26 @@ class SiteReplicator:
         if record.sid in reply.get("moved", ()):
             self._superseded(record.sid, site, target)
             raise SessionMoved(f"site {site.name} took this session over", peer=target)
-        self.acked[site.name][record.sid] = key
+        self._acked(site.name, record.sid, key, target)
+        self.dirty[site.name].pop(record.sid, None)  # (a catch-up of it is not needed now)
         self.ctx.stats["site_sent"] += 1
+
+    def _acked(self, site: str, sid: str, key: tuple[int, int], holder: str) -> None:
+        self.acked[site][sid] = key
+        self.holder[site][sid] = holder
+
+    def holder_lost(self, server: str, site: str) -> None:
+        """A remote server's link failed: the copies it held are sent again (to the next
+        server in their order) — the session may not be written again before its site is
+        lost."""
+        holder, acked = self.holder[site], self.acked[site]
+        lost = [sid for sid, h in holder.items() if h == server]
+        for sid in lost:
+            del holder[sid]
+            acked.pop(sid, None)
+            self.dirty[site][sid] = None
+        if lost:
+            self._kick.set()
 
     def _fell_behind(self, site: SiteConfig, sid: str, cause: str) -> None:
         """Acknowledged with the local copies only: the remote copy catches up later."""
@@ -223,12 +244,11 @@ class SiteReplicator:
                 log.warning("site_behind", site=name, cause=str(reply.get("error")))
             return False
         moved = set(reply.get("moved", ()))
-        acked = self.acked[name]
         for state in items:
             if state["sid"] in moved:
                 self._superseded(state["sid"], site, target)
             else:
-                acked[state["sid"]] = (int(state["e"]), int(state["v"]))
+                self._acked(name, state["sid"], (int(state["e"]), int(state["v"])), target)
         self.ctx.stats["site_sent"] += len(items)
         return True
 
@@ -247,6 +267,7 @@ class SiteReplicator:
             if time.monotonic() - last_sweep > _SWEEP_S:
                 last_sweep = time.monotonic()
                 primaries = self.ctx.store.primaries
-                for acked in self.acked.values():
+                for name, acked in self.acked.items():
                     for sid in [sid for sid in acked if sid not in primaries]:
                         del acked[sid]
+                        self.holder[name].pop(sid, None)
