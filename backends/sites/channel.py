@@ -56,6 +56,7 @@ class SiteChannel:
         secrets = tuple(config.cluster.secrets) + tuple(
             s for site in config.sites for s in site.secrets)
         self._secrets = secrets
+        self._connect_timeout_s = config.cluster.peer_connect_timeout_s
         channel = dataclasses.replace(config, cluster=dataclasses.replace(
             config.cluster, name=CHANNEL_NAME, secrets=secrets))
         self.site_of: dict[str, SiteConfig] = {
@@ -130,7 +131,8 @@ class SiteChannel:
         try:
             dialler = await asyncio.wait_for(wire.accept_handshake(
                 reader, writer, me=self.me.id, cluster=CHANNEL_NAME, secrets_=self._secrets,
-                known=list(self.site_of), incarnation=self.incarnation), 2.0)
+                known=list(self.site_of), incarnation=self.incarnation),
+                self._connect_timeout_s)
         except (ReplicationError, OSError, TimeoutError) as exc:
             log.warning("site_peer_refused", remote=str(writer.get_extra_info("peername")),
                         reason=str(exc))
