@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import Cluster, free_ports
+from tests.cluster import Cluster
 
 __all__ = ["TwoSites", "SECRETS", "write_then_kill"]
 
@@ -28,7 +29,11 @@ class TwoSites:
                  session: dict[str, Any] | None = None,
                  persistence: dict[str, dict[str, Any]] | None = None,
                  cluster: dict[str, Any] | None = None) -> None:
-        ports = iter(free_ports(2 * n))
+        # held open while the clusters pick their own ports, so that none picks one of these
+        held = [socket.socket() for _ in range(2 * n)]
+        for sock in held:
+            sock.bind(("127.0.0.1", 0))
+        ports = iter([sock.getsockname()[1] for sock in held])
         self.site_ports: dict[str, int] = {}
         self.clusters: dict[str, Cluster] = {}
         for name in ("a", "b"):
@@ -42,6 +47,8 @@ class TwoSites:
             self.clusters[name] = Cluster(tmp / name, servers=servers, app=app,
                                           secrets=[SECRETS[name]], session=session,
                                           cluster=cluster)
+        for sock in held:
+            sock.close()
         self.a, self.b = self.clusters["a"], self.clusters["b"]
         for name, other in (("a", "b"), ("b", "a")):
             c, o = self.clusters[name], self.clusters[other]
