@@ -290,6 +290,9 @@ def serve(server: Runnable, link: ChildLink | None) -> int:
 
         def on_word(word: str) -> None:  # from `tandem up`: the whole cluster stops
             assert link is not None
+            if word == "drain":  # the supervisor of part of the cluster is gone: as SIGTERM
+                on_stop()
+                return
             server.cluster_stopping()
             if word == "stopping":
                 link.answer("stopping")

@@ -25,6 +25,7 @@ from tandem.config import Config, ServerConfig
 
 from ..errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
 from . import wire
+from .roster import announcement
 
 __all__ = ["PeerState", "PeerLink", "Outbox"]
 
@@ -81,6 +82,8 @@ class PeerLink:
         # configuration
         self.me = me
         self.incarnation = incarnation  # ours, sent in the handshake
+        # our addresses, also in the handshake: a peer that does not know us may admit us
+        self._announce = announcement(config.server(me))
         self._stalled = stalled  # were *we* frozen just now? (then its silence is ours)
         self.peer = peer
         self._cluster = config.cluster
@@ -257,7 +260,8 @@ class PeerLink:
         try:
             self.peer_incarnation = await asyncio.wait_for(wire.dial_handshake(
                 reader, writer, me=self.me, peer=self.peer.id, cluster=self._cluster.name,
-                secrets_=self._cluster.secrets, incarnation=self.incarnation), timeout)
+                secrets_=self._cluster.secrets, incarnation=self.incarnation,
+                spec=self._announce), timeout)
         except BaseException:
             writer.close()
             raise
