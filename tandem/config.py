@@ -20,6 +20,7 @@ from typing import Any
 from .address import Address
 from .errors import ConfigError
 from .fields import build, shown
+from .sites import SiteConfig, check_sites, parse_sites
 
 __all__ = [
     "Address",
@@ -221,6 +222,9 @@ class ServerConfig:
     # A third voter for the view and the leases (clusters of two): hosts no app and no
     # session, answers only /__tandem/health on its http address (`tandem witness`).
     witness: bool = False
+    # Its inter-site listener (docs/sites.md): required on every app server when the file
+    # names remote [[sites]], which dial it.
+    site_replication: Address | None = field(default=None, metadata={"no_off": True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +235,7 @@ class Config:
     persistence: PersistenceSection
     servers: tuple[ServerConfig, ...]
     source: str = "<memory>"
+    sites: tuple[SiteConfig, ...] = ()  # remote sites (docs/sites.md)
 
     def server(self, server_id: str) -> ServerConfig:
         for s in self.servers:
@@ -301,7 +306,7 @@ def loads(text: str, *, source: str = "<memory>",
         raise ConfigError(f"not valid TOML: {exc}", key="<file>", value=None, file=source) from exc
     env = os.environ if environ is None else environ
 
-    unknown = set(raw) - set(_SECTIONS) - {"servers"}
+    unknown = set(raw) - set(_SECTIONS) - {"servers", "sites"}
     for key in sorted(unknown):
         raise ConfigError("unknown section or key", key=key, value=shown(key, raw[key]),
                           file=source)
@@ -357,4 +362,8 @@ def loads(text: str, *, source: str = "<memory>",
     if all(s.witness for s in servers):
         raise ConfigError("at least one server must host the app (witness = false)",
                           key="servers", value=[s.id for s in servers], file=source)
-    return Config(servers=tuple(servers), source=source, **sections)
+    sites = parse_sites(raw.get("sites", []), local_name=cluster.name,
+                        local_ids=[s.id for s in servers], source=source)
+    if sites:
+        check_sites(sites, servers, sections["session"].persistence, source)
+    return Config(servers=tuple(servers), source=source, sites=sites, **sections)

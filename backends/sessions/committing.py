@@ -83,6 +83,8 @@ class Committer:
                 await self.replicate(record)
             elif record.secondary is not None:
                 ctx.touched.setdefault(record.secondary, {})[record.sid] = record.last_access
+        if ctx.sites is not None:  # the remote sites' copies (MAN: acknowledged first)
+            await ctx.sites.committed(record)
         if ctx.persister is not None:  # after replication: a write (sync: awaited) or a touch
             await ctx.persister.committed(
                 record, changed=record is not first or record.version != first_version)
@@ -114,6 +116,8 @@ class Committer:
         log.info("session_invalidated", sid=short(record.sid))
         if ctx.persister is not None:
             await ctx.persister.invalidated(record.sid)
+        if ctx.sites is not None:
+            await ctx.sites.invalidated(record.sid)
         holders = {record.secondary, *record.stale_holders} - {None}
         msg = {"op": "invalidate", "sids": [record.sid]}
         if ctx.mode == "sync":  # a replica must not outlive an acknowledged invalidation
