@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from tandem.config import Address
+from tandem.view import parse_cluster_header  # (the contract's; re-exported here)
 
 from .errors import ClientProtocolError, ExpectationFailed, UnsupportedTransferCoding
 
@@ -304,37 +304,3 @@ def simple_response(status: int, reason: bytes, text: str, *, close: bool,
     parts += (b"\r\n", body)
     return b"".join(parts)
 
-
-# --- dynamic server list ----------------------------------------------------------------------
-
-_HASH_RE = re.compile(r"[A-Za-z0-9._~+/=-]{1,128}")
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def parse_cluster_header(value: str) -> tuple[str, dict[str, Address]]:
-    """Parse `X-Tandem-Cluster: <hash>; s1=host:port, s2=host:port` (live members).
-
-    Raises ValueError naming what is wrong.
-    """
-    view_hash, sep, rest = value.partition(";")
-    view_hash = view_hash.strip()
-    if not sep or not _HASH_RE.fullmatch(view_hash) or view_hash == "-":
-        raise ValueError(f"bad view hash in cluster header: {view_hash[:40]!r}")
-    members: dict[str, Address] = {}
-    for item in rest.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        member_id, eq, address = item.partition("=")
-        member_id = member_id.strip()
-        if not eq or not _ID_RE.fullmatch(member_id) or member_id == "NONE":
-            raise ValueError(f"bad member in cluster header: {item[:80]!r}")
-        if member_id in members:
-            raise ValueError(f"member {member_id!r} listed twice in cluster header")
-        try:
-            members[member_id] = Address.parse(address.strip())
-        except ValueError as exc:
-            raise ValueError(f"bad address for {member_id!r} in cluster header: {exc}") from None
-    if not members:
-        raise ValueError("cluster header lists no member")
-    return view_hash, members
