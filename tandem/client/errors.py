@@ -47,7 +47,9 @@ class NoServerAvailable(ClientError):
     """Every candidate server failed the request before applying it (refused, unreachable,
     declined with 503): nothing of it was applied."""
 
-    def __init__(self, message: str, *, method: str, tried: Sequence[str]) -> None:
+    def __init__(self, message: str, *, method: str = "", tried: Sequence[str] = ()) -> None:
+        # (defaults: the library-bound subclasses reach here through their library's
+        # cooperative __init__, with the message alone, and set the attributes themselves)
         super().__init__(message)
         self.method = method
         self.tried = tuple(tried)
