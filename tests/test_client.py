@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ from tandem.client import (
     read_route,
 )
 from tandem.token import Route, TokenCodec
-from tests.cluster import free_ports
+from tests.cluster import ROOT, free_ports
 from tests.test_join import join
 
 BASE = "http://orders"  # the cluster's name in the callers' URLs: never dialled
@@ -465,3 +467,21 @@ def test_a_bad_cluster_description_is_one_line_naming_it(tmp_path: Path) -> None
 
     with pytest.raises(ConfigError, match="cannot read file"):
         Cluster.from_file(tmp_path / "missing.toml")
+
+
+# --- the example ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("library", ["httpx", "requests"])
+def test_the_service_example_calls_the_demo_cluster_with_no_proxy(
+        make_cluster: Any, library: str) -> None:
+    tc = make_cluster(n=3, app="backends.demo:app").start(proxy=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "examples.service_client", "--config", str(tc.config_path),
+         "--library", library, "--calls", "3", "--interval", "0"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["1", "2", "3"]
+    assert len({line.split("served by ")[1].split()[0] for line in lines}) == 1  # affinity
