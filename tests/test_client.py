@@ -189,7 +189,9 @@ def _in_flight(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
 @pytest.mark.parametrize("kind", ["httpx", "requests"])
 def test_a_post_cut_by_its_primary_dying_is_not_sent_again_unless_the_caller_opts_in(
         make_cluster: Any, kind: str) -> None:
-    tc = make_cluster(n=3).start(proxy=False)
+    # (the WSGI app: each request sleeps in its own thread, so all three are in their
+    # handlers at once when s1 dies)
+    tc = make_cluster(n=3, app="tests.apps:wsgi_counter").start(proxy=False)
     idempotent = Cluster.from_file(tc.config_path)
     opted_in = Cluster.from_file(tc.config_path, retry="all")
     token = {}
@@ -202,10 +204,10 @@ def test_a_post_cut_by_its_primary_dying_is_not_sent_again_unless_the_caller_opt
     post, post_out = _in_flight(lambda: _send(
         kind, idempotent, "POST", "/set?key=k&value=post&sleep=2", token["post"]))
     get, get_out = _in_flight(lambda: _send(
-        kind, idempotent, "GET", "/set?key=k&value=get&sleep=0.5", token["get"]))
+        kind, idempotent, "GET", "/set?key=k&value=get&sleep=2", token["get"]))
     opt, opt_out = _in_flight(lambda: _send(
-        kind, opted_in, "POST", "/set?key=k&value=all&sleep=0.5", token["all"]))
-    time.sleep(1.0)  # all three are in their handlers on s1
+        kind, opted_in, "POST", "/set?key=k&value=all&sleep=2", token["all"]))
+    time.sleep(1.0)  # all three are in their handlers on s1, none has answered
     tc.kill("s1")
     for t in (post, get, opt):
         t.join(timeout=20)
@@ -485,3 +487,21 @@ def test_the_service_example_calls_the_demo_cluster_with_no_proxy(
     lines = run.stdout.splitlines()
     assert [line.split()[1] for line in lines] == ["1", "2", "3"]
     assert len({line.split("served by ")[1].split()[0] for line in lines}) == 1  # affinity
+
+
+def test_a_missing_library_is_one_clear_import_error() -> None:
+    """Without httpx, `tandem.client` imports and `Cluster` works; naming the transport says
+    what to install (run in a fresh interpreter where `import httpx` fails)."""
+    code = ("import sys; sys.modules['httpx'] = None\n"
+            "from tandem.client import Cluster, MissingDependency\n"
+            "Cluster(['127.0.0.1:9001'])\n"
+            "try:\n"
+            "    from tandem.client import TandemTransport\n"
+            "except MissingDependency as exc:\n"
+            "    assert isinstance(exc, ImportError)\n"
+            "    print(exc)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == ("tandem.client needs 'httpx' for this transport: "
+                                  "pip install 'tandem-proxy[client]' (or pip install httpx)")

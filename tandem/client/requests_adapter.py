@@ -98,6 +98,7 @@ class TandemAdapter(HTTPAdapter):
                 raise
             if response.status_code == 503 and attempts.declined(
                     target, response.headers.get("X-Tandem-State")):
+                response.content  # noqa: B018 - read (small), so its connection is reused
                 response.close()
                 continue
             attempts.answered(target, status=response.status_code,
