@@ -461,6 +461,9 @@ def test_a_bad_cluster_description_is_one_line_naming_it(tmp_path: Path) -> None
         Cluster([])
     with pytest.raises(ClusterSpecError, match=r"server s1: expected host:port \(got 'x'\)"):
         Cluster({"s1": "x"})
+    with pytest.raises(ClusterSpecError, match=r"server s1: a server is host:port, not a URL"):
+        Cluster({"s1": "http://h:1"})
+    assert len(Cluster("127.0.0.1:9001").candidates(None)) == 1  # one address, as a str
     with pytest.raises(ClusterSpecError, match="wildcard"):
         Cluster(["0.0.0.0:9001"])
     with pytest.raises(ClusterSpecError, match="retry: must be one of"):

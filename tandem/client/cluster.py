@@ -83,9 +83,15 @@ class Cluster:
         self._lock = threading.Lock()
         self._by_id: dict[str, _Server] = {}
         self._order: list[_Server] = []  # round-robin order: seeds first, learned ones after
+        if isinstance(servers, str):
+            servers = [servers]  # one address (not its characters)
         pairs = (list(servers.items()) if isinstance(servers, Mapping)
                  else [(None, s) for s in servers])
         for server_id, text in pairs:
+            if "://" in str(text):
+                raise ClusterSpecError("a server is host:port, not a URL (the scheme is the "
+                                       "caller's URL's)", what=f"server {server_id or ''}"
+                                       .strip(), value=text)
             try:
                 address = Address.parse(str(text))
             except ValueError as exc:
