@@ -4,6 +4,7 @@ sessions get their first good answer, with no proxy (docs/client.md).
     python bench/client_failover.py --runs 5 --sessions 20
     python bench/client_failover.py --runs 5 --library requests
     python bench/client_failover.py --runs 5 --one-by-one
+    python bench/client_failover.py --runs 5 --via-proxy     # the reference: the proxy
 
 Each run starts 3 real servers on loopback (tests/cluster.py, no proxy), makes `--sessions`
 sessions through the client whose primary is s1, writes each 3 times (GET /count of
@@ -21,8 +22,9 @@ the view without s1 (their promotion of its sessions follows at once) — the cl
 part, which no client can shorten.
 
 Every answer must be 200 with the session's counter intact (4); a run that sees anything
-else stops the bench with the session's answer. Prints one JSON line per run and one with
-p50 / p99 / max (ms) over every session of every run.
+else stops the bench with the session's answer. `--via-proxy`: the same with plain httpx
+through tandem's proxy (the reference the client is compared with). Prints one JSON line
+per run and one with p50 / p99 / max (ms) over every session of every run.
 """
 
 from __future__ import annotations
@@ -61,12 +63,14 @@ BASE = "http://orders"
 class Session:
     """One caller's session through the client (one cookie jar)."""
 
-    def __init__(self, library: str, cluster: Cluster) -> None:
+    def __init__(self, library: str, cluster: Cluster, proxy_url: str | None = None) -> None:
         self.library = library
         self.sync: httpx.Client | None = None
         self.aio: httpx.AsyncClient | None = None
         self.req: requests.Session | None = None
-        if library == "httpx-async":
+        if proxy_url is not None:  # the reference: plain httpx through tandem's proxy
+            self.aio = httpx.AsyncClient(base_url=proxy_url)
+        elif library == "httpx-async":
             self.aio = httpx.AsyncClient(base_url=BASE, transport=AsyncTandemTransport(cluster))
         elif library == "httpx":
             self.sync = httpx.Client(base_url=BASE, transport=TandemTransport(cluster))
@@ -97,10 +101,11 @@ class Session:
             self.req.close()
 
 
-async def sessions_on(library: str, cluster: Cluster, count: int) -> list[Session]:
+async def sessions_on(library: str, cluster: Cluster, count: int,
+                      proxy_url: str | None) -> list[Session]:
     kept: list[Session] = []
     for _ in range(20 * count):
-        s = Session(library, cluster)
+        s = Session(library, cluster, proxy_url)
         status, body = await s.get()
         if status != 200 or body["counter"] != 1:
             raise SystemExit(f"new session: {status} {body}")
@@ -114,15 +119,16 @@ async def sessions_on(library: str, cluster: Cluster, count: int) -> list[Sessio
 
 
 async def one_run(library: str, n_sessions: int, log_level: str, one_by_one: bool,
-                  keep: Path | None) -> dict[str, Any]:
+                  keep: Path | None, via_proxy: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
         if keep is not None:  # the servers' logs stay there
             where = Path(tempfile.mkdtemp(prefix="run-", dir=keep))
-        servers = Servers(where, n=3, log_level=log_level).start(proxy=False)
+        servers = Servers(where, n=3, log_level=log_level).start(proxy=via_proxy)
         try:
             cluster = Cluster.from_file(servers.config_path)
-            sessions = await sessions_on(library, cluster, n_sessions)
+            sessions = await sessions_on(library, cluster, n_sessions,
+                                         servers.proxy_url if via_proxy else None)
             for s in sessions:
                 for n in (2, 3):
                     status, body = await s.get()
@@ -138,7 +144,7 @@ async def one_run(library: str, n_sessions: int, log_level: str, one_by_one: boo
                     t0 = time.perf_counter()
                     status, body = await s.get()
                     results.append((t0, time.perf_counter(), status, body))
-            elif library == "httpx-async":
+            elif library == "httpx-async" or via_proxy:
                 async def timed(s: Session) -> tuple[float, float, int, Any]:
                     t0 = time.perf_counter()
                     status, body = await s.get()
@@ -179,7 +185,8 @@ async def one_run(library: str, n_sessions: int, log_level: str, one_by_one: boo
     request_ms = [(done - t0) * 1000 for t0, done, _, _ in results]
     since_ms = [(done - t_kill) * 1000 for _, done, _, _ in results]
     after_view = [t - view_ms for t in since_ms] if view_ms is not None else []
-    return {"library": library, "mode": "one-by-one" if one_by_one else "together",
+    return {"library": "proxy" if via_proxy else library,
+            "mode": "one-by-one" if one_by_one else "together",
             "sessions": len(results), "intact": len(results),
             "request_ms": _summary(request_ms), "since_kill_ms": _summary(since_ms),
             "view_ms": view_ms,
@@ -221,6 +228,8 @@ def main() -> None:
                     default="httpx-async")
     ap.add_argument("--one-by-one", action="store_true",
                     help="after the kill, each session's request after the one before it")
+    ap.add_argument("--via-proxy", action="store_true",
+                    help="the reference: plain httpx async through tandem's proxy instead")
     ap.add_argument("--log-level", default="INFO", help="of the server processes")
     ap.add_argument("--keep", type=Path, help="keep each run's server logs under this folder")
     args = ap.parse_args()
@@ -232,12 +241,13 @@ def main() -> None:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
         run = asyncio.run(one_run(args.library, args.sessions, args.log_level,
-                                  args.one_by_one, args.keep))
+                                  args.one_by_one, args.keep, args.via_proxy))
         every_request += run.pop("_request")
         every_since += run.pop("_since")
         every_after += run.pop("_after_view")
         print(json.dumps({"run": i + 1, **run}), flush=True)
-    print(json.dumps({"runs": args.runs, "library": args.library,
+    print(json.dumps({"runs": args.runs,
+                      "library": "proxy" if args.via_proxy else args.library,
                       "mode": "one-by-one" if args.one_by_one else "together",
                       "sessions": len(every_request),
                       "request_ms": _summary(every_request),
