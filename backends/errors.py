@@ -20,6 +20,7 @@ __all__ = [
     "PeerUnavailable",
     "PeerTimeout",
     "HandshakeFailed",
+    "TlsHandshakeFailed",
     "ProtocolViolation",
     "SessionMoved",
     "NotServing",
@@ -58,6 +59,15 @@ class PeerTimeout(ReplicationError, TimeoutError):
 
 class HandshakeFailed(ReplicationError, PermissionError):
     """The peer failed the challenge-response handshake (wrong or no cluster secret)."""
+
+
+class TlsHandshakeFailed(HandshakeFailed):
+    """The TLS handshake with a peer failed, or its certificate names another server
+    (logged where it is raised, once per peer and reason in a while)."""
+
+    def __init__(self, message: str, *, peer: str, remote: str) -> None:
+        super().__init__(message, peer=peer)
+        self.remote = remote
 
 
 class ProtocolViolation(ReplicationError):

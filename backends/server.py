@@ -244,6 +244,7 @@ class Runnable(Protocol):
     config: Config
     me: ServerConfig
     hand_over: bool
+    membership: Membership
 
     async def __aenter__(self) -> Any: ...
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -292,6 +293,8 @@ def serve(server: Runnable, link: ChildLink | None) -> int:
                 on_stop()
 
         loop.add_signal_handler(signal.SIGTERM, on_stop)
+        if server.membership.channel.tls:  # new TLS files for new connections, no restart
+            loop.add_signal_handler(signal.SIGHUP, server.membership.channel.reload)
         if link is None:
             loop.add_signal_handler(signal.SIGINT, on_stop)
         else:  # (SIGINT is ignored: a terminal's Ctrl-C is for `tandem up`, which decides)

@@ -19,6 +19,7 @@ from typing import Any
 from .address import Address
 from .errors import ConfigError
 from .fields import build, shown
+from .tls import check as check_tls
 
 __all__ = [
     "Address",
@@ -96,6 +97,13 @@ class ClusterSection:
     # An overloaded server hands sessions to less loaded peers, one per request, with the
     # new token in that response (after a rolling restart, say).
     rebalance: bool = True
+    # TLS on the replication channel (tandem/tls.py, docs/deployment.md): on when tls_ca is
+    # set. "{id}" in tls_cert / tls_key stands for the server's id. The files are read
+    # again when they change (checked every tls_reload_interval_s; 0: on SIGHUP only).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_reload_interval_s: float = field(default=5.0, metadata={"min": 0.0})
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +176,9 @@ class ServerConfig:
     # A third voter for the view and the leases (clusters of two): hosts no app and no
     # session, answers only /__tandem/health on its http address (`tandem witness`).
     witness: bool = False
+    # This server's certificate and key (instead of cluster.tls_cert / tls_key).
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +340,7 @@ def loads(text: str, *, source: str = "<memory>",
             raise ConfigError("duplicate server id", key=f"servers[{i}].id", value=srv.id,
                               file=source)
         servers.append(srv)
+    check_tls(cluster, servers, source)
     if all(s.witness for s in servers):
         raise ConfigError("at least one server must host the app (witness = false)",
                           key="servers", value=[s.id for s in servers], file=source)

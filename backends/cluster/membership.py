@@ -26,6 +26,7 @@ from ..errors import NotServing
 from .link import PeerLink, PeerState
 from .quorum import Quorum, Standing
 from .store_view import StoreView, open_store_view
+from .tls import Channel
 from .view import Out, ViewChanged
 
 __all__ = ["Membership"]
@@ -56,10 +57,14 @@ class Membership:
                                  incarnation=self.incarnation,
                                  heartbeat_interval_s=c.heartbeat_interval_s,
                                  missed_heartbeats=c.missed_heartbeats, now=time.monotonic())
+        # how the replication connections are made: plaintext or mutual TLS (a TLS file
+        # that cannot be used is a ConfigError here, before anything starts)
+        self.channel = Channel(config=config, me=me)
         self.links: dict[str, PeerLink] = {
             s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed,
                            stalled=self.recently_stalled, incarnation=self.incarnation,
-                           on_refused=self.refused, on_heard=self.heard)
+                           on_refused=self.refused, on_heard=self.heard,
+                           channel=self.channel)
             for s in config.servers if s.id != me
         }
         self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []
@@ -83,6 +88,7 @@ class Membership:
         self._view_listeners.append(fn)
 
     def start(self) -> None:
+        self.channel.start()
         for link in self.links.values():
             link.start()
         self._stall_task = asyncio.create_task(self._watch_stalls(), name="stall-watch")
@@ -232,6 +238,7 @@ class Membership:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(link.close() for link in self.links.values()))
+        await self.channel.close()
         if self.store is not None:
             await self.store.close()
 

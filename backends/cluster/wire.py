@@ -2,7 +2,9 @@
 
 Frame: 4-byte big-endian length, then a UTF-8 JSON object. The handshake is a mutual
 challenge-response over the cluster secrets (HMAC-SHA256): the listener sends a nonce, the
-dialler proves it knows a secret and names itself, the listener proves it back.
+dialler proves it knows a secret and names itself, the listener proves it back. With TLS
+(`tls.py`) it runs inside the TLS connection, and the dialler may name itself only as a
+server its certificate names.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hmac
 import json
 import secrets
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,8 +171,10 @@ class Dialler:
 
 async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                            me: str, cluster: str, secrets_: Sequence[str],
-                           known: Sequence[str], incarnation: str = "") -> Dialler:
-    """Authenticate an incoming connection; returns who dialled."""
+                           known: Sequence[str], incarnation: str = "",
+                           certified: Collection[str] | None = None) -> Dialler:
+    """Authenticate an incoming connection; returns who dialled. `certified`: the server
+    ids the dialler's TLS certificate names (None: plaintext) — it may claim only those."""
     nonce = secrets.token_hex(16)
     write_frame(writer, {"op": "challenge", "server": me, "nonce": nonce, "inc": incarnation})
     hello = await read_frame(reader, peer="?")
@@ -183,6 +187,11 @@ async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     if peer not in known or peer == me:
         write_frame(writer, {"op": "refused", "reason": "unknown server id"})
         raise HandshakeFailed("not a member of this cluster", peer=peer)
+    if certified is not None and peer not in certified:
+        write_frame(writer, {"op": "refused", "reason": "certificate names another server"})
+        raise HandshakeFailed("its certificate names "
+                              f"{', '.join(sorted(certified)) or 'no server'}, not {peer}",
+                              peer=peer)
     if not _verify(secrets_, hello.get("mac"), "dial", cluster, nonce, their_nonce, peer,
                    their_inc):
         write_frame(writer, {"op": "refused", "reason": "bad credentials"})

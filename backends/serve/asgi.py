@@ -358,6 +358,7 @@ class TandemMiddleware:
             "standing": m.membership.quorum.standing.value,
             "lease": m.membership.serving_state() is None,
             "stats": m.stats,
+            "tls": m.membership.channel.status(),  # null: plaintext replication
         }).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
