@@ -1,4 +1,4 @@
-"""The `tandem` command: up, backend, witness, proxy, status."""
+"""The `tandem` command: up, backend, witness, proxy, status, certs."""
 
 from __future__ import annotations
 
@@ -124,6 +124,28 @@ def _parser() -> argparse.ArgumentParser:
                     "exit status 1 if a server is down.")
     st.add_argument("--config", required=True, metavar="FILE", help="cluster file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ce = sub.add_parser(
+        "certs", help="make a CA and a certificate per server, for TLS between the servers",
+        description="Write a CA (ca.crt, ca.key) and a certificate and key per server of the "
+                    "cluster file (<id>.crt, <id>.key; witnesses included) into a directory, "
+                    "for TLS on the replication channel, and print the lines the cluster "
+                    "file needs. A CA already in the directory is used again: running it "
+                    "again renews the servers' certificates. Keys are written mode 0600.",
+        epilog="Rotating the CA: --new-ca (every server then trusts both CAs), once every "
+               "server has reloaded it a plain run (new certificates from the new CA), "
+               "then --drop-old-cas. The servers read changed files without a restart.")
+    ce.add_argument("--config", required=True, metavar="FILE", help="cluster file")
+    ce.add_argument("--out", required=True, metavar="DIR", help="where the files go")
+    ce.add_argument("--server", action="append", default=[], metavar="ID",
+                    help="only this server's certificate (repeatable; default: every server)")
+    ce.add_argument("--days", type=int, default=365,
+                    help="how long the servers' certificates are valid (default: 365)")
+    rotation = ce.add_mutually_exclusive_group()
+    rotation.add_argument("--new-ca", action="store_true",
+                          help="add a new CA to the bundle and sign with it from now on")
+    rotation.add_argument("--drop-old-cas", action="store_true",
+                          help="leave only the signing CA in the bundle")
     return p
 
 
@@ -150,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "proxy":
         from .server import run as run_proxy
         return run_proxy(cfg)
+    if args.command == "certs":
+        from tandem.certs import run as run_certs
+        return run_certs(cfg, args.out, servers=args.server, days=args.days,
+                         new_ca=args.new_ca, drop_old_cas=args.drop_old_cas)
     if args.command == "up":
         from .up import run_up
         return run_up(cfg, path, app=args.app, interface=args.interface,

@@ -99,7 +99,7 @@ def files_for(config: Config, server_id: str) -> TlsFiles | None:
         return None
     index = config.server_ids.index(server_id)
     srv = config.servers[index]
-    base = Path(config.source).parent if config.source != "<memory>" else Path.cwd()
+    base = Path(config.source).resolve().parent if config.source != "<memory>" else Path.cwd()
 
     def resolve(written: str, key: str) -> TlsFile:
         path = Path(os.path.expanduser(written.replace("{id}", server_id)))
