@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -79,8 +80,9 @@ def _new_ca(cluster: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tandem"),
-                      x509.NameAttribute(NameOID.COMMON_NAME,
-                                         f"tandem CA {cluster} {now:%Y-%m-%d %H:%M:%S}")])
+                      # unique: the CAs of a bundle are told apart by their names
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"tandem CA {cluster} "
+                                         f"{now:%Y-%m-%d} {secrets.token_hex(4)}")])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - _SKEW).not_valid_after(now + datetime.timedelta(CA_DAYS))
