@@ -24,6 +24,7 @@ import pytest
 from cryptography import x509
 
 from tests.cluster import ROOT, Client, Cluster
+from tests.stores import make_redis  # noqa: F401 - a fixture
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 TLS_KEYS = {"tls_ca": "certs/ca.crt", "tls_cert": "certs/{id}.crt",
@@ -173,6 +174,52 @@ def test_a_plaintext_cluster_still_sends_its_challenge_at_once(make_cluster):
     with socket.create_connection(replication(cluster, "s1"), timeout=5) as raw:
         frame = read_frame(raw)
     assert frame is not None and frame["op"] == "challenge"
+
+
+@pytest.mark.parametrize("mode", ["witness", "redis"])
+def test_two_servers_and_a_witness_or_a_store_over_tls(make_cluster, request, mode):
+    """The witness dials and is dialled over TLS like a server; with the view in a store,
+    the servers' own channel is TLS all the same."""
+    if mode == "witness":
+        servers = [{"id": "s1", "host": HOSTS[0]}, {"id": "s2", "host": HOSTS[1]},
+                   {"id": "w", "host": HOSTS[2], "witness": True}]
+        cluster = tls_cluster(make_cluster, servers=servers)
+    else:
+        redis = request.getfixturevalue("make_redis")()
+        servers = [{"id": "s1", "host": HOSTS[0]}, {"id": "s2", "host": HOSTS[1]}]
+        cluster = make_cluster(servers=servers, cluster={
+            **TLS_KEYS, "membership": "redis", "membership_url": redis.url})
+        certs(cluster.config_path, cluster.tmp / "certs")
+    cluster.start()
+    assert all(cluster.health(sid)["tls"]["ids"] == [sid] for sid in cluster.servers)
+    client = Client(cluster.proxy_url)
+    for n in (1, 2):
+        assert client.get("/count")[1]["counter"] == n
+    _, primary, secondary = client.route
+    cluster.kill(primary)
+    status, body = client.get("/count")
+    assert status == 200 and body["counter"] == 3 and body["server"] == secondary
+
+
+async def test_a_certificate_near_its_end_is_warned_about(tmp_path):
+    from structlog.testing import capture_logs
+
+    from backends.cluster.tls import Channel
+    from tandem.config import load
+
+    config = tmp_path / "cluster.toml"
+    config.write_text("[cluster]\n" + "".join(f'{k} = "{v}"\n' for k, v in TLS_KEYS.items())
+                      + '[[servers]]\nid = "s1"\nhttp = "127.0.0.1:19601"\n'
+                        'replication = "127.0.0.1:19602"\n')
+    certs(config, tmp_path / "certs", "--days", "7")
+    channel = Channel(config=load(config), me="s1")
+    with capture_logs() as logs:
+        channel.start()
+        await channel.close()
+    (loaded,) = [e for e in logs if e["event"] == "tls_loaded"]
+    (warned,) = [e for e in logs if e["event"] == "tls_cert_expiring"]
+    assert warned["log_level"] == "warning" and 6.9 < warned["days_left"] <= 7.0
+    assert warned["not_after"] == loaded["not_after"] == channel.status()["not_after"]
 
 
 # --- refusals ---------------------------------------------------------------------------------

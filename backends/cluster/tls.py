@@ -83,8 +83,7 @@ class Channel:
         if self._ctx is None:
             return
         self._say_loaded("tls_loaded")
-        if self._interval > 0:
-            self._task = asyncio.create_task(self._watch(), name="tls-watch")
+        self._task = asyncio.create_task(self._watch(), name="tls-watch")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -111,11 +110,12 @@ class Channel:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            # (interval 0: the files are read on SIGHUP only; the expiry is still watched)
+            await asyncio.sleep(self._interval or 3600.0)
             stat = self._stat()
             # Files are often replaced one after the other (certificate, then key): reload
             # once they have stayed the same for one interval, not between the two.
-            if stat != self._loaded_stat and stat == self._seen_stat and (
+            if self._interval and stat != self._loaded_stat and stat == self._seen_stat and (
                     stat != self._failed_stat):
                 self.reload()
             self._seen_stat = stat
