@@ -20,6 +20,7 @@ from .address import Address
 from .errors import ConfigError
 from .fields import build, shown
 from .tls import check as check_tls
+from .tls import warnings as tls_warnings
 
 __all__ = [
     "Address",
@@ -212,12 +213,13 @@ class Config:
     @property
     def warnings(self) -> tuple[str, ...]:
         """What is allowed but most likely not meant, one line each (said at start)."""
+        plaintext = tls_warnings(self)  # replication across a network without TLS
         if len(self.app_servers) == 2 and len(self.servers) == 2:
             a, b = (s.id for s in self.servers)
             return (f"{a} and {b} cannot fail over without a third voter (a majority of two "
                     "is two); add a [[servers]] entry with witness = true "
-                    f"({self.source})",)
-        return ()
+                    f"({self.source})", *plaintext)
+        return plaintext
 
 
 _SECTIONS: dict[str, type] = {

@@ -15,6 +15,7 @@ pass as that one.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # (config.py imports this module)
     from .config import ClusterSection, Config, ServerConfig
 
 __all__ = ["IDENTITY_PREFIX", "identity", "ids_named", "TlsFile", "TlsFiles", "check",
-           "files_for"]
+           "files_for", "warnings"]
 
 IDENTITY_PREFIX = "tandem:server:"
 
@@ -112,3 +113,25 @@ def files_for(config: Config, server_id: str) -> TlsFiles | None:
 
     return TlsFiles(ca=resolve(cluster.tls_ca, "cluster.tls_ca"), cert=own("tls_cert"),
                     key=own("tls_key"), source=config.source)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warnings(config: Config) -> tuple[str, ...]:
+    """Without TLS, a replication address that is not loopback: the sessions would cross
+    a network readable (one line for `Config.warnings`)."""
+    if config.cluster.tls_ca:
+        return ()
+    exposed = [f"{s.id} {s.replication_bind or s.replication}" for s in config.servers
+               if not _loopback((s.replication_bind or s.replication).host)]
+    if not exposed:
+        return ()
+    return (f"the replication channel is plaintext and {', '.join(exposed)} "
+            f"{'is' if len(exposed) == 1 else 'are'} not loopback: session data crosses the "
+            "network readable; set cluster.tls_ca (`tandem certs`, docs/deployment.md) "
+            f"({config.source})",)

@@ -144,3 +144,17 @@ def test_certs_rotation_steps_and_errors(tmp_path: Path) -> None:
     broken = _certs(config, tmp_path / "c")
     assert broken.returncode == 2 and "not a usable CA" in broken.stderr
     assert broken.stderr.count("\n") == 1
+
+
+def test_plaintext_replication_off_loopback_is_warned_about() -> None:
+    three = TWO + server("s3", "127.0.0.3:9003", "127.0.0.3:9103")
+    assert load_text(three).warnings == ()
+    far = load_text(server("s1") + server("s2", "10.0.0.2:9002", "10.0.0.2:9102") + server(
+        "s3", "127.0.0.3:9003", "127.0.0.3:9103", replication_bind="0.0.0.0:9103"))
+    (line,) = far.warnings
+    assert line.startswith("the replication channel is plaintext and s2 10.0.0.2:9102, "
+                           "s3 0.0.0.0:9103 are not loopback")
+    assert line.endswith(f"({SOURCE})")
+    with_tls = load_text(section("cluster", **TLS), server("s1") + server(
+        "s2", "10.0.0.2:9002", "10.0.0.2:9102") + server("s3", "10.0.0.3:9003", "10.0.0.3:9103"))
+    assert with_tls.warnings == ()
