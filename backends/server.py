@@ -110,6 +110,8 @@ class BackendServer:
             #    dialled or a task started (the peers' connections wait in the backlog).
             await self.http.bind()
             await self.listener.bind()
+            if self.manager.sites is not None:  # the inter-site listener (docs/sites.md)
+                await self.manager.sites.bind()
             # 2. The session store: a backend that cannot reach its store does not serve.
             if self.manager.persister is not None:
                 await self.manager.persister.open()
@@ -126,6 +128,8 @@ class BackendServer:
             await self.listener.start()
             self.membership.start()
             self.manager.start()
+            if self.manager.sites is not None:
+                await self.manager.sites.start()
             await self.http.start_serving()
         except BaseException:
             await self.stop()
@@ -160,7 +164,10 @@ class BackendServer:
             self.manager.draining = True
         # 2. Stop the HTTP listener (in-flight requests finish, within a bound).
         await self.http.close()
-        # 3. Flush queued replication and store writes, stop background tasks, close the store.
+        # 3. Flush queued replication (the remote sites' first) and store writes, stop
+        #    background tasks, close the store.
+        if self.manager.sites is not None:
+            await self.manager.sites.close()
         if self._running or self._store_open:
             await self.manager.close()
         # 4. Say goodbye to the peers, close the replication channel.
@@ -284,6 +291,9 @@ def serve(server: Runnable, link: ChildLink | None) -> int:
 
         def on_word(word: str) -> None:  # from `tandem up`: the whole cluster stops
             assert link is not None
+            if word == "drain":  # the supervisor of part of the cluster is gone: as SIGTERM
+                on_stop()
+                return
             server.cluster_stopping()
             if word == "stopping":
                 link.answer("stopping")

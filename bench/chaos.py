@@ -68,6 +68,10 @@ SERVERS = ("s1", "s2", "s3")
 # --machines (the partition scenarios): the layout of the partition issue — a secondary is
 # chosen on another machine first, so s1's and s2's sessions are replicated to s3
 MACHINES = {"s1": "m1", "s2": "m1", "s3": "m2"}
+# --hosts: each server on a loopback address of its own, as on hosts of their own (the
+# address is also its machine); with --machines, s1 and s2 share one, as in MACHINES
+HOSTS = {"s1": "127.0.0.1", "s2": "127.0.0.2", "s3": "127.0.0.3"}
+HOSTS_MACHINES = {"s1": "127.0.0.1", "s2": "127.0.0.1", "s3": "127.0.0.2"}
 
 # The fault schedule: steps run one after the other while the clients run.
 #   ("sigkill"|"sigstop"|"sigcont"|"sigterm", server)  send the signal (sigkill/sigterm:
@@ -384,7 +388,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         # every process under a uid of its own, so that links between them can be cut
         uids = stack.enter_context(reserve_uids([*SERVERS, PROXY])).uids if args.uids else {}
-        servers = [{"id": sid, **({"machine": MACHINES[sid]} if args.machines else {})}
+        hosts = (HOSTS_MACHINES if args.machines else HOSTS) if args.hosts else {}
+        servers = [{"id": sid, **({"host": hosts[sid]} if hosts else {}),
+                    **({"machine": MACHINES[sid]} if args.machines and not hosts else {})}
                    for sid in SERVERS]
         cluster = Cluster(out / "cluster", servers=servers, app=args.app, session=session,
                           proxy=proxy,
@@ -513,6 +519,8 @@ def judge(args: argparse.Namespace, histories: list[list[Any]], runner: FaultRun
                    "method": args.method, "app": args.app,
                    "processes_under_own_uids": args.uids,
                    "machines": MACHINES if args.machines else None,
+                   "hosts": ((HOSTS_MACHINES if args.machines else HOSTS) if args.hosts
+                             else None),
                    "heartbeat": "0.5 s x 3 (tests/cluster.py)", "cpus": os.cpu_count(),
                    "log_level": args.log_level},
         "code": code_version(),
@@ -734,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machines", action=argparse.BooleanOptionalAction,
                    help="place s1 and s2 on machine m1, s3 on m2 (default: only for the "
                    "partition scenarios)")
+    p.add_argument("--hosts", action="store_true",
+                   help="each server on a loopback address of its own (127.0.0.1-3), which "
+                   "is also its machine; with --machines s1 and s2 share 127.0.0.1")
     p.add_argument("--app", help="default tests.apps:asgi_counter for GET, "
                    "bench.chaos_app:app for POST")
     p.add_argument("--log-level", default="INFO", help="TANDEM_LOG_LEVEL of the processes")

@@ -58,9 +58,32 @@ def _up_epilog() -> str:
         "Signals: Ctrl-C (SIGINT) or SIGTERM stops all of it, one line per process;\n"
         "SIGHUP restarts the servers one at a time (a rolling restart: each hands its\n"
         "sessions to their secondaries, restarts and rejoins before the next one goes).\n"
+        "With --host or --servers (part of the cluster, the other hosts running the rest),\n"
+        "Ctrl-C or SIGTERM drains this part's servers one at a time to the others, then\n"
+        "stops its proxy (docs/deployment.md).\n"
         "\n"
         "The servers and the proxy log at WARNING here (TANDEM_LOG_LEVEL, or --debug).\n"
         "Exit status: 0 stopped by a signal, 1 a process failed, 2 bad configuration or app.")
+
+
+def _add_placement(up: argparse.ArgumentParser) -> None:
+    """`tandem up`'s part of the cluster (tandem.placement; docs/deployment.md)."""
+    part = up.add_argument_group(
+        "one host of several", "Start part of the cluster; the other hosts start the rest, "
+        "and the servers find each other at their replication addresses. Ctrl-C then "
+        "drains this part's servers to the others.")
+    which = part.add_mutually_exclusive_group()
+    which.add_argument("--host", metavar="HOST",
+                       help="only the servers on HOST (the host of their http or "
+                            "replication address, or their machine), and the proxy if the "
+                            "file puts it there ([proxy] hosts, else the host of listen)")
+    which.add_argument("--servers", metavar="ID,ID", type=lambda v: v.split(","),
+                       help="only these servers (no proxy)")
+    proxy = part.add_mutually_exclusive_group()
+    proxy.add_argument("--no-proxy", dest="proxy", action="store_const", const="no",
+                       default="auto", help="no proxy, wherever the file puts it")
+    proxy.add_argument("--proxy-only", dest="proxy", action="store_const", const="only",
+                       help="only the proxy (with --host: if the file puts it there)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,10 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser(
-        "up", help="run the whole cluster on this machine (servers + proxy)",
-        description="Run every server of the cluster file and the proxy on this machine, "
-                    "as child processes, and supervise them (a server with witness = true "
-                    "runs as `tandem witness`).",
+        "up", help="run the cluster on this machine (servers + proxy), or this host's part",
+        description="Run every server of the cluster file and the proxy on this machine "
+                    "(or, with --host or --servers, this host's part of them), as child "
+                    "processes, and supervise them (a server with witness = true runs as "
+                    "`tandem witness`).",
         epilog=_up_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--config", metavar="FILE",
                     help="cluster file (default: the embedded demo cluster, below)")
@@ -86,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-restart", action="store_true",
                     help="stop the cluster when a process exits instead of restarting it")
     up.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    _add_placement(up)
 
     be = sub.add_parser(
         "backend", help="run one backend server of the cluster",
@@ -177,9 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_certs(cfg, args.out, servers=args.server, days=args.days,
                          new_ca=args.new_ca, drop_old_cas=args.drop_old_cas)
     if args.command == "up":
+        from tandem.errors import PlacementError
+        from tandem.placement import select
+
         from .up import run_up
+        try:
+            here = select(cfg, host=args.host, servers=args.servers, proxy=args.proxy)
+        except PlacementError as exc:
+            from tandem.startup import fail
+            return fail(f"tandem: {exc}", exc, code=2)
         return run_up(cfg, path, app=args.app, interface=args.interface,
-                      restart=not args.no_restart)
+                      restart=not args.no_restart, placement=here)
     from .up import print_status
     return print_status(cfg, as_json=args.json)
 

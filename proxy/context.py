@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from tandem.config import Config
-from tandem.token import TokenCodec
+from tandem.sites import TrustedCodec
 
 from .metrics import Metrics
 from .requestid import RequestIds
@@ -45,7 +45,9 @@ class ProxyContext:
         # shared state
         self.metrics = Metrics()
         self.request_ids = RequestIds()
-        self.tokens = TokenReader(TokenCodec(config.cluster.secrets), self.metrics,
+        # our tokens, and those of the trusted sites (docs/sites.md)
+        self.tokens = TokenReader(TrustedCodec(config.cluster.secrets, config.sites),
+                                  self.metrics,
                                   cookie_name=config.session.cookie_name,
                                   url_rewriting=config.session.url_rewriting)
 
@@ -54,6 +56,9 @@ class ProxyContext:
                         keepalive_s=p.keepalive_s, max_idle=max_idle_per_backend)
 
         self.router = Router(config.app_servers, max_skip_s=p.max_skip_s, pool_factory=pool_for)
+        for site in config.sites:  # cluster affinity: a remote site's sessions go there first
+            for srv in site.servers:
+                self.router.add_remote(srv.id, srv.http)
         self.connections: set[Any] = set()  # open ClientProtocol instances
         self.closing = False  # shutting down: finish in-flight requests, keep nothing alive
         # How long a request waiting at a server the cluster reports failed (out of its

@@ -61,7 +61,7 @@ class Backend:
 
     __slots__ = (
         # identity
-        "id", "address", "learned",
+        "id", "address", "learned", "remote",
         # state
         "state", "admin_state", "healthy", "bad_until", "in_view", "pool",
         "probe_successes", "probe_failures", "says_draining",
@@ -74,6 +74,7 @@ class Backend:
         self.id = backend_id
         self.address = address
         self.learned = learned  # added by a cluster view, not in the cluster file
+        self.remote = False  # a server of a remote site ([[sites]]): see Router.add_remote
 
         self.state = BackendState.UP  # effective: admin_state, lowered to DOWN when unhealthy
         self.admin_state = BackendState.UP
@@ -277,7 +278,7 @@ class Router:
             if b is not declined:
                 self.seen_alive(b)
         for b in self._order:
-            b.in_view = b.id in members
+            b.in_view = b.id in members or b.remote  # (no view of ours lists a remote one)
             self._observe(b)
         self.view_hash = view_hash
         if view_hash.isdigit():
@@ -285,6 +286,16 @@ class Router:
         self.view_tail = b"X-Tandem-View: " + view_hash.encode("ascii") + b"\r\n\r\n"
         self.views_applied += 1
         return added
+
+    def add_remote(self, backend_id: str, address: Address) -> Backend:
+        """A server of a remote site (docs/sites.md): the requests of its sessions go to it
+        first while it answers (cluster affinity), then to ours, which take the session
+        over once its site is proven down. It takes no new session here (draining)."""
+        b = self._add(backend_id, address, learned=False)
+        b.remote = True
+        b.admin_state = _DRAINING
+        b.refresh_state()
+        return b
 
     def _add(self, backend_id: str, address: Address, *, learned: bool) -> Backend:
         b = Backend(backend_id, address, learned=learned)

@@ -181,7 +181,7 @@ async def _serve(config: Config) -> int:
         def on_word(word: str) -> None:
             if word in ("stopping", "leave"):  # (steps for servers: nothing to do here)
                 link.answer("stopping" if word == "stopping" else "left")
-            elif word == "stop":
+            elif word in ("stop", "drain"):
                 stop.set()
 
         link.watch(loop, on_word)

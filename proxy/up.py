@@ -1,4 +1,5 @@
-"""`tandem up`: every server of the cluster file as a child process, and the proxy.
+"""`tandem up`: every server of the cluster file as a child process, and the proxy — or
+part of them (`--host`, `--servers`: tandem.placement), the other hosts running the rest.
 
 A server with `witness = true` runs as `tandem witness` (it votes; it hosts no app).
 
@@ -14,7 +15,10 @@ SIGHUP restarts the servers one by one (a rolling restart): each drains — hand
 sessions to their secondaries — exits, starts again and rejoins before the next one goes.
 Ctrl-C or SIGTERM stops the whole cluster: the proxy first, then every server at once, in
 steps (no hand-over to peers that stop too, no repair after peers that leave), one line
-each.
+each. When it runs only part of the cluster, the servers of other hosts carry on: Ctrl-C or
+SIGTERM drains its servers one at a time (each hands its sessions to peers that stay, as
+SIGTERM of one server does), then stops the proxy, which routed to the new primaries
+meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from typing import Any
 
 from tandem.config import Config, ServerConfig
 from tandem.logs import configure
+from tandem.placement import Placement, select
 from tandem.startup import AppLoadError, fail, warn_demo_secret
+from tandem.supervision import PART_ENV
 
 from .children import Child, ChildState, describe_exit
 
@@ -78,13 +84,16 @@ def _server_cmd(path: str, server: ServerConfig, app: str, interface: str) -> li
 
 def _wait_rejoined(cfg: Config, server: str, timeout: float,
                    stopping: Callable[[], bool]) -> bool:
-    """Until `server` answers and sees every other server alive."""
+    """Until `server` answers, is a member of the view again and sees every other member
+    alive (servers of other hosts that are down are no members: nothing to wait for)."""
     url = f"http://{cfg.server(server).http}/__tandem/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stopping():
         try:
             health = _get_json(url)
-            if all(v == "alive" for v in health.get("peers", {}).values()):
+            peers, members = health.get("peers", {}), health.get("members", [])
+            if server in members and health.get("standing") == "member" and all(
+                    peers.get(m) == "alive" for m in members if m != server):
                 return True
         except (OSError, urllib.error.URLError, ValueError):
             pass
@@ -100,40 +109,53 @@ class _Failed(Exception):
         self.lines = lines
 
 
-def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool) -> int:
-    """Run the cluster until Ctrl-C/SIGTERM (0) or a process fails (1); a bad app: 2."""
+def run_up(cfg: Config, path: str, *, app: str, interface: str, restart: bool,
+           placement: Placement | None = None) -> int:
+    """Run the cluster (or `placement`'s part of it) until Ctrl-C/SIGTERM (0) or a process
+    fails (1); a bad app: 2."""
     configure(component="up")
-    from backends.server import load_app  # (the backend runtime, only for `up`)
-    try:
-        load_app(app, interface)  # once, here: not a traceback per server
-    except AppLoadError as exc:
-        return fail(f"tandem: {exc}", exc, code=2)
+    here = placement or select(cfg)
+    # (a host of a witness or of the proxy alone need not have the app installed)
+    if any(not s.witness for s in here.servers):
+        from backends.server import load_app
+        try:
+            load_app(app, interface)  # once, here: not a traceback per server
+        except AppLoadError as exc:
+            return fail(f"tandem: {exc}", exc, code=2)
     p = cfg.proxy
-    warn_demo_secret(cfg, [*(a for s in cfg.servers for a in (s.http, s.replication,
-                                                         s.http_bind, s.replication_bind)
+    warn_demo_secret(cfg, [*(a for s in here.servers for a in (s.http, s.replication,
+                                                          s.http_bind, s.replication_bind)
                              if a is not None),
-                           *(a for a in (p.listen, p.admin) if a is not None)], plain=True)
-    return _Supervisor(cfg, path, app=app, interface=interface, restart=restart).run()
+                           *(a for a in (p.listen, p.admin) if a is not None and here.proxy)],
+                     plain=True)
+    return _Supervisor(cfg, path, app=app, interface=interface, restart=restart,
+                       placement=here).run()
 
 
 class _Supervisor:
     def __init__(self, cfg: Config, path: str, *, app: str, interface: str,
-                 restart: bool) -> None:
+                 restart: bool, placement: Placement) -> None:
         # configuration
         self.cfg = cfg
         self.restart = restart
+        self.placement = placement
+        # what a failure stops: all of the cluster, or what runs here
+        self.what = "the cluster" if placement.whole else f"this part ({placement.scope})"
         env = child_env()
         self.proxy = Child(name="proxy", cmd=[sys.executable, "-m", "proxy.cli", "proxy",
-                                              "--config", path], env=env)
+                                              "--config", path], env=env) \
+            if placement.proxy else None
+        # part of the cluster: a server that loses this supervisor drains to the others
+        server_env = env if placement.whole else {**env, PART_ENV: "1"}
         self.servers = {s.id: Child(name=s.id, cmd=_server_cmd(path, s, app, interface),
-                                    env=env) for s in cfg.servers}
+                                    env=server_env) for s in placement.servers}
         # what the signals asked for
         self.stopping = False
         self.rolling = False
 
     @property
     def children(self) -> list[Child]:
-        return [self.proxy, *self.servers.values()]
+        return [*([self.proxy] if self.proxy else []), *self.servers.values()]
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -200,19 +222,32 @@ class _Supervisor:
             raise _Failed(child.failure, *self._after_restart(child))
         return child.state is ChildState.READY
 
-    @staticmethod
-    def _after_restart(child: Child) -> tuple[str, ...]:
+    def _after_restart(self, child: Child) -> tuple[str, ...]:
         if child.spawns < 2:
             return ()
-        return (f"tandem: {child.name} could not restart; stopping the cluster",)
+        return (f"tandem: {child.name} could not restart; stopping {self.what}",)
 
     def _announce(self) -> None:
-        listen, *admin = self.proxy.addresses or [str(self.cfg.proxy.listen)]
-        status = f", status page http://{admin[0]}/__tandem/status" if admin else ""
+        here = self.placement
+        if self.proxy is not None:
+            listen, *admin = self.proxy.addresses or [str(self.cfg.proxy.listen)]
+            status = f", status page http://{admin[0]}/__tandem/status" if admin else ""
+            first = f"http://{listen}/{status}"
+        else:
+            first = "(no proxy here)"
         servers = ", ".join(f"{s.id}={s.http}" + (" (witness)" if s.witness else "")
-                            for s in self.cfg.servers)
-        print(f"\ntandem is up: http://{listen}/{status}\n"
-              f"servers: {servers} — Ctrl-C stops all of it\n", file=sys.stderr, flush=True)
+                            for s in here.servers) or "none here"
+        if here.whole:
+            print(f"\ntandem is up: {first}\n"
+                  f"servers: {servers} — Ctrl-C stops all of it\n", file=sys.stderr,
+                  flush=True)
+            return
+        others = [s.id for s in self.cfg.servers if s.id not in self.servers]
+        print(f"\ntandem is up ({here.scope}): {first}\n"
+              f"servers: {servers}; on other hosts: {', '.join(others)}\n"
+              "(a new cluster first serves once every server of the file has been up together)\n"
+              "Ctrl-C drains the servers here to the others, then stops\n", file=sys.stderr,
+              flush=True)
 
     # --- running ------------------------------------------------------------------------
 
@@ -233,7 +268,7 @@ class _Supervisor:
         n = child.exited_within(RESTART_WINDOW_S)
         if n >= RESTART_LIMIT:
             raise _Failed(f"tandem: {child.name} exited {n} times within "
-                          f"{RESTART_WINDOW_S:g} s (last: {why}); stopping the cluster")
+                          f"{RESTART_WINDOW_S:g} s (last: {why}); stopping {self.what}")
         print(f"tandem: {child.name} exited ({why}); restarting it", file=sys.stderr,
               flush=True)
         child.spawn()
@@ -266,10 +301,13 @@ class _Supervisor:
     def _stop_all(self, *, announce: bool) -> None:
         """The whole cluster stops: the proxy first (no new requests), then every server
         at once, each told that its peers stop too; `announce`: a line for each."""
+        if not self.placement.whole:
+            self._stop_part(announce=announce)
+            return
         running = [c for c in self.children if c.exit_code() is None and c.proc is not None]
         deadline = time.monotonic() + STOP_TIMEOUT_S
         killed = set()
-        for group in ([self.proxy], list(self.servers.values())):
+        for group in ([self.proxy] if self.proxy else [], list(self.servers.values())):
             self._step(group, "stopping", "stopping")
             self._step(group, "leave", "left")
             for child in group:
@@ -290,6 +328,38 @@ class _Supervisor:
             else:
                 line = "stopped" + (f" ({child.summary})" if child.summary else "")
             print(f"tandem: {child.name} {line}", file=sys.stderr, flush=True)
+
+    def _stop_part(self, *, announce: bool) -> None:
+        """Part of the cluster stops, the servers of other hosts carry on: each server here
+        drains in turn (SIGTERM: it hands its sessions and re-homes its replicas to peers
+        that stay; one at a time, so none hands to a neighbour about to go too), then the
+        proxy stops — it kept sending each drained session to its new primary."""
+        def say(line: str) -> None:
+            if announce:
+                print(f"tandem: {line}", file=sys.stderr, flush=True)
+
+        if announce and sys.stderr.isatty():
+            print(file=sys.stderr)  # past the terminal's "^C"
+        drain_s = self.cfg.cluster.drain_timeout_s + 10.0
+        for child in self.servers.values():
+            if child.proc is None or child.exit_code() is not None:
+                continue
+            child.stop(hand_over=True)
+            if child.wait(drain_s):
+                say(f"{child.name} drained" + (f" ({child.summary})" if child.summary else ""))
+            else:
+                child.kill()
+                say(f"{child.name} did not drain within {drain_s:g} s: killed")
+        if self.proxy is not None and self.proxy.proc is not None \
+                and self.proxy.exit_code() is None:
+            self.proxy.stop(hand_over=False)
+            if self.proxy.wait(STOP_TIMEOUT_S):
+                say("proxy stopped")
+            else:
+                self.proxy.kill()
+                say(f"proxy did not stop within {STOP_TIMEOUT_S:g} s: killed")
+        for child in self.children:
+            child.close()
 
     @staticmethod
     def _step(group: list[Child], word: str, answer: str) -> None:

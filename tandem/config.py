@@ -7,6 +7,7 @@ file. `TANDEM_SECRETS` (comma-separated) overrides `cluster.secrets`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -19,6 +20,7 @@ from typing import Any
 from .address import Address
 from .errors import ConfigError
 from .fields import build, shown
+from .sites import SiteConfig, check_sites, parse_sites
 from .tls import check as check_tls
 from .tls import warnings as tls_warnings
 
@@ -32,6 +34,7 @@ __all__ = [
     "Config",
     "load",
     "loads",
+    "parse_server",
     "default_config_path",
 ]
 
@@ -43,6 +46,39 @@ _MEMBERSHIP_SCHEMES = {
     "redis": ("redis://", "rediss://", "unix://"),
     "postgresql": ("postgresql://", "postgres://"),
 }
+
+
+def parse_server(entry: object, *, where: str, source: str) -> ServerConfig:
+    """One `[[servers]]` table (or a joining server's announcement of itself), checked."""
+    if not isinstance(entry, dict):
+        raise ConfigError("must be a table", key=where, value=entry, file=source)
+    srv: ServerConfig = build(ServerConfig, entry, prefix=where, source=source)
+    if not _ID_RE.fullmatch(srv.id) or srv.id == "NONE":
+        raise ConfigError("server id must be 1-64 of [A-Za-z0-9_-] and not NONE",
+                          key=f"{where}.id", value=srv.id, file=source)
+    if srv.witness:
+        # Where a witness hosts nothing, these would be silently ignored.
+        for key in ("machine", "group", "preferred_secondary_group"):
+            if key in entry:
+                raise ConfigError("a witness hosts no sessions: remove it",
+                                  key=f"{where}.{key}", value=entry[key], file=source)
+    for what in ("http", "replication"):
+        addr: Address = getattr(srv, what)
+        if addr.wildcard:
+            # A peer cannot dial "every interface"; guessing one of this host's
+            # addresses would advertise the wrong one on a multi-homed host.
+            raise ConfigError(
+                f"{addr.host} cannot be dialled by the proxy or the peers: set {what} to "
+                f'the address they dial and {what}_bind = "{addr}" to listen on every '
+                "interface", key=f"{where}.{what}", value=str(addr), file=source)
+    if not srv.machine:
+        srv = dataclasses.replace(srv, machine=srv.http.host)
+    if (srv.http_bind or srv.replication_bind) and (
+            (srv.http_bind or srv.http) == (srv.replication_bind or srv.replication)):
+        raise ConfigError("binds the same address as the http listener",
+                          key=f"{where}.replication" + ("_bind" if srv.replication_bind else ""),
+                          value=str(srv.replication_bind or srv.replication), file=source)
+    return srv
 
 
 def _check_membership_url(cluster: ClusterSection, source: str) -> None:
@@ -61,6 +97,21 @@ def _check_membership_url(cluster: ClusterSection, source: str) -> None:
         raise ConfigError(f"must be a {', '.join(schemes)} URL "
                           f'with cluster.membership = "{kind}"',
                           key="cluster.membership_url", value="***", file=source)
+
+
+def _check_proxy_hosts(hosts: tuple[str, ...], source: str) -> None:
+    for host in hosts:
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ip = ipaddress.ip_address(bare)
+        except ValueError:
+            ip = None
+        if ip is None and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", host):
+            raise ConfigError("expected a host name or an IP address, without a port",
+                              key="proxy.hosts", value=host, file=source)
+        if ip is not None and ip.is_unspecified:
+            raise ConfigError("a wildcard is no host: name the host the proxy runs on",
+                              key="proxy.hosts", value=host, file=source)
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -129,6 +180,9 @@ class ProxySection:
     # Port 0 on the proxy's own listeners: the system picks a free port.
     listen: Address = field(default=Address("127.0.0.1", 8080), metadata={"port_0": True})
     admin: Address | None = field(default=Address("127.0.0.1", 8081), metadata={"port_0": True})
+    # The hosts `tandem up --host H` starts the proxy on (tandem.placement); empty: the
+    # host of `listen`. A host, no port: "10.0.0.1", "node-a", "2001:db8::1".
+    hosts: tuple[str, ...] = ()
     connect_timeout_s: float = field(default=2.0, metadata=_positive())
     io_timeout_s: float = field(default=300.0, metadata=_positive())
     max_skip_s: float = field(default=10.0, metadata={"min": 0.0})
@@ -180,6 +234,9 @@ class ServerConfig:
     # This server's certificate and key (instead of cluster.tls_cert / tls_key).
     tls_cert: str = ""
     tls_key: str = ""
+    # Its inter-site listener (docs/sites.md): required on every app server when the file
+    # names remote [[sites]], which dial it.
+    site_replication: Address | None = field(default=None, metadata={"no_off": True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +247,7 @@ class Config:
     persistence: PersistenceSection
     servers: tuple[ServerConfig, ...]
     source: str = "<memory>"
+    sites: tuple[SiteConfig, ...] = ()  # remote sites (docs/sites.md)
 
     def server(self, server_id: str) -> ServerConfig:
         for s in self.servers:
@@ -261,7 +319,7 @@ def loads(text: str, *, source: str = "<memory>",
         raise ConfigError(f"not valid TOML: {exc}", key="<file>", value=None, file=source) from exc
     env = os.environ if environ is None else environ
 
-    unknown = set(raw) - set(_SECTIONS) - {"servers"}
+    unknown = set(raw) - set(_SECTIONS) - {"servers", "sites"}
     for key in sorted(unknown):
         raise ConfigError("unknown section or key", key=key, value=shown(key, raw[key]),
                           file=source)
@@ -291,6 +349,7 @@ def loads(text: str, *, source: str = "<memory>",
             value=sections["proxy"].io_timeout_s, file=source)
     cluster = sections["cluster"]
     _check_membership_url(cluster, source)
+    _check_proxy_hosts(sections["proxy"].hosts, source)
     cookie = sections["session"].cookie_name
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
         raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",
@@ -303,36 +362,7 @@ def loads(text: str, *, source: str = "<memory>",
     servers: list[ServerConfig] = []
     seen: dict[str, str] = {}
     for i, entry in enumerate(servers_raw):
-        if not isinstance(entry, dict):
-            raise ConfigError("must be a table", key=f"servers[{i}]", value=entry, file=source)
-        srv = build(ServerConfig, entry, prefix=f"servers[{i}]", source=source)
-        if not _ID_RE.fullmatch(srv.id) or srv.id == "NONE":
-            raise ConfigError("server id must be 1-64 of [A-Za-z0-9_-] and not NONE",
-                              key=f"servers[{i}].id", value=srv.id, file=source)
-        if srv.witness:
-            # Where a witness hosts nothing, these would be silently ignored.
-            for key in ("machine", "group", "preferred_secondary_group"):
-                if key in entry:
-                    raise ConfigError("a witness hosts no sessions: remove it",
-                                      key=f"servers[{i}].{key}", value=entry[key],
-                                      file=source)
-        for what in ("http", "replication"):
-            addr: Address = getattr(srv, what)
-            if addr.wildcard:
-                # A peer cannot dial "every interface"; guessing one of this host's
-                # addresses would advertise the wrong one on a multi-homed host.
-                raise ConfigError(
-                    f"{addr.host} cannot be dialled by the proxy or the peers: set {what} to "
-                    f'the address they dial and {what}_bind = "{addr}" to listen on every '
-                    "interface", key=f"servers[{i}].{what}", value=str(addr), file=source)
-        if not srv.machine:
-            srv = dataclasses.replace(srv, machine=srv.http.host)
-        if (srv.http_bind or srv.replication_bind) and (
-                (srv.http_bind or srv.http) == (srv.replication_bind or srv.replication)):
-            raise ConfigError("binds the same address as the http listener",
-                              key=f"servers[{i}].replication"
-                                  + ("_bind" if srv.replication_bind else ""),
-                              value=str(srv.replication_bind or srv.replication), file=source)
+        srv = parse_server(entry, where=f"servers[{i}]", source=source)
         for what, addr in (("http", srv.http), ("replication", srv.replication)):
             if str(addr) in seen:
                 raise ConfigError(f"address already used by {seen[str(addr)]}",
@@ -346,4 +376,8 @@ def loads(text: str, *, source: str = "<memory>",
     if all(s.witness for s in servers):
         raise ConfigError("at least one server must host the app (witness = false)",
                           key="servers", value=[s.id for s in servers], file=source)
-    return Config(servers=tuple(servers), source=source, **sections)
+    sites = parse_sites(raw.get("sites", []), local_name=cluster.name,
+                        local_ids=[s.id for s in servers], source=source)
+    if sites:
+        check_sites(sites, servers, sections["session"].persistence, source)
+    return Config(servers=tuple(servers), source=source, sites=sites, **sections)

@@ -8,7 +8,7 @@ process that cannot start.
 from __future__ import annotations
 
 __all__ = ["ClusterError", "ConfigError", "TokenError", "BadSignature", "MalformedToken",
-           "StartupError", "ListenError", "AppLoadError"]
+           "StartupError", "ListenError", "AppLoadError", "PlacementError"]
 
 
 class ClusterError(Exception):
@@ -25,6 +25,18 @@ class ConfigError(ClusterError, ValueError):
         where = f" in {file}" if file else ""
         super().__init__(f"{key}: {message} (got {value!r}){where}")
         self.key = key
+        self.value = value
+        self.file = file
+
+
+class PlacementError(ClusterError, ValueError):
+    """`tandem up --host` / `--servers` names nothing of the cluster file (the message
+    lists what the file has)."""
+
+    def __init__(self, message: str, *, option: str, value: object, file: str = "") -> None:
+        where = f" ({file})" if file else ""
+        super().__init__(f"{option} {value}: {message}{where}")
+        self.option = option
         self.value = value
         self.file = file
 

@@ -13,7 +13,9 @@ once all answered (or a bound passed):
   `stop`      stop (the listeners close last: no peer sees a link drop before its goodbye).
 A server that heard `leave` before another heard `stopping` would be repaired after; one
 that closed its listener before another said goodbye would be seen failing.
-A child whose channel reaches end-of-file has lost its supervisor and stops as for `stop`.
+A child whose channel reaches end-of-file has lost its supervisor and stops as for `stop`;
+a server started by a `tandem up` of part of the cluster (TANDEM_SUPERVISOR_PART=1: the
+other hosts' servers carry on) drains instead, as for SIGTERM (the word `drain`).
 
 Why a channel and not a probe of the address: a probe answers for whatever program holds
 the port; only the child can say that *it* listens there.
@@ -29,9 +31,10 @@ import stat
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["ENV", "ChildLink", "child_link", "ParentEnd", "spawn"]
+__all__ = ["ENV", "PART_ENV", "ChildLink", "child_link", "ParentEnd", "spawn"]
 
 ENV = "TANDEM_SUPERVISOR_FD"
+PART_ENV = "TANDEM_SUPERVISOR_PART"
 
 _link: ChildLink | None = None
 _looked = False
@@ -44,13 +47,16 @@ def child_link() -> ChildLink | None:
         _looked = True
         _link = ChildLink.from_env(os.environ)
         os.environ.pop(ENV, None)  # the application's own subprocesses are not children
+        os.environ.pop(PART_ENV, None)
     return _link
 
 
 class ChildLink:
     """The child's end: reports start-up and stop, hears `stop` (or the supervisor's end)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, part: bool = False) -> None:
+        # started with part of the cluster: losing the supervisor is a drain, not a stop
+        self.part = part
         os.set_inheritable(fd, False)  # the application's own subprocesses do not hold it
         self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(False)
@@ -68,7 +74,7 @@ class ChildLink:
                 return None
         except OSError:  # the variable came without the fd: on its own
             return None
-        return cls(fd)
+        return cls(fd, part=environ.get(PART_ENV) == "1")
 
     def ready(self, *addresses: str) -> bool:
         """Every listener is bound and serving (`addresses`: where, as bound)."""
@@ -94,7 +100,7 @@ class ChildLink:
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_word: Callable[[str], None]) -> None:
         """Call `on_word` (in the loop) with each word the supervisor says, and with
-        `stop` when its end closes."""
+        `stop` when its end closes (`drain` for part of the cluster)."""
         def readable() -> None:
             try:
                 data = self._sock.recv(4096)
@@ -107,7 +113,7 @@ class ChildLink:
                 on_word(line.decode("ascii", "replace").strip())
             if not data:
                 self.unwatch()
-                on_word("stop")
+                on_word("drain" if self.part else "stop")
 
         self._watched = loop
         loop.add_reader(self._sock.fileno(), readable)

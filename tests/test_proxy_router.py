@@ -134,3 +134,24 @@ def test_unknown_ids_and_bad_states_raise_with_a_sentence():
     with pytest.raises(BadStateTransition, match="one of up, draining, down"):
         router.set_admin_state("s1", "sideways")
     assert ids(router.candidates(Route("sid", "s9", None))) != []  # unknown primary: skipped
+
+
+def test_a_remote_site_gets_its_own_sessions_first_and_no_new_ones():
+    """Cluster affinity (docs/sites.md): a remote site's servers are tried first for its
+    sessions, never for a new one, and no view of ours takes them out."""
+    router, clock = make_router(2)
+    for i in (1, 2):
+        router.add_remote(f"r{i}", Address("127.0.0.2", 9000 + i))
+    route = Route("sid", "r1", "r2")
+    assert router.first(route) is router.get("r1")
+    assert ids(router.candidates(route))[:2] == ["r1", "r2"]
+    assert all(router.candidates(None)[0].id in ("s1", "s2") for _ in range(6))
+    assert all(router.first(None).id in ("s1", "s2") for _ in range(6))
+    router.apply_view("7", {"s1": Address("127.0.0.1", 9001),
+                            "s2": Address("127.0.0.1", 9002)})
+    assert ids(router.candidates(route))[:2] == ["r1", "r2"]
+    # the remote site refuses: its servers marked bad, ours next (they take it over)
+    router.mark_bad(router.get("r1"))
+    router.mark_bad(router.get("r2"))
+    assert router.first(route) is None
+    assert sorted(ids(router.candidates(route))[:2]) == ["s1", "s2"]

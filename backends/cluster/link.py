@@ -31,6 +31,7 @@ from ..errors import (
     TlsHandshakeFailed,
 )
 from . import wire
+from .roster import announcement
 from .tls import Channel
 
 __all__ = ["PeerState", "PeerLink", "Outbox"]
@@ -90,6 +91,8 @@ class PeerLink:
         self.me = me
         self._channel = channel or Channel(config=config, me=me)  # plaintext or TLS
         self.incarnation = incarnation  # ours, sent in the handshake
+        # our addresses, also in the handshake: a peer that does not know us may admit us
+        self._announce = announcement(config.server(me))
         self._stalled = stalled  # were *we* frozen just now? (then its silence is ours)
         self.peer = peer
         self._cluster = config.cluster
@@ -266,7 +269,8 @@ class PeerLink:
         try:
             self.peer_incarnation = await asyncio.wait_for(wire.dial_handshake(
                 reader, writer, me=self.me, peer=self.peer.id, cluster=self._cluster.name,
-                secrets_=self._cluster.secrets, incarnation=self.incarnation), timeout)
+                secrets_=self._cluster.secrets, incarnation=self.incarnation,
+                spec=self._announce), timeout)
         except BaseException:
             writer.close()
             raise

@@ -87,7 +87,7 @@ class ReplicationListener:
         try:
             dialler = await asyncio.wait_for(wire.accept_handshake(
                 reader, writer, me=m.me.id, cluster=cluster.name, secrets_=cluster.secrets,
-                known=m.config.server_ids, incarnation=m.incarnation,
+                known=m.roster, incarnation=m.incarnation, admit=m.admit_dialler,
                 certified=m.channel.certified(writer)), cluster.peer_connect_timeout_s)
         except (ReplicationError, OSError, TimeoutError) as exc:
             peername = writer.get_extra_info("peername")

@@ -21,10 +21,12 @@ from typing import Any
 import structlog
 
 from tandem.config import Config, ServerConfig
+from tandem.errors import ConfigError
 
 from ..errors import NotServing
 from .link import PeerLink, PeerState
 from .quorum import Quorum, Standing
+from .roster import Roster, announcement
 from .store_view import StoreView, open_store_view
 from .tls import Channel
 from .view import Out, ViewChanged
@@ -40,6 +42,7 @@ class Membership:
     def __init__(self, *, config: Config, me: str) -> None:
         self.config = config
         self.me = config.server(me)
+        self.roster = Roster(config)  # where each server is: the file's, and joined ones
         # this process: new at every start (a restarted server forgot everything it promised)
         self.incarnation = secrets.token_hex(8)
         c = config.cluster
@@ -61,15 +64,11 @@ class Membership:
         # that cannot be used is a ConfigError here, before anything starts)
         self.channel = Channel(config=config, me=me)
         self.links: dict[str, PeerLink] = {
-            s.id: PeerLink(me=me, peer=s, config=config, on_state=self._changed,
-                           stalled=self.recently_stalled, incarnation=self.incarnation,
-                           on_refused=self.refused, on_heard=self.heard,
-                           channel=self.channel)
-            for s in config.servers if s.id != me
-        }
+            s.id: self._link(s) for s in config.servers if s.id != me}
         self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []
         self._view_listeners: list[Callable[[ViewChanged], None]] = []
         self._view: tuple[str, str] | None = None
+        self._forgetting: set[asyncio.Future[None]] = set()  # links of departed joiners
         # until when (monotonic) this server may acknowledge writes: the lease, while bound
         self.ack_until = float("-inf")
         self.leaving = False  # said goodbye: acknowledges nothing more
@@ -79,6 +78,76 @@ class Membership:
         self._quorum_task: asyncio.Task[None] | None = None
         self._stalled_at = -1e9  # monotonic time our last stall ended
         self._last_tick = float("inf")  # when the stall watch last ran (not yet: inf)
+
+    def _link(self, server: ServerConfig) -> PeerLink:
+        return PeerLink(me=self.me.id, peer=server, config=self.config, on_state=self._changed,
+                        stalled=self.recently_stalled, incarnation=self.incarnation,
+                        on_refused=self.refused, on_heard=self.heard, channel=self.channel)
+
+    def server(self, server_id: str) -> ServerConfig:
+        """A server's configuration: from the cluster file, or announced when it joined."""
+        found = self.roster.get(server_id)
+        return found if found is not None else self.config.server(server_id)
+
+    # --- joins (backends.cluster.roster) -------------------------------------------------
+
+    def admit_dialler(self, peer: str, spec: object) -> None:
+        """A server we do not know dialled us with the cluster secrets and announced itself:
+        admit it (ConfigError refuses it, said to the dialler)."""
+        if self.store is not None:
+            raise ConfigError('needs cluster.membership = "embedded" to join a running '
+                              "cluster; add the server to every cluster file and restart",
+                              key="cluster.membership", value=self.config.cluster.membership,
+                              file=self.config.source)
+        self._admit(self.roster.parse(spec, peer=peer), by="handshake")
+        self._gossip_roster()  # the others learn where it is, dial it, and hear from it
+
+    def _admit(self, server: ServerConfig, *, by: str) -> None:
+        if server.id == self.me.id or not self.roster.admit(server):
+            return
+        link = self.links[server.id] = self._link(server)
+        if self._quorum_task is not None:
+            link.start()
+        assert isinstance(self.quorum, Quorum)
+        self.quorum.admit(server.id)
+        self._view = None
+        log.info("server_admitted", server=server.id, http=str(server.http),
+                 replication=str(server.replication), machine=server.machine, by=by)
+
+    def _gossip_roster(self) -> None:
+        """Tell every peer where the servers are that joined (not in every cluster file):
+        each heartbeat while there are any, so that a peer that missed a join learns it."""
+        joined = [announcement(s) for s in self.roster if s.id not in self.roster.from_file]
+        if joined:
+            self.broadcast({"op": "v_roster", "servers": joined})
+
+    def _on_roster(self, peer: str, msg: dict[str, Any]) -> None:
+        servers = msg.get("servers")
+        if not isinstance(servers, list):
+            log.warning("roster_malformed", peer=peer)
+            return
+        for spec in servers:
+            sid = spec.get("id") if isinstance(spec, dict) else None
+            if not isinstance(sid, str) or sid in self.roster or isinstance(
+                    self.quorum, StoreView):
+                continue
+            try:
+                self._admit(self.roster.parse(spec, peer=sid), by=peer)
+            except ConfigError as exc:
+                log.warning("roster_entry_refused", peer=peer, server=sid, reason=str(exc))
+
+    def _forget_departed(self, event: ViewChanged) -> None:
+        """A server that joined at run time, left (drained, said goodbye) and is out of the
+        view is forgotten: no more dialling it (if it starts again, it joins again)."""
+        for m in event.removed:
+            link = self.links.get(m)
+            if m in self.roster.from_file or link is None or link.state is not PeerState.LEFT:
+                continue
+            del self.links[m]
+            self.roster.forget(m)
+            self._forgetting.add(asyncio.ensure_future(link.close(goodbye=False)))
+            self._forgetting = {t for t in self._forgetting if not t.done()}
+            log.info("server_forgotten", server=m)
 
     def on_change(self, fn: Callable[[str, PeerState, str], Awaitable[None] | None]) -> None:
         self._listeners.append(fn)
@@ -97,15 +166,24 @@ class Membership:
     # --- the view consensus and the lease ----------------------------------------------
 
     async def _tick_quorum(self) -> None:
-        tick = min(0.05, self.config.cluster.heartbeat_interval_s / 5)
+        heartbeat = self.config.cluster.heartbeat_interval_s
+        tick = min(0.05, heartbeat / 5)
+        gossip_at = 0.0
         while True:
+            now = time.monotonic()
             if self.store is not None:
-                await self.store.beat(time.monotonic())
+                await self.store.beat(now)
+            elif now >= gossip_at:
+                gossip_at = now + heartbeat
+                self._gossip_roster()
             self._deliver(self.quorum.tick(time.monotonic()))
             await asyncio.sleep(tick)
 
     def receive(self, peer: str, msg: dict[str, Any]) -> None:
         """A `v_*`/`l_*` frame from `peer` (authenticated by the listener)."""
+        if msg.get("op") == "v_roster":
+            self._on_roster(peer, msg)
+            return
         if msg.get("op") in ("v_prepare", "v_accept"):
             # A change is proposed: re-dial the peers we lost now, so that a dead one's
             # refusal (the proof we may vote it out on) is here by the proposer's retry.
@@ -144,6 +222,7 @@ class Membership:
             self.ack_until = q.lease.lease_until
         for event in events:
             self._view = None
+            self._forget_departed(event)
             for fn in self._view_listeners:
                 fn(event)  # promotions and fencing happen here, before anything else runs
             self._view_changed.set()
@@ -272,7 +351,7 @@ class Membership:
         if self._view is None:
             view = self.quorum.view
             listing = ", ".join(f"{m}={s.http}" for m in view.members
-                                if not (s := self.config.server(m)).witness)
+                                if (s := self.roster.get(m)) is not None and not s.witness)
             number = str(view.number)
             self._view = (number, f"{number}; {listing}")
         return self._view

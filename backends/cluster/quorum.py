@@ -201,6 +201,12 @@ class Quorum:
         self.sightings.refused(peer, self.view.incarnation_of(peer) or "")
         return self.proposer.propose(now, forced=False)
 
+    def admit(self, server: str) -> None:
+        """A server that joined the running cluster (backends.cluster.roster): it may now
+        ask to join the view, and be proposed and voted in like a server that came back."""
+        if server not in self.servers:
+            self.servers = (*self.servers, server)
+
     def propose_remove(self, peer: str, now: float) -> list[Out]:
         """Ask for a view without `peer` (an operator's command); acceptors still judge it."""
         self.proposer.forced_out.add(peer)

@@ -2,9 +2,11 @@
 
 Frame: 4-byte big-endian length, then a UTF-8 JSON object. The handshake is a mutual
 challenge-response over the cluster secrets (HMAC-SHA256): the listener sends a nonce, the
-dialler proves it knows a secret and names itself, the listener proves it back. With TLS
-(`tls.py`) it runs inside the TLS connection, and the dialler may name itself only as a
-server its certificate names.
+dialler proves it knows a secret and names itself, the listener proves it back. The
+dialler's hello also announces where it is (`spec`, under the same MAC): a server the
+listener does not know yet may be admitted by it (a join, backends.cluster.roster). With
+TLS (`tls.py`) it runs inside the TLS connection, and the dialler may name itself only as
+a server its certificate names.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import hmac
 import json
 import secrets
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from tandem.errors import ConfigError
 
 from ..errors import HandshakeFailed, PeerUnavailable, ProtocolViolation
 
@@ -128,6 +132,11 @@ def _mac(secret: str, *parts: str) -> str:
     return hmac.new(secret.encode(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
+def _canon(spec: object) -> str:
+    """The announcement as the MAC covers it (stable key order)."""
+    return "" if spec is None else json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
 def _verify(secrets_: Sequence[str], mac: object, *parts: str) -> bool:
     if not isinstance(mac, str):
         return False
@@ -136,9 +145,10 @@ def _verify(secrets_: Sequence[str], mac: object, *parts: str) -> bool:
 
 async def dial_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                          me: str, peer: str, cluster: str, secrets_: Sequence[str],
-                         incarnation: str = "") -> str:
+                         incarnation: str = "", spec: dict[str, Any] | None = None) -> str:
     """Authenticate an outgoing connection to `peer` (raises HandshakeFailed); returns the
-    peer's incarnation (its process's id, new at every start), authenticated like the rest."""
+    peer's incarnation (its process's id, new at every start), authenticated like the rest.
+    `spec`: our own addresses, for a listener that does not know us yet."""
     challenge = await read_frame(reader, peer=peer)
     if challenge.get("op") != "challenge" or not isinstance(challenge.get("nonce"), str):
         raise HandshakeFailed("expected a challenge", peer=peer)
@@ -150,8 +160,9 @@ async def dial_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         raise HandshakeFailed("bad incarnation", peer=peer)
     my_nonce = secrets.token_hex(16)
     write_frame(writer, {"op": "hello", "id": me, "nonce": my_nonce, "inc": incarnation,
+                         "spec": spec,
                          "mac": _mac(secrets_[0], "dial", cluster, server_nonce, my_nonce, me,
-                                     incarnation)})
+                                     incarnation, _canon(spec))})
     reply = await read_frame(reader, peer=peer)
     if reply.get("op") != "welcome":
         raise HandshakeFailed(f"refused: {reply.get('reason', 'no reason given')}", peer=peer)
@@ -171,10 +182,14 @@ class Dialler:
 
 async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                            me: str, cluster: str, secrets_: Sequence[str],
-                           known: Sequence[str], incarnation: str = "",
+                           known: Container[str], incarnation: str = "",
+                           admit: Callable[[str, object], None] | None = None,
                            certified: Collection[str] | None = None) -> Dialler:
-    """Authenticate an incoming connection; returns who dialled. `certified`: the server
-    ids the dialler's TLS certificate names (None: plaintext) — it may claim only those."""
+    """Authenticate an incoming connection; returns who dialled. A dialler not `known` is
+    refused unless `admit` takes its announcement (after the MAC is checked: only a holder
+    of the secrets can announce a server); `admit` raises ConfigError to refuse it.
+    `certified`: the server ids the dialler's TLS certificate names (None: plaintext) — it
+    may claim only those."""
     nonce = secrets.token_hex(16)
     write_frame(writer, {"op": "challenge", "server": me, "nonce": nonce, "inc": incarnation})
     hello = await read_frame(reader, peer="?")
@@ -184,7 +199,9 @@ async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     if hello.get("op") != "hello" or not isinstance(peer, str) or not isinstance(
             their_nonce, str) or not isinstance(their_inc, str):
         raise HandshakeFailed("expected hello", peer=str(peer))
-    if peer not in known or peer == me:
+    spec = hello.get("spec")
+    joining = peer not in known
+    if peer == me or (joining and (admit is None or spec is None)):
         write_frame(writer, {"op": "refused", "reason": "unknown server id"})
         raise HandshakeFailed("not a member of this cluster", peer=peer)
     if certified is not None and peer not in certified:
@@ -193,9 +210,16 @@ async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
                               f"{', '.join(sorted(certified)) or 'no server'}, not {peer}",
                               peer=peer)
     if not _verify(secrets_, hello.get("mac"), "dial", cluster, nonce, their_nonce, peer,
-                   their_inc):
+                   their_inc, _canon(spec)):
         write_frame(writer, {"op": "refused", "reason": "bad credentials"})
         raise HandshakeFailed("wrong cluster secret", peer=peer)
+    if joining:
+        assert admit is not None
+        try:
+            admit(peer, spec)
+        except ConfigError as exc:
+            write_frame(writer, {"op": "refused", "reason": f"join refused: {exc}"})
+            raise HandshakeFailed(f"join refused: {exc}", peer=peer) from None
     write_frame(writer, {"op": "welcome", "mac": _mac(secrets_[0], "accept", cluster,
                                                       their_nonce, nonce, me, incarnation)})
     return Dialler(peer, their_inc)

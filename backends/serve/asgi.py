@@ -25,6 +25,7 @@ import structlog
 
 from tandem.config import Config, SessionSection
 from tandem.logs import short
+from tandem.sites import TrustedCodec
 from tandem.token import (
     Route,
     TokenCodec,
@@ -71,7 +72,8 @@ class TandemMiddleware:
             app = adopt(app, cookie_name=config.session.cookie_name)
         self.app = app
         self.manager = manager
-        self.codec = TokenCodec(config.cluster.secrets)
+        # our tokens, and those of the trusted sites (docs/sites.md)
+        self.codec: TokenCodec = TrustedCodec(config.cluster.secrets, config.sites)
         s = config.session
         self.cookie_name = s.cookie_name
         self.param_name = s.cookie_name.lower()
@@ -359,6 +361,7 @@ class TandemMiddleware:
             "lease": m.membership.serving_state() is None,
             "stats": m.stats,
             "tls": m.membership.channel.status(),  # null: plaintext replication
+            **({"sites": m.sites.health()} if m.sites is not None else {}),
         }).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -83,6 +83,8 @@ class Committer:
                 await self.replicate(record)
             elif record.secondary is not None:
                 ctx.touched.setdefault(record.secondary, {})[record.sid] = record.last_access
+        if ctx.sites is not None:  # the remote sites' copies (MAN: acknowledged first)
+            await ctx.sites.committed(record)
         if ctx.persister is not None:  # after replication: a write (sync: awaited) or a touch
             await ctx.persister.committed(
                 record, changed=record is not first or record.version != first_version)
@@ -114,6 +116,8 @@ class Committer:
         log.info("session_invalidated", sid=short(record.sid))
         if ctx.persister is not None:
             await ctx.persister.invalidated(record.sid)
+        if ctx.sites is not None:
+            await ctx.sites.invalidated(record.sid)
         holders = {record.secondary, *record.stale_holders} - {None}
         msg = {"op": "invalidate", "sids": [record.sid]}
         if ctx.mode == "sync":  # a replica must not outlive an acknowledged invalidation
@@ -141,7 +145,7 @@ class Committer:
         ctx = self.ctx
         membership = ctx.membership
         waited = False
-        for _ in range(len(ctx.config.servers) + 2):
+        for _ in range(len(membership.roster) + 2):
             peer = self.planned_secondary(record)
             if peer is not None and not membership.is_alive(peer):
                 await self.await_removal(record, peer)
@@ -209,9 +213,9 @@ class Committer:
     def _others_in_view(self) -> bool:
         """Is another member of the view one that could hold a copy? (A witness votes and
         holds none: with only witnesses besides us we are a one-server cluster.)"""
-        config = self.ctx.config
-        return sum(not config.server(m).witness
-                   for m in self.ctx.membership.quorum.view.members) > 1
+        membership = self.ctx.membership
+        return sum(not membership.server(m).witness
+                   for m in membership.quorum.view.members) > 1
 
     async def await_removal(self, record: Primary, peer: str) -> None:
         """The secondary cannot be reached. While the view lists it, no other server may

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem.config import Config, ServerConfig
 
@@ -20,6 +20,9 @@ from ..cluster.ranking import choose_secondary
 from ..errors import PeerTimeout, PeerUnavailable
 from ..persistence.persister import Persister, make_persister
 from .store import LocalStore, Primary
+
+if TYPE_CHECKING:  # (backends.sites builds on the sessions package)
+    from ..sites import Sites
 
 __all__ = ["Context", "age", "STAT_NAMES"]
 
@@ -63,6 +66,8 @@ class Context:
         # last accesses to tell each secondary about: secondary -> sid -> last_access
         self.touched: dict[str, dict[str, float]] = {}
         self.draining = False
+        # the remote sites' copies ([[sites]], docs/sites.md): set by the manager
+        self.sites: Sites | None = None
 
     def next_epoch(self, after: int, *, view: int | None = None) -> int:
         """An epoch newer than `after` that no other server can produce (no ties), from

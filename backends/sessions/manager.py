@@ -57,6 +57,10 @@ class SessionManager:
         self.handover = Handover(ctx, self.committer)
         self.replica_side = ReplicaSide(ctx, self.handover)
         self.failover = Failover(ctx, self.committer)
+        if config.sites:
+            from ..sites import Sites  # (builds on this package)
+            ctx.sites = Sites(ctx, self.committer)
+        self.sites = ctx.sites
         self._tasks: list[asyncio.Task[None]] = []
         membership.on_change(self.failover.peer_changed)
         membership.on_view_change(self.failover.view_changed)

@@ -117,6 +117,12 @@ class Opener:
             # (Requests held in our sockets during a stall are read in its first moments.)
             raise SessionMoved("not taking sessions over right after our own stall",
                                peer=ctx.me.id)
+        if ctx.sites is not None and ctx.sites.is_remote(route.primary):
+            # a remote site's session (backends/sites/takeover.py: only once it is down)
+            found = await ctx.sites.take_over(route)
+            if not isinstance(found, Route):
+                return found
+            route = found  # served by a peer of this site already: fetched from it below
         local = store.replicas.get(sid)
         unreachable = [p for p in (route.primary, local.primary if local else None)
                        if p is not None and p != ctx.me.id and membership.in_view(p)

@@ -48,6 +48,8 @@ class ReplicaSide:
             return None
         if op == "replicate":
             return self._on_replicate(peer, msg)
+        if type(op) is str and op.startswith("site_") and self.ctx.sites is not None:
+            return self.ctx.sites.handle_local(peer, msg)  # remote copies (backends/sites)
         if op == "fetch":
             return self._on_fetch(peer, msg["sid"])
         if op == "release":

@@ -1,0 +1,112 @@
+"""The remote side: the copies this server keeps of another site's sessions.
+
+A copy is the session's full state as its primary at the remote site sent it, kept apart
+from the local replicas: the local failover never promotes it (only the site-down rule of
+takeover.py does). A copy never goes back to an older (epoch, version); an invalidated
+session leaves a tombstone, so that a late copy of it cannot bring it back. WAN copies
+are written to this site's store before they are acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+
+from tandem.logs import short
+
+from ..persistence.base import StoredSession
+from ..persistence.errors import StoreError
+from ..sessions.context import Context, age
+
+__all__ = ["RemoteCopies"]
+
+log = structlog.get_logger("tandem.sites")
+
+State = dict[str, Any]
+
+
+class RemoteCopies:
+    """Copies of remote sessions held by this server (memory, and the store for WAN)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.copies: dict[str, State] = {}   # sid -> state, with "primary": its remote server
+        self.ended: dict[str, float] = {}    # invalidated sids -> when (time.time())
+
+    def get(self, sid: str) -> State | None:
+        return self.copies.get(sid)
+
+    def drop(self, sid: str) -> None:
+        self.copies.pop(sid, None)
+
+    async def accept(self, peer: str, items: list[State], *, persist: bool) -> dict[str, Any]:
+        """Copies from `peer`'s primaries; `moved`: sessions this site took over since (the
+        sender must let go of them); WAN (`persist`): acknowledged once in the store."""
+        ctx = self.ctx
+        moved: list[str] = []
+        rows: list[State] = []
+        for state in items:
+            sid = state["sid"]
+            if sid in self.ended:
+                continue  # invalidated: a late copy must not bring it back
+            if sid in ctx.store.primaries:
+                moved.append(sid)  # we took it over (its site was proven down)
+                continue
+            held = self.copies.get(sid)
+            if held is not None and age(held) > age(state):
+                continue  # never back to an older copy
+            state["primary"] = peer
+            self.copies[sid] = state
+            rows.append(state)
+        if persist and rows and ctx.persister is not None:
+            store = ctx.persister.store
+            try:
+                async with asyncio.timeout(ctx.config.persistence.timeout_s):
+                    await store.save([StoredSession.of(s) for s in rows])
+            except (StoreError, TimeoutError) as exc:
+                log.error("site_copy_store_failed", store=store.kind, error=str(exc),
+                          sessions=len(rows))
+                return {"ok": False, "error": "store"}  # the sender keeps them queued
+            ctx.stats["site_copies_stored"] = ctx.stats.get("site_copies_stored", 0) + len(rows)
+        ctx.stats["site_copies_received"] = (ctx.stats.get("site_copies_received", 0)
+                                             + len(rows))
+        return {"ok": True, "moved": moved}
+
+    async def invalidate(self, sids: list[str]) -> dict[str, Any]:
+        """The remote primary ended these sessions: no copy of them may be promoted here."""
+        now = time.time()
+        for sid in sids:
+            self.copies.pop(sid, None)
+            self.ended[sid] = now
+        persister = self.ctx.persister
+        if persister is not None and sids:
+            try:
+                async with asyncio.timeout(self.ctx.config.persistence.timeout_s):
+                    await persister.store.delete(sids)
+            except (StoreError, TimeoutError) as exc:
+                log.error("site_copy_store_failed", store=persister.store.kind,
+                          error=str(exc), sessions=len(sids))
+                return {"ok": False, "error": "store"}
+        for sid in sids:
+            log.info("site_copy_invalidated", sid=short(sid))
+        return {"ok": True}
+
+    def touch(self, items: dict[str, float]) -> None:
+        for sid, last_access in items.items():
+            held = self.copies.get(sid)
+            if held is not None:
+                held["last_access"] = max(float(held["last_access"]), float(last_access))
+
+    def sweep(self) -> None:
+        """Copies past their inactivity limit, and tombstones older than the longest one."""
+        now = time.time()
+        dead = [sid for sid, s in self.copies.items()
+                if now - float(s["last_access"]) > float(s["max_inactive_s"])]
+        for sid in dead:
+            del self.copies[sid]
+        keep_s = 2 * self.ctx.config.session.max_inactive_s
+        for sid in [sid for sid, at in self.ended.items() if now - at > keep_s]:
+            del self.ended[sid]

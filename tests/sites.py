@@ -1,0 +1,101 @@
+"""Two sites for end-to-end tests: two clusters of real processes (site A: a1..an, site B:
+b1..bn), each with its proxy, each file naming the other in `[[sites]]` (docs/sites.md).
+
+Each site has its own secret; each trusts the other's. The inter-site listeners are on
+free loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import Cluster
+
+__all__ = ["TwoSites", "SECRETS", "write_then_kill"]
+
+SECRETS = {"a": "site-a-secret", "b": "site-b-secret"}
+
+
+class TwoSites:
+    """Site A and site B: `a` and `b` are `tests.cluster.Cluster`s."""
+
+    def __init__(self, tmp: Path, *, mode: str = "man", n: int = 3,
+                 app: str = "tests.apps:asgi_counter", site: dict[str, Any] | None = None,
+                 session: dict[str, Any] | None = None,
+                 persistence: dict[str, dict[str, Any]] | None = None,
+                 cluster: dict[str, Any] | None = None) -> None:
+        # held open while the clusters pick their own ports, so that none picks one of these
+        held = [socket.socket() for _ in range(2 * n)]
+        for sock in held:
+            sock.bind(("127.0.0.1", 0))
+        ports = iter([sock.getsockname()[1] for sock in held])
+        self.site_ports: dict[str, int] = {}
+        self.clusters: dict[str, Cluster] = {}
+        for name in ("a", "b"):
+            (tmp / name).mkdir()
+            servers = []
+            for i in range(n):
+                sid = f"{name}{i + 1}"
+                self.site_ports[sid] = next(ports)
+                servers.append({"id": sid,
+                                "site_replication": f"127.0.0.1:{self.site_ports[sid]}"})
+            self.clusters[name] = Cluster(tmp / name, servers=servers, app=app,
+                                          secrets=[SECRETS[name]], session=session,
+                                          cluster=cluster)
+        for sock in held:
+            sock.close()
+        self.a, self.b = self.clusters["a"], self.clusters["b"]
+        for name, other in (("a", "b"), ("b", "a")):
+            c, o = self.clusters[name], self.clusters[other]
+            text = c.config_path.read_text().replace('name = "test"', f'name = "{name}"')
+            extra = ["", "[[sites]]", f'name = "{other}"', f'mode = "{mode}"',
+                     f"secrets = {json.dumps([SECRETS[other]])}",
+                     *(f"{k} = {json.dumps(v)}" for k, v in (site or {}).items())]
+            for sid, spec in o.servers.items():
+                extra += ["[[sites.servers]]", f'id = "{sid}"',
+                          f'http = "127.0.0.1:{spec["http"]}"',
+                          f'site_replication = "127.0.0.1:{self.site_ports[sid]}"']
+            pers = (persistence or {}).get(name)
+            if pers:
+                text = text.replace("[proxy]", "[persistence]\n" + "\n".join(
+                    f"{k} = {json.dumps(v)}" for k, v in pers.items()) + "\n\n[proxy]", 1)
+            c.config_path.write_text(text + "\n".join(extra) + "\n")
+
+    def start(self) -> TwoSites:
+        self.a.start()
+        self.b.start()
+        return self
+
+    def close(self) -> None:
+        for c in self.clusters.values():
+            c.close()
+
+    def kill_site(self, name: str) -> None:
+        for sid in self.clusters[name].servers:
+            self.clusters[name].kill(sid)
+
+
+def write_then_kill(sites: TwoSites, clients: list[Any], seconds: float) -> tuple[
+        dict[int, list[float]], float]:
+    """Writes (GET /count) through A's proxy, round robin over the sessions, for `seconds`;
+    then kill -9 every server of A at once. Per client (by index) the time each acknowledged
+    write was acknowledged (list index + 1 = the counter it acknowledged, from the first
+    write here on: the clients' earlier writes are not timed), and when the kill began."""
+    acked: dict[int, list[float]] = {i: [] for i in range(len(clients))}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for i, c in enumerate(clients):
+            status, body = c.get("/count")
+            assert status == 200, body
+            acked[i].append(time.monotonic())
+    t_kill = time.monotonic()
+    for sid in sites.a.servers:  # all at once: no server of A outlives the others
+        sites.a.servers[sid]["proc"].send_signal(signal.SIGKILL)
+    for sid in sites.a.servers:
+        sites.a.servers[sid]["proc"].wait(timeout=20)
+    return acked, t_kill
