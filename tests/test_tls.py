@@ -231,6 +231,23 @@ async def test_a_certificate_near_its_end_is_warned_about(tmp_path):
     assert warned["not_after"] == loaded["not_after"] == channel.status()["not_after"]
 
 
+def test_a_server_joins_a_running_cluster_over_tls(make_cluster):
+    from tests.test_join import join, members, wait_until
+
+    cluster = tls_cluster(make_cluster).start()
+    # its certificate, from the cluster's CA (a file naming it, wherever it will listen)
+    plan = cluster.tmp / "plan-s4.toml"
+    plan.write_text(cluster.config_path.read_text() + '\n[[servers]]\nid = "s4"\n'
+                    'http = "127.0.0.4:1"\nreplication = "127.0.0.4:2"\n')
+    assert "s4:" in certs(plan, cluster.tmp / "certs", "--server", "s4")
+    join(cluster, "s4", seeds=["s1"])
+    cluster.wait_health("s4")
+    wait_until(lambda: all(members(cluster, sid) == ["s1", "s2", "s3", "s4"]
+                           for sid in ("s1", "s2", "s3", "s4")), "s4 in every view")
+    assert cluster.health("s4")["tls"]["ids"] == ["s4"]
+    assert all(v == "alive" for v in cluster.health("s4")["peers"].values())
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
