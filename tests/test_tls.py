@@ -437,6 +437,16 @@ def test_sighup_reloads_and_a_bad_file_keeps_the_certificate_in_use(make_cluster
 # --- start-up: one line naming the file ------------------------------------------------------
 
 
+def _encrypt(path: Path) -> None:
+    """Encrypt a key with a passphrase (a server must not wait for one on a terminal)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     (lambda c: (c / "s1.key").unlink(), "cluster.tls_key: {c}/s1.key: cannot read it: No such "
                                         "file or directory"),
@@ -445,7 +455,9 @@ def test_sighup_reloads_and_a_bad_file_keeps_the_certificate_in_use(make_cluster
     (lambda c: (shutil.copy(c / "s2.crt", c / "s1.crt"), shutil.copy(c / "s2.key", c / "s1.key")),
      "cluster.tls_cert: {c}/s1.crt: does not name server s1"),
     (lambda c: (c / "ca.crt").write_text("junk\n"), "cluster.tls_ca: {c}/ca.crt: no PEM CA"),
-], ids=["missing-key", "mismatched-key", "another-servers-cert", "bad-ca"])
+    (lambda c: _encrypt(c / "s1.key"),
+     "cluster.tls_key: {c}/s1.key: is encrypted: tandem needs an unencrypted key"),
+], ids=["missing-key", "mismatched-key", "another-servers-cert", "bad-ca", "encrypted-key"])
 def test_a_tls_file_that_cannot_be_used_stops_the_start_with_one_line(tmp_path, change,
                                                                       expected):
     config = tmp_path / "cluster.toml"
