@@ -25,6 +25,7 @@ from backends.cluster import wire
 from backends.errors import HandshakeFailed
 from tests.cluster import ROOT, Client, Cluster
 from tests.stores import make_redis  # noqa: F401 - a fixture
+from tests.test_addresses import _has_ipv6_loopback
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 TLS_KEYS = {"tls_ca": "certs/ca.crt", "tls_cert": "certs/{id}.crt",
@@ -54,7 +55,7 @@ def replication(cluster: Cluster, sid: str) -> tuple[str, int]:
     text = cluster.config_path.read_text()
     entry = text.split(f'id = "{sid}"', 1)[1]
     host, port = entry.split('replication = "', 1)[1].split('"', 1)[0].rsplit(":", 1)
-    return host, int(port)
+    return host.strip("[]"), int(port)
 
 
 def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -246,6 +247,24 @@ def test_a_server_joins_a_running_cluster_over_tls(make_cluster):
                            for sid in ("s1", "s2", "s3", "s4")), "s4 in every view")
     assert cluster.health("s4")["tls"]["ids"] == ["s4"]
     assert all(v == "alive" for v in cluster.health("s4")["peers"].values())
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_tls_over_ipv6(make_cluster):
+    cluster = tls_cluster(make_cluster, servers=[{"id": f"s{i}"} for i in (1, 2, 3)],
+                          host="::1").start()
+    client = Client(cluster.proxy_url)
+    assert client.get("/count")[1]["counter"] == 1
+    _, primary, secondary = client.route
+    cluster.kill(primary)
+    status, body = client.get("/count")
+    assert status == 200 and body["counter"] == 2 and body["server"] == secondary
+    # a plaintext dialler is refused, and logged with its IPv6 address
+    with socket.create_connection(replication(cluster, secondary), timeout=5) as raw:
+        write_frame(raw, {"op": "hello"})
+        assert raw.recv(100) == b""
+    refused = cluster.wait_event(secondary, "tls_handshake_failed")
+    assert refused and refused[0]["remote"].startswith("[::1]:")
 
 
 # --- refusals ---------------------------------------------------------------------------------
