@@ -222,6 +222,7 @@ async def test_a_certificate_near_its_end_is_warned_about(tmp_path):
                       + '[[servers]]\nid = "s1"\nhttp = "127.0.0.1:19601"\n'
                         'replication = "127.0.0.1:19602"\n')
     certs(config, tmp_path / "certs", "--days", "7")
+    (tmp_path / "certs" / "s1.key").chmod(0o640)
     channel = Channel(config=load(config), me="s1")
     with capture_logs() as logs:
         channel.start()
@@ -230,6 +231,8 @@ async def test_a_certificate_near_its_end_is_warned_about(tmp_path):
     (warned,) = [e for e in logs if e["event"] == "tls_cert_expiring"]
     assert warned["log_level"] == "warning" and 6.9 < warned["days_left"] <= 7.0
     assert warned["not_after"] == loaded["not_after"] == channel.status()["not_after"]
+    (exposed,) = [e for e in logs if e["event"] == "tls_key_readable_by_others"]
+    assert exposed["mode"] == "0640" and exposed["key"] == str(tmp_path / "certs" / "s1.key")
 
 
 def test_a_server_joins_a_running_cluster_over_tls(make_cluster):

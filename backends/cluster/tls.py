@@ -139,6 +139,11 @@ class Channel:
         assert ctx is not None and files is not None
         log.info(event, cert=str(files.cert.path), ca=str(files.ca.path),
                  ids=sorted(ctx.ids), not_after=_iso(ctx.not_after))
+        with contextlib.suppress(OSError):
+            mode = os.stat(files.key.path).st_mode & 0o777
+            if mode & 0o077:  # whoever reads it can speak as this server (with the secret)
+                log.warning("tls_key_readable_by_others", key=str(files.key.path),
+                            mode=f"{mode:04o}")
         self._warn_expiry()
 
     def _warn_expiry(self) -> None:
