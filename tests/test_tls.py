@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -113,6 +114,8 @@ def hello(addr: tuple[str, int], ctx: ssl.SSLContext, *, claim: str, listener: s
             return str(exc)
         finally:
             writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 2)
 
     return asyncio.run(run())
 
