@@ -1,9 +1,11 @@
-"""The TLS keys of the cluster file (cluster.tls_*, servers' tls_cert/tls_key) and
-`tandem certs`: errors naming key, value and file; paths; what the helper writes."""
+"""The TLS keys of the cluster file (cluster.tls_*, servers' tls_cert/tls_key), `tandem
+certs`, and the files at start: errors naming key, value and file; paths; what the helper
+writes; the expiry warning."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from cryptography import x509
 from tandem.config import load
 from tandem.tls import files_for
 from tests.test_config import SOURCE, assert_names, config_error, load_text, section, server
+from tests.test_tls import TLS_KEYS, certs
 
 TLS = {"tls_ca": "certs/ca.crt", "tls_cert": "certs/{id}.crt", "tls_key": "certs/{id}.key"}
 TWO = server("s1") + server("s2", "127.0.0.1:9002", "127.0.0.1:9102")
@@ -158,3 +161,91 @@ def test_plaintext_replication_off_loopback_is_warned_about() -> None:
     with_tls = load_text(section("cluster", **TLS), server("s1") + server(
         "s2", "10.0.0.2:9002", "10.0.0.2:9102") + server("s3", "10.0.0.3:9003", "10.0.0.3:9103"))
     assert with_tls.warnings == ()
+
+
+# --- start-up: one line naming the file ------------------------------------------------------
+
+
+def _encrypt(path: Path) -> None:
+    """Encrypt a key with a passphrase (a server must not wait for one on a terminal)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda c: (c / "s1.key").unlink(), "cluster.tls_key: {c}/s1.key: cannot read it: No such "
+                                        "file or directory"),
+    (lambda c: shutil.copy(c / "s2.key", c / "s1.key"),
+     "cluster.tls_key: {c}/s1.key: is not the key of the certificate {c}/s1.crt"),
+    (lambda c: (shutil.copy(c / "s2.crt", c / "s1.crt"), shutil.copy(c / "s2.key", c / "s1.key")),
+     "cluster.tls_cert: {c}/s1.crt: does not name server s1"),
+    (lambda c: (c / "ca.crt").write_text("junk\n"), "cluster.tls_ca: {c}/ca.crt: no PEM CA"),
+    (lambda c: _encrypt(c / "s1.key"),
+     "cluster.tls_key: {c}/s1.key: is encrypted: tandem needs an unencrypted key"),
+], ids=["missing-key", "mismatched-key", "another-servers-cert", "bad-ca", "encrypted-key"])
+def test_a_tls_file_that_cannot_be_used_stops_the_start_with_one_line(tmp_path, change,
+                                                                      expected):
+    config = tmp_path / "cluster.toml"
+    config.write_text("[cluster]\n" + "".join(f'{k} = "{v}"\n' for k, v in TLS_KEYS.items())
+                      + "".join(f'[[servers]]\nid = "s{i}"\nhttp = "127.0.0.1:{19300 + i}"\n'
+                                f'replication = "127.0.0.1:{19400 + i}"\n' for i in (1, 2, 3)))
+    c = tmp_path / "certs"
+    certs(config, c)
+    change(c)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "backend", "--config", str(config), "--server",
+         "s1", "--app", "tests.apps:asgi_counter"], cwd=ROOT, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), TANDEM_LOG_LEVEL="WARNING"), timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("tandem: configuration error: " + expected.format(c=c))
+    assert lines[0].endswith(f"in {config}")
+
+
+def test_a_certificate_of_another_ca_stops_the_start(tmp_path):
+    config = tmp_path / "cluster.toml"
+    config.write_text("[cluster]\n" + "".join(f'{k} = "{v}"\n' for k, v in TLS_KEYS.items())
+                      + '[[servers]]\nid = "s1"\nhttp = "127.0.0.1:19501"\n'
+                        'replication = "127.0.0.1:19502"\n')
+    certs(config, tmp_path / "certs")
+    certs(config, tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "s1.crt", tmp_path / "certs" / "s1.crt")
+    shutil.copy(tmp_path / "other" / "s1.key", tmp_path / "certs" / "s1.key")
+    from backends.cluster.tls import Channel
+    from tandem.config import load
+    from tandem.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        Channel(config=load(config), me="s1")
+    assert info.value.key == "cluster.tls_cert"
+    assert "not accepted with the CA bundle" in str(info.value)
+    assert "unable to get local issuer certificate" in str(info.value)
+
+
+async def test_a_certificate_near_its_end_is_warned_about(tmp_path):
+    from structlog.testing import capture_logs
+
+    from backends.cluster.tls import Channel
+    from tandem.config import load
+
+    config = tmp_path / "cluster.toml"
+    config.write_text("[cluster]\n" + "".join(f'{k} = "{v}"\n' for k, v in TLS_KEYS.items())
+                      + '[[servers]]\nid = "s1"\nhttp = "127.0.0.1:19601"\n'
+                        'replication = "127.0.0.1:19602"\n')
+    certs(config, tmp_path / "certs", "--days", "7")
+    (tmp_path / "certs" / "s1.key").chmod(0o640)
+    channel = Channel(config=load(config), me="s1")
+    with capture_logs() as logs:
+        channel.start()
+        await channel.close()
+    (loaded,) = [e for e in logs if e["event"] == "tls_loaded"]
+    (warned,) = [e for e in logs if e["event"] == "tls_cert_expiring"]
+    assert warned["log_level"] == "warning" and 6.9 < warned["days_left"] <= 7.0
+    assert warned["not_after"] == loaded["not_after"] == channel.status()["not_after"]
+    (exposed,) = [e for e in logs if e["event"] == "tls_key_readable_by_others"]
+    assert exposed["mode"] == "0640" and exposed["key"] == str(tmp_path / "certs" / "s1.key")
