@@ -2,7 +2,10 @@
 b1..bn), each with its proxy, each file naming the other in `[[sites]]` (docs/sites.md).
 
 Each site has its own secret; each trusts the other's. The inter-site listeners are on
-free loopback ports.
+free loopback ports. `hosts` puts servers on loopback addresses of their own (127.0.1.x
+standing for site A's hosts, say); `uids` runs named processes (server ids, "proxy-a",
+"proxy-b") under uids of their own, so that tests/netfault.py can cut the link between the
+sites.
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ class TwoSites:
                  app: str = "tests.apps:asgi_counter", site: dict[str, Any] | None = None,
                  session: dict[str, Any] | None = None,
                  persistence: dict[str, dict[str, Any]] | None = None,
-                 cluster: dict[str, Any] | None = None) -> None:
+                 cluster: dict[str, Any] | None = None,
+                 proxy: dict[str, Any] | None = None, log_level: str = "DEBUG",
+                 hosts: dict[str, str] | None = None,
+                 uids: dict[str, int] | None = None) -> None:
+        hosts, uids = dict(hosts or {}), dict(uids or {})
         # held open while the clusters pick their own ports, so that none picks one of these
         held = [socket.socket() for _ in range(2 * n)]
         for sock in held:
@@ -42,11 +49,16 @@ class TwoSites:
             for i in range(n):
                 sid = f"{name}{i + 1}"
                 self.site_ports[sid] = next(ports)
-                servers.append({"id": sid,
-                                "site_replication": f"127.0.0.1:{self.site_ports[sid]}"})
+                host = hosts.get(sid, "127.0.0.1")
+                servers.append({"id": sid, **({"host": host} if sid in hosts else {}),
+                                "site_replication": f"{host}:{self.site_ports[sid]}"})
+            own = {s["id"]: uids[s["id"]] for s in servers if s["id"] in uids}
+            if f"proxy-{name}" in uids:
+                own["proxy"] = uids[f"proxy-{name}"]
             self.clusters[name] = Cluster(tmp / name, servers=servers, app=app,
                                           secrets=[SECRETS[name]], session=session,
-                                          cluster=cluster)
+                                          cluster=cluster, proxy=proxy, log_level=log_level,
+                                          uids=own)
         for sock in held:
             sock.close()
         self.a, self.b = self.clusters["a"], self.clusters["b"]
@@ -58,8 +70,8 @@ class TwoSites:
                      *(f"{k} = {json.dumps(v)}" for k, v in (site or {}).items())]
             for sid, spec in o.servers.items():
                 extra += ["[[sites.servers]]", f'id = "{sid}"',
-                          f'http = "127.0.0.1:{spec["http"]}"',
-                          f'site_replication = "127.0.0.1:{self.site_ports[sid]}"']
+                          f'http = "{spec["host"]}:{spec["http"]}"',
+                          f'site_replication = "{spec["host"]}:{self.site_ports[sid]}"']
             pers = (persistence or {}).get(name)
             if pers:
                 text = text.replace("[proxy]", "[persistence]\n" + "\n".join(
