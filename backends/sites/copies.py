@@ -3,8 +3,11 @@
 A copy is the session's full state as its primary at the remote site sent it, kept apart
 from the local replicas: the local failover never promotes it (only the site-down rule of
 takeover.py does). A copy never goes back to an older (epoch, version); an invalidated
-session leaves a tombstone, so that a late copy of it cannot bring it back. WAN copies
-are written to this site's store before they are acknowledged.
+session leaves a tombstone, so that a late copy of it cannot bring it back. A session this
+site took over (here or at a peer, which says so with `site_drop`) leaves a marker too: a
+copy of it from its old site is answered `moved` by every server here, whichever the old
+primary sends it to. WAN copies are written to this site's store before they are
+acknowledged.
 """
 
 from __future__ import annotations
@@ -35,12 +38,33 @@ class RemoteCopies:
         self.ctx = ctx
         self.copies: dict[str, State] = {}   # sid -> state, with "primary": its remote server
         self.ended: dict[str, float] = {}    # invalidated sids -> when (time.time())
+        # sessions this site took over: sid -> (their old site, the epoch here, when)
+        self.moved: dict[str, tuple[str, int, float]] = {}
 
     def get(self, sid: str) -> State | None:
         return self.copies.get(sid)
 
-    def drop(self, sid: str) -> None:
+    def drop(self, sid: str, *, site: str | None = None, epoch: int = 0) -> None:
+        """Our copy is not needed any more: `site`'s session was taken over here (at epoch
+        `epoch`) — remembered, so that its old primary is told so."""
         self.copies.pop(sid, None)
+        if site is not None:
+            self.moved[sid] = (site, epoch, time.time())
+
+    def _taken(self, sid: str, epoch: int) -> bool:
+        """Taken over here after this copy was made? (A copy of a later epoch is a later
+        take-over by its site, of a session that was ours: the marker is stale.)"""
+        marker = self.moved.get(sid)
+        if marker is None:
+            return False
+        if epoch < marker[1]:
+            return True
+        del self.moved[sid]
+        return False
+
+    def moved_from(self, site: str) -> dict[str, int]:
+        """The sessions of `site` this site took over, with their epochs here."""
+        return {sid: epoch for sid, (s, epoch, _) in self.moved.items() if s == site}
 
     async def accept(self, peer: str, items: list[State], *, persist: bool) -> dict[str, Any]:
         """Copies from `peer`'s primaries; `moved`: sessions this site took over since (the
@@ -52,8 +76,8 @@ class RemoteCopies:
             sid = state["sid"]
             if sid in self.ended:
                 continue  # invalidated: a late copy must not bring it back
-            if sid in ctx.store.primaries:
-                moved.append(sid)  # we took it over (its site was proven down)
+            if sid in ctx.store.primaries or self._taken(sid, int(state.get("e", 0))):
+                moved.append(sid)  # we took it over (its site was down)
                 continue
             held = self.copies.get(sid)
             if held is not None and age(held) > age(state):
@@ -110,3 +134,5 @@ class RemoteCopies:
         keep_s = 2 * self.ctx.config.session.max_inactive_s
         for sid in [sid for sid, at in self.ended.items() if now - at > keep_s]:
             del self.ended[sid]
+        for sid in [sid for sid, (_, _, at) in self.moved.items() if now - at > keep_s]:
+            del self.moved[sid]

@@ -172,6 +172,19 @@ class SiteReplicator:
         self.ctx.stats["superseded"] += 1
         log.warning("session_superseded", sid=short(sid), by=by, site=site.name)
 
+    def superseded_there(self, by: str, sids: dict[str, int]) -> None:
+        """A remote site took these sessions over while this one was silent (the epochs it
+        gave them): our primaries and replicas of older epochs end here."""
+        site = self.channel.site_of[by]
+        store = self.ctx.store
+        for sid, epoch in sids.items():
+            record = store.primaries.get(sid)
+            if record is not None and record.epoch < epoch:
+                self._superseded(sid, site, by)
+            replica = store.replicas.get(sid)
+            if replica is not None and replica.epoch < epoch:
+                del store.replicas[sid]
+
     async def _deliver_ended(self, server: str) -> None:
         sids = sorted(self.ended[server])
         if not sids:
