@@ -11,15 +11,17 @@ sites.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.cluster import Cluster
 
-__all__ = ["TwoSites", "SECRETS", "write_then_kill"]
+__all__ = ["TwoSites", "SECRETS", "write_then_kill", "sent_to"]
 
 SECRETS = {"a": "site-a-secret", "b": "site-b-secret"}
 
@@ -111,3 +113,19 @@ def write_then_kill(sites: TwoSites, clients: list[Any], seconds: float) -> tupl
     for sid in sites.a.servers:
         sites.a.servers[sid]["proc"].wait(timeout=20)
     return acked, t_kill
+
+
+def sent_to(ports: list[int]) -> int:
+    """Bytes sent on the established TCP connections to these (local) ports."""
+    out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True,
+                         text=True, check=True).stdout
+    total, current = 0, False
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):  # a socket's line: local, then peer address
+            fields = line.split()
+            current = len(fields) >= 4 and int(fields[3].rsplit(":", 1)[1]) in ports
+            continue
+        m = re.search(r"bytes_sent:(\d+)", line)
+        if current and m:
+            total += int(m.group(1))
+    return total

@@ -13,7 +13,7 @@ import pytest
 
 from tandem.token import Route, TokenCodec
 from tests.cluster import Client
-from tests.sites import SECRETS, TwoSites, write_then_kill
+from tests.sites import SECRETS, TwoSites, sent_to, write_then_kill
 from tests.stores import RedisServer
 
 WRITES = 5  # acknowledged writes per session before the kill
@@ -229,3 +229,28 @@ def test_copies_of_a_lost_remote_server_are_sent_again(two_sites):
         time.sleep(0.2)
     sites.kill_site("a")
     assert continue_at_b(sites, clients) == [3] * len(clients)
+
+
+def test_copies_travel_as_deltas_and_arrive_whole(two_sites):
+    # a session holding a big value, then small writes: the remote copy gets only the
+    # changed keys on the version it holds, and is the whole session when A is lost
+    sites = two_sites(mode="man").start()
+    blob = "x" * 20000
+    c = Client(sites.a.proxy_url)
+    status, body = c.get(f"/set?key=blob&value={blob}")
+    assert status == 200, body
+    ports = [sites.site_ports[b] for b in sites.b.servers]
+    time.sleep(0.5)
+    before = sent_to(ports)
+    writes = 40
+    for n in range(1, writes + 1):
+        status, body = c.get("/count")
+        assert status == 200 and body["counter"] == n, body
+    per_commit = (sent_to(ports) - before) / writes
+    assert per_commit < 2000, per_commit  # (in full: the 20 kB value at every commit)
+    deltas = sum(sites.a.health(a)["stats"]["site_deltas"] for a in sites.a.servers)
+    assert deltas >= writes
+    sites.kill_site("a")
+    status, body = c.get("/peek", base=sites.b.proxy_url)
+    assert status == 200 and body["counter"] == writes and body["values"]["blob"] == blob
+    assert body["server"].startswith("b")

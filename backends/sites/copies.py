@@ -67,10 +67,12 @@ class RemoteCopies:
         return {sid: epoch for sid, (s, epoch, _) in self.moved.items() if s == site}
 
     async def accept(self, peer: str, items: list[State], *, persist: bool) -> dict[str, Any]:
-        """Copies from `peer`'s primaries; `moved`: sessions this site took over since (the
-        sender must let go of them); WAN (`persist`): acknowledged once in the store."""
+        """Copies from `peer`'s primaries, in full or as deltas; `moved`: sessions this site
+        took over since (the sender must let go of them); `need_full`: deltas whose base
+        is not held here; WAN (`persist`): acknowledged once in the store."""
         ctx = self.ctx
         moved: list[str] = []
+        need_full: list[str] = []
         rows: list[State] = []
         for state in items:
             sid = state["sid"]
@@ -82,6 +84,17 @@ class RemoteCopies:
             held = self.copies.get(sid)
             if held is not None and age(held) > age(state):
                 continue  # never back to an older copy
+            if "data" not in state:  # a delta on the version `base` of the same epoch
+                if held is None or (int(held["e"]), int(held["v"])) != (
+                        int(state["e"]), int(state["base"])):
+                    need_full.append(sid)
+                    continue
+                data = held["data"]
+                data.update(state.pop("set"))
+                for key in state.pop("del"):
+                    data.pop(key, None)
+                del state["base"]
+                state["data"] = data
             state["primary"] = peer
             self.copies[sid] = state
             rows.append(state)
@@ -97,7 +110,7 @@ class RemoteCopies:
             ctx.stats["site_copies_stored"] = ctx.stats.get("site_copies_stored", 0) + len(rows)
         ctx.stats["site_copies_received"] = (ctx.stats.get("site_copies_received", 0)
                                              + len(rows))
-        return {"ok": True, "moved": moved}
+        return {"ok": True, "moved": moved, "need_full": need_full}
 
     async def invalidate(self, sids: list[str]) -> dict[str, Any]:
         """The remote primary ended these sessions: no copy of them may be promoted here."""
