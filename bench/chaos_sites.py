@@ -41,6 +41,7 @@ import contextlib
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -153,30 +154,68 @@ class Schedule:
         self.events.append((t, kind, label))
         return t
 
-    def run(self, warmup_s: float) -> None:
-        a = self.sites.a
+    def run(self, warmup_s: float, scenario: str) -> None:
         try:
             time.sleep(warmup_s)
-            self._kill(["a1"])
-            time.sleep(4.0)
-            self._restart(["a1"])
-            time.sleep(3.0)
-            self.faults.append(Fault("sigstop", "a2", self._event("sigstop", "SIGSTOP a2")))
-            a.kill("a2", signal.SIGSTOP)
-            time.sleep(4.0)
-            a.kill("a2", signal.SIGCONT)
-            self.faults[-1].t_back = self._event("sigcont", "SIGCONT a2")
-            a.wait_formed()
-            time.sleep(3.0)
-            self._cut_link(5.0)
-            self._wait_caught_up()
-            time.sleep(2.0)
-            self._kill(list(A))  # the whole site, at once
-            time.sleep(10.0)
-            self._restart(list(A))
-            time.sleep(8.0)
+            if scenario == "operator":
+                self._operator()
+            else:
+                self._site_kill()
         except Exception as exc:  # reported in the summary; the load still stops cleanly
             self.error = f"schedule failed at {self.now():.2f}s: {exc!r}"
+
+    def _site_kill(self) -> None:
+        a = self.sites.a
+        self._kill(["a1"])
+        time.sleep(4.0)
+        self._restart(["a1"])
+        time.sleep(3.0)
+        self.faults.append(Fault("sigstop", "a2", self._event("sigstop", "SIGSTOP a2")))
+        a.kill("a2", signal.SIGSTOP)
+        time.sleep(4.0)
+        a.kill("a2", signal.SIGCONT)
+        self.faults[-1].t_back = self._event("sigcont", "SIGCONT a2")
+        a.wait_formed()
+        time.sleep(3.0)
+        self._cut_link(5.0)
+        self._wait_caught_up()
+        time.sleep(2.0)
+        self._kill(list(A))  # the whole site, at once
+        time.sleep(10.0)
+        self._restart(list(A))
+        time.sleep(8.0)
+
+    def _operator(self) -> None:
+        """Site A hung (every server stopped: silent, not refusing), declared down by an
+        operator at B (`tandem site-down`), then resumed: it must not serve the sessions B
+        took over."""
+        a = self.sites.a
+        t = self._event("sigstop", "SIGSTOP a1,a2,a3")
+        for sid in A:
+            a.kill(sid, signal.SIGSTOP)
+            self.faults.append(Fault("sigstop", sid, t))
+        time.sleep(3.0)  # B's links to A fail on missed heartbeats (1.5 s)
+        deadline = time.monotonic() + 15.0
+        while True:
+            done = subprocess.run(
+                [sys.executable, "-m", "proxy.cli", "site-down", "--config",
+                 str(self.sites.b.config_path), "--site", "a"], cwd=ROOT,
+                capture_output=True, text=True, timeout=30)
+            if done.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self._event("cut", "tandem site-down --site a")
+        self.notes.append(f"site-down exited {done.returncode}: {done.stdout.strip()!r}")
+        time.sleep(8.0)
+        t = self._event("sigcont", "SIGCONT a1,a2,a3")
+        for sid in A:
+            a.kill(sid, signal.SIGCONT)
+        for f in self.faults:
+            if f.target in A and f.t_back is None:
+                f.t_back = t
+        a.wait_formed()
+        self._event("rejoined", "site A formed")
+        time.sleep(10.0)
 
     def _kill(self, ids: list[str]) -> None:
         c = self.sites.a
@@ -270,7 +309,7 @@ def judge(clients: list[SiteClient], sched: Schedule, balancer: Balancer, elapse
         g["ended_at_site_b"] += int((c.route()[1] or "").startswith("b"))
     return {
         "command": " ".join(["bench/chaos_sites.py", *sys.argv[1:]]),
-        "config": {"mode": args.mode, "remote_sync": args.mode == "man",
+        "config": {"scenario": args.scenario, "mode": args.mode, "remote_sync": args.mode == "man",
                    "local_replication": "sync", "sessions": args.sessions,
                    "rate_per_session": args.rate, "link": args.link, "hosts": HOSTS,
                    "groups": {g: GROUPS.count(g) / len(GROUPS) for g in set(GROUPS)}},
@@ -286,7 +325,16 @@ def judge(clients: list[SiteClient], sched: Schedule, balancer: Balancer, elapse
                    "session_id_changes": sum(v.sid_changes for v in verdicts),
                    "loss_events": [{"session": v.session, "events": [
                        (round(t, 3), n) for t, n, _ in v.lost_events]}
-                       for v in verdicts if v.lost][:50]},
+                       for v in verdicts if v.lost][:50],
+                   # (t seen, writes duplicated, failed requests since the last ack) and the
+                   # session's attempts around it
+                   "dup_events": [{"session": v.session, "t_s": round(t, 3), "dup": d,
+                                   "failed_since_ack": fs, "attempts": [
+                                       (round(a.start, 3), round(a.end, 3), a.cause,
+                                        a.counter, a.server, a.primary)
+                                       for a in histories[v.session]
+                                       if t - 15 <= a.end <= t + 0.01]}
+                                  for v in verdicts for t, d, fs in v.dup_events][:20]},
         "groups": groups,
         "faults": [{"fault": f.label, "t_s": round(f.t, 3), "recovery": recovery(histories, f)}
                    for f in sched.faults],
@@ -334,7 +382,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             monitor = asyncio.create_task(balancer.run(stop))
             load = asyncio.create_task(run_clients(clients, t0=t0, rate=args.rate, stop=stop))
             try:
-                await asyncio.to_thread(sched.run, args.warmup)
+                await asyncio.to_thread(sched.run, args.warmup, args.scenario)
             finally:
                 stop.set()
                 await load
@@ -362,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("man", "wan"), default="man",
                    help="the sites' mode (man: remote_sync; wan needs a store: not here)")
+    p.add_argument("--scenario", choices=("site-kill", "operator"), default="site-kill",
+                   help="site-kill: the schedule above; operator: site A hung (SIGSTOP of "
+                   "its servers), declared down at B with tandem site-down, resumed")
     p.add_argument("--sessions", type=int, default=60)
     p.add_argument("--rate", type=float, default=2.0, help="requests/s of each client")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before the first fault")
