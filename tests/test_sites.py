@@ -254,3 +254,39 @@ def test_copies_travel_as_deltas_and_arrive_whole(two_sites):
     status, body = c.get("/peek", base=sites.b.proxy_url)
     assert status == 200 and body["counter"] == writes and body["values"]["blob"] == blob
     assert body["server"].startswith("b")
+
+
+def test_a_delta_on_a_base_the_holder_lacks_is_answered_need_full(two_sites):
+    # site A's side of the channel, spoken from here as server a1 (A's secret): a delta
+    # for a copy B does not hold cannot be applied — B asks for the session in full
+    import asyncio
+
+    from backends.cluster import wire
+    from backends.sites.channel import CHANNEL_NAME
+
+    sites = two_sites(mode="man").start()
+
+    async def replicate(items: list[dict[str, object]]) -> dict[str, object]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sites.site_ports["b1"])
+        try:
+            await wire.dial_handshake(reader, writer, me="a1", peer="b1", cluster=CHANNEL_NAME,
+                                      secrets_=[SECRETS["a"], SECRETS["b"]])
+            wire.write_frame(writer, {"op": "site_replicate", "id": 1, "items": items,
+                                      "persist": False})
+            while True:
+                reply = await wire.read_frame(reader, peer="b1")
+                if reply.get("re") == 1:
+                    return reply
+        finally:
+            writer.close()
+
+    now = time.time()
+    head = {"sid": "S" * 32, "e": 3, "max_inactive_s": 60.0, "created": now,
+            "last_access": now, "rid": None, "undo": {}}
+    reply = asyncio.run(replicate([{**head, "v": 5, "base": 4, "set": {"k": "1"}, "del": []}]))
+    assert reply["ok"] and reply["need_full"] == ["S" * 32], reply
+    full = {**head, "v": 5, "data": {"k": "1", "gone": "x"}}
+    delta = {**head, "v": 6, "base": 5, "set": {"k": "2"}, "del": ["gone"]}
+    reply = asyncio.run(replicate([full, delta]))
+    assert reply["ok"] and reply["need_full"] == [], reply
+    assert sites.b.health("b1")["sites"]["copies"] == 1

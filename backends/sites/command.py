@@ -16,6 +16,7 @@ each server refuses it while a server of that site still answers it (a link is u
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from tandem.config import Config, ServerConfig
 
@@ -70,7 +71,7 @@ def run_site_down(cfg: Config, site: str, source: str) -> int:
     names = [s.name for s in cfg.sites]
     if site not in names:
         print(f"tandem: site-down: no site named {site!r} in {source} (its [[sites]]: "
-              f"{', '.join(names) or 'none'})")
+              f"{', '.join(names) or 'none'})", file=sys.stderr)
         return 2
     results = asyncio.run(declare_site_down(cfg, site))
     for server, (_, said) in results.items():
