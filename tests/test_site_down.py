@@ -5,6 +5,7 @@ MAN-acknowledged write, and when A is resumed its servers do not serve them any 
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from backends.cluster import wire
+from backends.sites.channel import CHANNEL_NAME, OPERATOR, command_mac
 from tests.cluster import ROOT, Client
-from tests.sites import TwoSites
+from tests.sites import SECRETS, TwoSites
 
 WRITES = 3
 
@@ -117,6 +120,25 @@ def test_site_down_takes_a_silent_site_over_and_the_site_does_not_serve_them_aft
         assert body["server"].startswith("b")
 
 
-def test_site_down_names_a_site_of_the_file(sites):
+def test_site_down_names_a_site_of_the_file_and_takes_this_sites_secret(sites):
     code, out = site_down(sites, "nowhere")
     assert code == 2 and "no site named 'nowhere'" in out and "[[sites]]: a" in out, out
+
+    # site A's own secret opens B's inter-site channel (B trusts it) but gives no command
+    async def command(secret: str) -> dict[str, object]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sites.site_ports["b1"])
+        try:
+            await wire.dial_handshake(reader, writer, me=OPERATOR, peer="b1",
+                                      cluster=CHANNEL_NAME, secrets_=[secret, SECRETS["b"]])
+            challenge = await wire.read_frame(reader, peer="b1")
+            msg = {"op": "site_down", "site": "a"}
+            wire.write_frame(writer, {**msg, "mac": command_mac(secret, "b1",
+                                                                challenge["nonce"], msg)})
+            return await wire.read_frame(reader, peer="b1")
+        finally:
+            writer.close()
+
+    reply = asyncio.run(command(SECRETS["a"]))
+    assert reply["ok"] is False and "bad credentials" in str(reply["error"]), reply
+    assert sites.b.wait_event("b1", "operator_refused")
+    assert sites.b.health("b1")["sites"]["down"] == []
