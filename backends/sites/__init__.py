@@ -3,7 +3,8 @@
 `Sites` is what the session manager sees: hooks at commit, invalidation and take-over, and
 the messages of the inter-site channel and of the local peers about remote copies. The
 parts: the channel (`channel.py`), the sending side (`replicator.py`), the remote copies
-kept here (`copies.py`) and the site-down rule with the take-over (`takeover.py`).
+kept here (`copies.py`), the site-down rule with the take-over (`takeover.py`), and the
+operator's `tandem site-down` (`command.py`).
 """
 
 from __future__ import annotations
