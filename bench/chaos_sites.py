@@ -7,7 +7,7 @@ server of site A is killed; every acknowledged value is checked.
 Two clusters of 3 servers with their proxies (`tests/sites.py`), each server on a loopback
 address of its own (site A on 127.0.1.1-3, site B on 127.0.2.1-3), local replication sync.
 The clients (`bench/chaos_load.py`, `GET /count`) reach the sites the way a global load
-balancer sends them (`Balancer` below); the judge is `bench/chaos_check.py`'s.
+balancer sends them (`bench/chaos_glb.py`); the judge is `bench/chaos_check.py`'s.
 
 The global load balancer (not part of tandem; DNS failover, anycast or a GSLB in a real
 deployment) monitors each site: it probes every server's `/__tandem/health` every 0.25 s
@@ -44,7 +44,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,8 @@ from bench.chaos_check import (  # noqa: E402
     recovery,
     timeline,
 )
-from bench.chaos_load import Attempt, SessionClient, run_clients  # noqa: E402
+from bench.chaos_glb import Balancer, SiteClient  # noqa: E402
+from bench.chaos_load import run_clients  # noqa: E402
 from tests.netfault import (  # noqa: E402
     Partition,
     cluster_endpoints,
@@ -72,68 +72,6 @@ from tests.sites import TwoSites  # noqa: E402
 HOSTS = {f"{site}{i}": f"127.0.{n}.{i}" for site, n in (("a", 1), ("b", 2)) for i in (1, 2, 3)}
 A, B = ("a1", "a2", "a3"), ("b1", "b2", "b3")
 GROUPS = ("a", "a", "b", "ab")  # client i is in GROUPS[i % 4]
-
-
-class Balancer:
-    """The global load balancer's health monitor: which sites are up (see the docstring)."""
-
-    def __init__(self, sites: TwoSites, t0: float, *, interval_s: float = 0.25,
-                 timeout_s: float = 0.5) -> None:
-        self.servers = {name: [(c.servers[s]["host"], c.servers[s]["http"]) for s in c.servers]
-                        for name, c in sites.clusters.items()}
-        self.proxies = {name: c.proxy_port for name, c in sites.clusters.items()}
-        self.up = dict.fromkeys(self.servers, True)
-        self.changes: list[tuple[float, str, bool]] = []  # (t, site, up)
-        self._t0, self._interval_s, self._timeout_s = t0, interval_s, timeout_s
-
-    def site_for(self, home: str) -> str:
-        other = "b" if home == "a" else "a"
-        return home if self.up[home] or not self.up[other] else other
-
-    async def _answers(self, host: str, port: int) -> bool:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                reader, writer = await asyncio.open_connection(host, port)
-                try:
-                    writer.write(b"GET /__tandem/health HTTP/1.0\r\nHost: glb\r\n\r\n")
-                    line = await reader.readline()
-                finally:
-                    writer.close()
-            return line.split(b" ")[1:2] == [b"200"]
-        except (OSError, TimeoutError, IndexError):
-            return False
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            for site, addrs in self.servers.items():
-                up = any(await asyncio.gather(*(self._answers(h, p) for h, p in addrs)))
-                if up != self.up[site]:
-                    self.up[site] = up
-                    self.changes.append((round(time.monotonic() - self._t0, 3), site, up))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
-
-
-@dataclass
-class SiteClient(SessionClient):
-    """A client of one group: before each request, the proxy its group goes to now."""
-
-    group: str = "a"
-    balancer: Balancer | None = None
-    via: str = ""  # the site whose proxy the last request went to
-
-    async def once(self, t0: float) -> Attempt:
-        assert self.balancer is not None
-        if self.group == "ab":
-            site = "a" if self.token is None else "b"
-        else:
-            site = self.balancer.site_for(self.group)
-        port = self.balancer.proxies[site]
-        if port != self.port:
-            self.close()
-            self.port = port
-        self.via = site
-        return await super().once(t0)
 
 
 class Schedule:
