@@ -1,4 +1,4 @@
-"""The `tandem` command: up, backend, witness, proxy, status, certs."""
+"""The `tandem` command: up, backend, witness, proxy, status, certs, site-down."""
 
 from __future__ import annotations
 
@@ -171,6 +171,18 @@ def _parser() -> argparse.ArgumentParser:
                           help="add a new CA to the bundle and sign with it from now on")
     rotation.add_argument("--drop-old-cas", action="store_true",
                           help="leave only the signing CA in the bundle")
+
+    sd = sub.add_parser(
+        "site-down", help="declare a remote site down at every server of this site",
+        description="Tell every server of this site (the cluster file's) that the remote "
+                    "site is down: they take its sessions over at their next request. Only "
+                    "for a site that is really down or fenced (hosts off, cut off and "
+                    "stopped): a site that still serves would serve the same sessions "
+                    "(docs/sites.md). Safe to repeat; exit status 1 if a server refused "
+                    "(a server of that site still answers it) or could not be reached.")
+    sd.add_argument("--config", required=True, metavar="FILE", help="this site's cluster file")
+    sd.add_argument("--site", required=True, metavar="NAME",
+                    help="the remote site (its [[sites]] name)")
     return p
 
 
@@ -213,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"tandem: {exc}", exc, code=2)
         return run_up(cfg, path, app=args.app, interface=args.interface,
                       restart=not args.no_restart, placement=here)
+    if args.command == "site-down":
+        from backends.sites.command import run_site_down
+        return run_site_down(cfg, args.site, path)
     from .up import print_status
     return print_status(cfg, as_json=args.json)
 

@@ -9,6 +9,10 @@ with their own secrets and the trusted sites' (the `[[sites]]` entries' `secrets
 What the links say of a remote server is also the evidence of the site-down rule
 (takeover.py): a refused connection proves no process listens there; a silent one proves
 nothing.
+An operator's command (`tandem site-down`, command.py) arrives on the same listener: the
+handshake as `@operator` (an id no server can have), then a challenge that only a holder
+of this cluster's own secrets answers — a trusted site's secrets open the channel but give
+no command here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import inspect
+import secrets as secrets_mod
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,26 +38,38 @@ from ..cluster import wire
 from ..cluster.link import Outbox, PeerLink, PeerState
 from ..errors import ReplicationError
 
-__all__ = ["SiteChannel", "CHANNEL_NAME"]
+__all__ = ["SiteChannel", "CHANNEL_NAME", "OPERATOR", "command_mac"]
 
 log = structlog.get_logger("tandem.sites")
 
 CHANNEL_NAME = "tandem.sites"  # what the handshake's MACs bind, beside the secrets
+OPERATOR = "@operator"  # the handshake id of an operator's command (no server id has "@")
 
 Reply = dict[str, Any] | None
 Handler = Callable[[str, dict[str, Any]], Reply | Awaitable[Reply]]
+Operator = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def command_mac(secret: str, server: str, nonce: str, msg: dict[str, Any]) -> str:
+    """The proof of an operator's command to `server`: its own cluster secret over the
+    server's fresh nonce and the command."""
+    text = "|".join(("tandem.operator", server, nonce, str(msg.get("op")),
+                     str(msg.get("site"))))
+    return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
 class SiteChannel:
     """Links to the remote sites' servers, and the listener their links arrive at."""
 
     def __init__(self, *, config: Config, me: str, incarnation: str, handler: Handler,
-                 on_alive: Callable[[str], None],
+                 operator: Operator, on_alive: Callable[[str], None],
                  on_lost: Callable[[str, str], None]) -> None:
         # configuration
         self.me = config.server(me)
         self.sites = config.sites
         self._handler = handler
+        self._operator = operator
+        self._own_secrets = tuple(config.cluster.secrets)  # (an operator proves one of these)
         self._on_alive = on_alive  # a remote server authenticated: its site is up
         self._on_lost = on_lost  # (server, site) its link failed or it left
         secrets = tuple(config.cluster.secrets) + tuple(
@@ -131,7 +150,7 @@ class SiteChannel:
         try:
             dialler = await asyncio.wait_for(wire.accept_handshake(
                 reader, writer, me=self.me.id, cluster=CHANNEL_NAME, secrets_=self._secrets,
-                known=list(self.site_of), incarnation=self.incarnation),
+                known=[*self.site_of, OPERATOR], incarnation=self.incarnation),
                 self._connect_timeout_s)
         except (ReplicationError, OSError, TimeoutError) as exc:
             log.warning("site_peer_refused", remote=str(writer.get_extra_info("peername")),
@@ -140,6 +159,9 @@ class SiteChannel:
             writer.close()
             return
         peer = dialler.id
+        if peer == OPERATOR:
+            await self._command(reader, writer)
+            return
         outbox = Outbox(writer, lambda _, exc: writer.close())
         link = self.links.get(peer)
         if link is not None and not link.alive:
@@ -163,6 +185,34 @@ class SiteChannel:
                 _answer(outbox, msg, reply)
         except (ReplicationError, OSError):
             pass  # the remote server's link dropped: its own side re-dials
+        finally:
+            self._conns.discard(writer)
+            writer.close()
+
+    async def _command(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        """One operator's command: challenge, proof with our own secrets, answer, close."""
+        remote = str(writer.get_extra_info("peername"))
+        try:
+            nonce = secrets_mod.token_hex(16)
+            wire.write_frame(writer, {"op": "operator_challenge", "nonce": nonce})
+            msg = await asyncio.wait_for(wire.read_frame(reader, peer=OPERATOR),
+                                         self._connect_timeout_s)
+            mac = msg.get("mac")
+            if not isinstance(mac, str) or not any(
+                    hmac.compare_digest(command_mac(s, self.me.id, nonce, msg), mac)
+                    for s in self._own_secrets):
+                log.warning("operator_refused", remote=remote, op=msg.get("op"),
+                            reason="not proven with this cluster's secrets")
+                wire.write_frame(writer, {"ok": False, "error": "bad credentials (this "
+                                          "cluster's own secrets are required)"})
+            else:
+                log.info("operator_command", remote=remote, op=msg.get("op"),
+                         site=msg.get("site"))
+                wire.write_frame(writer, await self._operator(msg))
+            await writer.drain()
+        except (ReplicationError, OSError, TimeoutError) as exc:
+            log.warning("operator_refused", remote=remote, reason=str(exc))
         finally:
             self._conns.discard(writer)
             writer.close()
