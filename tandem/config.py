@@ -379,5 +379,6 @@ def loads(text: str, *, source: str = "<memory>",
     sites = parse_sites(raw.get("sites", []), local_name=cluster.name,
                         local_ids=[s.id for s in servers], source=source)
     if sites:
-        check_sites(sites, servers, sections["session"].persistence, source)
+        check_sites(sites, servers, sections["session"].persistence, source,
+                    tls=bool(cluster.tls_ca))
     return Config(servers=tuple(servers), source=source, sites=sites, **sections)

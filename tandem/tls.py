@@ -15,6 +15,7 @@ pass as that one.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # (config.py imports this module)
     from .config import ClusterSection, Config, ServerConfig
 
 __all__ = ["IDENTITY_PREFIX", "identity", "ids_named", "TlsFile", "TlsFiles", "check",
-           "files_for", "warnings"]
+           "files_for", "site_files_for", "warnings"]
 
 IDENTITY_PREFIX = "tandem:server:"
 
@@ -63,9 +64,11 @@ class TlsFiles:
     cert: TlsFile
     key: TlsFile
     source: str  # the cluster file
+    # more CAs trusted (the channel between the sites: the remote sites' CAs)
+    extra_cas: tuple[TlsFile, ...] = ()
 
-    def all(self) -> tuple[TlsFile, TlsFile, TlsFile]:
-        return (self.ca, self.cert, self.key)
+    def all(self) -> tuple[TlsFile, ...]:
+        return (self.ca, self.cert, self.key, *self.extra_cas)
 
 
 def check(cluster: ClusterSection, entries: Sequence[ServerConfig], source: str) -> None:
@@ -113,6 +116,21 @@ def files_for(config: Config, server_id: str) -> TlsFiles | None:
 
     return TlsFiles(ca=resolve(cluster.tls_ca, "cluster.tls_ca"), cert=own("tls_cert"),
                     key=own("tls_key"), source=config.source)
+
+
+def site_files_for(config: Config, server_id: str) -> TlsFiles | None:
+    """The TLS files of one server on the channel between the sites: its own certificate,
+    its own CA and every remote site's (`sites[].tls_ca`); None when TLS is off."""
+    files = files_for(config, server_id)
+    if files is None:
+        return None
+    base = Path(config.source).resolve().parent if config.source != "<memory>" else Path.cwd()
+    extra = []
+    for i, site in enumerate(config.sites):
+        path = Path(os.path.expanduser(site.tls_ca))
+        extra.append(TlsFile(path if path.is_absolute() else base / path,
+                             f"sites[{i}].tls_ca", site.tls_ca))
+    return dataclasses.replace(files, extra_cas=tuple(extra))
 
 
 def _loopback(host: str) -> bool:

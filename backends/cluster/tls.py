@@ -24,12 +24,12 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
 from tandem.config import Config, ServerConfig
-from tandem.tls import files_for, ids_named
+from tandem.tls import TlsFiles, files_for, ids_named
 
 from ..errors import TlsHandshakeFailed
 from .tls_context import TlsContexts, load_contexts
@@ -49,10 +49,13 @@ Connected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Non
 class Channel:
     """The transport of one server's replication connections: plaintext or mutual TLS."""
 
-    def __init__(self, *, config: Config, me: str) -> None:
+    def __init__(self, *, config: Config, me: str,
+                 files: TlsFiles | None | Literal["replication"] = "replication") -> None:
         # configuration
         self.me = me
-        self._files = files_for(config, me)
+        # (`files`: another set than the replication channel's — the channel between sites)
+        self._files: TlsFiles | None = (files_for(config, me) if isinstance(files, str)
+                                        else files)
         self._interval = config.cluster.tls_reload_interval_s
         # the contexts in use (None: plaintext); at start a bad file is a ConfigError here
         self._ctx: TlsContexts | None = None

@@ -76,10 +76,11 @@ def _context(purpose: str, files: TlsFiles) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False  # the identity is the server id, checked by the channel
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_verify_locations(cafile=str(files.ca.path))
-    except (ssl.SSLError, ValueError) as exc:
-        raise _error(files.ca, files, "no PEM CA certificate in it") from exc
+    for ca in (files.ca, *files.extra_cas):
+        try:
+            ctx.load_verify_locations(cafile=str(ca.path))
+        except (ssl.SSLError, ValueError) as exc:
+            raise _error(ca, files, "no PEM CA certificate in it") from exc
     try:
         ctx.load_cert_chain(str(files.cert.path), str(files.key.path), password=_no_password)
     except ConfigError as exc:

@@ -33,9 +33,11 @@ import structlog
 from tandem.config import Config, ServerConfig
 from tandem.sites import SiteConfig
 from tandem.startup import listen_errors, listen_now
+from tandem.tls import site_files_for
 
 from ..cluster import wire
 from ..cluster.link import Outbox, PeerLink, PeerState
+from ..cluster.tls import Channel, TlsServer
 from ..errors import ReplicationError
 
 __all__ = ["SiteChannel", "CHANNEL_NAME", "OPERATOR", "command_mac"]
@@ -80,18 +82,22 @@ class SiteChannel:
             config.cluster, name=CHANNEL_NAME, secrets=secrets))
         self.site_of: dict[str, SiteConfig] = {
             srv.id: site for site in config.sites for srv in site.servers}
+        # plaintext, or mutual TLS: our own certificate, our CA and the remote sites' CAs
+        # (sites[].tls_ca); reloaded like the replication channel's
+        self.transport = Channel(config=config, me=me, files=site_files_for(config, me))
+        self._local_ids = frozenset(config.server_ids)
         # outbound links, one per remote server (a PeerLink on the remote listener)
         self.links: dict[str, PeerLink] = {
             srv.id: PeerLink(me=me, peer=ServerConfig(id=srv.id, http=srv.http,
                                                       replication=srv.site_replication),
                              config=channel, on_state=self._changed, incarnation=incarnation,
-                             on_refused=self._refused)
+                             on_refused=self._refused, channel=self.transport)
             for site in config.sites for srv in site.servers}
         self.incarnation = incarnation
         # evidence: when (monotonic) each remote server last refused a connection
         self.refused_at: dict[str, float] = {}
         # the listener
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TlsServer | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Future[None]] = set()
 
@@ -101,6 +107,11 @@ class SiteChannel:
         addr = self.me.site_replication
         assert addr is not None  # (checked at load when [[sites]] are named)
         with listen_errors(addr.host, addr.port, f"{self.me.id}'s site_replication address"):
+            if self.transport.tls:  # (it handshakes each connection itself)
+                self._server = await self.transport.serve(
+                    self._accept, addr.host, addr.port,
+                    handshake_timeout_s=self._connect_timeout_s)
+                return
             self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
                                                       start_serving=False)
             listen_now(self._server)
@@ -110,11 +121,13 @@ class SiteChannel:
             await self.bind()
         assert self._server is not None
         await self._server.start_serving()
+        self.transport.start()
         for link in self.links.values():
             link.start()
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links.values()))
+        await self.transport.close()
         if self._server is not None:
             self._server.close()
         for writer in list(self._conns):
@@ -150,8 +163,8 @@ class SiteChannel:
         try:
             dialler = await asyncio.wait_for(wire.accept_handshake(
                 reader, writer, me=self.me.id, cluster=CHANNEL_NAME, secrets_=self._secrets,
-                known=[*self.site_of, OPERATOR], incarnation=self.incarnation),
-                self._connect_timeout_s)
+                known=[*self.site_of, OPERATOR], incarnation=self.incarnation,
+                certified=self._certified(writer)), self._connect_timeout_s)
         except (ReplicationError, OSError, TimeoutError) as exc:
             log.warning("site_peer_refused", remote=str(writer.get_extra_info("peername")),
                         reason=str(exc))
@@ -188,6 +201,14 @@ class SiteChannel:
         finally:
             self._conns.discard(writer)
             writer.close()
+
+    def _certified(self, writer: asyncio.StreamWriter) -> frozenset[str] | None:
+        """The ids the peer's certificate names (None: plaintext); an operator's command
+        comes with one of this site's own servers' certificates."""
+        named = self.transport.certified(writer)
+        if named is not None and named & self._local_ids:
+            named = named | {OPERATOR}
+        return named
 
     async def _command(self, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> None:

@@ -16,15 +16,37 @@ each server refuses it while a server of that site still answers it (a link is u
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import sys
 
 from tandem.config import Config, ServerConfig
+from tandem.tls import site_files_for
 
 from ..cluster import wire
+from ..cluster.tls import Channel
 from ..errors import ReplicationError
 from .channel import CHANNEL_NAME, OPERATOR, command_mac
 
 __all__ = ["declare_site_down", "run_site_down"]
+
+
+async def _open(cfg: Config, srv: ServerConfig) -> tuple[asyncio.StreamReader,
+                                                       asyncio.StreamWriter]:
+    """A connection to `srv`'s site listener: plaintext, or TLS with the certificate of a
+    server of this site whose files this host has (the listener takes an operator's command
+    only with one of this site's own certificates)."""
+    addr = srv.site_replication
+    assert addr is not None
+    timeout = cfg.cluster.peer_connect_timeout_s
+    if not cfg.cluster.tls_ca:
+        return await asyncio.open_connection(addr.host, addr.port)
+    for own in cfg.servers:
+        files = site_files_for(cfg, own.id)
+        if files is not None and all(os.access(f.path, os.R_OK) for f in files.all()):
+            channel = Channel(config=cfg, me=own.id, files=files)
+            return await channel.open(dataclasses.replace(srv, replication=addr), timeout)
+    raise OSError("no server's TLS certificate and key are readable on this host")
 
 
 async def _declare(cfg: Config, srv: ServerConfig, site: str) -> tuple[bool, str]:
@@ -35,7 +57,7 @@ async def _declare(cfg: Config, srv: ServerConfig, site: str) -> tuple[bool, str
     try:
         async with asyncio.timeout(cfg.cluster.peer_connect_timeout_s
                                    + cfg.cluster.replication_timeout_s):
-            reader, writer = await asyncio.open_connection(addr.host, addr.port)
+            reader, writer = await _open(cfg, srv)
             try:
                 await wire.dial_handshake(reader, writer, me=OPERATOR, peer=srv.id,
                                           cluster=CHANNEL_NAME, secrets_=secrets)
