@@ -41,6 +41,7 @@ from ..sessions.manager import SessionManager, SessionMoved
 from ..sessions.session import Session
 from ..sessions.store import Primary
 from .deadline import DEADLINE_HEADER, Deadline, send_late
+from .forward import HOP_HEADER, Forwarder
 from .origin import Origin, rewrite_url
 from .rewrite import UrlRewriteMiddleware, token_in_urls
 
@@ -84,6 +85,8 @@ class TandemMiddleware:
         self._cookie_attrs = attrs
         self.cookie_secure = s.cookie_secure  # a framework's cookie settings keep it Secure
         self.cluster_settings = s  # what a framework's settings are layered over
+        # requests of sessions whose primary is another live server go there
+        self.forwarder = Forwarder(manager=manager, config=config)
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
         # With URL rewriting, links in responses to cookie-less clients carry the token.
         self._rewriter: UrlRewriteMiddleware | None = None
@@ -135,6 +138,7 @@ class TandemMiddleware:
         proxy_view: bytes | None = None
         rid: str | None = None  # the proxy's id of this client request, same on retries
         budget: bytes | None = None  # the proxy's X-Tandem-Deadline (ms)
+        hop: bytes | None = None  # X-Tandem-Hop: forwarded by a peer (backends.serve.hop)
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value.decode("latin-1") if cookie is None else (
@@ -145,6 +149,8 @@ class TandemMiddleware:
                 rid = value.decode("latin-1")
             elif name == DEADLINE_HEADER:
                 budget = value
+            elif name == HOP_HEADER:
+                hop = value
         route, via = self._route(scope, cookie)
         deadline: Deadline | None = None
         if budget is not None and kind == "http":
@@ -153,6 +159,16 @@ class TandemMiddleware:
                 # The proxy has answered for it already: nothing of it runs here.
                 await send_late(send, b"request past its deadline: not applied\n")
                 return
+        if kind == "http" and (route is not None or hop is not None) and (
+                peer := self.forwarder.target(scope, route, hop, rid)) is not None:
+            # Its primary is another live server: it answers (backends.serve.forward);
+            # unless it cannot, and the request is handled here.
+            local = await self.forwarder.forward(scope, receive, send, peer=peer, rid=rid,
+                                                 sid=route.sid if route else "",
+                                                 deadline=deadline)
+            if local is None:
+                return
+            receive, rid = local
         # Whether this response's URLs carry the token: the rule of backends.serve.rewrite,
         # decided once per request, for the rewriter and session.encode_url alike.
         in_urls = self.url_rewriting and token_in_urls(via, cookie_sent=via == "cookie" or (

@@ -1,0 +1,349 @@
+"""Forwarding a request to its session's primary, and relaying the answer.
+
+Behind a plain load balancer (round-robin, no affinity) a session's requests land on every
+server. A server that takes the session over for each of them (`session.foreign_requests =
+"take_over"`) moves it on every request, and concurrent requests of one session answer 503
+`moved`. With `"forward"` (the default) a server that receives a request for a session
+whose primary is another server — alive, not draining, the process the view binds —
+sends the request to that primary's advertised http address and relays its answer
+(status, headers with Set-Cookie, body as it streams): the session stays where it is.
+
+Over HTTP rather than the replication channel: the primary runs the request through its
+own HTTP server and session middleware unchanged (deadline, exactly-once, URL rewriting,
+its Set-Cookie), bodies stream both ways with flow control, and the replication channel
+is kept free of application bytes.
+
+The hop is marked (`X-Tandem-Hop`, authenticated: backends.serve.hop): the primary serves a
+marked request itself and never forwards it again, so no loop is possible. The client's
+`X-Tandem-Request-Id` goes along (one is made when the client sent none), and so does a
+deadline (`X-Tandem-Deadline`: what is left of the proxy's, at most `proxy.io_timeout_s`).
+
+When the primary cannot be used, the request is handled here by the take-over rules of
+docs/consistency.md (backends/sessions/opening.py), which keep every acknowledged write:
+- nothing was sent (no connection): always;
+- the primary refused it before running it (503 `minority`, `starting`, `fenced`,
+  `leaving`, `draining`) and its body is held: always;
+- it was sent and no answer came (the primary died, hung, or its connection was lost): the
+  connection is reset (the primary then applies nothing it reads later, I7), and the
+  request runs here if its method is idempotent and its body is held — a retry with the
+  same request id is applied once; otherwise 503 `owner-unreachable`, which acknowledges
+  nothing. An answer cut off in its body ends the client's response short.
+WebSockets are not forwarded: they take the session over as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from tandem.config import Config, ServerConfig
+from tandem.logs import short
+from tandem.token import Route
+
+from ..errors import ForwardError
+from ..sessions.manager import SessionManager
+from .deadline import DEADLINE_HEADER, Deadline
+from .hop import HOP_HEADER, HopAuth
+from .hop_client import HopConnection, HopPool
+
+__all__ = ["Forwarder", "HOP_HEADER"]
+
+log = structlog.get_logger("tandem.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+
+_RID_HEADER = b"x-tandem-request-id"
+_STATE_HEADER = b"x-tandem-state"
+# Not passed on to the primary: hop-by-hop fields, the framing (ours), and the fields this
+# module sets itself (a client's `X-Tandem-Hop` in particular).
+_REQUEST_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+    b"transfer-encoding", b"content-length", b"expect", HOP_HEADER, _RID_HEADER,
+    DEADLINE_HEADER})
+# Not relayed to the client: hop-by-hop fields; the framing and Date are our server's.
+_RESPONSE_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"trailer", b"upgrade",
+    b"transfer-encoding", b"date"})
+# A request body up to this size is held whole before it is sent, so that the request can
+# still run here if the primary fails (bytes); a longer one streams through.
+HELD_BODY_BYTES = 65536
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# The primary's 503 states that mean "this server serves no session now": it ran nothing.
+_REFUSED = frozenset({b"minority", b"starting", b"fenced", b"leaving", b"draining"})
+
+
+class Forwarder:
+    """Decides whether a request goes to its session's primary, and takes it there."""
+
+    def __init__(self, *, manager: SessionManager, config: Config) -> None:
+        # configuration
+        self.forwarding = config.session.foreign_requests == "forward"
+        self.auth = HopAuth(config.cluster.secrets)
+        self.io_timeout_s = config.proxy.io_timeout_s
+        # shared state, read per request
+        self.ctx = manager.ctx
+        self.me = manager.me.id
+        self.pool = HopPool(connect_timeout_s=config.proxy.connect_timeout_s)
+
+    # --- the decision -------------------------------------------------------------------
+
+    def target(self, scope: Scope, route: Route | None, hop: bytes | None,
+               rid: str | None) -> ServerConfig | None:
+        """The server to forward this request to, or None: handle it here."""
+        if hop is not None and self._accept(scope, hop, rid):
+            return None  # forwarded to us: served here, never sent on
+        if route is None or not self.forwarding:
+            return None
+        ctx = self.ctx
+        sid = route.sid
+        if sid in ctx.store.primaries or sid in ctx.opening:
+            return None  # ours (or being taken over here already)
+        # Who is primary: where we handed it, what our replica names, what the token says.
+        local = ctx.store.replicas.get(sid)
+        owner = ctx.moved_to.get(sid) or (local.primary if local is not None else None) \
+            or route.primary
+        if owner == self.me:
+            return None
+        # Dead, draining, unreachable or another process than the view binds: the
+        # take-over rules decide (backends/sessions/opening.py).
+        return ctx.membership.serving_peer(owner)
+
+    def _accept(self, scope: Scope, hop: bytes, rid: str | None) -> bool:
+        """Is this a request a peer forwarded to us? Its mark is dropped either way."""
+        scope["headers"] = [(n, v) for n, v in scope["headers"] if n != HOP_HEADER]
+        client = self.auth.verify(hop, rid=rid, method=scope["method"],
+                                  target=_target(scope))
+        if client is None:
+            log.warning("forward_hop_refused", rid=rid, client=_client(scope))
+            return False
+        if client != "-":  # the app sees the client, not the forwarding server
+            host, _, port = client.rpartition(":")
+            with contextlib.suppress(ValueError):
+                scope["client"] = (host.strip("[]"), int(port))
+        scope["tandem.forwarded"] = True
+        return True
+
+    # --- the hop ------------------------------------------------------------------------
+
+    async def forward(self, scope: Scope, receive: Any, send: Any, *, peer: ServerConfig,
+                      sid: str, rid: str | None,
+                      deadline: Deadline | None) -> tuple[Any, str] | None:
+        """Forward the request to `peer` and relay its answer: None once answered, else
+        the ASGI `receive` with which to handle the request here (its body replayed) and
+        its request id (made here if the client sent none: a retry here is applied once)."""
+        method: str = scope["method"]
+        length, chunked = _framing(scope["headers"])
+        held = not chunked and length <= HELD_BODY_BYTES
+        body: bytes | None = b""
+        if held and length:
+            body = await _read_body(receive)
+        if body is None:
+            return None  # the client left: nobody to answer
+        local = _replay(body, receive) if held else receive
+        rid = rid or _new_rid()
+        budget_s = self.io_timeout_s
+        if deadline is not None:  # what is left of the proxy's budget
+            budget_s = min(budget_s, deadline.remaining_s())
+        head = self._head(scope, rid=rid, budget_s=budget_s,
+                          length=length if held else None)
+        log_ctx = {"sid": short(sid), "to": peer.id, "rid": rid}
+        conn: HopConnection | None = None
+        for attempt in range(2):
+            try:
+                conn = await self.pool.acquire(peer.id, peer.http, fresh=not held or attempt > 0)
+                conn.head_only = method == "HEAD"
+                if held:
+                    await conn.write(head + body)
+                else:
+                    await conn.write(head)
+                    if not await _stream_body(conn, receive):
+                        conn.reset()
+                        return None  # the client left mid-body
+                answered = await self._relay(conn, receive, send, budget_s, held, log_ctx)
+                if answered:
+                    self.ctx.stats["forwarded"] += 1
+                    return None
+                return local, rid  # refused by the primary before it ran: run it here
+            except ForwardError as exc:
+                if conn is not None:
+                    conn.reset()
+                if exc.answered:
+                    raise  # its head was relayed: the client's response ends short
+                if conn is not None and conn.reused and held and attempt == 0:
+                    continue  # an idle connection the primary had closed: once more
+                if not exc.sent or (held and method in _IDEMPOTENT):
+                    self.ctx.stats["forward_fallbacks"] += 1
+                    log.info("forward_fallback", **log_ctx, cause=str(exc), sent=exc.sent)
+                    return local, rid
+                log.warning("forward_failed", **log_ctx, cause=str(exc))
+                await _send_unanswered(send)
+                return None
+            except BaseException:  # cancelled (the server stops), or ours to raise
+                if conn is not None:
+                    conn.reset()
+                raise
+        return local, rid  # (not reached: the second attempt returns or raises)
+
+    def _head(self, scope: Scope, *, rid: str, budget_s: float, length: int | None) -> bytes:
+        target = _target(scope)
+        mark = self.auth.sign(rid=rid, method=scope["method"], target=target,
+                              client=_client(scope))
+        lines = [b"%s %s HTTP/1.1\r\n" % (scope["method"].encode("ascii"), target)]
+        lines += [b"%s: %s\r\n" % (n, v) for n, v in scope["headers"]
+                  if n not in _REQUEST_DROP]
+        lines.append(b"x-tandem-request-id: %s\r\nx-tandem-deadline: %d\r\n"
+                     b"x-tandem-hop: %s\r\n" % (rid.encode("latin-1"),
+                                                max(1, int(budget_s * 1000)), mark))
+        lines.append(b"content-length: %d\r\n\r\n" % length if length is not None
+                     else b"transfer-encoding: chunked\r\n\r\n")
+        return b"".join(lines)
+
+    async def _relay(self, conn: HopConnection, receive: Any, send: Any, budget_s: float,
+                     held: bool, log_ctx: dict[str, Any]) -> bool:
+        """Relay the primary's answer (True), or leave the request to us (False: refused
+        by the primary before it ran, body held). The client leaving resets the hop."""
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            reading = asyncio.ensure_future(conn.read_head(budget_s))
+            await asyncio.wait((reading, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ForwardError):
+                    await reading
+                conn.reset()  # the client left: the primary must not apply it later (I7)
+                log.info("forward_abandoned", **log_ctx)
+                await _send_unanswered(send)
+                return True
+            resp = reading.result()
+            headers: list[tuple[bytes, bytes]] = []
+            refused = False
+            for name, value in resp.headers:
+                lname = name.lower()
+                if lname in _RESPONSE_DROP:
+                    continue
+                if lname == _STATE_HEADER and resp.status == 503 and value in _REFUSED:
+                    # the primary serves nothing now: not a state of this server's
+                    refused = True
+                    value = b"owner-unreachable"
+                headers.append((name, value))
+            if refused and held:
+                self.pool.release(conn)  # (not reusable: its body is unread; closed)
+                log.info("forward_refused", **log_ctx, status=resp.status)
+                return False
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": headers})
+            while True:
+                chunk = await conn.read_body(self.io_timeout_s)
+                if chunk is None or gone.done():
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if gone.done():
+                conn.reset()
+                return True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.pool.release(conn)
+            log.debug("forwarded", **log_ctx, status=resp.status)
+            return True
+        finally:
+            gone.cancel()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _target(scope: Scope) -> bytes:
+    """The request target as the client sent it (`;jsessionid=` included: the primary
+    reads and strips it itself)."""
+    raw = scope.get("raw_path") or scope["path"].encode("latin-1")
+    qs = scope.get("query_string") or b""
+    return bytes(raw) + b"?" + qs if qs else bytes(raw)
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return "-"
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+    """(Content-Length or 0, chunked) of the request."""
+    length, chunked = 0, False
+    for name, value in headers:
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):  # (the HTTP server checked it)
+                length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
+
+
+async def _read_body(receive: Any) -> bytes | None:
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _stream_body(conn: HopConnection, receive: Any) -> bool:
+    """Send the client's body to the primary as it arrives, chunked; False if it left."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        data = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
+        if not more:
+            await conn.write(data + b"0\r\n\r\n")
+            return True
+        if data:
+            await conn.write(data)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives the held `body` first, then what `receive` says (the
+    request's end: a disconnect once the response is complete or the client left)."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        message: Message = await receive()
+        return message
+
+    return replay
+
+
+async def _disconnected(receive: Any) -> None:
+    """Returns when the client has gone (the request's body was read whole before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _new_rid() -> str:
+    """A request id for a client request that came without one (16 url-safe characters,
+    as the proxy's)."""
+    return "f" + os.urandom(8).hex()[:15]
+
+
+async def _send_unanswered(send: Any) -> None:
+    """503 `owner-unreachable`: the primary gave no answer; nothing is acknowledged."""
+    body = b"the session's server did not answer; retry\n"
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"0"), (b"x-tandem-state", b"owner-unreachable")]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,128 @@
+"""A request that reaches a server other than its session's primary (a plain load balancer
+in front) is forwarded to the primary and its answer relayed; `session.foreign_requests =
+"take_over"` keeps the older behaviour (the session moves to where the request landed).
+
+Real backend processes, requests sent straight to each server (no proxy in front)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+from tests.cluster import Client
+
+
+def raw_get(url: str, token: str | None, headers: dict[str, str] | None = None,
+            ) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """(status, body, headers but Date) of one GET, the token sent as the cookie."""
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    if token:
+        req.add_header("Cookie", f"JSESSIONID={token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, body, hdrs = resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as exc:
+        status, body, hdrs = exc.code, exc.read(), exc.headers
+    return status, body, [(k.lower(), v) for k, v in hdrs.items() if k.lower() != "date"]
+
+
+def session_on(cluster, primary: str) -> Client:
+    """A session created on `primary` (a request without a token starts one where it lands)."""
+    c = Client(cluster.url(primary))
+    status, body = c.get("/count")
+    assert status == 200 and body["server"] == primary and c.route[1] == primary
+    return c
+
+
+def third(cluster, client: Client) -> str:
+    """The server that holds no copy of the client's session."""
+    _, primary, secondary = client.route
+    return next(s for s in cluster.servers if s not in (primary, secondary))
+
+
+def test_a_request_at_another_server_is_served_by_the_primary(make_cluster):
+    cluster = make_cluster().start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = third(cluster, c)
+    for n in range(2, 12):  # at the third server and at the secondary alike
+        at = other if n % 2 else c.route[2]
+        status, body = c.get("/count", base=cluster.url(at))
+        assert status == 200, body
+        assert body["counter"] == n and body["server"] == "s1" and body["primary"] == "s1"
+    assert c.route[1] == "s1"  # the session never moved
+    assert cluster.health(other)["stats"]["forwarded"] == 5
+    assert cluster.health(c.route[2])["stats"]["forwarded"] == 5
+    assert all(cluster.health(s)["stats"]["fetched"] == 0 for s in cluster.servers)
+
+
+def test_a_forwarded_answer_is_the_direct_one(make_cluster):
+    cluster = make_cluster().start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = cluster.url(third(cluster, c))
+    direct = raw_get(cluster.url("s1") + "/peek", c.token)
+    forwarded = raw_get(other + "/peek", c.token)
+    assert direct[0] == forwarded[0] == 200
+    assert forwarded == direct  # status, body, every header (Date aside)
+    # a response that sets the cookie: the same cookie, attribute for attribute
+    direct = raw_get(cluster.url("s1") + "/regenerate", c.token)
+    token = next(v for k, v in direct[2] if k == "set-cookie").split(";")[0].split("=", 1)[1]
+    forwarded = raw_get(other + "/regenerate", token)
+    assert forwarded[0] == direct[0] == 200
+
+    def cookie_attrs(resp):  # (the new session id is new each time)
+        value = next(v for k, v in resp[2] if k == "set-cookie")
+        name, _, rest = value.partition("=")
+        tok, _, attrs = rest.partition(";")
+        return name, tok.split(".")[0].split("!")[1:], attrs
+
+    assert cookie_attrs(forwarded) == cookie_attrs(direct)
+    assert [k for k, _ in forwarded[2]] == [k for k, _ in direct[2]]
+    # a 404 of the app, and a response to HEAD, relayed as they are
+    assert raw_get(other + "/nothing", c.token)[:2] == raw_get(
+        cluster.url("s1") + "/nothing", c.token)[:2]
+    req = urllib.request.Request(other + "/peek", method="HEAD",
+                                 headers={"Cookie": f"JSESSIONID={c.token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200 and resp.read() == b""
+
+
+def test_a_hop_mark_from_a_client_is_not_trusted(make_cluster):
+    cluster = make_cluster().start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = third(cluster, c)
+    forged = {"X-Tandem-Request-Id": "forged-1",
+              "X-Tandem-Hop": f"{int(time.time())};10.9.9.9:1;{'0' * 64}"}
+    status, body = c.get("/count", base=cluster.url(other), headers=forged)
+    # a trusted mark would have had the session taken over where the request landed
+    assert status == 200 and body["server"] == "s1" and c.route[1] == "s1"
+    assert cluster.wait_event(other, "forward_hop_refused")
+    # the primary trusts no client's mark either (it would give the app that client address)
+    forged["X-Tandem-Request-Id"] = "forged-2"  # (the same id would be a retry: undone)
+    status, body = c.get("/count", base=cluster.url("s1"), headers=forged)
+    assert status == 200 and body["counter"] == 3
+    refused = cluster.wait_event("s1", "forward_hop_refused")
+    assert refused and refused[0]["client"].startswith("127.0.0.1:")
+
+
+def test_take_over_mode_moves_the_session_where_the_request_landed(make_cluster):
+    cluster = make_cluster(session={"foreign_requests": "take_over"}).start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = third(cluster, c)
+    status, body = c.get("/count", base=cluster.url(other))
+    assert status == 200 and body["counter"] == 2 and body["server"] == other
+    assert c.route[1] == other
+    assert cluster.health(other)["stats"]["forwarded"] == 0
+
+
+def test_the_dead_primary_s_sessions_are_taken_over_as_before(make_cluster):
+    cluster = make_cluster().start(proxy=False)
+    c = session_on(cluster, "s1")
+    c.get("/count")
+    secondary = c.route[2]
+    other = third(cluster, c)
+    cluster.kill("s1")
+    # at the server holding no copy: the view removes s1, the secondary promotes its copy,
+    # and the request is served (fetched or forwarded to the new primary) with the count
+    status, body = c.get("/count", base=cluster.url(other))
+    assert status == 200 and body["counter"] == 3, body
+    assert c.route[1] in (secondary, other)
