@@ -24,10 +24,11 @@ docs/consistency.md (backends/sessions/opening.py), which keep every acknowledge
 - the primary refused it before running it (503 `minority`, `starting`, `fenced`,
   `leaving`, `draining`) and its body is held: always;
 - it was sent and no answer came (the primary died, hung, or its connection was lost): the
-  connection is reset (the primary then applies nothing it reads later, I7), and the
-  request runs here if its method is idempotent and its body is held — a retry with the
-  same request id is applied once; otherwise 503 `owner-unreachable`, which acknowledges
-  nothing. An answer cut off in its body ends the client's response short.
+  connection is reset (the primary then applies nothing it reads later, I7) and the client
+  gets 503 `owner-unreachable`, which acknowledges nothing. The request is not run here:
+  it may have run there, and the exactly-once undo covers only a session's last commit,
+  which a concurrent request of the session may have replaced. An answer cut off in its
+  body ends the client's response short.
 WebSockets are not forwarded: they take the session over as before.
 """
 
@@ -70,10 +71,9 @@ _REQUEST_DROP = frozenset({
 _RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"trailer", b"upgrade",
     b"transfer-encoding", b"date"})
-# A request body up to this size is held whole before it is sent, so that the request can
-# still run here if the primary fails (bytes); a longer one streams through.
+# A request body up to this size (bytes) is held whole before it is sent, so that the
+# request can still run here if the primary refuses it unrun; a longer one streams through.
 HELD_BODY_BYTES = 65536
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # The primary's 503 states that mean "this server serves no session now": it ran nothing.
 _REFUSED = frozenset({b"minority", b"starting", b"fenced", b"leaving", b"draining"})
 
@@ -154,41 +154,39 @@ class Forwarder:
                           length=length if held else None)
         log_ctx = {"sid": short(sid), "to": peer.id, "rid": rid}
         conn: HopConnection | None = None
-        for attempt in range(2):
-            try:
-                conn = await self.pool.acquire(peer.id, peer.http, fresh=not held or attempt > 0)
-                conn.head_only = method == "HEAD"
-                if held:
-                    await conn.write(head + body)
-                else:
-                    await conn.write(head)
-                    if not await _stream_body(conn, receive):
-                        conn.reset()
-                        return None  # the client left mid-body
-                answered = await self._relay(conn, receive, send, budget_s, held, log_ctx)
-                if answered:
-                    self.ctx.stats["forwarded"] += 1
-                    return None
-                return local, rid  # refused by the primary before it ran: run it here
-            except ForwardError as exc:
-                if conn is not None:
+        try:
+            conn = await self.pool.acquire(peer.id, peer.http)
+            conn.head_only = method == "HEAD"
+            if held:
+                await conn.write(head + body)
+            else:
+                await conn.write(head)
+                if not await _stream_body(conn, receive):
                     conn.reset()
-                if exc.answered:
-                    raise  # its head was relayed: the client's response ends short
-                if conn is not None and conn.reused and held and attempt == 0:
-                    continue  # an idle connection the primary had closed: once more
-                if not exc.sent or (held and method in _IDEMPOTENT):
-                    self.ctx.stats["forward_fallbacks"] += 1
-                    log.info("forward_fallback", **log_ctx, cause=str(exc), sent=exc.sent)
-                    return local, rid
-                log.warning("forward_failed", **log_ctx, cause=str(exc))
-                await _send_unanswered(send)
+                    return None  # the client left mid-body
+            if await self._relay(conn, receive, send, budget_s, held, log_ctx):
+                self.ctx.stats["forwarded"] += 1
                 return None
-            except BaseException:  # cancelled (the server stops), or ours to raise
-                if conn is not None:
-                    conn.reset()
-                raise
-        return local, rid  # (not reached: the second attempt returns or raises)
+            return local, rid  # refused by the primary before it ran: run it here
+        except ForwardError as exc:
+            if conn is not None:
+                conn.reset()
+            if exc.answered:
+                raise  # its head was relayed: the client's response ends short
+            if not exc.sent:
+                self.ctx.stats["forward_fallbacks"] += 1
+                log.info("forward_fallback", **log_ctx, cause=str(exc))
+                return local, rid
+            # It may have run there: running it here too could apply it twice (the
+            # exactly-once undo covers only a session's last commit, and concurrent
+            # requests may have committed since). Not acknowledged: the client retries.
+            log.warning("forward_failed", **log_ctx, cause=str(exc))
+            await _send_unanswered(send)
+            return None
+        except BaseException:  # cancelled (the server stops), or ours to raise
+            if conn is not None:
+                conn.reset()
+            raise
 
     def _head(self, scope: Scope, *, rid: str, budget_s: float, length: int | None) -> bytes:
         target = _target(scope)

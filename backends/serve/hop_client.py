@@ -130,9 +130,10 @@ class HopConnection:
     def reset(self) -> None:
         """Give up on the connection: close it with a reset (module docstring)."""
         transport = self.writer.transport
-        sock = transport.get_extra_info("socket")
+        sock = None if transport.is_closing() else transport.get_extra_info("socket")
         if sock is not None:
-            with contextlib.suppress(OSError):  # (already closed: nothing left to drop)
+            # (closed meanwhile: nothing left to drop; uvloop says so with ValueError)
+            with contextlib.suppress(OSError, ValueError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         transport.abort()
 
@@ -144,11 +145,11 @@ class HopPool:
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[Address, list[HopConnection]] = {}
 
-    async def acquire(self, peer: str, addr: Address, *, fresh: bool = False) -> HopConnection:
-        """An idle connection to `addr` (reused), or a new one (`fresh`: always new)."""
+    async def acquire(self, peer: str, addr: Address) -> HopConnection:
+        """An idle connection to `addr` (reused), or a new one."""
         idle = self._idle.get(addr)
         now = time.monotonic()
-        while idle and not fresh:
+        while idle:
             conn = idle.pop()
             if now - conn.idle_since < _IDLE_S and not conn.reader.at_eof():
                 conn.reused = True
