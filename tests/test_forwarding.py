@@ -6,10 +6,16 @@ Real backend processes, requests sent straight to each server (no proxy in front
 
 from __future__ import annotations
 
+import http.client
+import os
 import time
 import urllib.request
 
+import pytest
+
 from tests.cluster import Client
+
+APPS = ["tests.apps:asgi_counter", "tests.apps:wsgi_counter"]
 
 
 def raw_get(url: str, token: str | None, headers: dict[str, str] | None = None,
@@ -40,8 +46,9 @@ def third(cluster, client: Client) -> str:
     return next(s for s in cluster.servers if s not in (primary, secondary))
 
 
-def test_a_request_at_another_server_is_served_by_the_primary(make_cluster):
-    cluster = make_cluster().start(proxy=False)
+@pytest.mark.parametrize("app", APPS, ids=["asgi", "wsgi"])
+def test_a_request_at_another_server_is_served_by_the_primary(make_cluster, app):
+    cluster = make_cluster(app=app).start(proxy=False)
     c = session_on(cluster, "s1")
     other = third(cluster, c)
     for n in range(2, 12):  # at the third server and at the secondary alike
@@ -84,6 +91,33 @@ def test_a_forwarded_answer_is_the_direct_one(make_cluster):
                                  headers={"Cookie": f"JSESSIONID={c.token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status == 200 and resp.read() == b""
+
+
+def test_bodies_stream_through_both_ways(make_cluster):
+    cluster = make_cluster().start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = cluster.servers[third(cluster, c)]
+    payload = os.urandom(300_000)  # beyond what is held whole: it streams to the primary
+    conn = http.client.HTTPConnection("127.0.0.1", other["http"], timeout=10)
+    conn.putrequest("POST", "/echo")
+    conn.putheader("Cookie", f"JSESSIONID={c.token}")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for i in range(0, len(payload), 65536):
+        part = payload[i:i + 65536]
+        conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+    conn.send(b"0\r\n\r\n")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("x-served-by") == "s1"
+    assert resp.getheader("transfer-encoding") == "chunked"  # streamed, as the primary's
+    assert resp.read() == payload
+    # a small body (held whole, with its Content-Length)
+    conn.request("POST", "/echo", body=b"x" * 1000, headers={"Cookie": f"JSESSIONID={c.token}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b"x" * 1000
+    conn.close()
+    status, body = c.get("/peek", base=cluster.url("s1"))
+    assert body["values"]["echoed"] == 1000 and c.route[1] == "s1"
 
 
 def test_a_hop_mark_from_a_client_is_not_trusted(make_cluster):

@@ -76,6 +76,9 @@ _RESPONSE_DROP = frozenset({
 HELD_BODY_BYTES = 65536
 # The primary's 503 states that mean "this server serves no session now": it ran nothing.
 _REFUSED = frozenset({b"minority", b"starting", b"fenced", b"leaving", b"draining"})
+# The states of a 503 about one session (the proxy keeps the server in place): relayed as
+# they are; the primary's others are relayed as `owner-unreachable`.
+_SESSION_STATES = frozenset({b"unprotected", b"owner-unreachable", b"late"})
 
 
 class Forwarder:
@@ -225,9 +228,10 @@ class Forwarder:
                 lname = name.lower()
                 if lname in _RESPONSE_DROP:
                     continue
-                if lname == _STATE_HEADER and resp.status == 503 and value in _REFUSED:
-                    # the primary serves nothing now: not a state of this server's
-                    refused = True
+                if lname == _STATE_HEADER and resp.status == 503 and (
+                        value not in _SESSION_STATES):
+                    # the primary's state, not ours: a proxy in front must not skip us
+                    refused = value in _REFUSED
                     value = b"owner-unreachable"
                 headers.append((name, value))
             if refused and held:
