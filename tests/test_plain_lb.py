@@ -55,6 +55,7 @@ frontend lb
 backend app
     balance roundrobin
     option httpchk GET /__tandem/health
+    http-check expect string '"state": "up"'
 {lines}
 """)
     return path
