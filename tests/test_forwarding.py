@@ -148,15 +148,25 @@ def test_take_over_mode_moves_the_session_where_the_request_landed(make_cluster)
     assert cluster.health(other)["stats"]["forwarded"] == 0
 
 
-def test_the_dead_primary_s_sessions_are_taken_over_as_before(make_cluster):
+def test_a_dead_primary_s_request_goes_to_its_promoted_secondary(make_cluster):
     cluster = make_cluster().start(proxy=False)
     c = session_on(cluster, "s1")
     c.get("/count")
     secondary = c.route[2]
     other = third(cluster, c)
     cluster.kill("s1")
-    # at the server holding no copy: the view removes s1, the secondary promotes its copy,
-    # and the request is served (fetched or forwarded to the new primary) with the count
+    # at the server holding no copy: it waits for the view to remove s1 (the secondary
+    # promotes its copy as it adopts that view), then forwards the request there
     status, body = c.get("/count", base=cluster.url(other))
     assert status == 200 and body["counter"] == 3, body
-    assert c.route[1] in (secondary, other)
+    assert body["server"] == secondary and c.route[1] == secondary
+    assert cluster.health(other)["stats"]["fetched"] == 0
+
+
+def test_take_over_mode_takes_a_dead_primary_s_session_where_the_request_landed(make_cluster):
+    cluster = make_cluster(session={"foreign_requests": "take_over"}).start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = third(cluster, c)
+    cluster.kill("s1")
+    status, body = c.get("/count", base=cluster.url(other))
+    assert status == 200 and body["counter"] == 2 and body["server"] == other

@@ -159,13 +159,12 @@ class TandemMiddleware:
                 # The proxy has answered for it already: nothing of it runs here.
                 await send_late(send, b"request past its deadline: not applied\n")
                 return
-        if kind == "http" and (route is not None or hop is not None) and (
-                peer := self.forwarder.target(scope, route, hop, rid)) is not None:
-            # Its primary is another live server: it answers (backends.serve.forward);
-            # unless it cannot, and the request is handled here.
-            local = await self.forwarder.forward(scope, receive, send, peer=peer, rid=rid,
-                                                 sid=route.sid if route else "",
-                                                 deadline=deadline)
+        if kind == "http" and (hop is not None or (
+                route is not None and self.forwarder.foreign(route))):
+            # Its primary may be another live server: then it answers
+            # (backends.serve.forward); if it cannot, the request is handled here.
+            local = await self.forwarder.handle(scope, receive, send, route=route, hop=hop,
+                                                rid=rid, deadline=deadline)
             if local is None:
                 return
             receive, rid = local

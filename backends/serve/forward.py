@@ -18,8 +18,12 @@ marked request itself and never forwards it again, so no loop is possible. The c
 `X-Tandem-Request-Id` goes along (one is made when the client sent none), and so does a
 deadline (`X-Tandem-Deadline`: what is left of the proxy's, at most `proxy.io_timeout_s`).
 
-When the primary cannot be used, the request is handled here by the take-over rules of
-docs/consistency.md (backends/sessions/opening.py), which keep every acknowledged write:
+A primary the view still lists but that is silent (dead, hung, cut off) is waited for as a
+take-over waits, until the majority removes it; the request then goes to the token's
+secondary, which promoted its copy as it adopted that view — the session does not move
+here. When the primary cannot be used otherwise, the request is handled here by the
+take-over rules of docs/consistency.md (backends/sessions/opening.py), which keep every
+acknowledged write:
 - nothing was sent (no connection): always;
 - the primary refused it before running it (503 `minority`, `starting`, `fenced`,
   `leaving`, `draining`) and its body is held: always;
@@ -46,7 +50,7 @@ from tandem.config import Config, ServerConfig
 from tandem.logs import short
 from tandem.token import Route
 
-from ..errors import ForwardError
+from ..errors import ForwardError, NotServing
 from ..sessions.manager import SessionManager
 from .deadline import DEADLINE_HEADER, Deadline
 from .hop import HOP_HEADER, HopAuth
@@ -96,26 +100,76 @@ class Forwarder:
 
     # --- the decision -------------------------------------------------------------------
 
-    def target(self, scope: Scope, route: Route | None, hop: bytes | None,
-               rid: str | None) -> ServerConfig | None:
-        """The server to forward this request to, or None: handle it here."""
+    def foreign(self, route: Route) -> bool:
+        """Might this request go elsewhere (forwarding on, and its session's primary not
+        here)? The per-request check, before anything is awaited."""
+        return self.forwarding and route.sid not in self.ctx.store.primaries
+
+    async def handle(self, scope: Scope, receive: Any, send: Any, *, route: Route | None,
+                     hop: bytes | None, rid: str | None,
+                     deadline: Deadline | None) -> tuple[Any, str | None] | None:
+        """Forward the request if its session's primary is another live server: None once
+        answered, else the ASGI `receive` and request id with which to handle it here."""
         if hop is not None and self._accept(scope, hop, rid):
-            return None  # forwarded to us: served here, never sent on
-        if route is None or not self.forwarding:
+            return receive, rid  # forwarded to us: served here, never sent on
+        if route is None or not self.foreign(route):
+            return receive, rid
+        try:
+            peer = await self._target(route)
+        except NotServing:
+            await _send_unanswered(send, b"the session's server is unreachable; retry\n")
             return None
+        if peer is None:
+            return receive, rid
+        return await self.forward(scope, receive, send, peer=peer, sid=route.sid, rid=rid,
+                                  deadline=deadline)
+
+    async def _target(self, route: Route) -> ServerConfig | None:
+        """The server to forward this request to, or None: handle it here."""
         ctx = self.ctx
+        membership = ctx.membership
         sid = route.sid
-        if sid in ctx.store.primaries or sid in ctx.opening:
-            return None  # ours (or being taken over here already)
+        if sid in ctx.opening:
+            return None  # being taken over here already
         # Who is primary: where we handed it, what our replica names, what the token says.
         local = ctx.store.replicas.get(sid)
         owner = ctx.moved_to.get(sid) or (local.primary if local is not None else None) \
             or route.primary
         if owner == self.me:
             return None
-        # Dead, draining, unreachable or another process than the view binds: the
-        # take-over rules decide (backends/sessions/opening.py).
-        return ctx.membership.serving_peer(owner)
+        peer = membership.serving_peer(owner)
+        if peer is not None:
+            return peer
+        if (membership.in_view(owner) and not membership.is_alive(owner)
+                and not membership.recently_stalled()):
+            # Silent, and still in the view: dead or cut off. Only the majority may end it
+            # (docs/consistency.md, I2); wait for that as a take-over would, so that the
+            # request can then go where the session lives, rather than move it here.
+            await self._await_removal(owner, sid)
+        if membership.in_view(owner) or sid in ctx.store.primaries:
+            return None  # draining, or promoted here: the take-over rules decide
+        # Removed from the view: the token's secondary promoted its copy as it adopted
+        # that view (I3), and serves the session now.
+        successor = route.secondary if owner == route.primary else None
+        if successor is None or successor == self.me:
+            return None
+        return membership.serving_peer(successor)
+
+    async def _await_removal(self, owner: str, sid: str) -> None:
+        """Wait, as long as a take-over would (backends/sessions/opening.py), for the view
+        to remove the silent `owner`; NotServing (`owner-unreachable`) if it does not."""
+        ctx = self.ctx
+        membership = ctx.membership
+        c = ctx.config.cluster
+        timeout = c.heartbeat_interval_s * (2 * c.missed_heartbeats + 1)
+
+        def waiting() -> bool:
+            return sid not in ctx.store.primaries and membership.in_view(owner) and (
+                not membership.is_alive(owner))
+
+        if not await membership.wait_view(waiting, timeout, redial=[owner]):
+            raise NotServing(f"{owner} unreachable and still in the view", peer=self.me,
+                             state="owner-unreachable")
 
     def _accept(self, scope: Scope, hop: bytes, rid: str | None) -> bool:
         """Is this a request a peer forwarded to us? Its mark is dropped either way."""
@@ -184,7 +238,7 @@ class Forwarder:
             # exactly-once undo covers only a session's last commit, and concurrent
             # requests may have committed since). Not acknowledged: the client retries.
             log.warning("forward_failed", **log_ctx, cause=str(exc))
-            await _send_unanswered(send)
+            await _send_unanswered(send, b"the session's server did not answer; retry\n")
             return None
         except BaseException:  # cancelled (the server stops), or ours to raise
             if conn is not None:
@@ -219,7 +273,7 @@ class Forwarder:
                     await reading
                 conn.reset()  # the client left: the primary must not apply it later (I7)
                 log.info("forward_abandoned", **log_ctx)
-                await _send_unanswered(send)
+                await _send_unanswered(send, b"the client left\n")
                 return True
             resp = reading.result()
             headers: list[tuple[bytes, bytes]] = []
@@ -342,9 +396,9 @@ def _new_rid() -> str:
     return "f" + os.urandom(8).hex()[:15]
 
 
-async def _send_unanswered(send: Any) -> None:
-    """503 `owner-unreachable`: the primary gave no answer; nothing is acknowledged."""
-    body = b"the session's server did not answer; retry\n"
+async def _send_unanswered(send: Any, body: bytes) -> None:
+    """503 `owner-unreachable`: the primary gave no answer (or cannot be reached);
+    nothing is acknowledged."""
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"0"), (b"x-tandem-state", b"owner-unreachable")]})
