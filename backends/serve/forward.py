@@ -140,6 +140,8 @@ class Forwarder:
         peer = membership.serving_peer(owner)
         if peer is not None:
             return peer
+        if membership.serving_state() is not None:
+            return None  # no lease here (cut off, fenced...): the take-over path says so
         if (membership.in_view(owner) and not membership.is_alive(owner)
                 and not membership.recently_stalled()):
             # Silent, and still in the view: dead or cut off. Only the majority may end it
