@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from backends.serve.hop import HopAuth
 from tests.cluster import Client
 
 APPS = ["tests.apps:asgi_counter", "tests.apps:wsgi_counter"]
@@ -136,6 +137,22 @@ def test_a_hop_mark_from_a_client_is_not_trusted(make_cluster):
     assert status == 200 and body["counter"] == 3
     refused = cluster.wait_event("s1", "forward_hop_refused")
     assert refused and refused[0]["client"].startswith("127.0.0.1:")
+
+
+def test_a_marked_request_is_never_forwarded_again(make_cluster):
+    """A request a peer forwarded (a mark made under the cluster secret) is served where
+    it arrives, whoever the session's primary is: a request takes at most one hop."""
+    cluster = make_cluster().start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = third(cluster, c)
+    mark = HopAuth(("test-secret",)).sign(rid="hop-1", method="GET", target=b"/count",
+                                          client="10.1.2.3:4567")
+    status, body = c.get("/count", base=cluster.url(other), headers={
+        "X-Tandem-Request-Id": "hop-1", "X-Tandem-Hop": mark.decode()})
+    # not sent on to s1: the session is taken over here (take-over rules)
+    assert status == 200 and body["counter"] == 2 and body["server"] == other
+    assert not cluster.events(other) or not [
+        e for e in cluster.events(other) if e.get("event") == "forward_hop_refused"]
 
 
 def test_take_over_mode_moves_the_session_where_the_request_landed(make_cluster):
