@@ -127,7 +127,8 @@ async def lane(http: aiohttp.ClientSession, lb: str, s: Session, key: str, n: in
     for _ in range(n):
         s.attempts[key] += 1
         try:
-            # (a write is a POST: a load balancer may send a GET again on its own)
+            # (a write is a POST: aiohttp resends a GET whose kept-alive connection closed
+            # without an answer — the balancer's, when the server behind it was killed)
             status, body = await request(http, f"{lb}/incr/{key}", s, "POST")
         except (TimeoutError, aiohttp.ClientError) as exc:
             s.errors.append(f"{key}: {type(exc).__name__}")
