@@ -121,6 +121,28 @@ def test_bodies_stream_through_both_ways(make_cluster):
     assert body["values"]["echoed"] == 1000 and c.route[1] == "s1"
 
 
+def test_a_forwarded_request_whose_client_left_is_not_applied(make_cluster):
+    """The client gives up while the primary runs its request: the forwarding server
+    resets the hop, and the primary commits nothing of it (I7 over the hop)."""
+    cluster = make_cluster(app="tests.apps:wsgi_counter").start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = cluster.servers[third(cluster, c)]
+    conn = http.client.HTTPConnection("127.0.0.1", other["http"], timeout=0.4)
+    conn.request("POST", "/set?key=late&value=1&sleep=1.2",
+                 headers={"Cookie": f"JSESSIONID={c.token}"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.close()  # (the client leaves while the app sleeps, before its commit)
+    time.sleep(1.5)
+    status, body = c.get("/peek", base=cluster.url("s1"))
+    assert status == 200 and "late" not in body["values"], body
+    refused = cluster.wait_event("s1", "request_refused_late")
+    assert refused and refused[0]["reason"] == "connection_closed"
+    # the next request of the session is served as usual
+    status, body = c.get("/count", base=f"http://127.0.0.1:{other['http']}")
+    assert status == 200 and body["counter"] == 2 and body["server"] == "s1"
+
+
 def test_a_hop_mark_from_a_client_is_not_trusted(make_cluster):
     cluster = make_cluster().start(proxy=False)
     c = session_on(cluster, "s1")
