@@ -195,7 +195,7 @@ class Forwarder:
                       deadline: Deadline | None) -> tuple[Any, str] | None:
         """Forward the request to `peer` and relay its answer: None once answered, else
         the ASGI `receive` with which to handle the request here (its body replayed) and
-        its request id (made here if the client sent none: a retry here is applied once)."""
+        its request id (made here if the client sent none)."""
         method: str = scope["method"]
         length, chunked = _framing(scope["headers"])
         held = not chunked and length <= HELD_BODY_BYTES
@@ -220,7 +220,7 @@ class Forwarder:
                 await conn.write(head + body)
             else:
                 await conn.write(head)
-                if not await _stream_body(conn, receive):
+                if not await conn.write_chunked(receive):
                     conn.reset()
                     return None  # the client left mid-body
             if await self._relay(conn, receive, send, budget_s, held, log_ctx):
@@ -352,22 +352,6 @@ async def _read_body(receive: Any) -> bytes | None:
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(parts)
-
-
-async def _stream_body(conn: HopConnection, receive: Any) -> bool:
-    """Send the client's body to the primary as it arrives, chunked; False if it left."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return False
-        chunk = message.get("body", b"")
-        more = message.get("more_body", False)
-        data = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
-        if not more:
-            await conn.write(data + b"0\r\n\r\n")
-            return True
-        if data:
-            await conn.write(data)
 
 
 def _replay(body: bytes, receive: Any) -> Any:

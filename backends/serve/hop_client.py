@@ -17,6 +17,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 from httptools import HttpParserError, HttpResponseParser
 
@@ -91,6 +92,21 @@ class HopConnection:
             self.sent = True
             self.writer.write(data)
             await self.writer.drain()
+
+    async def write_chunked(self, receive: Any) -> bool:
+        """Send the client's body (ASGI `receive`) as it arrives, chunked; False if the
+        client left before its end."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            chunk = message.get("body", b"")
+            data = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
+            if not message.get("more_body", False):
+                await self.write(data + b"0\r\n\r\n")
+                return True
+            if data:
+                await self.write(data)
 
     async def read_head(self, timeout_s: float) -> HopResponse:
         """Read until the response head is complete (within `timeout_s`)."""
