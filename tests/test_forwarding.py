@@ -63,6 +63,18 @@ def test_a_request_at_another_server_is_served_by_the_primary(make_cluster, app)
     assert all(cluster.health(s)["stats"]["fetched"] == 0 for s in cluster.servers)
 
 
+def test_a_client_without_cookies_is_forwarded_by_the_token_in_its_urls(make_cluster):
+    cluster = make_cluster().start(proxy=False)
+    c = Client(cluster.url("s1"), cookies=False)
+    status, body = c.get("/count")
+    assert status == 200 and ";jsessionid=" in c.next_path and c.route[1] == "s1"
+    other = third(cluster, c)
+    for n in (2, 3):
+        status, body = c.get(base=cluster.url(other))  # the link the page gave it
+        assert status == 200 and body["counter"] == n and body["server"] == "s1"
+        assert ";jsessionid=" in body["next"] and len(c.set_cookie_seen) == 1  # (the first)
+
+
 def test_a_forwarded_answer_is_the_direct_one(make_cluster):
     cluster = make_cluster().start(proxy=False)
     c = session_on(cluster, "s1")

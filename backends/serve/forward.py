@@ -185,7 +185,6 @@ class Forwarder:
             host, _, port = client.rpartition(":")
             with contextlib.suppress(ValueError):
                 scope["client"] = (host.strip("[]"), int(port))
-        scope["tandem.forwarded"] = True
         return True
 
     # --- the hop ------------------------------------------------------------------------
