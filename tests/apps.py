@@ -8,7 +8,8 @@ GET /invalidate   invalidates the session
 GET /regenerate   regenerates the session id
 GET /incr/KEY     increments session[KEY]
 GET /set?key=K&value=V&sleep=S   sets session[K] = V, then sleeps S seconds (WSGI: in the thread)
-POST /echo        (ASGI only) the request body back, streamed; session["echoed"] = its size
+POST /echo        (ASGI only) the request body back, streamed; session["echoed"] = its size;
+                  X-Served-By and X-Client (the server, the client address the app sees)
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ async def _echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
     scope["session"]["echoed"] = len(body)
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"application/octet-stream"),
-        (b"x-served-by", scope["tandem.server"].encode())]})
+        (b"x-served-by", scope["tandem.server"].encode()),
+        (b"x-client", "{}:{}".format(*scope["client"]).encode())]})
     step = max(1, len(body) // 4)
     for i in range(0, len(body), step):
         await send({"type": "http.response.body", "body": body[i:i + step], "more_body": True})

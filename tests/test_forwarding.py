@@ -122,6 +122,8 @@ def test_bodies_stream_through_both_ways(make_cluster):
     conn.send(b"0\r\n\r\n")
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("x-served-by") == "s1"
+    # the app on the primary sees the client, not the server that forwarded the request
+    assert resp.getheader("x-client") == "{}:{}".format(*conn.sock.getsockname())
     assert resp.getheader("transfer-encoding") == "chunked"  # streamed, as the primary's
     assert resp.read() == payload
     # a small body (held whole, with its Content-Length)
