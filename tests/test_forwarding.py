@@ -157,6 +157,30 @@ def test_a_forwarded_request_whose_client_left_is_not_applied(make_cluster):
     assert status == 200 and body["counter"] == 2 and body["server"] == "s1"
 
 
+def test_a_draining_server_forwards_the_requests_of_sessions_that_live_elsewhere(
+        make_cluster):
+    """SIGTERM: while the server drains, a request of a session whose primary is another
+    server is forwarded there (a plain load balancer still sends it some requests);
+    anything that would run there gets 503 `draining`."""
+    import signal
+    import threading
+
+    cluster = make_cluster(app="tests.apps:wsgi_counter").start(proxy=False)
+    mine = session_on(cluster, "s3")
+    theirs = session_on(cluster, "s1")
+    slow = threading.Thread(target=mine.get, args=("/set?key=k&value=v&sleep=2",))
+    slow.start()  # in flight at s3: its drain waits for it
+    time.sleep(0.3)
+    cluster.servers["s3"]["proc"].send_signal(signal.SIGTERM)
+    assert cluster.wait_event("s3", "backend_draining")
+    status, body = theirs.get("/count", base=cluster.url("s3"))
+    assert status == 200 and body["counter"] == 2 and body["server"] == "s1", body
+    status, body = Client(cluster.url("s3")).get("/count")  # a new session: not here
+    assert status == 503 and "draining" in body
+    slow.join()
+    assert cluster.servers["s3"]["proc"].wait(timeout=20) == 0
+
+
 def test_a_hop_mark_from_a_client_is_not_trusted(make_cluster):
     cluster = make_cluster().start(proxy=False)
     c = session_on(cluster, "s1")

@@ -123,8 +123,13 @@ class TandemMiddleware:
             await self._health(send)
             return
         if self.manager.draining:
-            # Sessions are being handed over: the proxy fails this over to the secondary.
-            await _send_unavailable(send, _DRAINING, kind)
+            # Sessions are being handed over: the proxy fails this over to the secondary;
+            # a request of a session that lives elsewhere (or was handed over already) is
+            # forwarded there. (Not in flight: nothing of it runs here.)
+            if kind == "http" and self.forwarder.forwarding:
+                await self._handle(scope, receive, send, draining=True)
+            else:
+                await _send_unavailable(send, _DRAINING, kind)
             return
         self.inflight += 1
         try:
@@ -132,7 +137,8 @@ class TandemMiddleware:
         finally:
             self.inflight -= 1
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, *,
+                      draining: bool = False) -> None:
         kind = scope["type"]
         cookie: str | None = None
         proxy_view: bytes | None = None
@@ -168,6 +174,9 @@ class TandemMiddleware:
             if local is None:
                 return
             receive, rid = local
+        if draining:
+            await _send_unavailable(send, _DRAINING, kind)
+            return
         # Whether this response's URLs carry the token: the rule of backends.serve.rewrite,
         # decided once per request, for the rewriter and session.encode_url alike.
         in_urls = self.url_rewriting and token_in_urls(via, cookie_sent=via == "cookie" or (
