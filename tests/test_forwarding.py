@@ -215,6 +215,18 @@ def test_a_marked_request_is_never_forwarded_again(make_cluster):
         e for e in cluster.events(other) if e.get("event") == "forward_hop_refused"]
 
 
+def test_a_request_from_tandem_s_proxy_is_not_forwarded(make_cluster):
+    """tandem's proxy (its requests carry X-Tandem-Deadline) sends a request elsewhere than
+    to the session's primary only when the primary failed it: it is taken over there."""
+    cluster = make_cluster().start(proxy=False)
+    c = session_on(cluster, "s1")
+    other = third(cluster, c)
+    status, body = c.get("/count", base=cluster.url(other), headers={
+        "X-Tandem-Deadline": "5000", "X-Tandem-Request-Id": "proxied-1"})
+    assert status == 200 and body["counter"] == 2 and body["server"] == other
+    assert c.route[1] == other and cluster.health(other)["stats"]["forwarded"] == 0
+
+
 def test_take_over_mode_moves_the_session_where_the_request_landed(make_cluster):
     cluster = make_cluster(session={"foreign_requests": "take_over"}).start(proxy=False)
     c = session_on(cluster, "s1")

@@ -166,11 +166,12 @@ class TandemMiddleware:
                 await send_late(send, b"request past its deadline: not applied\n")
                 return
         if kind == "http" and (hop is not None or (
-                route is not None and self.forwarder.foreign(route))):
+                budget is None and route is not None and self.forwarder.foreign(route))):
             # Its primary may be another live server: then it answers
-            # (backends.serve.forward); if it cannot, the request is handled here.
+            # (backends.serve.forward); if it cannot, the request is handled here. (Not
+            # a request of tandem's proxy, `budget`: it has chosen this server itself.)
             local = await self.forwarder.handle(scope, receive, send, route=route, hop=hop,
-                                                rid=rid, deadline=deadline)
+                                                rid=rid)
             if local is None:
                 return
             receive, rid = local

@@ -80,11 +80,6 @@ class Deadline:
     def elapsed_ms(self) -> int:
         return int((_monotonic() - self.arrival.read_at) * 1000)
 
-    def remaining_s(self) -> float:
-        """What is left of the budget, in seconds on our clock (the clock-rate margin
-        taken): the budget of a request sent on to another server (backends.serve.forward)."""
-        return max(0.001, self._budget_s - (_monotonic() - self.arrival.read_at))
-
     def missed(self, *, stage: str) -> str | None:
         """Why the proxy is no longer waiting ("deadline", "connection_closed"), logged as
         this request's refusal at `stage` ("start", "commit"); None while it may be."""

@@ -16,7 +16,12 @@ is kept free of application bytes.
 The hop is marked (`X-Tandem-Hop`, authenticated: backends.serve.hop): the primary serves a
 marked request itself and never forwards it again, so no loop is possible. The client's
 `X-Tandem-Request-Id` goes along (one is made when the client sent none), and so does a
-deadline (`X-Tandem-Deadline`: what is left of the proxy's, at most `proxy.io_timeout_s`).
+deadline (`X-Tandem-Deadline`: `proxy.io_timeout_s`, after which the hop is given up).
+
+A request from tandem's proxy (it carries the proxy's `X-Tandem-Deadline`) is never
+forwarded: the proxy routes by the token, and sends a request elsewhere than to the
+session's primary only when that primary failed it (no connection, a 503, a skip mark) —
+the session is then taken over where the request lands, as it always was.
 
 A primary the view still lists but that is silent (dead, hung, cut off) is waited for as a
 take-over waits, until the majority removes it; the request then goes to the token's
@@ -52,7 +57,7 @@ from tandem.token import Route
 
 from ..errors import ForwardError, NotServing
 from ..sessions.manager import SessionManager
-from .deadline import DEADLINE_HEADER, Deadline
+from .deadline import DEADLINE_HEADER
 from .hop import HOP_HEADER, HopAuth
 from .hop_client import HopConnection, HopPool
 
@@ -106,8 +111,7 @@ class Forwarder:
         return self.forwarding and route.sid not in self.ctx.store.primaries
 
     async def handle(self, scope: Scope, receive: Any, send: Any, *, route: Route | None,
-                     hop: bytes | None, rid: str | None,
-                     deadline: Deadline | None) -> tuple[Any, str | None] | None:
+                     hop: bytes | None, rid: str | None) -> tuple[Any, str | None] | None:
         """Forward the request if its session's primary is another live server: None once
         answered, else the ASGI `receive` and request id with which to handle it here."""
         if hop is not None and self._accept(scope, hop, rid):
@@ -121,8 +125,7 @@ class Forwarder:
             return None
         if peer is None:
             return receive, rid
-        return await self.forward(scope, receive, send, peer=peer, sid=route.sid, rid=rid,
-                                  deadline=deadline)
+        return await self.forward(scope, receive, send, peer=peer, sid=route.sid, rid=rid)
 
     async def _target(self, route: Route) -> ServerConfig | None:
         """The server to forward this request to, or None: handle it here."""
@@ -190,8 +193,7 @@ class Forwarder:
     # --- the hop ------------------------------------------------------------------------
 
     async def forward(self, scope: Scope, receive: Any, send: Any, *, peer: ServerConfig,
-                      sid: str, rid: str | None,
-                      deadline: Deadline | None) -> tuple[Any, str] | None:
+                      sid: str, rid: str | None) -> tuple[Any, str] | None:
         """Forward the request to `peer` and relay its answer: None once answered, else
         the ASGI `receive` with which to handle the request here (its body replayed) and
         its request id (made here if the client sent none)."""
@@ -206,8 +208,6 @@ class Forwarder:
         local = _replay(body, receive) if held else receive
         rid = rid or _new_rid()
         budget_s = self.io_timeout_s
-        if deadline is not None:  # what is left of the proxy's budget
-            budget_s = min(budget_s, deadline.remaining_s())
         head = self._head(scope, rid=rid, budget_s=budget_s,
                           length=length if held else None)
         log_ctx = {"sid": short(sid), "to": peer.id, "rid": rid}
