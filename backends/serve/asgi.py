@@ -170,8 +170,8 @@ class TandemMiddleware:
             # Its primary may be another live server: then it answers
             # (backends.serve.forward); if it cannot, the request is handled here. (Not
             # a request of tandem's proxy, `budget`: it has chosen this server itself.)
-            local = await self.forwarder.handle(scope, receive, send, route=route, hop=hop,
-                                                rid=rid)
+            local = await self.forwarder.handle(scope, receive, send, hop=hop, rid=rid,
+                                                route=route if budget is None else None)
             if local is None:
                 return
             receive, rid = local
