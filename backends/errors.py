@@ -24,6 +24,7 @@ __all__ = [
     "ProtocolViolation",
     "SessionMoved",
     "NotServing",
+    "ForwardError",
 ]
 
 
@@ -90,3 +91,19 @@ class NotServing(SessionMoved):
     def __init__(self, message: str, *, peer: str, state: str) -> None:
         super().__init__(message, peer=peer)
         self.state = state
+
+
+# --- forwarding to a session's primary (backends/serve/forward.py) --------------------------
+
+
+class ForwardError(ClusterError):
+    """A request forwarded to its session's primary got no whole answer from it.
+
+    `sent`: some of the request was written (the primary may have run it); `answered`: its
+    response head arrived (it was relayed, and only its body is short)."""
+
+    def __init__(self, message: str, *, peer: str, sent: bool, answered: bool = False) -> None:
+        super().__init__(f"{peer}: {message}")
+        self.peer = peer
+        self.sent = sent
+        self.answered = answered

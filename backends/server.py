@@ -162,8 +162,10 @@ class BackendServer:
                     self.config.cluster.drain_timeout_s > 0):
                 await self.drain()
             self.manager.draining = True
-        # 2. Stop the HTTP listener (in-flight requests finish, within a bound).
+        # 2. Stop the HTTP listener (in-flight requests finish, within a bound), then
+        #    close the idle connections to the peers that forwarded requests used.
         await self.http.close()
+        self.middleware.forwarder.close()
         # 3. Flush queued replication (the remote sites' first) and store writes, stop
         #    background tasks, close the store.
         if self.manager.sites is not None:

@@ -170,6 +170,10 @@ class SessionSection:
     cookie_secure: bool = False
     cookie_samesite: str = field(default="Lax", metadata=_choice("Lax", "Strict", "None"))
     cookie_path: str = "/"
+    # A request for a session whose primary is another live server: "forward" it to the
+    # primary and relay the answer (behind a plain load balancer), or "take_over" the
+    # session here (backends/serve/forward.py, docs/operations.md).
+    foreign_requests: str = field(default="forward", metadata=_choice("forward", "take_over"))
     # async replication: flush when this many changes are queued, or after this interval.
     async_flush_threshold: int = field(default=100, metadata={"min": 1})
     async_flush_interval_s: float = field(default=0.05, metadata=_positive())

@@ -334,6 +334,15 @@ class Membership:
                 and not link.peer.witness
                 and view.incarnation_of(link.peer.id) in ("", link.peer_incarnation)]
 
+    def serving_peer(self, peer: str) -> ServerConfig | None:
+        """`peer` if it may be handed a request of its sessions (backends.serve.forward):
+        alive, not draining, in the view as the very process our link hears; else None."""
+        link = self.links.get(peer)
+        if link is None or link.state is not PeerState.ALIVE or link.peer.witness:
+            return None
+        bound = self.quorum.view.incarnation_of(peer)
+        return link.peer if bound in ("", link.peer_incarnation) else None
+
     def broadcast(self, msg: dict[str, Any]) -> None:
         for link in self.links.values():
             link.send(dict(msg))
