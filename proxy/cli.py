@@ -1,4 +1,4 @@
-"""The `tandem` command: up, backend, witness, proxy, status."""
+"""The `tandem` command: up, backend, witness, proxy, status, export, sync."""
 
 from __future__ import annotations
 
@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
                     "exit status 1 if a server is down.")
     st.add_argument("--config", required=True, metavar="FILE", help="cluster file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from .front_end_cli import add_commands
+    add_commands(sub)  # export, sync (HAProxy and nginx)
     return p
 
 
@@ -172,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backend":
         from backends.server import run as run_backend
         return run_backend(cfg, args.server, args.app, args.interface)
+    if args.command in ("export", "sync"):
+        from . import front_end_cli
+        run = front_end_cli.run_export if args.command == "export" else front_end_cli.run_sync
+        return run(cfg, args, path)
     if args.command == "proxy":
         from .server import run as run_proxy
         return run_proxy(cfg)

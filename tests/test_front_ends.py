@@ -1,0 +1,166 @@
+"""tandem's routing in real HAProxy and real nginx, configured only by `tandem export`:
+the end-to-end failover test of tests/test_e2e_failover.py through each, and `tandem sync`
+adding a server the exported file did not name."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Client
+from tests.front_ends import ENGINES, FrontEnd, have, tandem
+
+
+@pytest.fixture
+def front_end(tmp_path: Path) -> Iterator[object]:
+    made: list[FrontEnd] = []
+
+    def factory(engine: str, cluster: object, **kwargs: object) -> FrontEnd:
+        if not have(engine):
+            pytest.skip(f"{engine} is not installed")
+        fe = FrontEnd(engine, cluster, tmp_path / f"{engine}{len(made)}",  # type: ignore[arg-type]
+                      **kwargs)  # type: ignore[arg-type]
+        made.append(fe)
+        return fe.start()
+
+    yield factory
+    for fe in made:
+        fe.close()
+
+
+def sessions_on(base: str, primary: str, count: int, *, cookies: bool) -> list[Client]:
+    clients: list[Client] = []
+    while sum(c.route[1] == primary for c in clients) < count:
+        c = Client(base, cookies=cookies)
+        status, body = c.get("/count")
+        assert status == 200 and body["counter"] == 1, body
+        clients.append(c)
+        assert len(clients) < 10 * count, "new sessions are not spread over the servers"
+    return clients
+
+
+@pytest.mark.parametrize("cookies", [True, False], ids=["cookie", "url-rewriting"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kill_primary_through_exported_config(make_cluster, front_end, engine, cookies):
+    cluster = make_cluster().start(proxy=False)
+    fe = front_end(engine, cluster)
+    clients = sessions_on(fe.url, "s1", 20, cookies=cookies)
+    for c in clients:
+        for n in (2, 3):
+            status, body = c.get()
+            assert status == 200 and body["counter"] == n
+            # affinity: every request of a session reached its primary
+            assert body["server"] == c.route[1]
+    if not cookies:
+        assert all(";jsessionid=" in c.next_path for c in clients)
+    before = {id(c): c.route for c in clients}
+    assert all(r[2] not in ("NONE", r[1]) for r in before.values())
+
+    cluster.kill("s1")
+
+    by_secondary = 0
+    for c in clients:
+        sid, primary, secondary = before[id(c)]
+        status, body = c.get()
+        assert status == 200, (engine, body, fe.log())
+        assert body["counter"] == 4, (before[id(c)], body)
+        new_sid, new_primary, new_secondary = c.route
+        assert new_sid == sid
+        assert body["server"] == new_primary and new_primary != "s1"
+        assert new_secondary not in ("s1", new_primary, "NONE")
+        if primary == "s1":
+            by_secondary += body["server"] == secondary
+        else:
+            assert body["server"] == primary
+    moved = sum(1 for r in before.values() if r[1] == "s1")
+    if engine == "nginx":
+        # nginx's error_page chain goes to the secondary itself
+        assert by_secondary == moved
+    else:
+        # HAProxy's retry after the first failed connection is redispatched (any live
+        # server, which fetches the session); the primary is then marked down and the
+        # sessions' next requests go to their secondaries by rule
+        assert by_secondary >= moved - 1, by_secondary
+    # the next rounds are plain affinity again, counters intact
+    for n in (5, 6):
+        for c in clients:
+            status, body = c.get()
+            assert status == 200 and body["counter"] == n and body["server"] == c.route[1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_token_through_exported_config_is_a_new_session(make_cluster, front_end, engine):
+    from tandem.token import Route, TokenCodec
+
+    cluster = make_cluster().start(proxy=False)
+    fe = front_end(engine, cluster)
+    c = Client(fe.url)
+    c.get("/count")
+    sid, primary, secondary = c.route
+    c.token = TokenCodec(["someone-else"]).encode(Route(sid, primary, secondary))
+    status, body = c.get("/count")
+    assert status == 200 and body["counter"] == 1 and c.route[0] != sid
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sync_adds_a_server_the_export_did_not_name(make_cluster, front_end, engine,
+                                                    tmp_path):
+    """Exported from a file that names s1 and s2 only: s3 gets no new session until
+    `tandem sync` has applied the cluster's view."""
+    cluster = make_cluster().start(proxy=False)
+    text = cluster.config_path.read_text()
+    head, _, rest = text.partition("[[servers]]")
+    servers = ["[[servers]]" + part for part in rest.split("[[servers]]")]
+    partial = tmp_path / "two-of-three.toml"
+    partial.write_text(head + "".join(s for s in servers if '"s3"' not in s))
+    fe = front_end(engine, cluster, config=partial)
+    before = [Client(fe.url) for _ in range(9)]
+    for c in before:
+        assert c.get("/count")[0] == 200
+    assert {c.route[1] for c in before} <= {"s1", "s2"}
+
+    if engine == "haproxy":
+        done = tandem("sync", "haproxy", "--config", str(partial), "--socket",
+                      str(fe.socket), "--once")
+    else:
+        done = tandem("sync", "nginx", "--config", str(partial), "-o",
+                      str(fe.where / "tandem-http.conf"), "--reload", fe.reload_command(),
+                      "--once")
+    assert done.returncode == 0, done.stderr + done.stdout
+    applied = [json.loads(line) for line in done.stdout.splitlines() + done.stderr.splitlines()
+               if line.startswith("{")]
+    assert any(e.get("event") == "sync_applied" and "s3" in e.get("change", "")
+               for e in applied) or engine == "nginx", applied
+
+    def new_on_s3() -> Client | None:
+        for _ in range(30):
+            c = Client(fe.url)
+            assert c.get("/count")[0] == 200
+            if c.route[1] == "s3":
+                return c
+        return None
+
+    import time
+    deadline = time.monotonic() + 10  # (HAProxy: the added server's first checks)
+    c = new_on_s3()
+    while c is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        c = new_on_s3()
+    assert c is not None, fe.log()
+    for n in (2, 3):
+        status, body = c.get()
+        assert status == 200 and body["counter"] == n and body["server"] == "s3"
+
+
+def test_export_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[proxy]\nretry = \"sometimes\"\n")
+    done = tandem("export", "haproxy", "--config", str(bad))
+    assert done.returncode == 2 and "proxy.retry" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = tandem("sync", "haproxy", "--config", str(Path(__file__).parent.parent / "config"
+                                                      / "default.toml"))
+    assert done.returncode == 2 and "--socket" in done.stderr
