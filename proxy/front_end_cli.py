@@ -21,7 +21,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Write configuration with which stock HAProxy 2.6+ or nginx routes by the "
                     "session token — primary, then secondary, then any live server — with "
                     "tandem's health checks and retry rules (docs/front-ends.md).")
-    ex.add_argument("engine", choices=_ENGINES)
+    ex.add_argument("engine", choices=_ENGINES, help="which front end: haproxy or nginx")
     ex.add_argument("--config", required=True, metavar="FILE", help="cluster file")
     ex.add_argument("--complete", action="store_true",
                     help="a whole example configuration (frontend or server, listening on "
@@ -44,7 +44,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "that joined are added), nginx by rewriting tandem-http.conf (servers "
                     "that joined added, servers that fail their health marked down) and "
                     "reloading it.")
-    sy.add_argument("engine", choices=_ENGINES)
+    sy.add_argument("engine", choices=_ENGINES, help="which front end: haproxy or nginx")
     sy.add_argument("--config", required=True, metavar="FILE", help="cluster file")
     sy.add_argument("--socket", metavar="PATH|HOST:PORT",
                     help="haproxy: the Runtime API (`stats socket ... level admin`)")
