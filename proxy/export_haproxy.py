@@ -44,6 +44,9 @@ class HaproxyOptions:
     complete: bool = False
     listen: str | None = None  # default: the file's proxy.listen
     socket: str = "/run/haproxy/tandem.sock"  # the Runtime API, for `tandem sync`
+    # False: retry connection failures only (no 503 fail-over, no retry after sending),
+    # which spares HAProxy the copy of every request that L7 retries need
+    l7_retries: bool = True
     source: str = ""  # the cluster file, named in the header
 
 
@@ -67,11 +70,12 @@ def server_args(cfg: Config, *, track: str | None = None) -> str:
 
 
 def _backend(cfg: Config, name: str, servers: list[ServerConfig], *, unsafe_of: str | None,
-             after_send: bool) -> list[str]:
+             after_send: bool, l7: bool) -> list[str]:
     p, s = cfg.proxy, cfg.session
     param = s.cookie_name.lower()
-    retry_on = "conn-failure empty-response response-timeout 503" if after_send \
-        else "conn-failure 503"
+    retry_on = ("conn-failure" if not l7 else
+                "conn-failure empty-response response-timeout 503" if after_send
+                else "conn-failure 503")
     lines = [
         f"backend {name}",
         "    mode http",
@@ -123,7 +127,7 @@ def render(cfg: Config, options: HaproxyOptions = HaproxyOptions()) -> str:
     servers = [s for s in cfg.servers if not s.witness]
     name = options.backend
     unsafe = name + UNSAFE_SUFFIX
-    two = cfg.proxy.retry == "idempotent"
+    two = cfg.proxy.retry == "idempotent" and options.l7_retries
     methods = " ".join(sorted(m.decode() for m in IDEMPOTENT))
     head = [
         f"# tandem's routing for HAProxy 2.6+, from {options.source or 'the cluster file'}",
@@ -156,8 +160,9 @@ def render(cfg: Config, options: HaproxyOptions = HaproxyOptions()) -> str:
             "",
         ]
     after_send = cfg.proxy.retry != "none"
-    out += _backend(cfg, name, servers, unsafe_of=None, after_send=after_send)
+    out += _backend(cfg, name, servers, unsafe_of=None, after_send=after_send,
+                    l7=options.l7_retries)
     if two:
         out += ["", "# Non-idempotent methods: retried after a connection failure or a 503 only.",
-                *_backend(cfg, unsafe, servers, unsafe_of=name, after_send=False)]
+                *_backend(cfg, unsafe, servers, unsafe_of=name, after_send=False, l7=True)]
     return "\n".join(out) + "\n"

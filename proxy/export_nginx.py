@@ -129,7 +129,7 @@ def render_http(cfg: Config, servers: Mapping[str, Address] | None = None, *,
         mark = " down" if sid in down else ""
         out += [f"upstream {upstream_of(sid)} {{",
                 f"    server {addr}{mark};",
-                "    keepalive 16;",
+                "    keepalive 128;",
                 "}"]
     # (every server down: nginx answers 502 at once, as tandem's proxy does when all fail)
     out += ["upstream tandem_all {",

@@ -34,6 +34,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "--complete, nginx.conf (default: both fragments on standard output)")
     ex.add_argument("--socket", default="/run/haproxy/tandem.sock", metavar="PATH",
                     help="haproxy --complete: the Runtime API socket (for `tandem sync`)")
+    ex.add_argument("--connect-retries-only", action="store_true",
+                    help="haproxy: retry connection failures only — no fail-over on a 503, "
+                         "no retry after sending — which spares HAProxy the copy of every "
+                         "request that its L7 retries need (docs/front-ends.md)")
     ex.add_argument("--prefix", default="/var/lib/nginx/tandem", metavar="DIR",
                     help="nginx --complete: where nginx keeps its pid and temporary files")
 
@@ -61,7 +65,8 @@ def run_export(cfg: Config, args: argparse.Namespace, source: str) -> int:
     if args.engine == "haproxy":
         from .export_haproxy import HaproxyOptions, render
         text = render(cfg, HaproxyOptions(complete=args.complete, listen=args.listen,
-                                          socket=args.socket, source=source))
+                                          socket=args.socket, source=source,
+                                          l7_retries=not args.connect_retries_only))
         return _emit(text, args.output)
     from . import export_nginx as ng
     options = ng.NginxOptions(source=source, listen=args.listen, prefix=args.prefix,
