@@ -312,6 +312,7 @@ def nginx_tandem_config(tmp: Path, port: int, cluster: Path) -> Path:
     path.write_text(f"""daemon off;
 master_process on;
 worker_processes 1;
+pcre_jit on;
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}

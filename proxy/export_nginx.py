@@ -199,6 +199,7 @@ def render_complete(cfg: Config, options: NginxOptions = NginxOptions()) -> str:
     pre = options.prefix
     return f"""# An example nginx.conf around tandem's fragments (`tandem export nginx --complete`).
 worker_processes auto;
+pcre_jit on;  # the maps that read the token are regular expressions
 pid {pre}/nginx.pid;
 events {{ worker_connections 4096; }}
 http {{
