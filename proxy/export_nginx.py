@@ -66,7 +66,9 @@ def render_http(cfg: Config, servers: Mapping[str, Address] | None = None, *,
     `tandem sync nginx` learnt."""
     servers = servers_of(cfg) if servers is None else servers
     p, s = cfg.proxy, cfg.session
-    cookie_var = "$cookie_" + re.sub(r"[^A-Za-z0-9_]", "_", s.cookie_name)
+    # ($cookie_NAME cannot name a cookie with a '-': a map on the Cookie header then)
+    cookie_var = ("$cookie_" + s.cookie_name if "-" not in s.cookie_name
+                  else "$tandem_cookie")
     param = re.escape(s.cookie_name.lower())
     methods = "|".join(sorted(m.decode() for m in IDEMPOTENT))
     out = [
@@ -79,6 +81,10 @@ def render_http(cfg: Config, servers: Mapping[str, Address] | None = None, *,
         *([f'    "~[;?&]{param}=([^;/?&#]+)" $1;'] if s.url_rewriting else []),
         '    default "";',
         "}",
+        *(["map $http_cookie $tandem_cookie {",
+            f'    "~(?:^|;\\s*){re.escape(s.cookie_name)}=([^;]+)" $1;',
+            '    default "";',
+            "}"] if cookie_var == "$tandem_cookie" else []),
         f"map {cookie_var} $tandem_token {{",
         '    "" $tandem_url_token;',
         f"    default {cookie_var};",

@@ -186,8 +186,13 @@ def test_sync_adds_a_server_the_export_did_not_name(make_cluster, front_end, eng
     assert done.returncode == 0, done.stderr + done.stdout
     applied = [json.loads(line) for line in done.stdout.splitlines() + done.stderr.splitlines()
                if line.startswith("{")]
-    assert any(e.get("event") == "sync_applied" and "s3" in e.get("change", "")
-               for e in applied) or engine == "nginx", applied
+    if engine == "haproxy":
+        assert any(e.get("event") == "sync_applied" and "added tandem/s3" in e["change"]
+                   for e in applied), applied
+    else:
+        assert any(e.get("event") == "sync_applied" and "reloaded" in e["change"]
+                   for e in applied), applied
+        assert "upstream tandem_s3 {" in (fe.where / "tandem-http.conf").read_text()
 
     def new_on_s3() -> Client | None:
         for _ in range(30):
@@ -206,6 +211,70 @@ def test_sync_adds_a_server_the_export_did_not_name(make_cluster, front_end, eng
     for n in (2, 3):
         status, body = c.get()
         assert status == 200 and body["counter"] == n and body["server"] == "s3"
+
+
+def test_sync_marks_a_dead_server_down_in_nginx(make_cluster, front_end):
+    """nginx has no active health checks: `tandem sync` marks a dead primary `down`, and
+    its sessions' requests then go to their secondaries without trying it first."""
+    cluster = make_cluster().start(proxy=False)
+    fe = front_end("nginx", cluster)
+    (c,) = [c for c in sessions_on(fe.url, "s1", 1, cookies=True) if c.route[1] == "s1"]
+    cluster.kill("s1")
+    done = tandem("sync", "nginx", "--config", str(cluster.config_path), "-o",
+                  str(fe.where / "tandem-http.conf"), "--reload", fe.reload_command(), "--once")
+    assert done.returncode == 0, done.stderr
+    s1 = f"server 127.0.0.1:{cluster.servers['s1']['http']}"
+    assert f"{s1} down;" in (fe.where / "tandem-http.conf").read_text()
+    time.sleep(0.5)  # (the reload: new workers)
+    errors = fe.where / "error.log"
+    tried = errors.read_text().count("connect() failed")
+    status, body = c.get("/count")
+    assert status == 200 and body["counter"] == 2 and body["server"] != "s1", body
+    assert errors.read_text().count("connect() failed") == tried  # s1 was not tried
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_hyphenated_cookie_name_routes(make_cluster, front_end, engine):
+    """nginx's $cookie_NAME cannot name `my-sess`: the export reads the Cookie header."""
+    cluster = make_cluster(session={"cookie_name": "my-sess"}).start(proxy=False)
+    fe = front_end(engine, cluster)
+    clients = [Client(fe.url, cookie_name="my-sess") for _ in range(6)]
+    for n in (1, 2, 3):
+        for c in clients:
+            status, body = c.get("/count")
+            assert status == 200 and body["counter"] == n and body["server"] == c.route[1]
+    assert len({c.route[1] for c in clients}) == 3  # (new sessions spread round-robin)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("retry", ["idempotent", "all", "none"])
+@pytest.mark.parametrize("rewriting", [True, False], ids=["url-rewriting", "cookies-only"])
+def test_every_setting_gives_a_configuration_the_engine_accepts(tmp_path, engine, retry,
+                                                               rewriting):
+    from tests.cluster import free_ports
+    from tests.front_ends import binary
+
+    if not have(engine):
+        pytest.skip(f"{engine} is not installed")
+    http, repl = free_ports(2)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[session]\ncookie_name = "my-sess"\nurl_rewriting = {str(rewriting).lower()}'
+                   f'\n[proxy]\nretry = "{retry}"\n[[servers]]\nid = "a-1"\n'
+                   f'http = "127.0.0.1:{http}"\nreplication = "127.0.0.1:{repl}"\n')
+    if engine == "haproxy":
+        done = tandem("export", "haproxy", "--config", str(cfg), "--complete", "--socket",
+                      str(tmp_path / "s.sock"), "-o", str(tmp_path / "h.cfg"))
+        assert done.returncode == 0, done.stderr
+        check = [binary("haproxy"), "-c", "-f", str(tmp_path / "h.cfg")]
+    else:
+        done = tandem("export", "nginx", "--config", str(cfg), "--complete", "--prefix",
+                      str(tmp_path), "-o", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        check = [binary("nginx"), "-t", "-c", str(tmp_path / "nginx.conf"), "-p",
+                 str(tmp_path), "-e", str(tmp_path / "error.log")]
+    import subprocess
+    result = subprocess.run(check, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_export_errors_are_one_line(tmp_path):
