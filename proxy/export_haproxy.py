@@ -76,33 +76,33 @@ def _backend(cfg: Config, name: str, servers: list[ServerConfig], *, unsafe_of: 
     retry_on = ("conn-failure" if not l7 else
                 "conn-failure empty-response response-timeout 503" if after_send
                 else "conn-failure 503")
+    cookie = f"req.cook({s.cookie_name})"
+    url = f"url_param({param},;)"
+    # (no variables: a txn variable costs more per request than reading the cookie twice)
     lines = [
         f"backend {name}",
         "    mode http",
         "    balance roundrobin",
-        "    # The route token: the cookie, else ;jsessionid= in the path or the query",
-        "    # (url_param with ';' reads both). Unverified: the backends check its signature.",
-        f"    http-request set-var(txn.tandem_token) req.cook({s.cookie_name})",
-    ]
-    if s.url_rewriting:
-        lines.append(
-            f"    http-request set-var(txn.tandem_token) url_param({param},;),url_dec,"
-            "field(1,/),field(1,?) unless { var(txn.tandem_token) -m found }")
-    lines += [
-        "    # SID!PRIMARY!SECONDARY.SIGNATURE",
-        "    http-request set-var(txn.tandem_primary) var(txn.tandem_token),field(2,!)",
-        "    http-request set-var(txn.tandem_secondary) var(txn.tandem_token),field(3,!),"
-        "field(1,.)",
         "    # X-Tandem-* are between the tiers only; the request id is the same on every",
         "    # retry (HAProxy re-sends the same request), which makes a retry apply once.",
         "    http-request del-header X-Tandem- -m beg",
         "    http-request set-header X-Tandem-Request-Id %[uuid]",
         f"    http-request set-header X-Tandem-Deadline {_ms(p.io_timeout_s)}",
-        "    http-response del-header X-Tandem- -m beg",
-        "    # The primary, then the secondary; a rule naming a server that is down is",
-        "    # skipped, and with neither usable the balance algorithm picks a live server.",
-        "    use-server %[var(txn.tandem_primary)] if { var(txn.tandem_primary) -m found }",
-        "    use-server %[var(txn.tandem_secondary)] if { var(txn.tandem_secondary) -m found }",
+        "    http-response del-header X-Tandem-State if { status 503 }",
+        "    # The token SID!PRIMARY!SECONDARY.SIGNATURE, unverified (the backends check its",
+        "    # signature): the primary, then the secondary, from the cookie; else from",
+        "    # ;name= in the path or the query (url_param with ';' reads both). A rule naming",
+        "    # a server that is down is skipped; with none usable (or no token) the balance",
+        "    # algorithm picks a live server, which fetches the session.",
+        f"    use-server %[{cookie},field(2,!)] if {{ {cookie} -m found }}",
+        f"    use-server %[{cookie},field(3,!),field(1,.)] if {{ {cookie} -m found }}",
+    ]
+    if s.url_rewriting:
+        token = f"{url},url_dec,field(1,/),field(1,?)"
+        when = f"if !{{ {cookie} -m found }} {{ {url} -m found }}"
+        lines += [f"    use-server %[{token},field(2,!)] {when}",
+                  f"    use-server %[{token},field(3,!),field(1,.)] {when}"]
+    lines += [
         "    option redispatch 1",
         f"    retries {max(3, len(servers))}",
         f"    retry-on {retry_on}",
