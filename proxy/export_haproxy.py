@@ -17,8 +17,8 @@ In short, per request:
 - every retry is redispatched (`option redispatch 1`): HAProxy's retry goes to a server of
   the balance algorithm, not to the secondary (the one rule its language cannot say).
 
-Servers are named by their tandem id, so that `use-server %[var(...)]` finds them, and
-`tandem sync haproxy` can add the servers that join at run time (`add server`).
+Servers are named by their tandem id, so that `use-server %[req.cook(...),field(2,!)]` finds
+them, and `tandem sync haproxy` can add the servers that join at run time (`add server`).
 """
 
 from __future__ import annotations
