@@ -213,6 +213,60 @@ def test_sync_adds_a_server_the_export_did_not_name(make_cluster, front_end, eng
         assert status == 200 and body["counter"] == n and body["server"] == "s3"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sync_loop_follows_a_server_that_joins_at_run_time(make_cluster, front_end, engine):
+    """`tandem sync` running beside the engine: a fourth server joins the running cluster
+    (not in any file the engine's configuration came from), the loop adds it, new sessions
+    reach it, and one of them survives its kill -9."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.cluster import ROOT
+    from tests.test_join import join
+
+    cluster = make_cluster(n=3).start(proxy=False)
+    fe = front_end(engine, cluster)
+    args = ["--socket", str(fe.socket)] if engine == "haproxy" else [
+        "-o", str(fe.where / "tandem-http.conf"), "--reload", fe.reload_command()]
+    log = open(fe.where / "sync.log", "wb")  # noqa: SIM115 - closed below
+    loop = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "sync", engine, "--config",
+         str(cluster.config_path), "--interval", "0.3", *args],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log,
+        stderr=subprocess.STDOUT)
+    try:
+        join(cluster, "s4")
+        cluster.wait_health("s4")
+        cluster.wait_formed()
+        on_s4 = None
+        deadline = time.monotonic() + 20
+        while on_s4 is None and time.monotonic() < deadline:
+            for _ in range(8):
+                c = Client(fe.url)
+                assert c.get("/count")[0] == 200
+                if c.route[1] == "s4":
+                    on_s4 = c
+                    break
+            else:
+                time.sleep(0.3)
+        assert on_s4 is not None, (fe.where / "sync.log").read_text()[-3000:]
+        assert loop.poll() is None
+        for n in (2, 3):
+            status, body = on_s4.get("/count")
+            assert status == 200 and body["counter"] == n and body["server"] == "s4"
+        secondary = on_s4.route[2]
+        cluster.kill("s4")
+        status, body = on_s4.get("/count")
+        assert status == 200 and body["counter"] == 4 and body["server"] != "s4", body
+        if engine == "nginx":
+            assert body["server"] == secondary
+    finally:
+        loop.terminate()
+        loop.wait(timeout=10)
+        log.close()
+
+
 def test_sync_marks_a_dead_server_down_in_nginx(make_cluster, front_end):
     """nginx has no active health checks: `tandem sync` marks a dead primary `down`, and
     its sessions' requests then go to their secondaries without trying it first."""
