@@ -140,9 +140,11 @@ def test_retry_rules_through_exported_config(make_cluster, front_end, engine):
             assert body_get["server"] in ("s2", "s3"), body_get
     # nothing of the failed POST was applied; the next POST (no connection to its
     # primary, or the primary known down) goes on to the secondary
+    # (its secondary, or — when that one had not yet seen the view without s1 and declined
+    # with a 503 — another live server, which fetched the session)
     status, body = _send(fe.url, "POST", "/count", post.token)
     assert status == 200 and body["counter"] == 2 and "k" not in body["keys"], body
-    assert body["server"] == post.route[2]
+    assert body["server"] in ("s2", "s3")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
