@@ -1,4 +1,5 @@
-"""The `tandem` command: up, backend, witness, proxy, status, certs, site-down."""
+"""The `tandem` command: up, backend, witness, proxy, status, certs, site-down, export,
+sync."""
 
 from __future__ import annotations
 
@@ -183,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     sd.add_argument("--config", required=True, metavar="FILE", help="this site's cluster file")
     sd.add_argument("--site", required=True, metavar="NAME",
                     help="the remote site (its [[sites]] name)")
+    from .front_end_cli import add_commands
+    add_commands(sub)  # export, sync (HAProxy and nginx)
     return p
 
 
@@ -206,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backend":
         from backends.server import run as run_backend
         return run_backend(cfg, args.server, args.app, args.interface)
+    if args.command in ("export", "sync"):
+        from . import front_end_cli
+        run = front_end_cli.run_export if args.command == "export" else front_end_cli.run_sync
+        return run(cfg, args, path)
     if args.command == "proxy":
         from .server import run as run_proxy
         return run_proxy(cfg)

@@ -381,6 +381,9 @@ class TandemMiddleware:
             "primaries": len(m.store.primaries),
             "replicas": len(m.store.replicas),
             "view": m.membership.view()[0],
+            # the view's members and http addresses, as X-Tandem-Cluster lists them (what
+            # `tandem sync` reads to keep HAProxy's or nginx's server list)
+            "cluster": m.membership.view()[1],
             "members": list(m.membership.quorum.view.members),
             "standing": m.membership.quorum.standing.value,
             "lease": m.membership.serving_state() is None,
