@@ -20,9 +20,11 @@ __all__ = [
     "PeerUnavailable",
     "PeerTimeout",
     "HandshakeFailed",
+    "TlsHandshakeFailed",
     "ProtocolViolation",
     "SessionMoved",
     "NotServing",
+    "ForwardError",
 ]
 
 
@@ -60,6 +62,15 @@ class HandshakeFailed(ReplicationError, PermissionError):
     """The peer failed the challenge-response handshake (wrong or no cluster secret)."""
 
 
+class TlsHandshakeFailed(HandshakeFailed):
+    """The TLS handshake with a peer failed, or its certificate names another server
+    (logged where it is raised, once per peer and reason in a while)."""
+
+    def __init__(self, message: str, *, peer: str, remote: str) -> None:
+        super().__init__(message, peer=peer)
+        self.remote = remote
+
+
 class ProtocolViolation(ReplicationError):
     """The peer sent a frame that is not valid replication protocol."""
 
@@ -80,3 +91,19 @@ class NotServing(SessionMoved):
     def __init__(self, message: str, *, peer: str, state: str) -> None:
         super().__init__(message, peer=peer)
         self.state = state
+
+
+# --- forwarding to a session's primary (backends/serve/forward.py) --------------------------
+
+
+class ForwardError(ClusterError):
+    """A request forwarded to its session's primary got no whole answer from it.
+
+    `sent`: some of the request was written (the primary may have run it); `answered`: its
+    response head arrived (it was relayed, and only its body is short)."""
+
+    def __init__(self, message: str, *, peer: str, sent: bool, answered: bool = False) -> None:
+        super().__init__(f"{peer}: {message}")
+        self.peer = peer
+        self.sent = sent
+        self.answered = answered

@@ -162,8 +162,10 @@ class BackendServer:
                     self.config.cluster.drain_timeout_s > 0):
                 await self.drain()
             self.manager.draining = True
-        # 2. Stop the HTTP listener (in-flight requests finish, within a bound).
+        # 2. Stop the HTTP listener (in-flight requests finish, within a bound), then
+        #    close the idle connections to the peers that forwarded requests used.
         await self.http.close()
+        self.middleware.forwarder.close()
         # 3. Flush queued replication (the remote sites' first) and store writes, stop
         #    background tasks, close the store.
         if self.manager.sites is not None:
@@ -251,6 +253,7 @@ class Runnable(Protocol):
     config: Config
     me: ServerConfig
     hand_over: bool
+    membership: Membership
 
     async def __aenter__(self) -> Any: ...
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -302,6 +305,8 @@ def serve(server: Runnable, link: ChildLink | None) -> int:
                 on_stop()
 
         loop.add_signal_handler(signal.SIGTERM, on_stop)
+        if server.membership.channel.tls:  # new TLS files for new connections, no restart
+            loop.add_signal_handler(signal.SIGHUP, server.membership.channel.reload)
         if link is None:
             loop.add_signal_handler(signal.SIGINT, on_stop)
         else:  # (SIGINT is ignored: a terminal's Ctrl-C is for `tandem up`, which decides)

@@ -125,6 +125,7 @@ class WitnessServer:
             "members": list(m.quorum.view.members),
             "standing": m.quorum.standing.value,
             "lease": m.serving_state() is None,
+            "tls": m.channel.status(),  # null: plaintext replication
         }
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:

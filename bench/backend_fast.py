@@ -7,7 +7,10 @@ with httptools; every request is answered with a tiny fixed response (`ok`), kee
 `--burn-us N` spends N microseconds of CPU per request first (a backend that costs more
 than the proxy in front of it). `--vary`: every response differs from the one before
 (an `X-Seq` field counts), as real responses do. Listens on every `--port` given (one
-backend per port for the proxies, same process).
+backend per port for the proxies, same process). `--health`: `GET /__tandem/health` is
+answered as a serving tandem server answers it (what the health checks of HAProxy and
+nginx configured by `tandem export` expect); off by default, as it costs a callback per
+request.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ __all__ = ["main"]
 _RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
 _VARIED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Seq: %010d\r\n"
            b"Content-Length: 2\r\n\r\nok")
+_HEALTH = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 32\r\n\r\n"
+           b'{"state": "up", "lease": true}  ')
 _CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
           b"Connection: close\r\n\r\nok")
 
@@ -37,7 +42,7 @@ def _burn(seconds: float) -> None:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "out", "burn_s", "vary")
+    __slots__ = ("transport", "parser", "out", "burn_s", "vary", "health")
     seq = 0  # responses sent (all connections)
 
     def __init__(self, burn_s: float, vary: bool) -> None:
@@ -46,6 +51,7 @@ class _Conn(asyncio.Protocol):
         self.out: list[bytes] = []
         self.burn_s = burn_s
         self.vary = vary
+        self.health = False  # this request is a health check (_HealthConn)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -63,6 +69,10 @@ class _Conn(asyncio.Protocol):
             self.out.clear()
 
     def on_message_complete(self) -> None:
+        if self.health:
+            self.health = False
+            self.out.append(_HEALTH)
+            return
         if self.burn_s:
             _burn(self.burn_s)
         if self.parser.should_keep_alive():
@@ -79,9 +89,17 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-async def _serve(ports: list[int], burn_s: float, vary: bool) -> None:
+class _HealthConn(_Conn):
+    __slots__ = ()
+
+    def on_url(self, url: bytes) -> None:
+        self.health = url.startswith(b"/__tandem/health")
+
+
+async def _serve(ports: list[int], burn_s: float, vary: bool, health: bool) -> None:
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(lambda: _Conn(burn_s, vary), "127.0.0.1", port,
+    conn = _HealthConn if health else _Conn
+    servers = [await loop.create_server(lambda: conn(burn_s, vary), "127.0.0.1", port,
                                         backlog=1024)
                for port in ports]
     stop = asyncio.Event()
@@ -100,6 +118,8 @@ def main() -> None:
                     help="CPU microseconds spent per request before answering")
     ap.add_argument("--vary", action="store_true",
                     help="no two responses alike (an X-Seq field counts them)")
+    ap.add_argument("--health", action="store_true",
+                    help="answer GET /__tandem/health as a serving tandem server")
     args = ap.parse_args()
     try:
         import uvloop
@@ -107,7 +127,7 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(args.port, args.burn_us / 1e6, args.vary))
+        runner.run(_serve(args.port, args.burn_us / 1e6, args.vary, args.health))
 
 
 if __name__ == "__main__":

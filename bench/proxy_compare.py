@@ -263,6 +263,77 @@ http {{
     return path
 
 
+def _export(engine: str, cluster: Path, out: Path, *extra: str) -> None:
+    """`tandem export ENGINE` from this tree: the fragment(s), into `out`."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "proxy.cli", "export", engine, "--config",
+                           str(cluster), "-o", str(out), *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"tandem export {engine} failed: {done.stderr.strip()}")
+
+
+def haproxy_tandem_config(tmp: Path, port: int, cluster: Path, *extra: str) -> Path:
+    """The plain HAProxy's global, defaults and frontend around the backends that
+    `tandem export haproxy` wrote (it routes by the JSESSIONID token, not SRV)."""
+    fragment = tmp / f"tandem-haproxy-{port}.cfg"
+    _export("haproxy", cluster, fragment, *extra)
+    text = fragment.read_text()
+    # the frontend lines the fragment's header asks for
+    use = ["    " + line.lstrip("# ") for line in text.splitlines()
+           if line.lstrip("# ").startswith(("use_backend ", "default_backend "))]
+    path = tmp / f"haproxy-tandem-{port}.cfg"
+    path.write_text(f"""global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    option forwardfor
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 20s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    http-request set-header X-Forwarded-Proto http
+{chr(10).join(use)}
+
+{text}""")
+    return path
+
+
+def nginx_tandem_config(tmp: Path, port: int, cluster: Path) -> Path:
+    """The plain nginx's settings around the two fragments of `tandem export nginx`."""
+    _export("nginx", cluster, tmp)
+    path = tmp / "nginx-tandem.conf"
+    path.write_text(f"""daemon off;
+master_process on;
+worker_processes 1;
+pcre_jit on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy_temp;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    include {tmp}/tandem-http.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        include {tmp}/tandem-server.conf;
+    }}
+}}
+""")
+    return path
+
+
 def baseline_tree(rev: str, tmp: Path) -> Path:
     """The repository at `rev`, unpacked (the working tree and .git are left alone); a
     directory is taken as it is."""
@@ -348,7 +419,7 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
     # pinned: every proxy on CPU 1; the backend and wrk on CPU 0 (the same for all).
     proxy_cpus, load_cpus = ({1}, {0}) if pinned else (None, None)
     label = f"{name}, {'pinned' if pinned else 'shared'}"
-    b1, b2, p_t, a_t, p_h, p_n, p_o, a_o = free_ports(8)
+    b1, b2, p_t, a_t, p_h, p_n, p_o, a_o, p_hx, p_nx, a_x, p_hc = free_ports(12)
     backends = [b1, b2]
     contenders: list[Contender] = []
     tandem_admins: dict[str, int] = {}
@@ -366,7 +437,9 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
     with ExitStack() as stack:
         be = stack.enter_context(spawn(
             [sys.executable, str(ROOT / "bench" / "backend_fast.py"), "--port", str(b1),
-             "--port", str(b2), "--burn-us", str(burn), *(["--vary"] if args.vary else [])],
+             "--port", str(b2), "--burn-us", str(burn), *(["--vary"] if args.vary else []),
+             # (the exported configurations check /__tandem/health)
+             *(["--health"] if any("-tandem" in name for name in args.only) else [])],
             where / "backend.log", cpus=load_cpus))
         wait_http(b1, be, where / "backend.log", cookie)
         wanted = set(args.only)
@@ -391,6 +464,29 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
                                              where / "nginx.log", cpus=proxy_cpus))
             wait_http(p_n, proc, where / "nginx.log", cookie)
             contenders.append(Contender("nginx", p_n, proc))
+        if wanted & {"haproxy-tandem", "haproxy-tandem-connect", "nginx-tandem"}:
+            sub = where / "export"
+            sub.mkdir()
+            cluster = tandem_config(sub, p_t, a_x, backends)
+        if "haproxy-tandem" in wanted:
+            cfg = haproxy_tandem_config(sub, p_hx, cluster)
+            proc = stack.enter_context(spawn(["haproxy", "-db", "-f", str(cfg)],
+                                             sub / "haproxy.log", cpus=proxy_cpus))
+            wait_http(p_hx, proc, sub / "haproxy.log", cookie)
+            contenders.append(Contender("haproxy-tandem", p_hx, proc))
+        if "haproxy-tandem-connect" in wanted:
+            cfg = haproxy_tandem_config(sub, p_hc, cluster, "--connect-retries-only")
+            proc = stack.enter_context(spawn(["haproxy", "-db", "-f", str(cfg)],
+                                             sub / "haproxy-connect.log", cpus=proxy_cpus))
+            wait_http(p_hc, proc, sub / "haproxy-connect.log", cookie)
+            contenders.append(Contender("haproxy-tandem-connect", p_hc, proc))
+        if "nginx-tandem" in wanted:
+            cfg = nginx_tandem_config(sub, p_nx, cluster)
+            proc = stack.enter_context(spawn(["nginx", "-c", str(cfg), "-p", str(sub),
+                                              "-e", str(sub / "nginx-error.log")],
+                                             sub / "nginx.log", cpus=proxy_cpus))
+            wait_http(p_nx, proc, sub / "nginx.log", cookie)
+            contenders.append(Contender("nginx-tandem", p_nx, proc))
         for c in contenders:
             c.settle()
         backend_pids = [be.pid]
@@ -460,6 +556,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "non_2xx": sum(r["non_2xx"] for r in rs),
         }
     # Paired within each run: the ratio of this run's figures, then the median of those.
+    # An exported configuration against the same engine configured plainly (paired).
+    for name, rs in runs.items():
+        engine = name.split("-tandem")[0]
+        if engine != name and engine in runs:
+            pairs = list(zip(rs, runs[engine], strict=True))
+            out[name]["cpu_vs_plain"] = med(
+                [a["proxy_cpu_us"] / b["proxy_cpu_us"] for a, b in pairs])
+            out[name]["rps_vs_plain"] = med([a["rps"] / b["rps"] for a, b in pairs])
     for ref in ("haproxy", "direct"):
         if ref not in runs:
             continue
@@ -482,8 +586,9 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"Scenario `{result['scenario']}` (backend burns {result['burn_us']:g} CPU-µs per "
              f"request; {where}):", "",
              "| contender | req/s | p50 ms | p99 ms | proxy CPU-µs/req (user+sys) "
-             "| CPU vs HAProxy | req/s vs HAProxy | req/s vs direct | backend CPU-µs/req |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| CPU vs HAProxy | req/s vs HAProxy | req/s vs direct | CPU vs plain engine "
+             "| backend CPU-µs/req |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v: float | None, fmt: str) -> str:
         return "–" if v is None else format(v, fmt)
@@ -495,7 +600,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {cpu} | "
             f"{f(m.get('cpu_vs_haproxy'), '.2f')} | {f(m.get('rps_vs_haproxy'), '.2f')} | "
-            f"{f(m.get('rps_vs_direct'), '.2f')} | {m['backend_cpu_us']:.1f} |")
+            f"{f(m.get('rps_vs_direct'), '.2f')} | {f(m.get('cpu_vs_plain'), '.2f')} | "
+            f"{m['backend_cpu_us']:.1f} |")
     for label, check in result["tandem_checks"].items():
         lines.append("")
         lines.append(f"{label}: bad tokens {check.get('bad_tokens', 0):.0f}, requests routed "
@@ -503,7 +609,9 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {"direct": "#999999", "haproxy": "#1f77b4", "nginx": "#2ca02c", "tandem": "#d62728"}
+_COLORS = {"direct": "#999999", "haproxy": "#1f77b4", "nginx": "#2ca02c", "tandem": "#d62728",
+           "haproxy-tandem": "#9ecae1", "haproxy-tandem-connect": "#c6dbef",
+           "nginx-tandem": "#98df8a"}
 
 
 def _color(name: str) -> str:
@@ -597,8 +705,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU-µs the backend spends per request in the heavy scenario")
     ap.add_argument("--vary", action="store_true",
                     help="no two requests or responses alike (see above)")
-    ap.add_argument("--only", nargs="*", default=["direct", "tandem", "haproxy", "nginx"],
-                    choices=["direct", "tandem", "haproxy", "nginx"])
+    ap.add_argument("--only", nargs="*",
+                    default=["direct", "tandem", "haproxy", "nginx", "haproxy-tandem",
+                             "haproxy-tandem-connect", "nginx-tandem"],
+                    choices=["direct", "tandem", "haproxy", "nginx", "haproxy-tandem",
+                             "haproxy-tandem-connect", "nginx-tandem"])
     ap.add_argument("--baseline", help="also measure tandem's proxy at this git revision "
                                        "(or in this directory)")
     ap.add_argument("--tandem-python", metavar="PATH",

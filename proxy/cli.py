@@ -1,4 +1,5 @@
-"""The `tandem` command: up, backend, witness, proxy, status."""
+"""The `tandem` command: up, backend, witness, proxy, status, certs, site-down, export,
+sync."""
 
 from __future__ import annotations
 
@@ -149,6 +150,42 @@ def _parser() -> argparse.ArgumentParser:
                     "exit status 1 if a server is down.")
     st.add_argument("--config", required=True, metavar="FILE", help="cluster file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ce = sub.add_parser(
+        "certs", help="make a CA and a certificate per server, for TLS between the servers",
+        description="Write a CA (ca.crt, ca.key) and a certificate and key per server of the "
+                    "cluster file (<id>.crt, <id>.key; witnesses included) into a directory, "
+                    "for TLS on the replication channel, and print the lines the cluster "
+                    "file needs. A CA already in the directory is used again: running it "
+                    "again renews the servers' certificates. Keys are written mode 0600.",
+        epilog="Rotating the CA: --new-ca (every server then trusts both CAs), once every "
+               "server has reloaded it a plain run (new certificates from the new CA), "
+               "then --drop-old-cas. The servers read changed files without a restart.")
+    ce.add_argument("--config", required=True, metavar="FILE", help="cluster file")
+    ce.add_argument("--out", required=True, metavar="DIR", help="where the files go")
+    ce.add_argument("--server", action="append", default=[], metavar="ID",
+                    help="only this server's certificate (repeatable; default: every server)")
+    ce.add_argument("--days", type=int, default=365,
+                    help="how long the servers' certificates are valid (default: 365)")
+    rotation = ce.add_mutually_exclusive_group()
+    rotation.add_argument("--new-ca", action="store_true",
+                          help="add a new CA to the bundle and sign with it from now on")
+    rotation.add_argument("--drop-old-cas", action="store_true",
+                          help="leave only the signing CA in the bundle")
+
+    sd = sub.add_parser(
+        "site-down", help="declare a remote site down at every server of this site",
+        description="Tell every server of this site (the cluster file's) that the remote "
+                    "site is down: they take its sessions over at their next request. Only "
+                    "for a site that is really down or fenced (hosts off, cut off and "
+                    "stopped): a site that still serves would serve the same sessions "
+                    "(docs/sites.md). Safe to repeat; exit status 1 if a server refused "
+                    "(a server of that site still answers it) or could not be reached.")
+    sd.add_argument("--config", required=True, metavar="FILE", help="this site's cluster file")
+    sd.add_argument("--site", required=True, metavar="NAME",
+                    help="the remote site (its [[sites]] name)")
+    from .front_end_cli import add_commands
+    add_commands(sub)  # export, sync (HAProxy and nginx)
     return p
 
 
@@ -172,9 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backend":
         from backends.server import run as run_backend
         return run_backend(cfg, args.server, args.app, args.interface)
+    if args.command in ("export", "sync"):
+        from . import front_end_cli
+        run = front_end_cli.run_export if args.command == "export" else front_end_cli.run_sync
+        return run(cfg, args, path)
     if args.command == "proxy":
         from .server import run as run_proxy
         return run_proxy(cfg)
+    if args.command == "certs":
+        from tandem.certs import run as run_certs
+        return run_certs(cfg, args.out, servers=args.server, days=args.days,
+                         new_ca=args.new_ca, drop_old_cas=args.drop_old_cas)
     if args.command == "up":
         from tandem.errors import PlacementError
         from tandem.placement import select
@@ -187,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"tandem: {exc}", exc, code=2)
         return run_up(cfg, path, app=args.app, interface=args.interface,
                       restart=not args.no_restart, placement=here)
+    if args.command == "site-down":
+        from backends.sites.command import run_site_down
+        return run_site_down(cfg, args.site, path)
     from .up import print_status
     return print_status(cfg, as_json=args.json)
 

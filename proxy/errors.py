@@ -31,6 +31,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UnknownBackend",
     "BadStateTransition",
+    "SyncError",
     "map_connect_errors",
 ]
 
@@ -180,6 +181,17 @@ class BadStateTransition(ProxyError, ValueError):
     def __init__(self, value: str) -> None:
         super().__init__(f"unknown backend state {value!r}: send one of up, draining, down")
         self.value = value
+
+
+# --- front ends (`tandem sync`) ---------------------------------------------------------------
+
+
+class SyncError(ProxyError):
+    """HAProxy's Runtime API or nginx's file or reload refused or failed (`where` names it)."""
+
+    def __init__(self, message: str, *, where: str) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 @contextmanager

@@ -21,6 +21,8 @@ from .address import Address
 from .errors import ConfigError
 from .fields import build, shown
 from .sites import SiteConfig, check_sites, parse_sites
+from .tls import check as check_tls
+from .tls import warnings as tls_warnings
 
 __all__ = [
     "Address",
@@ -147,6 +149,13 @@ class ClusterSection:
     # An overloaded server hands sessions to less loaded peers, one per request, with the
     # new token in that response (after a rolling restart, say).
     rebalance: bool = True
+    # TLS on the replication channel (tandem/tls.py, docs/deployment.md): on when tls_ca is
+    # set. "{id}" in tls_cert / tls_key stands for the server's id. The files are read
+    # again when they change (checked every tls_reload_interval_s; 0: on SIGHUP only).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_reload_interval_s: float = field(default=5.0, metadata={"min": 0.0})
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +170,10 @@ class SessionSection:
     cookie_secure: bool = False
     cookie_samesite: str = field(default="Lax", metadata=_choice("Lax", "Strict", "None"))
     cookie_path: str = "/"
+    # A request for a session whose primary is another live server: "forward" it to the
+    # primary and relay the answer (behind a plain load balancer), or "take_over" the
+    # session here (backends/serve/forward.py, docs/operations.md).
+    foreign_requests: str = field(default="forward", metadata=_choice("forward", "take_over"))
     # async replication: flush when this many changes are queued, or after this interval.
     async_flush_threshold: int = field(default=100, metadata={"min": 1})
     async_flush_interval_s: float = field(default=0.05, metadata=_positive())
@@ -222,6 +235,9 @@ class ServerConfig:
     # A third voter for the view and the leases (clusters of two): hosts no app and no
     # session, answers only /__tandem/health on its http address (`tandem witness`).
     witness: bool = False
+    # This server's certificate and key (instead of cluster.tls_cert / tls_key).
+    tls_cert: str = ""
+    tls_key: str = ""
     # Its inter-site listener (docs/sites.md): required on every app server when the file
     # names remote [[sites]], which dial it.
     site_replication: Address | None = field(default=None, metadata={"no_off": True})
@@ -259,12 +275,13 @@ class Config:
     @property
     def warnings(self) -> tuple[str, ...]:
         """What is allowed but most likely not meant, one line each (said at start)."""
+        plaintext = tls_warnings(self)  # replication across a network without TLS
         if len(self.app_servers) == 2 and len(self.servers) == 2:
             a, b = (s.id for s in self.servers)
             return (f"{a} and {b} cannot fail over without a third voter (a majority of two "
                     "is two); add a [[servers]] entry with witness = true "
-                    f"({self.source})",)
-        return ()
+                    f"({self.source})", *plaintext)
+        return plaintext
 
 
 _SECTIONS: dict[str, type] = {
@@ -359,11 +376,13 @@ def loads(text: str, *, source: str = "<memory>",
             raise ConfigError("duplicate server id", key=f"servers[{i}].id", value=srv.id,
                               file=source)
         servers.append(srv)
+    check_tls(cluster, servers, source)
     if all(s.witness for s in servers):
         raise ConfigError("at least one server must host the app (witness = false)",
                           key="servers", value=[s.id for s in servers], file=source)
     sites = parse_sites(raw.get("sites", []), local_name=cluster.name,
                         local_ids=[s.id for s in servers], source=source)
     if sites:
-        check_sites(sites, servers, sections["session"].persistence, source)
+        check_sites(sites, servers, sections["session"].persistence, source,
+                    tls=bool(cluster.tls_ca))
     return Config(servers=tuple(servers), source=source, sites=sites, **sections)

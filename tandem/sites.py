@@ -53,6 +53,9 @@ class SiteConfig:
     takeover_after_s: float = field(default=0.0, metadata={"min": 0.0})
     # the remote site's secrets: verify its tokens, authenticate its servers
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    # the remote site's CA (PEM; relative to this file): with cluster.tls_ca, the channel
+    # between the sites is mutual TLS, the remote servers' certificates checked against it
+    tls_ca: str = ""
     servers: tuple[SiteServer, ...] = ()
 
     def server(self, server_id: str) -> SiteServer | None:
@@ -112,8 +115,17 @@ def parse_sites(raw: Any, *, local_name: str, local_ids: Iterable[str],
 
 
 def check_sites(sites: Sequence[SiteConfig], servers: Sequence[Any], persistence: str,
-                source: str) -> None:
+                source: str, *, tls: bool = False) -> None:
     """What naming remote sites requires of this site's own file."""
+    for i, site in enumerate(sites):
+        if tls and not site.tls_ca:
+            raise ConfigError("required: cluster.tls_ca turns TLS on, between the sites too; "
+                              "name the remote site's CA here", key=f"sites[{i}].tls_ca",
+                              value=None, file=source)
+        if site.tls_ca and not tls:
+            raise ConfigError("set without cluster.tls_ca: the channel between the sites is "
+                              "TLS only when this site's own is", key=f"sites[{i}].tls_ca",
+                              value=site.tls_ca, file=source)
     for i, srv in enumerate(servers):
         if srv.witness:
             continue

@@ -8,6 +8,8 @@ GET /invalidate   invalidates the session
 GET /regenerate   regenerates the session id
 GET /incr/KEY     increments session[KEY]
 GET /set?key=K&value=V&sleep=S   sets session[K] = V, then sleeps S seconds (WSGI: in the thread)
+POST /echo        (ASGI only) the request body back, streamed; session["echoed"] = its size;
+                  X-Served-By and X-Client (the server, the client address the app sees)
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ async def asgi_counter(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await acknowledge_lifespan(receive, send)
         return
+    if scope["path"] == "/echo":
+        await _echo(scope, receive, send)
+        return
     status, info = _handle(scope["path"], scope["session"], scope["tandem.server"],
                            scope["query_string"].decode())
     body = json.dumps(info).encode()
@@ -72,6 +77,27 @@ async def asgi_counter(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """POST /echo: the request body back, in several body messages (a streamed response,
+    no Content-Length), and its size kept in the session."""
+    parts = []
+    while True:
+        message = await receive()
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(parts)
+    scope["session"]["echoed"] = len(body)
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/octet-stream"),
+        (b"x-served-by", scope["tandem.server"].encode()),
+        (b"x-client", "{}:{}".format(*scope["client"]).encode())]})
+    step = max(1, len(body) // 4)
+    for i in range(0, len(body), step):
+        await send({"type": "http.response.body", "body": body[i:i + step], "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def wsgi_counter(environ: dict[str, Any], start_response: Any) -> list[bytes]:

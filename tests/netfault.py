@@ -180,14 +180,17 @@ class Endpoint:
 
 def cluster_endpoints(config_path: Path, uids: Mapping[str, int]) -> dict[str, Endpoint]:
     """Endpoints of a tandem cluster file's processes named in `uids`: a server listens on
-    its `http` and `replication` ports, the proxy (name "proxy") on `listen` and `admin`."""
+    its `http`, `replication` (and `site_replication`) ports, the proxy (name "proxy") on
+    `listen` and `admin`."""
     conf: dict[str, Any] = tomllib.loads(config_path.read_text())
 
     def port(addr: str) -> int:
         return int(addr.rsplit(":", 1)[1])
 
     ports: dict[str, tuple[int, ...]] = {
-        s["id"]: (port(s["http"]), port(s["replication"])) for s in conf["servers"]}
+        s["id"]: (port(s["http"]), port(s["replication"]),
+                  *((port(s["site_replication"]),) if "site_replication" in s else ()))
+        for s in conf["servers"]}
     proxy = conf.get("proxy", {})
     ports["proxy"] = tuple(port(proxy[k]) for k in ("listen", "admin") if k in proxy)
     return {name: Endpoint(uid, ports[name]) for name, uid in uids.items()}

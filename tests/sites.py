@@ -2,21 +2,26 @@
 b1..bn), each with its proxy, each file naming the other in `[[sites]]` (docs/sites.md).
 
 Each site has its own secret; each trusts the other's. The inter-site listeners are on
-free loopback ports.
+free loopback ports. `hosts` puts servers on loopback addresses of their own (127.0.1.x
+standing for site A's hosts, say); `uids` runs named processes (server ids, "proxy-a",
+"proxy-b") under uids of their own, so that tests/netfault.py can cut the link between the
+sites.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.cluster import Cluster
 
-__all__ = ["TwoSites", "SECRETS", "write_then_kill"]
+__all__ = ["TwoSites", "SECRETS", "write_then_kill", "sent_to"]
 
 SECRETS = {"a": "site-a-secret", "b": "site-b-secret"}
 
@@ -28,7 +33,11 @@ class TwoSites:
                  app: str = "tests.apps:asgi_counter", site: dict[str, Any] | None = None,
                  session: dict[str, Any] | None = None,
                  persistence: dict[str, dict[str, Any]] | None = None,
-                 cluster: dict[str, Any] | None = None) -> None:
+                 cluster: dict[str, Any] | None = None,
+                 proxy: dict[str, Any] | None = None, log_level: str = "DEBUG",
+                 hosts: dict[str, str] | None = None,
+                 uids: dict[str, int] | None = None) -> None:
+        hosts, uids = dict(hosts or {}), dict(uids or {})
         # held open while the clusters pick their own ports, so that none picks one of these
         held = [socket.socket() for _ in range(2 * n)]
         for sock in held:
@@ -42,11 +51,16 @@ class TwoSites:
             for i in range(n):
                 sid = f"{name}{i + 1}"
                 self.site_ports[sid] = next(ports)
-                servers.append({"id": sid,
-                                "site_replication": f"127.0.0.1:{self.site_ports[sid]}"})
+                host = hosts.get(sid, "127.0.0.1")
+                servers.append({"id": sid, **({"host": host} if sid in hosts else {}),
+                                "site_replication": f"{host}:{self.site_ports[sid]}"})
+            own = {s["id"]: uids[s["id"]] for s in servers if s["id"] in uids}
+            if f"proxy-{name}" in uids:
+                own["proxy"] = uids[f"proxy-{name}"]
             self.clusters[name] = Cluster(tmp / name, servers=servers, app=app,
                                           secrets=[SECRETS[name]], session=session,
-                                          cluster=cluster)
+                                          cluster=cluster, proxy=proxy, log_level=log_level,
+                                          uids=own)
         for sock in held:
             sock.close()
         self.a, self.b = self.clusters["a"], self.clusters["b"]
@@ -58,8 +72,8 @@ class TwoSites:
                      *(f"{k} = {json.dumps(v)}" for k, v in (site or {}).items())]
             for sid, spec in o.servers.items():
                 extra += ["[[sites.servers]]", f'id = "{sid}"',
-                          f'http = "127.0.0.1:{spec["http"]}"',
-                          f'site_replication = "127.0.0.1:{self.site_ports[sid]}"']
+                          f'http = "{spec["host"]}:{spec["http"]}"',
+                          f'site_replication = "{spec["host"]}:{self.site_ports[sid]}"']
             pers = (persistence or {}).get(name)
             if pers:
                 text = text.replace("[proxy]", "[persistence]\n" + "\n".join(
@@ -99,3 +113,19 @@ def write_then_kill(sites: TwoSites, clients: list[Any], seconds: float) -> tupl
     for sid in sites.a.servers:
         sites.a.servers[sid]["proc"].wait(timeout=20)
     return acked, t_kill
+
+
+def sent_to(ports: list[int]) -> int:
+    """Bytes sent on the established TCP connections to these (local) ports."""
+    out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True,
+                         text=True, check=True).stdout
+    total, current = 0, False
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):  # a socket's line: local, then peer address
+            fields = line.split()
+            current = len(fields) >= 4 and int(fields[3].rsplit(":", 1)[1]) in ports
+            continue
+        m = re.search(r"bytes_sent:(\d+)", line)
+        if current and m:
+            total += int(m.group(1))
+    return total

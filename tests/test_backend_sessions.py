@@ -33,7 +33,8 @@ def get_after_kill(c, path, *, base, within=15.0):
 
 @pytest.mark.parametrize("app", APPS)
 def test_third_server_fetches_the_session_and_becomes_primary(make_cluster, app):
-    cluster = make_cluster(app=app).start(proxy=False)
+    # (the take-over itself: what a request at a third server did before forwarding)
+    cluster = make_cluster(app=app, session={"foreign_requests": "take_over"}).start(proxy=False)
     c = Client(cluster.url("s1"))
     for i in range(3):
         status, body = c.get("/count")

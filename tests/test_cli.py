@@ -38,7 +38,8 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_option_of_every_subcommand_has_help() -> None:
     commands = _subcommands()
-    assert set(commands) == {"up", "backend", "witness", "proxy", "status"}
+    assert set(commands) == {"up", "backend", "witness", "proxy", "status", "certs",
+                             "site-down", "export", "sync"}
     for name, parser in commands.items():
         for action in parser._actions:
             assert action.help and action.help.strip(), (name, action.option_strings)

@@ -479,6 +479,7 @@ CHOICES = {
     ("session", "replication"): ("sync", "async", "none"),
     ("session", "persistence"): ("none", "file", "sqlite", "postgresql", "redis"),
     ("session", "cookie_samesite"): ("Lax", "Strict", "None"),
+    ("session", "foreign_requests"): ("forward", "take_over"),
     ("proxy", "retry"): ("idempotent", "all", "none"),
     ("persistence", "mode"): ("sync", "batched"),
 }
@@ -489,6 +490,8 @@ BAD_CHOICES = [
     ("session", "replication", ""),
     ("session", "persistence", "mongodb"),
     ("session", "cookie_samesite", "lax"),
+    ("session", "foreign_requests", "proxy"),
+    ("session", "foreign_requests", "take-over"),
     ("proxy", "retry", "sometimes"),
     ("persistence", "mode", "lazy"),
 ]

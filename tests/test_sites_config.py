@@ -117,3 +117,15 @@ def test_rank_remote_is_a_stable_spread() -> None:
     assert all(firsts.count(f"b{i}") > 60 for i in range(3))
     assert rank_remote("x", servers) == rank_remote("x", list(reversed(servers)))
     assert re.fullmatch(r"b\d", firsts[0])
+
+
+def test_tls_between_the_sites_goes_with_the_sites_own_tls() -> None:
+    tls = 'tls_ca = "ca.crt"\ntls_cert = "{id}.crt"\ntls_key = "{id}.key"\n'
+    err = error(BASE.replace('secrets = ["sa"]\n', 'secrets = ["sa"]\n' + tls))
+    assert err.key == "sites[0].tls_ca" and "required" in str(err)
+    err = error(BASE.replace('secrets = ["sb"]\n', 'secrets = ["sb"]\ntls_ca = "b-ca.crt"\n'))
+    assert err.key == "sites[0].tls_ca" and "without cluster.tls_ca" in str(err)
+    both = BASE.replace('secrets = ["sa"]\n', 'secrets = ["sa"]\n' + tls).replace(
+        'secrets = ["sb"]\n', 'secrets = ["sb"]\ntls_ca = "b-ca.crt"\n')
+    (site,) = loads(both, source=SOURCE, environ={}).sites
+    assert site.tls_ca == "b-ca.crt"

@@ -23,9 +23,16 @@ import structlog
 
 from tandem.config import Config, ServerConfig
 
-from ..errors import HandshakeFailed, PeerTimeout, PeerUnavailable, ReplicationError
+from ..errors import (
+    HandshakeFailed,
+    PeerTimeout,
+    PeerUnavailable,
+    ReplicationError,
+    TlsHandshakeFailed,
+)
 from . import wire
 from .roster import announcement
+from .tls import Channel
 
 __all__ = ["PeerState", "PeerLink", "Outbox"]
 
@@ -78,9 +85,11 @@ class PeerLink:
                  on_state: Callable[[str, PeerState, str], None],
                  stalled: Callable[[], bool] = lambda: False, incarnation: str = "",
                  on_refused: Callable[[str], None] = lambda peer: None,
-                 on_heard: Callable[[str, str], None] = lambda peer, inc: None) -> None:
+                 on_heard: Callable[[str, str], None] = lambda peer, inc: None,
+                 channel: Channel | None = None) -> None:
         # configuration
         self.me = me
+        self._channel = channel or Channel(config=config, me=me)  # plaintext or TLS
         self.incarnation = incarnation  # ours, sent in the handshake
         # our addresses, also in the handshake: a peer that does not know us may admit us
         self._announce = announcement(config.server(me))
@@ -237,7 +246,8 @@ class PeerLink:
             except (OSError, ReplicationError, TimeoutError) as exc:
                 if self.state is PeerState.ALIVE:
                     self.fail(f"connection lost: {exc}")
-                elif self.state is PeerState.UNKNOWN and isinstance(exc, HandshakeFailed):
+                elif self.state is PeerState.UNKNOWN and isinstance(exc, HandshakeFailed) and (
+                        not isinstance(exc, TlsHandshakeFailed)):  # (that one logged it)
                     log.warning("peer_refused", peer=self.peer.id, reason=str(exc))
             if self._closing:
                 return
@@ -253,10 +263,9 @@ class PeerLink:
             backoff = min(backoff * 2, self._cluster.heartbeat_interval_s)
 
     async def _connect(self) -> None:
-        addr = self.peer.replication
         timeout = self._cluster.peer_connect_timeout_s
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(addr.host, addr.port), timeout)
+        # plaintext, or TLS verified as this peer (tls.py)
+        reader, writer = await self._channel.open(self.peer, timeout)
         try:
             self.peer_incarnation = await asyncio.wait_for(wire.dial_handshake(
                 reader, writer, me=self.me, peer=self.peer.id, cluster=self._cluster.name,

@@ -17,6 +17,7 @@ from ..errors import PeerUnavailable, ReplicationError
 from . import wire
 from .link import Outbox
 from .membership import Membership
+from .tls import TlsServer
 
 __all__ = ["ReplicationListener", "Handler", "Reply"]
 
@@ -33,7 +34,7 @@ class ReplicationListener:
     def __init__(self, *, membership: Membership, handler: Handler) -> None:
         self._membership = membership
         self._handler = handler
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TlsServer | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         # each peer's current inbound connection: the newest it authenticated. Only its loss
         # says something about the peer; an older one closing (left over from before a
@@ -47,7 +48,13 @@ class ReplicationListener:
         `start`): a taken address fails here, with nothing started (ListenError)."""
         me = self._membership.me
         addr = me.replication_bind or me.replication  # the peers dial me.replication
+        channel = self._membership.channel
         with listen_errors(addr.host, addr.port, f"{me.id}'s replication address"):
+            if channel.tls:  # (it handshakes each connection itself: tls.py)
+                self._server = await channel.serve(
+                    self._accept, addr.host, addr.port,
+                    handshake_timeout_s=self._membership.config.cluster.peer_connect_timeout_s)
+                return
             self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
                                                       start_serving=False)
             listen_now(self._server)
@@ -80,16 +87,17 @@ class ReplicationListener:
         try:
             dialler = await asyncio.wait_for(wire.accept_handshake(
                 reader, writer, me=m.me.id, cluster=cluster.name, secrets_=cluster.secrets,
-                known=m.roster, incarnation=m.incarnation, admit=m.admit_dialler),
-                cluster.peer_connect_timeout_s)
+                known=m.roster, incarnation=m.incarnation, admit=m.admit_dialler,
+                certified=m.channel.certified(writer)), cluster.peer_connect_timeout_s)
         except (ReplicationError, OSError, TimeoutError) as exc:
             peername = writer.get_extra_info("peername")
             if isinstance(exc, PeerUnavailable | ConnectionError):
                 # the dialler hung up before it finished (it is stopping, or gave up): no
                 # reason to warn about anybody
                 log.info("peer_dial_abandoned", remote=str(peername), reason=str(exc))
-            else:
-                log.warning("peer_refused", remote=str(peername), reason=str(exc))
+            else:  # (once per peer host and reason in a while: it re-dials every beat)
+                m.channel.refused("accept", _shown(peername), str(exc), event="peer_refused",
+                                  peer=exc.peer if isinstance(exc, ReplicationError) else "?")
             self._conns.discard(writer)
             writer.close()
             return
@@ -169,3 +177,10 @@ class ReplicationListener:
             reply = {"ok": False, "error": "internal error"}
         if not outbox.writer.is_closing():
             self._answer(outbox, msg, reply)
+
+
+def _shown(peername: object) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername)

@@ -28,6 +28,7 @@ from .link import PeerLink, PeerState
 from .quorum import Quorum, Standing
 from .roster import Roster, announcement
 from .store_view import StoreView, open_store_view
+from .tls import Channel
 from .view import Out, ViewChanged
 
 __all__ = ["Membership"]
@@ -59,6 +60,9 @@ class Membership:
                                  incarnation=self.incarnation,
                                  heartbeat_interval_s=c.heartbeat_interval_s,
                                  missed_heartbeats=c.missed_heartbeats, now=time.monotonic())
+        # how the replication connections are made: plaintext or mutual TLS (a TLS file
+        # that cannot be used is a ConfigError here, before anything starts)
+        self.channel = Channel(config=config, me=me)
         self.links: dict[str, PeerLink] = {
             s.id: self._link(s) for s in config.servers if s.id != me}
         self._listeners: list[Callable[[str, PeerState, str], Awaitable[None] | None]] = []
@@ -78,7 +82,7 @@ class Membership:
     def _link(self, server: ServerConfig) -> PeerLink:
         return PeerLink(me=self.me.id, peer=server, config=self.config, on_state=self._changed,
                         stalled=self.recently_stalled, incarnation=self.incarnation,
-                        on_refused=self.refused, on_heard=self.heard)
+                        on_refused=self.refused, on_heard=self.heard, channel=self.channel)
 
     def server(self, server_id: str) -> ServerConfig:
         """A server's configuration: from the cluster file, or announced when it joined."""
@@ -153,6 +157,7 @@ class Membership:
         self._view_listeners.append(fn)
 
     def start(self) -> None:
+        self.channel.start()
         for link in self.links.values():
             link.start()
         self._stall_task = asyncio.create_task(self._watch_stalls(), name="stall-watch")
@@ -312,6 +317,7 @@ class Membership:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(link.close() for link in self.links.values()))
+        await self.channel.close()
         if self.store is not None:
             await self.store.close()
 
@@ -327,6 +333,15 @@ class Membership:
         return [link.peer for link in self.links.values() if link.state is PeerState.ALIVE
                 and not link.peer.witness
                 and view.incarnation_of(link.peer.id) in ("", link.peer_incarnation)]
+
+    def serving_peer(self, peer: str) -> ServerConfig | None:
+        """`peer` if it may be handed a request of its sessions (backends.serve.forward):
+        alive, not draining, in the view as the very process our link hears; else None."""
+        link = self.links.get(peer)
+        if link is None or link.state is not PeerState.ALIVE or link.peer.witness:
+            return None
+        bound = self.quorum.view.incarnation_of(peer)
+        return link.peer if bound in ("", link.peer_incarnation) else None
 
     def broadcast(self, msg: dict[str, Any]) -> None:
         for link in self.links.values():

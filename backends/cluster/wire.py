@@ -4,7 +4,9 @@ Frame: 4-byte big-endian length, then a UTF-8 JSON object. The handshake is a mu
 challenge-response over the cluster secrets (HMAC-SHA256): the listener sends a nonce, the
 dialler proves it knows a secret and names itself, the listener proves it back. The
 dialler's hello also announces where it is (`spec`, under the same MAC): a server the
-listener does not know yet may be admitted by it (a join, backends.cluster.roster).
+listener does not know yet may be admitted by it (a join, backends.cluster.roster). With
+TLS (`tls.py`) it runs inside the TLS connection, and the dialler may name itself only as
+a server its certificate names.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hmac
 import json
 import secrets
 import struct
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,10 +183,13 @@ class Dialler:
 async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                            me: str, cluster: str, secrets_: Sequence[str],
                            known: Container[str], incarnation: str = "",
-                           admit: Callable[[str, object], None] | None = None) -> Dialler:
+                           admit: Callable[[str, object], None] | None = None,
+                           certified: Collection[str] | None = None) -> Dialler:
     """Authenticate an incoming connection; returns who dialled. A dialler not `known` is
     refused unless `admit` takes its announcement (after the MAC is checked: only a holder
-    of the secrets can announce a server); `admit` raises ConfigError to refuse it."""
+    of the secrets can announce a server); `admit` raises ConfigError to refuse it.
+    `certified`: the server ids the dialler's TLS certificate names (None: plaintext) — it
+    may claim only those."""
     nonce = secrets.token_hex(16)
     write_frame(writer, {"op": "challenge", "server": me, "nonce": nonce, "inc": incarnation})
     hello = await read_frame(reader, peer="?")
@@ -199,6 +204,11 @@ async def accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     if peer == me or (joining and (admit is None or spec is None)):
         write_frame(writer, {"op": "refused", "reason": "unknown server id"})
         raise HandshakeFailed("not a member of this cluster", peer=peer)
+    if certified is not None and peer not in certified:
+        write_frame(writer, {"op": "refused", "reason": "certificate names another server"})
+        raise HandshakeFailed("its certificate names "
+                              f"{', '.join(sorted(certified)) or 'no server'}, not {peer}",
+                              peer=peer)
     if not _verify(secrets_, hello.get("mac"), "dial", cluster, nonce, their_nonce, peer,
                    their_inc, _canon(spec)):
         write_frame(writer, {"op": "refused", "reason": "bad credentials"})

@@ -41,6 +41,7 @@ from ..sessions.manager import SessionManager, SessionMoved
 from ..sessions.session import Session
 from ..sessions.store import Primary
 from .deadline import DEADLINE_HEADER, Deadline, send_late
+from .forward import HOP_HEADER, Forwarder
 from .origin import Origin, rewrite_url
 from .rewrite import UrlRewriteMiddleware, token_in_urls
 
@@ -84,6 +85,8 @@ class TandemMiddleware:
         self._cookie_attrs = attrs
         self.cookie_secure = s.cookie_secure  # a framework's cookie settings keep it Secure
         self.cluster_settings = s  # what a framework's settings are layered over
+        # requests of sessions whose primary is another live server go there
+        self.forwarder = Forwarder(manager=manager, config=config)
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
         # With URL rewriting, links in responses to cookie-less clients carry the token.
         self._rewriter: UrlRewriteMiddleware | None = None
@@ -120,8 +123,13 @@ class TandemMiddleware:
             await self._health(send)
             return
         if self.manager.draining:
-            # Sessions are being handed over: the proxy fails this over to the secondary.
-            await _send_unavailable(send, _DRAINING, kind)
+            # Sessions are being handed over: the proxy fails this over to the secondary;
+            # a request of a session that lives elsewhere (or was handed over already) is
+            # forwarded there. (Not in flight: nothing of it runs here.)
+            if kind == "http" and self.forwarder.forwarding:
+                await self._handle(scope, receive, send, draining=True)
+            else:
+                await _send_unavailable(send, _DRAINING, kind)
             return
         self.inflight += 1
         try:
@@ -129,12 +137,14 @@ class TandemMiddleware:
         finally:
             self.inflight -= 1
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, *,
+                      draining: bool = False) -> None:
         kind = scope["type"]
         cookie: str | None = None
         proxy_view: bytes | None = None
         rid: str | None = None  # the proxy's id of this client request, same on retries
         budget: bytes | None = None  # the proxy's X-Tandem-Deadline (ms)
+        hop: bytes | None = None  # X-Tandem-Hop: forwarded by a peer (backends.serve.hop)
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookie = value.decode("latin-1") if cookie is None else (
@@ -145,6 +155,8 @@ class TandemMiddleware:
                 rid = value.decode("latin-1")
             elif name == DEADLINE_HEADER:
                 budget = value
+            elif name == HOP_HEADER:
+                hop = value
         route, via = self._route(scope, cookie)
         deadline: Deadline | None = None
         if budget is not None and kind == "http":
@@ -153,6 +165,19 @@ class TandemMiddleware:
                 # The proxy has answered for it already: nothing of it runs here.
                 await send_late(send, b"request past its deadline: not applied\n")
                 return
+        if kind == "http" and (hop is not None or (
+                budget is None and route is not None and self.forwarder.foreign(route))):
+            # Its primary may be another live server: then it answers
+            # (backends.serve.forward); if it cannot, the request is handled here. (Not
+            # a request of tandem's proxy, `budget`: it has chosen this server itself.)
+            local = await self.forwarder.handle(scope, receive, send, hop=hop, rid=rid,
+                                                route=route if budget is None else None)
+            if local is None:
+                return
+            receive, rid = local
+        if draining:
+            await _send_unavailable(send, _DRAINING, kind)
+            return
         # Whether this response's URLs carry the token: the rule of backends.serve.rewrite,
         # decided once per request, for the rewriter and session.encode_url alike.
         in_urls = self.url_rewriting and token_in_urls(via, cookie_sent=via == "cookie" or (
@@ -356,10 +381,14 @@ class TandemMiddleware:
             "primaries": len(m.store.primaries),
             "replicas": len(m.store.replicas),
             "view": m.membership.view()[0],
+            # the view's members and http addresses, as X-Tandem-Cluster lists them (what
+            # `tandem sync` reads to keep HAProxy's or nginx's server list)
+            "cluster": m.membership.view()[1],
             "members": list(m.membership.quorum.view.members),
             "standing": m.membership.quorum.standing.value,
             "lease": m.membership.serving_state() is None,
             "stats": m.stats,
+            "tls": m.membership.channel.status(),  # null: plaintext replication
             **({"sites": m.sites.health()} if m.sites is not None else {}),
         }).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [

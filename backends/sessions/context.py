@@ -30,7 +30,7 @@ _EPOCH_STRIDE = 1024  # epochs are unique per server: k * stride + the server's 
 
 STAT_NAMES = ("created", "promoted", "fetched", "lost", "replicated", "replication_failures",
               "expired", "invalidated", "moved", "handed_over", "taken_over", "superseded",
-              "retries_rolled_back", "migrated")
+              "retries_rolled_back", "migrated", "forwarded", "forward_fallbacks")
 
 
 def age(state: dict[str, Any]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ class Primary:
 
     __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
                  "secondary", "sent_version", "acked_version", "pending", "stale_holders",
-                 "last_rid", "undo", "superseded")
+                 "last_rid", "undo", "superseded", "site_pending")
 
     def __init__(self, sid: str, *, data: dict[str, str] | None = None, version: int = 0,
                  epoch: int = 0, max_inactive_s: float, created: float | None = None,
@@ -41,6 +41,9 @@ class Primary:
         self.acked_version = -1                # version the secondary acknowledged
         self.pending: set[str] = set()         # keys changed since `sent_version`
         self.stale_holders: set[str] = set()   # servers that may hold old copies to release
+        # keys changed since every remote site's copy last acknowledged this session's
+        # version (backends/sites: a delta from that version; cleared by the replicator)
+        self.site_pending: set[str] = set()
         # exactly-once retries: the proxy's id of the request behind the last commit, and
         # the values that commit replaced (None: the key was absent)
         self.last_rid = last_rid
@@ -60,6 +63,8 @@ class Primary:
             self.data.pop(key, None)
         self.pending.update(set_)
         self.pending.update(deleted)
+        self.site_pending.update(set_)
+        self.site_pending.update(deleted)
         self.version += 1
 
     def roll_back(self) -> None:
@@ -70,6 +75,7 @@ class Primary:
             else:
                 self.data[key] = old
             self.pending.add(key)
+            self.site_pending.add(key)
         self.undo, self.last_rid = {}, None
         self.version += 1
 

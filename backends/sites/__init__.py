@@ -3,7 +3,8 @@
 `Sites` is what the session manager sees: hooks at commit, invalidation and take-over, and
 the messages of the inter-site channel and of the local peers about remote copies. The
 parts: the channel (`channel.py`), the sending side (`replicator.py`), the remote copies
-kept here (`copies.py`) and the site-down rule with the take-over (`takeover.py`).
+kept here (`copies.py`), the site-down rule with the take-over (`takeover.py`), and the
+operator's `tandem site-down` (`command.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Sites:
         self.copies = RemoteCopies(ctx)
         self.channel = SiteChannel(config=ctx.config, me=ctx.me.id,
                                    incarnation=ctx.membership.incarnation,
-                                   handler=self.handle_remote, on_alive=self._server_back,
+                                   handler=self.handle_remote, operator=self.handle_operator,
+                                   on_alive=self._server_back,
                                    on_lost=self._server_lost)
         self.replicator = SiteReplicator(ctx, self.channel)
         self.takeover = SiteTakeover(ctx, self.channel, self.copies, committer)
@@ -101,8 +103,10 @@ class Sites:
         op = msg.get("op")
         if op == "site_fetch":
             return self.takeover.on_fetch(msg["sid"])
-        if op == "site_drop":
-            self.copies.drop(msg["sid"])
+        if op == "site_drop":  # a peer took the session over: so did this site
+            site = msg.get("site")
+            self.copies.drop(msg["sid"], site=None if site is None else str(site),
+                             epoch=int(msg.get("e", 0)))
             return None
         return {"ok": False, "error": f"unknown op {op!r}"}
 
@@ -118,4 +122,14 @@ class Sites:
         if op == "site_touch":
             self.copies.touch(dict(msg["items"]))
             return None
+        if op == "site_superseded":
+            self.replicator.superseded_there(peer, {str(k): int(v)
+                                                    for k, v in dict(msg["sids"]).items()})
+            return None
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    async def handle_operator(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """An operator's command on the inter-site channel (authenticated: channel.py)."""
+        if msg.get("op") == "site_down" and isinstance(msg.get("site"), str):
+            return self.takeover.declare_down(msg["site"])
+        return {"ok": False, "error": f"unknown command {msg.get('op')!r}"}

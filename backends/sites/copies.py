@@ -3,8 +3,11 @@
 A copy is the session's full state as its primary at the remote site sent it, kept apart
 from the local replicas: the local failover never promotes it (only the site-down rule of
 takeover.py does). A copy never goes back to an older (epoch, version); an invalidated
-session leaves a tombstone, so that a late copy of it cannot bring it back. WAN copies
-are written to this site's store before they are acknowledged.
+session leaves a tombstone, so that a late copy of it cannot bring it back. A session this
+site took over (here or at a peer, which says so with `site_drop`) leaves a marker too: a
+copy of it from its old site is answered `moved` by every server here, whichever the old
+primary sends it to. WAN copies are written to this site's store before they are
+acknowledged.
 """
 
 from __future__ import annotations
@@ -35,29 +38,63 @@ class RemoteCopies:
         self.ctx = ctx
         self.copies: dict[str, State] = {}   # sid -> state, with "primary": its remote server
         self.ended: dict[str, float] = {}    # invalidated sids -> when (time.time())
+        # sessions this site took over: sid -> (their old site, the epoch here, when)
+        self.moved: dict[str, tuple[str, int, float]] = {}
 
     def get(self, sid: str) -> State | None:
         return self.copies.get(sid)
 
-    def drop(self, sid: str) -> None:
+    def drop(self, sid: str, *, site: str | None = None, epoch: int = 0) -> None:
+        """Our copy is not needed any more: `site`'s session was taken over here (at epoch
+        `epoch`) — remembered, so that its old primary is told so."""
         self.copies.pop(sid, None)
+        if site is not None:
+            self.moved[sid] = (site, epoch, time.time())
+
+    def _taken(self, sid: str, epoch: int) -> bool:
+        """Taken over here after this copy was made? (A copy of a later epoch is a later
+        take-over by its site, of a session that was ours: the marker is stale.)"""
+        marker = self.moved.get(sid)
+        if marker is None:
+            return False
+        if epoch < marker[1]:
+            return True
+        del self.moved[sid]
+        return False
+
+    def moved_from(self, site: str) -> dict[str, int]:
+        """The sessions of `site` this site took over, with their epochs here."""
+        return {sid: epoch for sid, (s, epoch, _) in self.moved.items() if s == site}
 
     async def accept(self, peer: str, items: list[State], *, persist: bool) -> dict[str, Any]:
-        """Copies from `peer`'s primaries; `moved`: sessions this site took over since (the
-        sender must let go of them); WAN (`persist`): acknowledged once in the store."""
+        """Copies from `peer`'s primaries, in full or as deltas; `moved`: sessions this site
+        took over since (the sender must let go of them); `need_full`: deltas whose base
+        is not held here; WAN (`persist`): acknowledged once in the store."""
         ctx = self.ctx
         moved: list[str] = []
+        need_full: list[str] = []
         rows: list[State] = []
         for state in items:
             sid = state["sid"]
             if sid in self.ended:
                 continue  # invalidated: a late copy must not bring it back
-            if sid in ctx.store.primaries:
-                moved.append(sid)  # we took it over (its site was proven down)
+            if sid in ctx.store.primaries or self._taken(sid, int(state.get("e", 0))):
+                moved.append(sid)  # we took it over (its site was down)
                 continue
             held = self.copies.get(sid)
             if held is not None and age(held) > age(state):
                 continue  # never back to an older copy
+            if "data" not in state:  # a delta on the version `base` of the same epoch
+                if held is None or (int(held["e"]), int(held["v"])) != (
+                        int(state["e"]), int(state["base"])):
+                    need_full.append(sid)
+                    continue
+                data = held["data"]
+                data.update(state.pop("set"))
+                for key in state.pop("del"):
+                    data.pop(key, None)
+                del state["base"]
+                state["data"] = data
             state["primary"] = peer
             self.copies[sid] = state
             rows.append(state)
@@ -73,7 +110,7 @@ class RemoteCopies:
             ctx.stats["site_copies_stored"] = ctx.stats.get("site_copies_stored", 0) + len(rows)
         ctx.stats["site_copies_received"] = (ctx.stats.get("site_copies_received", 0)
                                              + len(rows))
-        return {"ok": True, "moved": moved}
+        return {"ok": True, "moved": moved, "need_full": need_full}
 
     async def invalidate(self, sids: list[str]) -> dict[str, Any]:
         """The remote primary ended these sessions: no copy of them may be promoted here."""
@@ -110,3 +147,5 @@ class RemoteCopies:
         keep_s = 2 * self.ctx.config.session.max_inactive_s
         for sid in [sid for sid, at in self.ended.items() if now - at > keep_s]:
             del self.ended[sid]
+        for sid in [sid for sid, (_, _, at) in self.moved.items() if now - at > keep_s]:
+            del self.moved[sid]

@@ -11,6 +11,12 @@ session's rendezvous order (`tandem.sites.rank_remote`). Per site mode:
   `flush_interval_s` or sooner when `flush_threshold` sessions wait. WAN copies are written
   to the remote site's store before the remote acknowledges them.
 
+A copy is sent as a delta — the keys changed since the version the holder acknowledged
+(`Primary.site_pending`), on that version as base — when the same server holds the copy
+of the same epoch; else in full. A holder that no longer has that base answers
+`need_full` for it: sent again in full (at once for MAN's synchronous copy, in the next
+batch otherwise).
+
 Invalidations are delivered to every server of the site (whichever may hold a copy), kept
 per server until it acknowledged them. Commits that changed nothing only move the remote
 copy's last access (a touch, batched).
@@ -61,7 +67,8 @@ class SiteReplicator:
                                            for srv in s.servers}
         self._kick = asyncio.Event()
         self._behind_logged: set[str] = set()  # sites said to be behind (logged once)
-        for key in ("site_sent", "site_failures", "site_behind"):
+        for key in ("site_sent", "site_failures", "site_behind", "site_deltas",
+                    "site_need_full"):
             ctx.stats.setdefault(key, 0)
 
     # --- hooks of the session manager ---------------------------------------------------
@@ -119,19 +126,24 @@ class SiteReplicator:
         if target is None:
             self._fell_behind(site, record.sid, "no server of the site is reachable")
             return
-        state = record.state()
         key = (record.epoch, record.version)  # (what is sent: a request may commit meanwhile)
-        try:
-            reply = await self.channel.links[target].call(
-                {"op": "site_replicate", "items": [state], "persist": False},
-                timeout=self.ctx.timeout)
-        except (PeerUnavailable, PeerTimeout) as exc:
-            self.ctx.stats["site_failures"] += 1
-            self.channel.links[target].fail(str(exc))
-            self._fell_behind(site, record.sid, str(exc))
-            return
-        if not reply.get("ok"):
-            self._fell_behind(site, record.sid, str(reply.get("error")))
+        state = self._item(site, record, target)
+        for _ in range(2):  # a delta, then in full if the holder lost its base
+            try:
+                reply = await self.channel.links[target].call(
+                    {"op": "site_replicate", "items": [state], "persist": False},
+                    timeout=self.ctx.timeout)
+            except (PeerUnavailable, PeerTimeout) as exc:
+                self.ctx.stats["site_failures"] += 1
+                self.channel.links[target].fail(str(exc))
+                self._fell_behind(site, record.sid, str(exc))
+                return
+            if record.sid not in reply.get("need_full", ()) or "data" in state:
+                break
+            self.ctx.stats["site_need_full"] += 1
+            state = record.state()
+        if not reply.get("ok") or record.sid in reply.get("need_full", ()):
+            self._fell_behind(site, record.sid, str(reply.get("error", "need_full")))
             return
         if record.sid in reply.get("moved", ()):
             self._superseded(record.sid, site, target)
@@ -140,9 +152,28 @@ class SiteReplicator:
         self.dirty[site.name].pop(record.sid, None)  # (a catch-up of it is not needed now)
         self.ctx.stats["site_sent"] += 1
 
+    def _item(self, site: SiteConfig, record: Primary, target: str) -> dict[str, Any]:
+        """The copy to send `target`: a delta on the version it acknowledged, or in full."""
+        acked = self.acked[site.name].get(record.sid)
+        if (acked is None or acked[0] != record.epoch
+                or self.holder[site.name].get(record.sid) != target):
+            return record.state()
+        data, changed = record.data, record.site_pending
+        self.ctx.stats["site_deltas"] += 1
+        return {"sid": record.sid, "v": record.version, "e": record.epoch, "base": acked[1],
+                "set": {k: v for k, v in data.items() if k in changed},
+                "del": [k for k in changed if k not in data],
+                "max_inactive_s": record.max_inactive_s, "created": record.created,
+                "last_access": record.last_access, "rid": record.last_rid,
+                "undo": record.undo}
+
     def _acked(self, site: str, sid: str, key: tuple[int, int], holder: str) -> None:
         self.acked[site][sid] = key
         self.holder[site][sid] = holder
+        record = self.ctx.store.primaries.get(sid)
+        if record is not None and all(self.acked[s.name].get(sid) == (
+                record.epoch, record.version) for s in self.sites):
+            record.site_pending.clear()  # every remote copy is at this version: no base older
 
     def holder_lost(self, server: str, site: str) -> None:
         """A remote server's link failed: the copies it held are sent again (to the next
@@ -171,6 +202,19 @@ class SiteReplicator:
             record.superseded = True
         self.ctx.stats["superseded"] += 1
         log.warning("session_superseded", sid=short(sid), by=by, site=site.name)
+
+    def superseded_there(self, by: str, sids: dict[str, int]) -> None:
+        """A remote site took these sessions over while this one was silent (the epochs it
+        gave them): our primaries and replicas of older epochs end here."""
+        site = self.channel.site_of[by]
+        store = self.ctx.store
+        for sid, epoch in sids.items():
+            record = store.primaries.get(sid)
+            if record is not None and record.epoch < epoch:
+                self._superseded(sid, site, by)
+            replica = store.replicas.get(sid)
+            if replica is not None and replica.epoch < epoch:
+                del store.replicas[sid]
 
     async def _deliver_ended(self, server: str) -> None:
         sids = sorted(self.ended[server])
@@ -206,7 +250,7 @@ class SiteReplicator:
             if target is None:
                 self.dirty[name].setdefault(sid, None)
                 continue
-            batches.setdefault(target, []).append(record.state())
+            batches.setdefault(target, []).append(self._item(site, record, target))
         persist = site.mode == "wan"
         results = await asyncio.gather(*(self._send_batch(site, t, items, persist)
                                          for t, items in batches.items()))
@@ -244,9 +288,15 @@ class SiteReplicator:
                 log.warning("site_behind", site=name, cause=str(reply.get("error")))
             return False
         moved = set(reply.get("moved", ()))
+        need_full = set(reply.get("need_full", ()))
         for state in items:
             if state["sid"] in moved:
                 self._superseded(state["sid"], site, target)
+            elif state["sid"] in need_full:  # the holder lost the base: in full, next batch
+                self.ctx.stats["site_need_full"] += 1
+                self.acked[name].pop(state["sid"], None)
+                self.dirty[name][state["sid"]] = None
+                self._kick.set()
             else:
                 self._acked(name, state["sid"], (int(state["e"]), int(state["v"])), target)
         self.ctx.stats["site_sent"] += len(items)

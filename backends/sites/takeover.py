@@ -11,6 +11,12 @@ The copy: ours, or a peer's of this site (asked over the local channel), or — 
 this site's store; the newest (epoch, version) wins. It becomes a primary here with a new
 epoch, gets a local secondary before the handler runs, and the response carries a token of
 this site.
+
+An operator may declare a silent site down (`tandem site-down`, `declare_down`): its hosts
+are off or cut off, and it is known to serve nothing. Either way, once a server of the site
+is heard again the site counts as up, and it is told which of its sessions were taken over
+here (`site_superseded`): its servers drop their primaries and replicas of them, so that a
+site that was only silent does not go on serving them beside us.
 """
 
 from __future__ import annotations
@@ -55,6 +61,25 @@ class SiteTakeover:
         if site in self.down:
             self.down.discard(site)
             log.warning("site_up", site=site, server=server)
+        taken = self.copies.moved_from(site)
+        if taken and self.channel.links[server].send({"op": "site_superseded", "sids": taken}):
+            log.info("site_supersede_sent", site=site, server=server, sessions=len(taken))
+
+    def declare_down(self, name: str) -> dict[str, Any]:
+        """An operator says site `name` is down (off, or fenced): its sessions are taken
+        over here at their next request. Refused while a server of it answers here."""
+        site = next((s for s in self.channel.sites if s.name == name), None)
+        if site is None:
+            return {"ok": False, "error": f"no site named {name!r} in this server's file"}
+        answering = [s.id for s in site.servers if self.channel.alive(s.id)]
+        if answering:
+            log.warning("site_down_refused", site=name, by="operator", answering=answering)
+            return {"ok": False, "error": f"site {name} answers here ({', '.join(answering)} "
+                    "linked): it is not down"}
+        already = name in self.down
+        self.down.add(name)
+        log.warning("site_down", site=name, proof="declared by an operator", already=already)
+        return {"ok": True, "already": already}
 
     # --- the site-down rule -------------------------------------------------------------
 
@@ -127,9 +152,10 @@ class SiteTakeover:
                          last_access=float(best["last_access"]),
                          last_rid=best.get("rid"), undo=best.get("undo"))
         ctx.store.primaries[sid] = record
-        self.copies.drop(sid)
+        self.copies.drop(sid, site=site.name, epoch=record.epoch)
         for member in ctx.membership.alive_peers():
-            ctx.send(member.id, {"op": "site_drop", "sid": sid})
+            ctx.send(member.id, {"op": "site_drop", "sid": sid, "site": site.name,
+                                 "e": record.epoch})
         ctx.stats["site_taken_over"] += 1
         log.warning("site_session_taken_over", sid=short(sid), site=site.name,
                     version=record.version, from_=source)
