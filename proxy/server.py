@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from tandem.config import Config
+from tandem.errors import ConfigError
 from tandem.logs import configure
 from tandem.startup import StartupError, fail, listen_errors, warn_demo_secret
 from tandem.supervision import child_link
@@ -22,6 +23,7 @@ from .admin import make_admin_app
 from .client import ClientProtocol
 from .context import ProxyContext
 from .health import HealthProber
+from .tls import ListenerTls
 
 __all__ = ["ProxyServer", "run"]
 
@@ -32,9 +34,10 @@ class ProxyServer:
     """A running proxy: `async with ProxyServer(cfg) as srv:` binds, serves, shuts down."""
 
     def __init__(self, config: Config, *, drain_timeout_s: float = 10.0,
-                 max_idle_per_backend: int = 128) -> None:
+                 max_idle_per_backend: int = 128, tls: ListenerTls | None = None) -> None:
         # configuration
         self.config = config
+        self.tls = tls  # TLS on the client listener (None: plain HTTP)
         self._drain_timeout_s = drain_timeout_s
         self._max_idle_per_backend = max_idle_per_backend
         # lifetime of one start/stop
@@ -50,13 +53,15 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         p = self.config.proxy
         ctx = self.ctx = ProxyContext(self.config, loop=loop,
-                                      max_idle_per_backend=self._max_idle_per_backend)
+                                      max_idle_per_backend=self._max_idle_per_backend,
+                                      https=self.tls is not None)
         try:
             # Both listeners first: a taken address fails here (ListenError), before the
             # probes start.
             with listen_errors(p.listen.host, p.listen.port):
                 self._server = await loop.create_server(
-                    lambda: ClientProtocol(ctx), p.listen.host, p.listen.port, backlog=1024)
+                    lambda: ClientProtocol(ctx), p.listen.host, p.listen.port, backlog=1024,
+                    ssl=self.tls.context if self.tls is not None else None)
             self.listen_address = _bound(self._server.sockets[0].getsockname())
             if p.admin is not None:
                 self._admin = web.AppRunner(make_admin_app(ctx), access_log=None,
@@ -163,14 +168,20 @@ def run(config: Config) -> int:
     p = config.proxy
     if child_link() is None:  # (under `tandem up`, the supervisor warned for the cluster)
         warn_demo_secret(config, [a for a in (p.listen, p.admin) if a is not None], plain=True)
+    tls = None
+    if ListenerTls.enabled(config):
+        try:  # (before the loop: a bad file is one line, the proxy does not start)
+            tls = ListenerTls(config)
+        except ConfigError as exc:
+            return fail(f"tandem: configuration error: {exc}", exc, code=2)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config))
+            return runner.run(_serve(config, tls))
     except StartupError as exc:
         return fail(f"tandem: {exc}", exc)
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, tls: ListenerTls | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     link = child_link()
@@ -187,10 +198,15 @@ async def _serve(config: Config) -> int:
         link.watch(loop, on_word)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if tls is not None:  # new handshakes use the files as they are now
+        signals.append(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
+        tls.say_loaded()
     try:
-        async with ProxyServer(config) as srv:
+        async with ProxyServer(config, tls=tls) as srv:
             log.info("proxy_started",
                      listen="{}:{}".format(*srv.listen_address or ("?", 0)),
+                     tls=tls is not None,
                      admin="{}:{}".format(*srv.admin_address) if srv.admin_address else None,
                      backends=[f"{s.id}={s.http}" for s in config.app_servers],
                      loop=type(loop).__module__.split(".")[0])
