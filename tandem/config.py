@@ -220,6 +220,9 @@ class ProxySection:
     tls_cert: str = ""
     tls_key: str = ""
     tls_certs: tuple[tuple[str, str], ...] = ()
+    # Processes sharing the listen address (SO_REUSEPORT; proxy/workers.py); 0: one per
+    # core. Default 1: see docs/operations.md, "Several proxy workers".
+    workers: int = field(default=1, metadata={"min": 0})
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,10 @@ def cn(cert: x509.Certificate) -> str:
 # --- the end-to-end failover, over HTTPS --------------------------------------------------
 
 
-@pytest.mark.parametrize("cookies", [True, False], ids=["cookie", "url-rewriting"])
-def test_sessions_over_https_survive_kill_of_their_primary(make_cluster, cookies):
-    cluster, ca = tls_cluster(make_cluster)
+@pytest.mark.parametrize(("cookies", "workers"), [(True, 1), (False, 1), (True, 2)],
+                         ids=["cookie", "url-rewriting", "cookie-2-workers"])
+def test_sessions_over_https_survive_kill_of_their_primary(make_cluster, cookies, workers):
+    cluster, ca = tls_cluster(make_cluster, proxy={"workers": workers})
     cluster.start()
     base = https_url(cluster)
 
@@ -284,3 +286,18 @@ def test_config_errors(proxy, key, says):
     with pytest.raises(ConfigError) as err:
         loads(f'[cluster]\nsecrets = ["x"]\n[proxy]\n{proxy}\n{_SERVERS}', source="c.toml")
     assert err.value.key == key and says in str(err.value)
+
+
+def test_sighup_to_the_parent_of_two_workers_reloads_both(make_cluster):
+    cluster, ca = tls_cluster(make_cluster, n=1, proxy={"workers": 2})
+    cluster.start_proxy()
+    ca.issue("proxy", "renewed", ["localhost"])
+    assert cluster.proxy_proc is not None
+    cluster.proxy_proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while len(cluster.wait_event("proxy", "proxy_tls_reloaded")) < 2:
+        assert time.monotonic() < deadline, cluster.log("proxy")
+        time.sleep(0.05)
+    # new connections, spread over both workers by the kernel, all see the new certificate
+    assert {cn(served_cert(cluster, ca, "localhost")[0]) for _ in range(20)} == {"renewed"}
+    assert cluster.proxy_proc.poll() is None
