@@ -3,6 +3,7 @@ clients trusting a CA made here."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client
 import http.server
@@ -301,3 +302,19 @@ def test_sighup_to_the_parent_of_two_workers_reloads_both(make_cluster):
     # new connections, spread over both workers by the kernel, all see the new certificate
     assert {cn(served_cert(cluster, ca, "localhost")[0]) for _ in range(20)} == {"renewed"}
     assert cluster.proxy_proc.poll() is None
+
+
+def test_plain_http_to_the_tls_port_is_refused_and_the_proxy_goes_on(make_cluster):
+    cluster, ca = tls_cluster(make_cluster, n=1)
+    cluster.start_server("s1")
+    cluster.start_proxy()
+    with socket.create_connection(("127.0.0.1", cluster.proxy_port), timeout=5) as raw:
+        raw.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := raw.recv(4096):
+                data += chunk
+    assert not data.startswith(b"HTTP/")  # no answer in clear text
+    status, body = Client(https_url(cluster), context=ca.client()).get("/count")
+    assert status == 200 and body["counter"] == 1
+    assert not [e for e in cluster.events("proxy") if e.get("level") in ("error", "critical")]
