@@ -143,4 +143,7 @@ async def _set_state(request: web.Request) -> web.Response:
     except BadStateTransition as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     log.info("backend_state_changed", backend=b.id, state=b.state.value, by="admin")
+    stats = request.app.get(_STATS_KEY)
+    if stats is not None:  # the other workers apply it too
+        stats.publish_admin_state(b.id, b.admin_state.value)
     return web.json_response(_backend_info(request.app[BOARD_KEY], b, time.monotonic()))

@@ -75,8 +75,8 @@ class ProxyServer:
             if self.worker is not None:
                 index, directory = self.worker
                 stats = WorkerStats(ctx, directory=directory, index=index)
-                if index > 0:  # (worker 0 serves the admin listener and sums the others)
-                    self._stats_writer = loop.create_task(stats.write_forever())
+                # (worker 0 serves the admin listener and sums the others' counters)
+                self._stats_writer = loop.create_task(stats.run_forever())
             if p.admin is not None and (stats is None or stats.index == 0):
                 self._admin = web.AppRunner(make_admin_app(ctx, stats), access_log=None,
                                             handle_signals=False)

@@ -1,4 +1,5 @@
-"""The counters of several proxy workers, summed for the one admin listener.
+"""The counters of several proxy workers, summed for the one admin listener; and the
+operator's backend states, set at that listener, applied by every worker.
 
 Every worker but the first writes its counters to `<dir>/worker-<i>.json` about twice a
 second (written aside, then renamed: a reader never sees half a file); the first worker,
@@ -6,6 +7,10 @@ which serves the admin listener, adds the files it finds to its own counters whe
 `/__tandem/metrics` or the status page is read. A restarted worker starts from zero, so a
 sum may step back after a worker died (Prometheus' `rate()` reads that as a counter reset
 of that series only if the sum drops: the figures say "since the workers started").
+
+`POST /__tandem/backends/ID/state` at worker 0 also goes to `<dir>/admin-states.json`
+(every state an operator set, by backend); each worker reads the file when it changes
+(within WRITE_INTERVAL_S; a worker that starts, at once) and applies what changed in it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import structlog
 
 from .context import ProxyContext
+from .errors import BadStateTransition, UnknownBackend
 from .metrics import Metrics
 from .router import BackendState
 
@@ -57,6 +63,12 @@ def snapshot(ctx: ProxyContext, index: int) -> dict[str, Any]:
     }
 
 
+def _write(path: Path, data: Any) -> None:
+    aside = path.with_suffix(".tmp")
+    aside.write_text(json.dumps(data))
+    os.replace(aside, path)
+
+
 class WorkerStats:
     """One worker's side of the shared directory: write ours, or sum everyone's."""
 
@@ -64,18 +76,61 @@ class WorkerStats:
         self.ctx = ctx
         self.directory = directory
         self.index = index
+        self._states_path = directory / "admin-states.json"
+        self._states_seen: object = None  # the file's (mtime, size) when last read
+        self._states_applied: dict[str, str] = {}
 
-    async def write_forever(self) -> None:
-        """(workers other than the first) our counters, every WRITE_INTERVAL_S."""
+    async def run_forever(self) -> None:
+        """Our counters (workers other than the first) and the operator's states (all),
+        every WRITE_INTERVAL_S."""
         path = self.directory / f"worker-{self.index}.json"
-        aside = path.with_suffix(".tmp")
         while True:
-            try:
-                aside.write_text(json.dumps(snapshot(self.ctx, self.index)))
-                os.replace(aside, path)
-            except OSError as exc:  # (a full disk: the sums miss us, the proxy serves)
-                log.warning("worker_stats_write_failed", error=str(exc))
+            self.follow_admin_states()
+            if self.index > 0:
+                try:
+                    _write(path, snapshot(self.ctx, self.index))
+                except OSError as exc:  # (a full disk: the sums miss us, the proxy serves)
+                    log.warning("worker_stats_write_failed", error=str(exc))
             await asyncio.sleep(WRITE_INTERVAL_S)
+
+    def publish_admin_state(self, backend_id: str, state: str) -> None:
+        """(worker 0, after an operator's POST) for the other workers."""
+        states = self._read_states()
+        states[backend_id] = state
+        self._states_applied[backend_id] = state
+        try:
+            _write(self._states_path, states)
+        except OSError as exc:
+            log.warning("worker_states_write_failed", error=str(exc))
+
+    def _read_states(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._states_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def follow_admin_states(self) -> None:
+        try:
+            st = self._states_path.stat()
+        except OSError:
+            return
+        seen = (st.st_mtime_ns, st.st_size)
+        if seen == self._states_seen:
+            return
+        self._states_seen = seen
+        for backend_id, state in self._read_states().items():
+            if self._states_applied.get(backend_id) == state:
+                continue  # (applied already: a drain the backend said since stays)
+            try:
+                self.ctx.router.set_admin_state(backend_id, state)
+            except (UnknownBackend, BadStateTransition) as exc:  # (not learnt here yet)
+                log.warning("worker_state_not_applied", backend=backend_id, state=state,
+                            error=str(exc))
+                continue
+            self._states_applied[backend_id] = state
+            log.info("backend_state_changed", backend=backend_id, state=state,
+                     by="admin (worker 0)")
 
     def workers(self) -> list[dict[str, Any]]:
         """Every worker's counters: ours (live), then the others' files."""

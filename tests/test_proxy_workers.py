@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from typing import Any
 
 from tests.cluster import Client, get_json
@@ -17,7 +18,6 @@ def _status(cluster: Any) -> dict[str, Any]:
 
 
 def _requests_2xx(cluster: Any) -> int:
-    import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{cluster.admin_port}/__tandem/metrics",
                                 timeout=5) as resp:
         text = resp.read().decode()
@@ -56,6 +56,20 @@ def test_two_workers_share_the_port_sum_their_counters_and_are_restarted(make_cl
         assert sum(w["requests"] for w in workers.values()) == 60
         pids = {i: w["pid"] for i, w in workers.items()}
         assert len(set(pids.values())) == 2 and cluster.proxy_proc.pid not in pids.values()
+
+        # an operator's state, set at worker 0's admin listener, holds in both workers
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{cluster.admin_port}/__tandem/backends/s1/state",
+            data=b"down", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+        assert cluster.wait_event("proxy", "backend_state_changed")
+        assert _until(lambda: any(e.get("by") == "admin (worker 0)"
+                                  for e in cluster.events("proxy")))
+        served = {Client(cluster.proxy_url).get("/count")[1]["server"] for _ in range(30)}
+        assert "s1" not in served, served
+        assert _until(lambda: _requests_2xx(cluster) == 90), _requests_2xx(cluster)
+        assert all(w["requests"] > 0 for w in _workers(cluster).values())
 
         # kill -9 of the worker that does not serve the admin listener: the service goes
         # on (the other takes the new connections; those the dead one had accepted or had
