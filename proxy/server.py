@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -248,6 +249,8 @@ async def _serve(config: Config, tls: ListenerTls | None,
             if link is not None:
                 link.ready(*("{}:{}".format(*a) for a in (srv.listen_address,
                                                           srv.admin_address) if a))
+            if worker is not None:  # (the parent: this worker started; proxy/workers.py)
+                (worker[1] / f"ready-{os.getpid()}").touch()
             await stop.wait()
             log.info("proxy_stopping")
     finally:

@@ -4,9 +4,9 @@ kernel spreads new connections over them), under a parent that restarts a worker
 Worker 0 also serves the admin listener; its metrics are every worker's counters summed
 (proxy/worker_stats.py). The parent serves nothing: it holds the listen port (bound, not
 listening, so that port 0 is one port for all), forwards SIGTERM/SIGINT (stop) and SIGHUP
-(TLS reload) to the workers, and restarts an exited worker — unless workers exit
-RESTART_LIMIT times within RESTART_WINDOW_S (a worker that cannot start), which stops all
-(exit status 1).
+(TLS reload) to the workers, and restarts an exited worker — unless it exited before it
+listened (it said why, in one line: the admin address is taken, say), or workers exit
+RESTART_LIMIT times within RESTART_WINDOW_S; then it stops them all (exit status 1).
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ def run_workers(config: Config, n: int, serve: Serve) -> int:
             exits.append(time.monotonic())
             log.warning("proxy_worker_exited", worker=index, pid=pid,
                         status=os.waitstatus_to_exitcode(code))
+            started = directory / f"ready-{pid}"
+            if not started.exists():  # (it said why; starting it again would say it again)
+                status, stopping = 1, True
+                forward(signal.SIGTERM)
+                continue
+            started.unlink()
             if len(exits) == RESTART_LIMIT and exits[-1] - exits[0] < RESTART_WINDOW_S:
                 log.error("proxy_workers_failing", exits=RESTART_LIMIT,
                           within_s=RESTART_WINDOW_S)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from typing import Any
 
-from tests.cluster import Client, get_json
+from tests.cluster import ROOT, Client, get_json
 
 
 def _status(cluster: Any) -> dict[str, Any]:
@@ -93,3 +96,21 @@ def test_two_workers_share_the_port_sum_their_counters_and_are_restarted(make_cl
         if cluster.proxy_proc is not None and cluster.proxy_proc.poll() is None:
             cluster.proxy_proc.send_signal(signal.SIGTERM)
             assert cluster.proxy_proc.wait(timeout=20) == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_proxy_with_its_one_line(make_cluster):
+    cluster = make_cluster(n=1, proxy={"workers": 2})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", cluster.admin_port))
+    taken.listen()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "proxy.cli", "proxy", "--config",
+                               str(cluster.config_path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60,
+                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                   "TANDEM_LOG_LEVEL": "ERROR"})
+    finally:
+        taken.close()
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tandem:")]
+    assert len(lines) == 1 and f"127.0.0.1:{cluster.admin_port}" in lines[0], proc.stderr
