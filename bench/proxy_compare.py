@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -116,14 +117,22 @@ def cpu_ticks(pids: list[int]) -> tuple[int, int]:
     return user, system
 
 
-def wait_http(port: int, proc: subprocess.Popen[bytes], log: Path, cookie: str) -> None:
+def _client_tls() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # (a throw-away certificate)
+    return ctx
+
+
+def wait_http(port: int, proc: subprocess.Popen[bytes], log: Path, cookie: str, *,
+              tls: bool = False) -> None:
     """Until a GET through `port` answers 200 `ok` (raises with the log if it never does)."""
     deadline = time.monotonic() + 20
     request = (f"GET /ready HTTP/1.1\r\nHost: bench\r\nCookie: {cookie}\r\n"
                "Connection: close\r\n\r\n").encode()
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
+                    (_client_tls().wrap_socket(raw) if tls else raw) as s:
                 s.sendall(request)
                 data = b""
                 while chunk := s.recv(65536):
@@ -140,9 +149,11 @@ def wait_http(port: int, proc: subprocess.Popen[bytes], log: Path, cookie: str) 
 class Contender:
     """One way to reach the backend: a port, and the processes to charge for it."""
 
-    def __init__(self, name: str, port: int, proc: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, name: str, port: int, proc: subprocess.Popen[bytes] | None, *,
+                 tls: bool = False) -> None:
         self.name = name
         self.port = port
+        self.tls = tls  # clients speak HTTPS to it
         self.proc = proc
         self.pids: list[int] = []
 
@@ -178,10 +189,11 @@ def spawn(args: list[str], log: Path, *, cwd: Path = ROOT, stop: signal.Signals 
                     proc.wait()
 
 
-def tandem_config(tmp: Path, port: int, admin: int, backends: list[int]) -> Path:
+def tandem_config(tmp: Path, port: int, admin: int, backends: list[int],
+                  extra: tuple[str, ...] = ()) -> Path:
     path = tmp / "cluster.toml"
     lines = ["[cluster]", f'secrets = ["{SECRET}"]', "", "[proxy]",
-             f'listen = "127.0.0.1:{port}"', f'admin = "127.0.0.1:{admin}"']
+             f'listen = "127.0.0.1:{port}"', f'admin = "127.0.0.1:{admin}"', *extra]
     # (replication addresses are required by the file, never used by the proxy)
     for i, (bport, rport) in enumerate(zip(backends, free_ports(len(backends)), strict=True),
                                        start=1):
@@ -191,8 +203,41 @@ def tandem_config(tmp: Path, port: int, admin: int, backends: list[int]) -> Path
     return path
 
 
-def haproxy_config(tmp: Path, port: int, backends: list[int]) -> Path:
-    path = tmp / "haproxy.cfg"
+def self_signed(tmp: Path) -> tuple[Path, Path, Path]:
+    """A throw-away EC P-256 certificate for 127.0.0.1: (cert, key, both in one PEM)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    crt_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    paths = tmp / "bench.crt", tmp / "bench.key", tmp / "bench.pem"
+    for path, data in zip(paths, (crt_pem, key_pem, crt_pem + key_pem), strict=True):
+        path.write_bytes(data)
+    return paths
+
+
+def haproxy_config(tmp: Path, port: int, backends: list[int], *,
+                   tls: Path | None = None) -> Path:
+    """`tls`: a PEM of certificate and key: HTTPS on the frontend (TLS 1.2 at least)."""
+    path = tmp / ("haproxy-tls.cfg" if tls else "haproxy.cfg")
+    bind = (f"bind 127.0.0.1:{port} ssl crt {tls} alpn http/1.1 ssl-min-ver TLSv1.2" if tls
+            else f"bind 127.0.0.1:{port}")
     servers = "\n".join(f"    server s{i} 127.0.0.1:{p} cookie s{i}"
                         for i, p in enumerate(backends, start=1))
     path.write_text(f"""global
@@ -211,8 +256,8 @@ defaults
     timeout http-keep-alive 20s
 
 frontend bench
-    bind 127.0.0.1:{port}
-    http-request set-header X-Forwarded-Proto http
+    {bind}
+    http-request set-header X-Forwarded-Proto {"https" if tls else "http"}
     default_backend app
 
 backend app
@@ -369,7 +414,7 @@ def run_wrk(c: Contender, backend: list[int], cookie: str, *, duration: float,
                           "-d", f"{max(1, round(duration))}s", "--latency",
                           "-H", f"Cookie: {cookie}",
                           *(["-s", str(script)] if script else []),
-                          f"http://127.0.0.1:{c.port}/"],
+                          f"{'https' if c.tls else 'http'}://127.0.0.1:{c.port}/"],
                          capture_output=True, text=True, check=True,
                          preexec_fn=_pinned(cpus)).stdout
     elapsed = time.monotonic() - t0
@@ -419,19 +464,22 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
     # pinned: every proxy on CPU 1; the backend and wrk on CPU 0 (the same for all).
     proxy_cpus, load_cpus = ({1}, {0}) if pinned else (None, None)
     label = f"{name}, {'pinned' if pinned else 'shared'}"
-    b1, b2, p_t, a_t, p_h, p_n, p_o, a_o, p_hx, p_nx, a_x, p_hc = free_ports(12)
+    (b1, b2, p_t, a_t, p_h, p_n, p_o, a_o, p_hx, p_nx, a_x, p_hc,
+     p_t2, a_t2, p_ts, a_ts, p_hs) = free_ports(17)
     backends = [b1, b2]
     contenders: list[Contender] = []
     tandem_admins: dict[str, int] = {}
     python = args.tandem_python or sys.executable
 
-    def tandem(label: str, port: int, admin: int, sub: Path, cwd: Path) -> None:
-        cfg = tandem_config(sub, port, admin, backends)
+    def tandem(label: str, port: int, admin: int, sub: Path, cwd: Path,
+               extra: tuple[str, ...] = ()) -> None:
+        tls = any(line.startswith("tls_cert") for line in extra)
+        cfg = tandem_config(sub, port, admin, backends, extra)
         proc = stack.enter_context(spawn(
             [python, "-m", "proxy.cli", "proxy", "--config", str(cfg)], sub / "tandem.log",
             cwd=cwd, stop=signal.SIGINT, cpus=proxy_cpus))
-        wait_http(port, proc, sub / "tandem.log", cookie)
-        contenders.append(Contender(label, port, proc))
+        wait_http(port, proc, sub / "tandem.log", cookie, tls=tls)
+        contenders.append(Contender(label, port, proc, tls=tls))
         tandem_admins[label] = admin
 
     with ExitStack() as stack:
@@ -447,6 +495,23 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
             contenders.append(Contender("direct", b1, None))
         if "tandem" in wanted:
             tandem("tandem", p_t, a_t, where, ROOT)
+        if "tandem-2w" in wanted:  # (its workers: children of the parent, charged with it)
+            sub = where / "workers"
+            sub.mkdir()
+            tandem("tandem-2w", p_t2, a_t2, sub, ROOT, ("workers = 2",))
+        if wanted & {"tandem-tls", "haproxy-tls"}:
+            crt, key, pem = self_signed(where)
+        if "tandem-tls" in wanted:
+            sub = where / "tls"
+            sub.mkdir()
+            tandem("tandem-tls", p_ts, a_ts, sub, ROOT,
+                   (f'tls_cert = "{crt}"', f'tls_key = "{key}"'))
+        if "haproxy-tls" in wanted:
+            cfg = haproxy_config(where, p_hs, backends, tls=pem)
+            proc = stack.enter_context(spawn(["haproxy", "-db", "-f", str(cfg)],
+                                             where / "haproxy-tls.log", cpus=proxy_cpus))
+            wait_http(p_hs, proc, where / "haproxy-tls.log", cookie, tls=True)
+            contenders.append(Contender("haproxy-tls", p_hs, proc, tls=True))
         if args.baseline:
             sub = where / "baseline"
             sub.mkdir()
@@ -709,7 +774,11 @@ def main(argv: list[str] | None = None) -> int:
                     default=["direct", "tandem", "haproxy", "nginx", "haproxy-tandem",
                              "haproxy-tandem-connect", "nginx-tandem"],
                     choices=["direct", "tandem", "haproxy", "nginx", "haproxy-tandem",
-                             "haproxy-tandem-connect", "nginx-tandem"])
+                             "haproxy-tandem-connect", "nginx-tandem",
+                             # (not in the default: --only tandem tandem-2w, or
+                             # --only haproxy-tls tandem-tls; both over HTTPS with a
+                             # throw-away certificate, TLS sessions kept alive by wrk)
+                             "tandem-2w", "tandem-tls", "haproxy-tls"])
     ap.add_argument("--baseline", help="also measure tandem's proxy at this git revision "
                                        "(or in this directory)")
     ap.add_argument("--tandem-python", metavar="PATH",

@@ -23,6 +23,7 @@ from .metrics import CONTENT_TYPE, metrics_registry
 from .router import Backend
 from .status import StatusBoard
 from .status_page import render_html
+from .worker_stats import WorkerStats
 
 __all__ = ["make_admin_app", "status_snapshot", "CTX_KEY", "BOARD_KEY"]
 
@@ -31,14 +32,19 @@ log = structlog.get_logger("tandem.proxy")
 CTX_KEY = web.AppKey("tandem_proxy_context", ProxyContext)
 BOARD_KEY = web.AppKey("tandem_status_board", StatusBoard)
 _REGISTRY_KEY = web.AppKey("tandem_metrics_registry", CollectorRegistry)
+_STATS_KEY = web.AppKey("tandem_worker_stats", WorkerStats)  # (several workers only)
 
 
-def make_admin_app(ctx: ProxyContext) -> web.Application:
+def make_admin_app(ctx: ProxyContext, stats: WorkerStats | None = None) -> web.Application:
+    """`stats`: several workers; the metrics are their sums, the status lists them."""
     app = web.Application()
     app[CTX_KEY] = ctx
     app[BOARD_KEY] = StatusBoard(ctx.router)
+    if stats is not None:
+        app[_STATS_KEY] = stats
     app[_REGISTRY_KEY] = metrics_registry(ctx.metrics, backends=lambda: ctx.router.backends,
-                                          connections=lambda: len(ctx.connections))
+                                          connections=lambda: len(ctx.connections),
+                                          summed=stats.summed if stats is not None else None)
     app.router.add_get("/__tandem/status", _status)
     app.router.add_get("/__tandem/metrics", _metrics)
     app.router.add_post("/__tandem/backends/{backend_id}/state", _set_state)
@@ -103,6 +109,11 @@ def status_snapshot(ctx: ProxyContext, board: StatusBoard) -> dict[str, Any]:
 
 async def _status(request: web.Request) -> web.Response:
     snapshot = status_snapshot(request.app[CTX_KEY], request.app[BOARD_KEY])
+    stats = request.app.get(_STATS_KEY)
+    if stats is not None:  # (several workers: the counters above are this one's)
+        snapshot["workers"] = [{"index": w["index"], "pid": w["pid"],
+                                "client_connections": w["connections"],
+                                "requests": sum(w["responses"])} for w in stats.workers()]
     wants_json = (request.query.get("format") == "json"
                   or "application/json" in request.headers.get("Accept", ""))
     if wants_json:
@@ -132,4 +143,7 @@ async def _set_state(request: web.Request) -> web.Response:
     except BadStateTransition as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     log.info("backend_state_changed", backend=b.id, state=b.state.value, by="admin")
+    stats = request.app.get(_STATS_KEY)
+    if stats is not None:  # the other workers apply it too
+        stats.publish_admin_state(b.id, b.admin_state.value)
     return web.json_response(_backend_info(request.app[BOARD_KEY], b, time.monotonic()))

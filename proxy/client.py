@@ -228,7 +228,8 @@ class ClientProtocol(ClientConnection):
                 if host != self.fwd_host:
                     self.fwd_host = host
                     self.fwd_fields = forwarding_fields(host, client_ip=self.client_ip,
-                                                        for_node=self.for_node)
+                                                        for_node=self.for_node,
+                                                        proto=self.ctx.proto)
                 scan = self.fields_scan = (found[1], found[2], self.fwd_fields)
         if scan is None:
             return False
@@ -329,7 +330,7 @@ class ClientProtocol(ClientConnection):
                 raise ClientProtocolError("HTTP/1.1 request without Host")
             head = request_head(method, url, rh, client_ip=self.client_ip,
                                 for_node=self.for_node, default_host=ctx.default_host,
-                                upgrade=upgrade)
+                                upgrade=upgrade, proto=ctx.proto)
             cookie, content_length, chunked = rh.cookie, rh.content_length, rh.chunked
             expect_continue = rh.expect_continue and (chunked or bool(content_length))
         if ctx.max_body and content_length is not None and content_length > ctx.max_body:

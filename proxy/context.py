@@ -25,7 +25,7 @@ class ProxyContext:
     """Settings and shared state of one running proxy (one event loop)."""
 
     def __init__(self, config: Config, *, loop: asyncio.AbstractEventLoop,
-                 max_idle_per_backend: int = 128) -> None:
+                 max_idle_per_backend: int = 128, https: bool = False) -> None:
         p = config.proxy
         # configuration (copied to plain attributes: read on every request)
         self.loop = loop
@@ -41,6 +41,8 @@ class ProxyContext:
         self.max_skip_s = p.max_skip_s
         self.retry_after = str(max(1, math.ceil(p.max_skip_s))).encode("ascii")
         self.default_host = str(p.listen).encode("ascii")
+        # what the backends are told the client spoke (X-Forwarded-Proto, Forwarded proto=)
+        self.proto = b"https" if https else b"http"
 
         # shared state
         self.metrics = Metrics()

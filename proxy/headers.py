@@ -235,14 +235,15 @@ def fast_fields(fields: bytes) -> tuple[bytes, bytes | None, int] | None:
     return host, cookie, length
 
 
-def forwarding_fields(host: bytes, *, client_ip: bytes, for_node: bytes) -> bytes:
+def forwarding_fields(host: bytes, *, client_ip: bytes, for_node: bytes,
+                      proto: bytes = b"http") -> bytes:
     """The forwarding fields the proxy adds to a request that carried none."""
     quoted = host
     if b'"' in host or b"\\" in host:
         quoted = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-    return b"".join((b"X-Forwarded-For: ", client_ip, b"\r\nX-Forwarded-Proto: http\r\n"
-                     b"X-Forwarded-Host: ", host, b"\r\nForwarded: ", for_node, b';host="',
-                     quoted, b'";proto=http\r\n'))
+    return b"".join((b"X-Forwarded-For: ", client_ip, b"\r\nX-Forwarded-Proto: ", proto,
+                     b"\r\nX-Forwarded-Host: ", host, b"\r\nForwarded: ", for_node,
+                     b';host="', quoted, b'";proto=', proto, b"\r\n"))
 
 
 def fast_response_head(chunk: bytes) -> tuple[int, int] | None:
@@ -269,20 +270,21 @@ def forwarded_for(ip: str) -> bytes:
 
 
 def request_head(method: bytes, target: bytes, rh: RequestHeaders, *, client_ip: bytes,
-                 for_node: bytes, default_host: bytes, upgrade: bool) -> bytes:
+                 for_node: bytes, default_host: bytes, upgrade: bool,
+                 proto: bytes = b"http") -> bytes:
     """The upstream request head without its last CRLF (X-Tandem-View is added per send)."""
     host = rh.host if rh.host is not None else default_host
     quoted = host
     if b'"' in host or b"\\" in host:
         quoted = host.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
     xff = client_ip if rh.xff is None else rh.xff + b", " + client_ip
-    element = for_node + b';host="' + quoted + b'";proto=http'
+    element = for_node + b';host="' + quoted + b'";proto=' + proto
     fwd = element if rh.forwarded is None else rh.forwarded + b", " + element
     parts = [method, b" ", target, b" HTTP/1.1\r\n", *rh.lines]
     if rh.host is None:
         parts.append(b"Host: " + default_host + b"\r\n")
-    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ",
-              host, b"\r\nForwarded: ", fwd, b"\r\n")
+    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto,
+              b"\r\nX-Forwarded-Host: ", host, b"\r\nForwarded: ", fwd, b"\r\n")
     if rh.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade and rh.upgrade is not None:

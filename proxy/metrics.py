@@ -9,6 +9,7 @@ scraped; `metrics_registry` puts it in a private registry for `prometheus_client
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -58,14 +59,20 @@ class ProxyCollector(Collector):
     """The proxy's counters as metric families, read when scraped."""
 
     def __init__(self, metrics: Metrics, *, backends: Callable[[], Iterable[Backend]],
-                 connections: Callable[[], int]) -> None:
+                 connections: Callable[[], int],
+                 summed: Callable[[], tuple[Metrics, list[Any], int]] | None = None) -> None:
         self._metrics = metrics
         self._backends = backends
         self._connections = connections
+        # (several workers: every worker's counters, summed — proxy/worker_stats.py)
+        self._summed = summed
 
     def collect(self) -> Iterator[Metric]:
-        m = self._metrics
-        backends = list(self._backends())
+        if self._summed is not None:
+            m, backends, n_connections = self._summed()
+        else:
+            m, backends, n_connections = (self._metrics, list(self._backends()),
+                                          self._connections())
 
         requests = CounterMetricFamily("tandem_proxy_requests",
                                        "Responses sent to clients, by status class.",
@@ -103,7 +110,7 @@ class ProxyCollector(Collector):
         for name, help_text, value in simple:
             yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily("tandem_proxy_client_connections", "Open client connections.",
-                                value=self._connections())
+                                value=n_connections)
 
         routed = CounterMetricFamily("tandem_proxy_backend_requests",
                                      "Requests sent, by backend.", labels=["backend"])
@@ -136,9 +143,12 @@ class ProxyCollector(Collector):
 
 
 def metrics_registry(metrics: Metrics, *, backends: Callable[[], Iterable[Backend]],
-                     connections: Callable[[], int]) -> CollectorRegistry:
+                     connections: Callable[[], int],
+                     summed: Callable[[], tuple[Metrics, list[Any], int]] | None = None
+                     ) -> CollectorRegistry:
     """A private registry holding only the proxy's collector (not the process-wide one:
     two proxies in one process, as in the tests, keep their own numbers)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(metrics, backends=backends, connections=connections))
+    registry.register(ProxyCollector(metrics, backends=backends, connections=connections,
+                                     summed=summed))
     return registry

@@ -232,7 +232,8 @@ class _Supervisor:
         if self.proxy is not None:
             listen, *admin = self.proxy.addresses or [str(self.cfg.proxy.listen)]
             status = f", status page http://{admin[0]}/__tandem/status" if admin else ""
-            first = f"http://{listen}/{status}"
+            scheme = "https" if self.cfg.proxy.tls_cert else "http"
+            first = f"{scheme}://{listen}/{status}"
         else:
             first = "(no proxy here)"
         servers = ", ".join(f"{s.id}={s.http}" + (" (witness)" if s.witness else "")

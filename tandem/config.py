@@ -48,6 +48,19 @@ _MEMBERSHIP_SCHEMES = {
 }
 
 
+def _check_proxy_tls(proxy: ProxySection, source: str) -> None:
+    """tls_cert and tls_key together; more certificates only beside a default one."""
+    if bool(proxy.tls_cert) != bool(proxy.tls_key):
+        missing = "proxy.tls_key" if proxy.tls_cert else "proxy.tls_cert"
+        given = "proxy.tls_cert" if proxy.tls_cert else "proxy.tls_key"
+        raise ConfigError(f"set without {missing}: a certificate needs its key",
+                          key=given, value=getattr(proxy, given.split(".")[1]), file=source)
+    if proxy.tls_certs and not proxy.tls_cert:
+        raise ConfigError("set without proxy.tls_cert (the default certificate, for clients "
+                          "without SNI or whose name no certificate has)", key="proxy.tls_certs",
+                          value=[c for c, _ in proxy.tls_certs], file=source)
+
+
 def parse_server(entry: object, *, where: str, source: str) -> ServerConfig:
     """One `[[servers]]` table (or a joining server's announcement of itself), checked."""
     if not isinstance(entry, dict):
@@ -200,6 +213,16 @@ class ProxySection:
     health_interval_s: float = field(default=0.0, metadata={"min": 0.0})
     health_rise: int = field(default=2, metadata={"min": 1})
     health_fall: int = field(default=3, metadata={"min": 1})
+    # TLS on the client listener (proxy/tls.py, docs/operations.md): on when tls_cert is
+    # set. tls_cert / tls_key: the default certificate (no SNI, or no other matches);
+    # tls_certs: more, each chosen when the client's SNI matches one of its DNS names.
+    # Paths relative to the cluster file; read again on SIGHUP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_certs: tuple[tuple[str, str], ...] = ()
+    # Processes sharing the listen address (SO_REUSEPORT; proxy/workers.py); 0: one per
+    # core. Default 1: see docs/operations.md, "Several proxy workers".
+    workers: int = field(default=1, metadata={"min": 0})
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +377,7 @@ def loads(text: str, *, source: str = "<memory>",
     cluster = sections["cluster"]
     _check_membership_url(cluster, source)
     _check_proxy_hosts(sections["proxy"].hosts, source)
+    _check_proxy_tls(sections["proxy"], source)
     cookie = sections["session"].cookie_name
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
         raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",

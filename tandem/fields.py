@@ -81,4 +81,15 @@ def coerce(hint: Any, value: Any, meta: Mapping[str, Any], key: str, source: str
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("expected a list of strings")
         return tuple(value)
+    if hint == tuple[tuple[str, str], ...]:  # a list of { cert = "...", key = "..." } tables
+        if not isinstance(value, list):
+            raise bad('expected a list of { cert = "...", key = "..." } tables')
+        pairs = []
+        for i, item in enumerate(value):
+            if (not isinstance(item, dict) or set(item) != {"cert", "key"}
+                    or not all(isinstance(v, str) and v for v in item.values())):
+                raise ConfigError('expected a table { cert = "...", key = "..." }',
+                                  key=f"{key}[{i}]", value=shown(key, item), file=source)
+            pairs.append((item["cert"], item["key"]))
+        return tuple(pairs)
     raise AssertionError(f"unsupported config type {hint!r} for {key}")  # pragma: no cover

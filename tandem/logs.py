@@ -39,7 +39,9 @@ def configure(*, component: str, server: str | None = None, json: bool | None = 
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # (one write per line: processes sharing a stderr — the proxy's workers, `tandem
+        # up`'s children — never interleave within a line; print() writes the newline apart)
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()

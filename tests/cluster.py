@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -250,8 +251,10 @@ class Cluster:
 class Client:
     """One browser-like client holding one session token (cookie, or URL when cookies=False)."""
 
-    def __init__(self, base: str, *, cookies: bool = True, cookie_name: str = "JSESSIONID"):
+    def __init__(self, base: str, *, cookies: bool = True, cookie_name: str = "JSESSIONID",
+                 context: ssl.SSLContext | None = None):
         self.base = base
+        self.context = context  # for an https:// base: the TLS client settings
         self.cookies = cookies
         self.cookie_name = cookie_name
         self.token: str | None = None
@@ -265,7 +268,7 @@ class Client:
         if self.cookies and self.token:
             req.add_header("Cookie", f"{self.cookie_name}={self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10, context=self.context) as resp:
                 status, body, hdrs = resp.status, resp.read(), resp.headers
         except urllib.error.HTTPError as exc:
             status, body, hdrs = exc.code, exc.read(), exc.headers
