@@ -43,7 +43,19 @@ class Proc:
     events: list[ViewChanged] = field(default_factory=list)  # what its host was told
 
     def local(self, t: float) -> float:
+        """Its clock's reading at simulated time t: the very number its Quorum is given."""
         return self.local0 + self.rate * (t - self.born)
+
+    def silence(self, t: float, last: float) -> float:
+        """How long, by its own clock, from `last` to `t` (both simulated times).
+
+        The difference of the two readings its Quorum got, not `rate × (t − last)`: the
+        same quantity in exact arithmetic, but in floating point the two round differently,
+        and at exactly the suspicion time one says 3.0 where the other says 2.999…993. A
+        process is bound by the readings it got, so I2 ("silent for the suspicion time by
+        its own clock") is judged on those.
+        """
+        return self.local(t) - self.local(last)
 
 
 @dataclass
@@ -166,7 +178,7 @@ class World:
         just = self.justified.setdefault(key, {}).setdefault(p.sid, set())
         for m, inc in excluded:
             last = max(self.last_recv.get((p.sid, p.inc, m, inc), float("-inf")), p.born)
-            silent = p.rate * (self.now - last) >= SUSPECT_S
+            silent = p.silence(self.now, last) >= SUSPECT_S
             if silent or (m, inc) in self.dead:
                 just.add((m, inc))
         if len(votes) >= prev.votes_needed:
