@@ -108,8 +108,11 @@ class Proposer:
     def _rank(self, now: float) -> int:
         """Our place among the members that would propose: the lowest index goes first."""
         q = self.member
+        # (a member proven dead — its port refused us — proposes nothing either: counting
+        # it made the first live proposer wait a heartbeat after a kill -9)
         live = [s for s in q.servers if s in q.view.members
-                and (s == q.me or not q.suspects(s, now))]
+                and (s == q.me or not (q.suspects(s, now) or q.sightings.is_dead(
+                    s, q.view.incarnation_of(s) or "")))]
         return live.index(q.me)
 
     def propose(self, now: float, *, forced: bool) -> list[Out]:
