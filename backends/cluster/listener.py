@@ -11,8 +11,6 @@ from typing import Any
 
 import structlog
 
-from tandem.startup import listen_errors, listen_now
-
 from ..errors import PeerUnavailable, ReplicationError
 from . import wire
 from .link import Outbox
@@ -48,16 +46,9 @@ class ReplicationListener:
         `start`): a taken address fails here, with nothing started (ListenError)."""
         me = self._membership.me
         addr = me.replication_bind or me.replication  # the peers dial me.replication
-        channel = self._membership.channel
-        with listen_errors(addr.host, addr.port, f"{me.id}'s replication address"):
-            if channel.tls:  # (it handshakes each connection itself: tls.py)
-                self._server = await channel.serve(
-                    self._accept, addr.host, addr.port,
-                    handshake_timeout_s=self._membership.config.cluster.peer_connect_timeout_s)
-                return
-            self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
-                                                      start_serving=False)
-            listen_now(self._server)
+        self._server = await self._membership.channel.listen(
+            self._accept, addr.host, addr.port, what=f"{me.id}'s replication address",
+            handshake_timeout_s=self._membership.config.cluster.peer_connect_timeout_s)
 
     async def start(self) -> None:
         if self._server is None:

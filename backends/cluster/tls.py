@@ -29,6 +29,7 @@ from typing import Any, Literal
 import structlog
 
 from tandem.config import Config, ServerConfig
+from tandem.startup import listen_errors, listen_now
 from tandem.tls import TlsFiles, files_for, ids_named
 
 from ..errors import TlsHandshakeFailed
@@ -206,10 +207,17 @@ class Channel:
 
     # --- listening ------------------------------------------------------------------------
 
-    async def serve(self, connected: Connected, host: str, port: int, *,
-                    handshake_timeout_s: float) -> TlsServer:
-        """Bind and listen on `host:port` (not accepting until `start_serving`)."""
-        return TlsServer(self, connected, host, port, handshake_timeout_s)
+    async def listen(self, connected: Connected, host: str, port: int, *, what: str,
+                     handshake_timeout_s: float) -> asyncio.Server | TlsServer:
+        """Bind and listen on `host:port`, not accepting until `start_serving` (the peers
+        wait in the backlog); a taken address fails here in one line (ListenError, `what`
+        naming the address). With TLS each connection's handshake is ours (TlsServer)."""
+        with listen_errors(host, port, what):
+            if self._ctx is not None:
+                return TlsServer(self, connected, host, port, handshake_timeout_s)
+            server = await asyncio.start_server(connected, host, port, start_serving=False)
+            listen_now(server)
+            return server
 
     def _server_context(self) -> ssl.SSLContext:
         assert self._ctx is not None

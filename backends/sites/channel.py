@@ -32,7 +32,6 @@ import structlog
 
 from tandem.config import Config, ServerConfig
 from tandem.sites import SiteConfig
-from tandem.startup import listen_errors, listen_now
 from tandem.tls import site_files_for
 
 from ..cluster import wire
@@ -106,15 +105,10 @@ class SiteChannel:
     async def bind(self) -> None:
         addr = self.me.site_replication
         assert addr is not None  # (checked at load when [[sites]] are named)
-        with listen_errors(addr.host, addr.port, f"{self.me.id}'s site_replication address"):
-            if self.transport.tls:  # (it handshakes each connection itself)
-                self._server = await self.transport.serve(
-                    self._accept, addr.host, addr.port,
-                    handshake_timeout_s=self._connect_timeout_s)
-                return
-            self._server = await asyncio.start_server(self._accept, addr.host, addr.port,
-                                                      start_serving=False)
-            listen_now(self._server)
+        self._server = await self.transport.listen(
+            self._accept, addr.host, addr.port,
+            what=f"{self.me.id}'s site_replication address",
+            handshake_timeout_s=self._connect_timeout_s)
 
     async def start(self) -> None:
         if self._server is None:
