@@ -233,9 +233,13 @@ def self_signed(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def haproxy_config(tmp: Path, port: int, backends: list[int], *,
-                   tls: Path | None = None) -> Path:
-    """`tls`: a PEM of certificate and key: HTTPS on the frontend (TLS 1.2 at least)."""
-    path = tmp / ("haproxy-tls.cfg" if tls else "haproxy.cfg")
+                   tls: Path | None = None, l7: bool = False) -> Path:
+    """`tls`: a PEM of certificate and key: HTTPS on the frontend (TLS 1.2 at least).
+    `l7`: HAProxy's L7 retries on, with the `retry-on` of tandem's exported rules (a 503
+    and, for idempotent requests, a failure after sending go to another server)."""
+    path = tmp / ("haproxy-tls.cfg" if tls else "haproxy-l7.cfg" if l7 else "haproxy.cfg")
+    retries = ("    retries 3\n    retry-on conn-failure empty-response response-timeout 503\n"
+               if l7 else "")
     bind = (f"bind 127.0.0.1:{port} ssl crt {tls} alpn http/1.1 ssl-min-ver TLSv1.2" if tls
             else f"bind 127.0.0.1:{port}")
     servers = "\n".join(f"    server s{i} 127.0.0.1:{p} cookie s{i}"
@@ -263,7 +267,7 @@ frontend bench
 backend app
     balance roundrobin
     cookie SRV insert indirect nocache
-{servers}
+{retries}{servers}
 """)
     return path
 
@@ -465,7 +469,7 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
     proxy_cpus, load_cpus = ({1}, {0}) if pinned else (None, None)
     label = f"{name}, {'pinned' if pinned else 'shared'}"
     (b1, b2, p_t, a_t, p_h, p_n, p_o, a_o, p_hx, p_nx, a_x, p_hc,
-     p_t2, a_t2, p_ts, a_ts, p_hs) = free_ports(17)
+     p_t2, a_t2, p_ts, a_ts, p_hs, p_hl) = free_ports(18)
     backends = [b1, b2]
     contenders: list[Contender] = []
     tandem_admins: dict[str, int] = {}
@@ -522,6 +526,12 @@ def scenario(name: str, pinned: bool, args: argparse.Namespace,
                                              where / "haproxy.log", cpus=proxy_cpus))
             wait_http(p_h, proc, where / "haproxy.log", cookie)
             contenders.append(Contender("haproxy", p_h, proc))
+        if "haproxy-l7" in wanted:
+            cfg = haproxy_config(where, p_hl, backends, l7=True)
+            proc = stack.enter_context(spawn(["haproxy", "-db", "-f", str(cfg)],
+                                             where / "haproxy-l7.log", cpus=proxy_cpus))
+            wait_http(p_hl, proc, where / "haproxy-l7.log", cookie)
+            contenders.append(Contender("haproxy-l7", p_hl, proc))
         if "nginx" in wanted:
             cfg = nginx_config(where, p_n, backends)
             proc = stack.enter_context(spawn(["nginx", "-c", str(cfg), "-p", str(where),
@@ -629,6 +639,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             out[name]["cpu_vs_plain"] = med(
                 [a["proxy_cpu_us"] / b["proxy_cpu_us"] for a, b in pairs])
             out[name]["rps_vs_plain"] = med([a["rps"] / b["rps"] for a, b in pairs])
+    # HAProxy's exported rules against plain HAProxy with the same L7 retries on: what
+    # tandem's routing adds, apart from what HAProxy charges any configuration for them
+    if "haproxy-tandem" in runs and "haproxy-l7" in runs:
+        pairs = list(zip(runs["haproxy-tandem"], runs["haproxy-l7"], strict=True))
+        out["haproxy-tandem"]["cpu_vs_l7"] = med(
+            [a["proxy_cpu_us"] / b["proxy_cpu_us"] for a, b in pairs])
     for ref in ("haproxy", "direct"):
         if ref not in runs:
             continue
@@ -667,6 +683,9 @@ def table(result: dict[str, Any]) -> str:
             f"{f(m.get('cpu_vs_haproxy'), '.2f')} | {f(m.get('rps_vs_haproxy'), '.2f')} | "
             f"{f(m.get('rps_vs_direct'), '.2f')} | {f(m.get('cpu_vs_plain'), '.2f')} | "
             f"{m['backend_cpu_us']:.1f} |")
+    if "cpu_vs_l7" in s.get("haproxy-tandem", {}):
+        lines += ["", "haproxy-tandem: CPU vs haproxy-l7 (plain HAProxy with the same L7 "
+                  f"retries) {s['haproxy-tandem']['cpu_vs_l7']:.2f}"]
     for label, check in result["tandem_checks"].items():
         lines.append("")
         lines.append(f"{label}: bad tokens {check.get('bad_tokens', 0):.0f}, requests routed "
@@ -772,9 +791,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="no two requests or responses alike (see above)")
     ap.add_argument("--only", nargs="*",
                     default=["direct", "tandem", "haproxy", "nginx", "haproxy-tandem",
-                             "haproxy-tandem-connect", "nginx-tandem"],
+                             "haproxy-tandem-connect", "nginx-tandem", "haproxy-l7"],
                     choices=["direct", "tandem", "haproxy", "nginx", "haproxy-tandem",
-                             "haproxy-tandem-connect", "nginx-tandem",
+                             "haproxy-tandem-connect", "nginx-tandem", "haproxy-l7",
                              # (not in the default: --only tandem tandem-2w, or
                              # --only haproxy-tls tandem-tls; both over HTTPS with a
                              # throw-away certificate, TLS sessions kept alive by wrk)

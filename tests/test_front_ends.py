@@ -342,3 +342,76 @@ def test_export_errors_are_one_line(tmp_path):
     done = tandem("sync", "haproxy", "--config", str(Path(__file__).parent.parent / "config"
                                                       / "default.toml"))
     assert done.returncode == 2 and "--socket" in done.stderr
+
+
+class _Recorder:
+    """A stand-in server that notes each request's X-Tandem-Request-Id and answers with
+    `status` (health probes: up): what the engine sends on each attempt."""
+
+    def __init__(self, name: str, status: int, seen: list[tuple[str, str]]) -> None:
+        import http.server
+        import threading
+
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                code, body = 200, b'{"state": "up", "lease": true}'
+                if not self.path.startswith("/__tandem/"):
+                    seen.append((name, self.headers.get("X-Tandem-Request-Id", "")))
+                    code, body = recorder.status, b"{}"
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.status = status
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_attempt_of_a_request_carries_its_one_request_id(tmp_path, front_end, engine):
+    """The backends apply a retried request once by its id: the exported config must send
+    the same id on every attempt of a request (primary declines, secondary answers), and a
+    new one for every request."""
+    from tandem.token import Route, TokenCodec
+    from tests.cluster import free_ports
+
+    seen: list[tuple[str, str]] = []
+    primary, secondary = _Recorder("a", 503, seen), _Recorder("b", 200, seen)
+    try:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text("[cluster]\nsecrets = [\"s3cret-for-the-test\"]\n" + "".join(
+            f'[[servers]]\nid = "{sid}"\nhttp = "127.0.0.1:{rec.port}"\n'
+            f'replication = "127.0.0.1:{free_ports(1)[0]}"\n'
+            for sid, rec in (("a", primary), ("b", secondary))))
+
+        class Named:
+            config_path = cfg
+
+        fe = front_end(engine, Named)
+        token = TokenCodec(["s3cret-for-the-test"]).encode(Route("x" * 32, "a", "b"))
+        time.sleep(1.5)  # (HAProxy: the first health checks have passed)
+        for _ in range(3):
+            status, _body = _send(fe.url, "GET", "/count", token)
+            assert status == 200, (status, seen)
+        ids = [rid for _, rid in seen]
+        assert all(ids) and len(set(ids)) == 3, seen
+        # each request: declined by the primary, answered by the secondary, one id
+        for rid in set(ids):
+            attempts = [name for name, r in seen if r == rid]
+            assert attempts[0] == "a" and attempts[-1] == "b", seen
+    finally:
+        primary.close()
+        secondary.close()
