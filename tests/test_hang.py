@@ -185,7 +185,10 @@ def test_requests_a_resumed_server_held_are_not_applied_twice(make_cluster):
     """The proxy gives up on requests held by a frozen server and sends them to the
     session's secondary, which applies them. When the server resumes it reads those
     requests: it must not take the sessions back to apply them a second time."""
-    cluster = make_cluster(proxy={"io_timeout_s": 1.0},
+    # (io timeout 2 s: the attempt at the secondary must outlast the removal of s2 — its
+    # suspicion after 3 missed heartbeats of 0.5 s, then the vote — or the proxy gives up
+    # on it too; with 1 s the two raced, and the test failed about one run in three)
+    cluster = make_cluster(proxy={"io_timeout_s": 2.0},
                            cluster={"replication_timeout_s": 0.5}).start()
     sessions = sessions_on_s2(cluster, 20)
     for c in sessions:

@@ -446,6 +446,35 @@ def test_an_acceptor_grants_nothing_while_it_has_an_undecided_value() -> None:
     assert q.receive("s0", {"op": "l_ask", "inc": "a", "vn": 2, "seq": 7}, 14.0) == []
 
 
+def test_a_refusal_by_an_acceptor_without_the_proof_is_retried_at_once() -> None:
+    """The first survivor proves the dead process gone and proposes; the other survivor has
+    not dialled it yet and refuses ("not_suspected"). With the dead member, that attempt can
+    never decide: it is dropped and retried within milliseconds, not held to its deadline
+    (two heartbeats) while the other survivor's turn comes — the first good answer after a
+    kill -9 waits for this view."""
+    with capture_logs() as logs:
+        world = booted(S3)
+        world.crash("s2")
+        s0, s1 = world.procs["s0"], world.procs["s1"]
+        assert s0 is not None and s1 is not None
+        world.call(s0, "refused", "s2")
+        assert world.deliver_where(src="s0", dst="s1", op="v_prepare") == 1
+        assert world.deliver_where(src="s1", dst="s0", op="v_promise") == 1
+        assert world.deliver_where(src="s0", dst="s1", op="v_accept") == 1
+        assert world.deliver_where(src="s1", dst="s0", op="v_nack") == 1
+        assert "not_suspected" in reasons(logs)
+        now = s0.local(world.now)
+        assert s0.q.proposer.attempt is None
+        assert s0.q.proposer.retry_at - now <= 0.01
+        world.call(s1, "refused", "s2")  # its own dial of the dead port, a moment later
+        world.now += 0.01
+        world.tick(s0)
+        for _ in range(4):
+            for _ in range(len(world.inflight)):
+                world.deliver(0)
+    assert world.chosen[3].members == ("s0", "s1")
+
+
 def test_a_dead_process_is_removed_without_waiting() -> None:
     q = _member("s1", now=100.0)
     q.heard("s2", "c", 100.0)

@@ -38,6 +38,12 @@ __all__ = ["PeerState", "PeerLink", "Outbox"]
 
 log = structlog.get_logger("tandem.peers")
 
+# A connection that served this long before it dropped is re-dialled at once, so that a
+# process killed soon after its links came up (a young cluster, a server just restarted) is
+# proven dead as fast as an older one; a peer that accepts and drops at once is re-dialled
+# with the back-off instead (a few dials a second at most).
+_SERVED_S = 0.2
+
 
 class PeerState(enum.Enum):
     UNKNOWN = "unknown"  # not reached since this server started
@@ -252,7 +258,8 @@ class PeerLink:
             if self._closing:
                 return
             delay = backoff
-            if time.monotonic() - served_since > 1.0 and self.state is not PeerState.LEFT:
+            if (time.monotonic() - served_since > _SERVED_S
+                    and self.state is not PeerState.LEFT):
                 # A connection that had served a while dropped: dial again at once. A dead
                 # process refuses now, and that refusal lets the majority remove it within
                 # milliseconds (the first good response after a kill -9 waits for it).

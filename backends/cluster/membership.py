@@ -35,6 +35,9 @@ __all__ = ["Membership"]
 
 log = structlog.get_logger("tandem.peers")
 
+# How often the view consensus runs its timers (heartbeats, ballots' deadlines, turns).
+_QUORUM_TICK_S = 0.05
+
 
 class Membership:
     """The cluster as this server sees it: which peers are alive, and the view hash."""
@@ -76,6 +79,7 @@ class Membership:
         self._view_changed = asyncio.Event()  # set and replaced at every adopted view
         self._stall_task: asyncio.Task[None] | None = None
         self._quorum_task: asyncio.Task[None] | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._stalled_at = -1e9  # monotonic time our last stall ended
         self._last_tick = float("inf")  # when the stall watch last ran (not yet: inf)
 
@@ -167,7 +171,7 @@ class Membership:
 
     async def _tick_quorum(self) -> None:
         heartbeat = self.config.cluster.heartbeat_interval_s
-        tick = min(0.05, heartbeat / 5)
+        tick = min(_QUORUM_TICK_S, heartbeat / 5)
         gossip_at = 0.0
         while True:
             now = time.monotonic()
@@ -215,6 +219,8 @@ class Membership:
                 link.send(msg)
         events = self.quorum.take_events()
         q = self.quorum
+        if isinstance(q, Quorum):
+            self._retry_when(q, q.proposer.retry_at)
         self.voter = q.voter
         if self.leaving or not self.voter:
             self.ack_until = float("-inf")
@@ -227,6 +233,19 @@ class Membership:
                 fn(event)  # promotions and fencing happen here, before anything else runs
             self._view_changed.set()
             self._view_changed = asyncio.Event()
+
+    def _retry_when(self, q: Quorum, at: float) -> None:
+        """A ballot to retry within the quorum's tick: at its time, not at the next tick
+        (a retry after a kill -9 is what the first good answer waits for)."""
+        delay = at - time.monotonic()
+        if not 0 < delay < _QUORUM_TICK_S or self._retry_timer is not None:
+            return
+
+        def retry() -> None:
+            self._retry_timer = None
+            self._deliver(q.proposer.propose(time.monotonic(), forced=False))
+
+        self._retry_timer = asyncio.get_running_loop().call_later(delay, retry)
 
     def serving_state(self) -> str | None:
         """None if this server may acknowledge writes now; else the X-Tandem-State why not."""
@@ -316,6 +335,8 @@ class Membership:
         for task in (self._stall_task, self._quorum_task):
             if task is not None:
                 task.cancel()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
         await asyncio.gather(*(link.close() for link in self.links.values()))
         await self.channel.close()
         if self.store is not None:

@@ -29,7 +29,7 @@ _ATTEMPT_HEARTBEATS = 2.0
 # An accepted value not decided within this many heartbeats is finished by its acceptor.
 _FINISH_HEARTBEATS = 2.0
 # Retry after acceptors refused to remove a process we have proof of death for (seconds).
-_PROVEN_RETRY_S = 0.02
+_PROVEN_RETRY_S = 0.005
 
 
 @dataclass(slots=True)
@@ -250,7 +250,12 @@ class Proposer:
         if a.value is not None and a.value == a.own and not proven:
             for member in members:
                 self.contested[member] = now + q.sightings.suspect_after_s
-        if len(q.view.members) - len(a.refusals) < q.view.votes_needed:
+        # A member proven dead accepts nothing either: with it and the refusals, this
+        # attempt cannot decide — retry soon (the acceptor that refused is about to see
+        # the proof too) rather than wait for the attempt's deadline.
+        dead = {x for x in q.view.members if x != q.me
+                and q.sightings.is_dead(x, q.view.incarnation_of(x) or "")}
+        if len(q.view.members) - len(a.refusals | dead) < q.view.votes_needed:
             log.debug("view_attempt_refused", n=a.n, ballot=a.ballot, reason=reason)
             self._abandon(now)
             if proven:
