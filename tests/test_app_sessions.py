@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from tests.cluster import Client
@@ -23,3 +26,84 @@ def test_members_on_three_servers_share_one_room(make_cluster, app):
                                              for c in members)
     primaries = {c.get("/join?room=kitchen")[1]["primary"] for c in members}
     assert len(primaries) == 1  # one primary, wherever the members are
+
+
+def rooms_of(cluster, n_rooms: int, per_room: int) -> dict[str, list[Client]]:
+    """`per_room` member sessions in each of `n_rooms` rooms, through the proxy (which
+    spreads new sessions over the servers)."""
+    rooms: dict[str, list[Client]] = {}
+    for r in range(n_rooms):
+        rooms[f"room{r}"] = []
+        for _ in range(per_room):
+            c = Client(cluster.proxy_url)
+            status, body = c.get(f"/join?room=room{r}")
+            assert status == 200, body
+            rooms[f"room{r}"].append(c)
+    return rooms
+
+
+def post_until(stop: threading.Event, room: str, c: Client, name: str,
+               acked: list[str], failed: list[object], after_kill: threading.Event,
+               acked_after: list[str]) -> None:
+    seq = 0
+    while not stop.is_set():
+        msg = f"{name}-{seq}"
+        seq += 1
+        try:
+            status, body = c.get(f"/post?room={room}&msg={msg}")
+        except OSError as exc:
+            failed.append(exc)
+            continue
+        if status == 200:
+            acked.append(msg)
+            if after_kill.is_set():
+                acked_after.append(msg)
+        else:
+            failed.append((status, body))
+
+
+def test_kill_a_rooms_primary_mid_load_loses_no_acknowledged_write(make_cluster):
+    """10 rooms x 3 member sessions spread over the servers, each posting to its room
+    without pause; kill -9 of a room's primary in the middle: every acknowledged post is in
+    its room once, and each room's counter matches its log."""
+    cluster = make_cluster(app="tests.room_apps:asgi_rooms").start()
+    rooms = rooms_of(cluster, 10, 3)
+    spread = [len({c.route[1] for c in members}) for members in rooms.values()]
+    assert max(spread) >= 2, spread  # members of one room live on several servers
+    where = {r: members[0].get(f"/join?room={r}")[1]["primary"] for r, members in rooms.items()}
+    victim = where["room0"]
+    assert sum(p == victim for p in where.values()) >= 1
+
+    stop, after_kill = threading.Event(), threading.Event()
+    acked: dict[str, list[str]] = {r: [] for r in rooms}
+    acked_after: list[str] = []
+    failed: list[object] = []
+    threads = [threading.Thread(target=post_until, args=(
+        stop, r, c, f"{r}.{i}", acked[r], failed, after_kill, acked_after))
+        for r, members in rooms.items() for i, c in enumerate(members)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    before = sum(map(len, acked.values()))
+    cluster.kill(victim)
+    after_kill.set()
+    time.sleep(3.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert before > 30
+    assert len(acked_after) > 30, failed[:5]
+
+    for r, members in rooms.items():
+        status, body = members[0].get(f"/join?room={r}")
+        assert status == 200, body
+        log, n = body["room"]["log"], body["room"]["n"]
+        missing = set(acked[r]) - set(log)
+        assert not missing, (r, sorted(missing)[:10])
+        assert len(log) == len(set(log)), (r, [m for m in set(log) if log.count(m) > 1])
+        assert n == len(log), (r, n, len(log))
+        assert body["primary"] != victim
+        # the member sessions failed over too: each counted its own acknowledged posts
+        for i, c in enumerate(members):
+            mine = [m for m in acked[r] if m.startswith(f"{r}.{i}-")]
+            assert c.get(f"/join?room={r}")[1]["posted"] >= len(mine)

@@ -79,6 +79,9 @@ class AppSession(MutableMapping[str, Any]):
         # this request's writes, and the values handed out (mutable: compared at commit)
         self.changes = AppChanges()
         self._handed: set[str] = set()
+        # a value's serialized form after this request's incr/append (what a value handed
+        # out is compared with: only a change in place beyond them is a write of it)
+        self._baseline: dict[str, str] = {}
 
     # --- loading --------------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ class AppSession(MutableMapping[str, Any]):
             values[k] = _number(k, values.get(k, 0)) + n
         for k, items in c.append.items():
             values[k] = [*_list(k, values.get(k, [])), *(codec.loads(i) for i in items)]
+        for k in (*c.incr, *c.append):
+            self._baseline[k] = codec.dumps(k, values[k])
         self._values = values
 
     def _data(self) -> dict[str, Any]:
@@ -206,6 +211,7 @@ class AppSession(MutableMapping[str, Any]):
             c.deleted.discard(key)
             c.incr[key] = c.incr.get(key, 0) + amount
         values[key] = value
+        self._baseline[key] = _dumps(key, value)  # (not a change in place: an increment)
         return value
 
     def append(self, key: str, item: Any) -> None:
@@ -220,7 +226,8 @@ class AppSession(MutableMapping[str, Any]):
             c.deleted.discard(key)
             c.append.setdefault(key, []).append(serialized)
         if self._values is not None:
-            self._values[key] = [*_list(key, self._values.get(key, [])), item]
+            value = self._values[key] = [*_list(key, self._values.get(key, [])), item]
+            self._baseline[key] = _dumps(key, value)  # (not a change in place: an append)
 
     # --- end of request ---------------------------------------------------------------------
 
@@ -232,7 +239,7 @@ class AppSession(MutableMapping[str, Any]):
                 if key in c.set or key in c.deleted or key not in self._values:
                     continue
                 now = _dumps(key, self._values[key])
-                if now != self._stored.get(key):
+                if now != self._baseline.get(key, self._stored.get(key)):
                     c.incr.pop(key, None)
                     c.append.pop(key, None)
                     c.set[key] = now
@@ -242,6 +249,7 @@ class AppSession(MutableMapping[str, Any]):
         """The primary applied them: its state is what later reads and writes start from."""
         self.changes = AppChanges()
         self._handed.clear()
+        self._baseline.clear()
         self.loaded(state)
 
     @property

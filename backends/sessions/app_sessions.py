@@ -87,7 +87,7 @@ class AppSessions:
             seed = f"{rid}|{handle.key}|{handle.member}" if rid else uuid.uuid4().hex
             op = hashlib.sha256(seed.encode()).hexdigest()[:16]
             state = await self._call(handle.key, {"op": "app_commit", "member": handle.member,
-                                                  "id": op, **changes.message()})
+                                                  "commit": op, **changes.message()})
             handle.committed(state)
 
         await asyncio.gather(*(one(h) for h in handles))
@@ -232,11 +232,13 @@ class AppSessions:
         set_: dict[str, str] = {}
         deleted: set[str] = set()
         commit = msg["op"] == "app_commit"
-        if commit and msg["id"] in entry["ops"]:
+        if commit and msg["commit"] in entry["ops"]:
+            if ctx.debug:
+                log.debug("app_commit_repeated", app=aid[:12], member=member, commit=msg["commit"])
             return self._state(record)  # applied already: this is a retry of it
         if commit:
             set_, deleted = self._changes(record, msg)
-            entry["ops"] = [*entry["ops"], msg["id"]][-_OPS_KEPT:]
+            entry["ops"] = [*entry["ops"], msg["commit"]][-_OPS_KEPT:]
         if commit or mkey not in record.data or now - entry["t"] > record.max_inactive_s / 4:
             entry["t"] = now  # joined, or seen again (members touch it: expiry)
             set_[mkey] = json.dumps(entry, separators=(",", ":"))
@@ -256,6 +258,9 @@ class AppSessions:
             await ctx.persister.committed(record, changed=record.version != first_version)
         if time.monotonic() >= ctx.membership.ack_until:
             await ctx.membership.ready()  # acknowledged only under the lease, as a commit
+        if ctx.debug and commit:
+            log.debug("app_committed", app=aid[:12], member=member, commit=msg["commit"],
+                      version=record.version)
         if ctx.store.primaries.get(aid) is not record:
             return {}  # moved, fenced or expired meanwhile: the requester looks again
         return self._state(record)
