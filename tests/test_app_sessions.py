@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.cluster import Client
+from tests.stores import postgres, redis_server  # noqa: F401 - fixtures
 
 APPS = ["tests.room_apps:asgi_rooms", "tests.room_apps:wsgi_rooms"]
 
@@ -107,3 +108,60 @@ def test_kill_a_rooms_primary_mid_load_loses_no_acknowledged_write(make_cluster)
         for i, c in enumerate(members):
             mine = [m for m in acked[r] if m.startswith(f"{r}.{i}-")]
             assert c.get(f"/join?room={r}")[1]["posted"] >= len(mine)
+
+
+# s1's primaries get s2 as secondary (its preferred group): killing both leaves no copy of
+# a room living on s1 in memory. Five servers: the three left are a majority.
+SERVERS = [{"id": "s1", "group": "a", "preferred_secondary_group": "b"},
+           {"id": "s2", "group": "b"}, {"id": "s3", "group": "c"}, {"id": "s4", "group": "c"},
+           {"id": "s5", "group": "c"}]
+
+
+def rooms_living_on(cluster, server: str, count: int, members: list[Client]) -> list[str]:
+    """Room keys whose primary is `server` (a room is created at its key's home), each
+    joined by every client of `members`."""
+    keys: list[str] = []
+    n = 0
+    while len(keys) < count:
+        key = f"cart{n}"
+        n += 1
+        assert n < 40 * count, "rooms are not spread over the servers"
+        status, body = members[0].get(f"/post?room={key}&msg=first")
+        assert status == 200, body
+        if body["primary"] == server:
+            keys.append(key)
+    for key in keys:
+        for c in members[1:]:
+            assert c.get(f"/post?room={key}&msg=more")[0] == 200
+    return keys
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "file", "postgresql", "redis"])
+def test_rooms_come_back_with_their_members_after_both_copies_die(make_cluster, tmp_path,
+                                                                   request, kind):
+    from tests.stores import with_persistence
+    from tests.test_persistence_failover import kill_both, store_keys
+
+    cluster = make_cluster(servers=SERVERS, app="tests.room_apps:asgi_rooms",
+                           session={"persistence": kind, "max_inactive_s": 300})
+    with_persistence(cluster, timeout_s=1.0, **store_keys(kind, tmp_path, request))
+    cluster.start(proxy=False)
+    # the members' sessions live on the servers that stay
+    members = [Client(cluster.url(s)) for s in ("s3", "s4", "s5")]
+    keys = rooms_living_on(cluster, "s1", 3, members)
+    before = {k: members[0].get(f"/join?room={k}")[1] for k in keys}
+    assert all(b["secondary"] == "s2" for b in before.values()), before
+
+    kill_both(cluster, "s1", "s2")
+    cluster.wait_formed(["s3", "s4", "s5"])
+
+    for key in keys:
+        for c in members:
+            status, body = c.get(f"/join?room={key}")
+            assert status == 200, body
+            assert body["primary"] in ("s3", "s4", "s5")
+            assert body["room"] == before[key]["room"], key
+            assert sorted(body["members"]) == sorted(before[key]["members"]), key
+    loaded = sum(e.get("event") == "app_session_loaded"
+                 for s in ("s3", "s4", "s5") for e in cluster.events(s))
+    assert loaded == len(keys)
