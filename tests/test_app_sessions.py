@@ -165,3 +165,74 @@ def test_rooms_come_back_with_their_members_after_both_copies_die(make_cluster, 
     loaded = sum(e.get("event") == "app_session_loaded"
                  for s in ("s3", "s4", "s5") for e in cluster.events(s))
     assert loaded == len(keys)
+
+
+def test_a_value_that_cannot_be_replicated_raises_at_the_assignment(make_cluster):
+    cluster = make_cluster(app="tests.room_apps:wsgi_rooms", n=2).start(proxy=False)
+    c = Client(cluster.url("s1"))
+    assert c.get("/post?room=r&msg=hello")[0] == 200
+    status, body = c.get("/bad?room=r")
+    assert status == 200
+    assert body["error"].startswith("app_session['bad']: value of type object cannot be "
+                                    "replicated"), body
+    assert body["room"] == {"log": ["hello"], "n": 1}  # nothing of it was kept
+
+
+def test_an_async_handler_reading_a_room_it_did_not_await_gets_a_clear_error(make_cluster):
+    cluster = make_cluster(app="tests.room_apps:asgi_rooms", n=2).start(proxy=False)
+    status, body = Client(cluster.url("s1")).get("/sync?room=r")
+    assert status == 200
+    assert body["error"] == ("SessionError: application session 'r' is not loaded: in an "
+                             "async handler write `room = await session.app_session(key)`")
+
+
+def test_concurrent_writers_lose_no_increment_or_append_and_last_writer_wins_per_key(
+        make_cluster):
+    """Two members on two servers write one room at once: every increment and append of
+    both lands once; a key both set holds the value of one of them."""
+    cluster = make_cluster(app="tests.room_apps:wsgi_rooms").start(proxy=False)
+    a, b = Client(cluster.url("s1")), Client(cluster.url("s2"))
+    errors: list[object] = []
+
+    def writer(c: Client, name: str) -> None:
+        for i in range(40):
+            for path in (f"/post?room=duo&msg={name}{i}", f"/set?room=duo&key=last&value={name}"):
+                status, body = c.get(path)
+                if status != 200:
+                    errors.append(body)
+
+    threads = [threading.Thread(target=writer, args=(c, n)) for c, n in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[:3]
+    room = a.get("/join?room=duo")[1]["room"]
+    assert sorted(room["log"]) == sorted([f"a{i}" for i in range(40)] +
+                                         [f"b{i}" for i in range(40)])
+    assert room["n"] == 80
+    assert room["last"] in ("a", "b")
+    # each writer's own posts are in the order it made them
+    for name in "ab":
+        mine = [m for m in room["log"] if m.startswith(name)]
+        assert mine == [f"{name}{i}" for i in range(40)]
+
+
+def test_a_room_expires_when_no_member_refers_to_it_for_max_inactive_s(make_cluster):
+    cluster = make_cluster(app="tests.room_apps:asgi_rooms",
+                           session={"max_inactive_s": 2.0}).start(proxy=False)
+    first, other = Client(cluster.url("s1")), Client(cluster.url("s2"))
+    assert first.get("/post?room=r&msg=hello")[0] == 200
+    # a member opening it keeps it: it touches it (and members not seen are dropped)
+    for _ in range(6):
+        status, body = other.get("/join?room=r")
+        assert status == 200 and body["room"]["log"] == ["hello"], body
+        time.sleep(0.6)
+    assert body["members"] == [body["member"]], body
+    # then no member refers to it for max_inactive_s: it ends (both copies)
+    time.sleep(3.0)
+    status, body = Client(cluster.url("s3")).get("/join?room=r")
+    assert status == 200 and body["room"] == {}, body
+    expired = sum(e.get("event") == "sessions_expired" and e.get("primaries", 0) > 0
+                  for s in cluster.servers for e in cluster.events(s))
+    assert expired >= 1
