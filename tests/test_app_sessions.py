@@ -236,3 +236,22 @@ def test_a_room_expires_when_no_member_refers_to_it_for_max_inactive_s(make_clus
     expired = sum(e.get("event") == "sessions_expired" and e.get("primaries", 0) > 0
                   for s in cluster.servers for e in cluster.events(s))
     assert expired >= 1
+
+
+@pytest.mark.parametrize("app,path", [
+    ("tests.room_framework_apps:flask_rooms", "/post"),
+    ("tests.room_framework_apps:starlette_rooms", "/post"),
+    ("tests.room_django_app:application", "/post"),
+    ("tests.room_django_app:asgi_application", "/post"),
+    ("tests.room_django_app:asgi_application", "/apost"),
+], ids=["flask", "starlette", "django-wsgi", "django-asgi-sync-view", "django-async-view"])
+def test_each_framework_reaches_the_room_its_own_way(make_cluster, app, path):
+    cluster = make_cluster(app=app).start(proxy=False)
+    members = [Client(cluster.url(s)) for s in ("s1", "s2", "s3")]
+    for i, c in enumerate(members):
+        status, body = c.get(f"{path}?room=family-cart&msg=item{i}")
+        assert status == 200, body
+        assert body["room"]["log"] == [f"item{j}" for j in range(i + 1)], body
+        assert body["room"]["n"] == i + 1
+        assert len(body["members"]) == i + 1
+    assert len({c.get(f"{path}?room=family-cart&msg=x")[1]["primary"] for c in members}) == 1
