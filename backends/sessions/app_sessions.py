@@ -105,7 +105,7 @@ class AppSessions:
             if target is not None:
                 msg["create"] = create
                 if target == ctx.me.id:
-                    reply = await self.apply(dict(msg))
+                    reply = await self._answer(dict(msg))
                 else:
                     link = ctx.membership.links.get(target)
                     try:
@@ -125,9 +125,12 @@ class AppSessions:
                 self.where[aid] = at  # its replica names the primary: go there at once
                 continue
             if time.monotonic() >= deadline:
+                if time.monotonic() >= ctx.membership.ack_until:
+                    await ctx.membership.ready()  # our own lease: why we cannot serve
+                # (a 503 about this request's data, not this server: the proxy keeps it)
                 raise NotServing(f"application session {aid[:12]} not reachable"
                                  f" ({reply.get('error', 'no primary found')})",
-                                 peer=ctx.me.id, state=reply.get("state", "app-unreachable"))
+                                 peer=ctx.me.id, state="owner-unreachable")
             await asyncio.sleep(0.02)  # (a hand-over or a promotion under way)
 
     async def _locate(self, aid: str) -> tuple[str | None, bool]:
