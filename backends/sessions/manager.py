@@ -11,6 +11,7 @@
 | `Handover` | handover.py | drain, take-over by a peer, rebalancing |
 | `Failover` | failover.py | membership changes → promotions, re-protection |
 | `Expiry` | expiry.py | touch and expiry loops |
+| `AppSessions` | app_sessions.py | application sessions, read and written at their primary |
 
 Changes are committed when the handler has completed: applied to the primary and, with
 `session.replication = "sync"`, acknowledged by the secondary before the response leaves.
