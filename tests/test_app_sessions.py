@@ -63,11 +63,12 @@ def post_until(stop: threading.Event, room: str, c: Client, name: str,
             failed.append((status, body))
 
 
-def test_kill_a_rooms_primary_mid_load_loses_no_acknowledged_write(make_cluster):
+@pytest.mark.parametrize("app", APPS, ids=["asgi", "wsgi"])
+def test_kill_a_rooms_primary_mid_load_loses_no_acknowledged_write(make_cluster, app):
     """10 rooms x 3 member sessions spread over the servers, each posting to its room
     without pause; kill -9 of a room's primary in the middle: every acknowledged post is in
     its room once, and each room's counter matches its log."""
-    cluster = make_cluster(app="tests.room_apps:asgi_rooms").start()
+    cluster = make_cluster(app=app).start()
     rooms = rooms_of(cluster, 10, 3)
     spread = [len({c.route[1] for c in members}) for members in rooms.values()]
     assert max(spread) >= 2, spread  # members of one room live on several servers
@@ -255,3 +256,23 @@ def test_each_framework_reaches_the_room_its_own_way(make_cluster, app, path):
         assert body["room"]["n"] == i + 1
         assert len(body["members"]) == i + 1
     assert len({c.get(f"{path}?room=family-cart&msg=x")[1]["primary"] for c in members}) == 1
+
+
+def test_a_draining_server_hands_its_rooms_to_their_secondaries(make_cluster):
+    import signal
+
+    cluster = make_cluster(app="tests.room_apps:asgi_rooms").start(proxy=False)
+    home = Client(cluster.url("s1")).get("/join?room=r")[1]["primary"]
+    others = [s for s in ("s1", "s2", "s3") if s != home]
+    members = [Client(cluster.url(s)) for s in others]
+    for i, c in enumerate(members):
+        assert c.get(f"/post?room=r&msg=before{i}")[0] == 200
+
+    cluster.kill(home, signal.SIGTERM)  # drains: every primary to its secondary, then exits
+
+    for i, c in enumerate(members):
+        status, body = c.get(f"/post?room=r&msg=after{i}")
+        assert status == 200, body
+        assert body["primary"] in others
+    log = members[0].get("/join?room=r")[1]["room"]["log"]
+    assert log == ["before0", "before1", "after0", "after1"]
