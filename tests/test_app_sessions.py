@@ -232,8 +232,10 @@ def test_a_room_expires_when_no_member_refers_to_it_for_max_inactive_s(make_clus
     assert body["members"] == [body["member"]], body
     # then no member refers to it for max_inactive_s: it ends (both copies)
     time.sleep(3.0)
-    status, body = Client(cluster.url("s3")).get("/join?room=r")
-    assert status == 200 and body["room"] == {}, body
+    # (s1 and s2 remember where it was: they hear it is gone, and it starts anew)
+    for c in (first, other, Client(cluster.url("s3"))):
+        status, body = c.get("/join?room=r")
+        assert status == 200 and body["room"] == {}, body
     expired = sum(e.get("event") == "sessions_expired" and e.get("primaries", 0) > 0
                   for s in cluster.servers for e in cluster.events(s))
     assert expired >= 1
@@ -276,3 +278,13 @@ def test_a_draining_server_hands_its_rooms_to_their_secondaries(make_cluster):
         assert body["primary"] in others
     log = members[0].get("/join?room=r")[1]["room"]["log"]
     assert log == ["before0", "before1", "after0", "after1"]
+
+    # back in the cluster it holds nothing: the servers that remember the room there ask
+    # again, and find it where it went (it is not made anew at its home)
+    cluster.start_server(home)
+    cluster.wait_formed()
+    for i, c in enumerate(members):
+        status, body = c.get(f"/post?room=r&msg=again{i}")
+        assert status == 200, body
+    assert members[1].get("/join?room=r")[1]["room"]["log"] == [
+        "before0", "before1", "after0", "after1", "again0", "again1"]

@@ -45,6 +45,9 @@ log = structlog.get_logger("tandem.sessions")
 
 _MEMBER = RESERVED + "m:"  # RESERVED + "m:" + member id -> {"t": last seen, "ops": [...]}
 _OPS_KEPT = 16             # commit ids a member's entry remembers (retries applied once)
+_WHERE_KEPT = 100_000      # application sessions whose primary a server remembers
+# "not primary here" (never an empty reply: the channel answers that as {"ok": True})
+_ABSENT: dict[str, Any] = {"ok": False, "absent": True}
 
 
 def app_id(key: str) -> str:
@@ -117,6 +120,8 @@ class AppSessions:
                         self.where.pop(aid, None)
                         await self._await_gone([target], deadline)
             if reply.get("ok"):
+                if len(self.where) >= _WHERE_KEPT:
+                    self.where.clear()  # (rooms that expired: found again when next used)
                 self.where[aid] = reply["primary"]
                 return reply
             self.where.pop(aid, None)
@@ -145,11 +150,13 @@ class AppSessions:
         replies = await asyncio.gather(*(membership.links[p].call(
             {"op": "app_where", "aid": aid}, timeout=ctx.timeout) for p in peers),
             return_exceptions=True)
-        owners: set[str] = set()
+        owners: set[str] = set()     # the primaries its copies name
+        holders: list[str] = []      # the servers holding a copy
         silent: list[str] = []
         local = ctx.store.replicas.get(aid)
         if local is not None:
             owners.add(local.primary)
+            holders.append(ctx.me.id)
         best: tuple[int, str] | None = None
         for peer, reply in zip(peers, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -159,12 +166,17 @@ class AppSessions:
                     best = (int(reply.get("e", 0)), peer)
             elif isinstance(reply.get("replica_of"), str):
                 owners.add(reply["replica_of"])
+                holders.append(peer)
         if best is not None:
             return best[1], False
+        if owners and not silent and owners <= set(peers):
+            # Every primary its copies name is alive and said it holds nothing (it expired
+            # there, say, and the copy missed the news): the copy is the best there is, and
+            # its holder promotes it (or drops it, expired).
+            return holders[0], True
         if owners or silent:
-            # A copy names a primary that did not say so (dead, being removed, or handing
-            # it over), or a server did not answer: wait for the view rather than create a
-            # second one.
+            # A copy names a primary that is unreachable (dead, or being removed), or a
+            # server did not answer: wait for the view rather than create a second one.
             await self._await_gone([*owners, *silent], time.monotonic() + ctx.timeout)
             return None, False
         return self.home(aid), True
@@ -199,7 +211,7 @@ class AppSessions:
             if record is not None:
                 return {"primary": True, "e": record.epoch}
             replica = self.ctx.store.replicas.get(aid)
-            return {"replica_of": replica.primary} if replica is not None else {}
+            return {"replica_of": replica.primary} if replica is not None else {"none": True}
         if op in ("app_open", "app_commit"):
             return self._answer(msg)
         return {"ok": False, "error": f"unknown op {op!r}"}
@@ -211,8 +223,8 @@ class AppSessions:
             return {"ok": False, "error": str(exc), "state": getattr(exc, "state", "moved")}
 
     async def apply(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Read (`app_open`) or write (`app_commit`) it here; `{"at": P}` / `{}` when it is
-        not primary here."""
+        """Read (`app_open`) or write (`app_commit`) it here; `{"at": P}` or `_ABSENT` when
+        it is not primary here."""
         ctx = self.ctx
         if time.monotonic() >= ctx.membership.ack_until:
             await ctx.membership.ready()  # no lease: the majority may have moved it on
@@ -223,11 +235,11 @@ class AppSessions:
             record = None
         if record is None:
             replica = ctx.store.replicas.get(aid)
-            if replica is not None:
+            if replica is not None and not msg.get("create"):
                 return {"at": replica.primary}
-            if not msg.get("create") or self.home(aid) != ctx.me.id:
-                return {}
-            record = await self._create(aid)
+            if replica is None and (not msg.get("create") or self.home(aid) != ctx.me.id):
+                return _ABSENT
+            record = await self._create(aid)  # (create: no primary anywhere, said _locate)
         now = time.time()
         member = str(msg["member"])
         mkey = _MEMBER + member
@@ -265,7 +277,7 @@ class AppSessions:
             log.debug("app_committed", app=aid[:12], member=member, commit=msg["commit"],
                       version=record.version)
         if ctx.store.primaries.get(aid) is not record:
-            return {}  # moved, fenced or expired meanwhile: the requester looks again
+            return _ABSENT  # moved, fenced or expired meanwhile: the requester looks again
         return self._state(record)
 
     def _changes(self, record: Primary, msg: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
@@ -297,7 +309,8 @@ class AppSessions:
                 and now - _entry(v)["t"] > record.max_inactive_s}
 
     async def _create(self, aid: str) -> Primary:
-        """It exists nowhere in memory: loaded from the persistent store, else new."""
+        """It has no primary anywhere: the copy held here promoted, else loaded from the
+        persistent store, else new."""
         pending = self._creating.get(aid)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -305,9 +318,20 @@ class AppSessions:
         fut: asyncio.Future[Primary] = asyncio.get_running_loop().create_future()
         self._creating[aid] = fut
         try:
-            state = await ctx.persister.load(aid) if ctx.persister is not None else None
+            replica = ctx.store.replicas.get(aid)
+            if replica is not None and time.time() - replica.last_access > replica.max_inactive_s:
+                del ctx.store.replicas[aid]  # expired with its primary's: starts anew
+                replica = None
+            state = None
+            if replica is None and ctx.persister is not None:
+                state = await ctx.persister.load(aid)
             record = ctx.store.primaries.get(aid)
-            if record is None and state is not None:
+            replica = ctx.store.replicas.get(aid)
+            if record is None and replica is not None:
+                record = ctx.store.promote(replica, epoch=ctx.next_epoch(replica.epoch))
+                log.info("app_session_promoted", app=aid[:12], version=record.version,
+                         old_primary=replica.primary)
+            elif record is None and state is not None:
                 record = Primary(aid, data=state["data"], version=int(state["v"]),
                                  epoch=ctx.next_epoch(int(state.get("e", 0))),
                                  max_inactive_s=float(state["max_inactive_s"]),
