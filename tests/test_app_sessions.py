@@ -147,14 +147,16 @@ def test_rooms_come_back_with_their_members_after_both_copies_die(make_cluster, 
                            session={"persistence": kind, "max_inactive_s": 300})
     with_persistence(cluster, timeout_s=1.0, **store_keys(kind, tmp_path, request))
     cluster.start(proxy=False)
-    # the members' sessions live on the servers that stay
-    members = [Client(cluster.url(s)) for s in ("s3", "s4", "s5")]
-    keys = rooms_living_on(cluster, "s1", 3, members)
-    before = {k: members[0].get(f"/join?room={k}")[1] for k in keys}
+    # one member's session dies with s1 and s2 too (it comes back from the store as well)
+    members = [Client(cluster.url(s)) for s in ("s1", "s3", "s4")]
+    keys = rooms_living_on(cluster, "s1", 10, members)
+    before = {k: members[1].get(f"/join?room={k}")[1] for k in keys}
     assert all(b["secondary"] == "s2" for b in before.values()), before
+    assert members[0].route[1:] == ("s1", "s2")
 
     kill_both(cluster, "s1", "s2")
     cluster.wait_formed(["s3", "s4", "s5"])
+    members[0].base = cluster.url("s5")
 
     for key in keys:
         for c in members:
@@ -163,6 +165,7 @@ def test_rooms_come_back_with_their_members_after_both_copies_die(make_cluster, 
             assert body["primary"] in ("s3", "s4", "s5")
             assert body["room"] == before[key]["room"], key
             assert sorted(body["members"]) == sorted(before[key]["members"]), key
+            assert body["posted"] >= 10 and body["member"] in body["members"]  # (its session)
     loaded = sum(e.get("event") == "app_session_loaded"
                  for s in ("s3", "s4", "s5") for e in cluster.events(s))
     assert loaded == len(keys)
