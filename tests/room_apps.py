@@ -6,6 +6,10 @@ GET /post?room=K&msg=M      room K: append M to "log", incr "n"; the member's se
 GET /set?room=K&key=A&value=V   room K: room[A] = V (last writer wins per key)
 GET /bad?room=K             room["bad"] = object(): the TypeError's message
 GET /sync?room=K            (ASGI) the room read without `await`: the error's message
+GET /stream?room=K&msg=M    (ASGI) append M + "<", send the response head, append M + ">"
+                            (committed after the response), then the body
+GET /save?room=K&msg=M      (ASGI) append M, `await room.save()`, then append M + "!"
+                            (committed with the response), `await room.refresh()`
 
 Every answer names the server that ran the request and the room's primary and secondary.
 """
@@ -54,6 +58,22 @@ async def asgi_rooms(scope: dict[str, Any], receive: Any, send: Any) -> None:
             status, info = 200, {"error": None}
         except Exception as exc:
             status, info = 200, {"error": f"{type(exc).__name__}: {exc}"}
+    elif scope["path"] == "/stream":
+        room = await session.app_session(key)
+        msg = parse_qs(query)["msg"][0]
+        room.append("log", msg + "<")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        room.append("log", msg + ">")
+        await send({"type": "http.response.body", "body": b"{}"})
+        return
+    elif scope["path"] == "/save":
+        room = session.app_session(key)
+        msg = parse_qs(query)["msg"][0]
+        room.append("log", msg)
+        saved = dict(await room.save())
+        room.append("log", msg + "!")
+        status, info = 200, {"saved": saved, "refreshed": dict(await room.refresh())}
     else:
         room = await session.app_session(key)
         status, info = _handle(scope["path"], query, session, room, scope["tandem.server"])

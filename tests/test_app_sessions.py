@@ -291,3 +291,29 @@ def test_a_draining_server_hands_its_rooms_to_their_secondaries(make_cluster):
         assert status == 200, body
     assert members[1].get("/join?room=r")[1]["room"]["log"] == [
         "before0", "before1", "after0", "after1", "again0", "again1"]
+
+
+def test_save_commits_before_the_response_and_refresh_reads_the_others_writes(make_cluster):
+    cluster = make_cluster(app="tests.room_apps:asgi_rooms", n=2).start(proxy=False)
+    a, b = Client(cluster.url("s1")), Client(cluster.url("s2"))
+    assert a.get("/post?room=r&msg=a0")[0] == 200
+    status, body = b.get("/save?room=r&msg=b0")
+    assert status == 200, body
+    # saved: at the primary before the response; the write after it is this request's own
+    # until the response (refresh keeps it on top of what the primary holds)
+    assert body["saved"]["log"] == ["a0", "b0"]
+    assert body["refreshed"]["log"] == ["a0", "b0", "b0!"]
+    assert a.get("/join?room=r")[1]["room"]["log"] == ["a0", "b0", "b0!"]  # once each
+
+
+def test_writes_after_the_response_head_are_committed_too(make_cluster):
+    """A streaming response (or a websocket) writes after its head: committed when the app
+    returns, as a second commit of the request (the proxy's request id names both)."""
+    cluster = make_cluster(app="tests.room_apps:asgi_rooms", n=2).start()
+    c = Client(cluster.proxy_url)
+    for msg in ("x", "y"):
+        assert c.get(f"/stream?room=r&msg={msg}")[0] == 200
+    deadline = time.monotonic() + 5
+    while (log := c.get("/join?room=r")[1]["room"]["log"]) != ["x<", "x>", "y<", "y>"]:
+        assert time.monotonic() < deadline, log
+        time.sleep(0.05)

@@ -40,6 +40,8 @@ class AppService(Protocol):
 
     async def open(self, key: str, *, member: str) -> dict[str, Any]: ...
 
+    async def commit(self, handles: list[AppSession], *, rid: str | None) -> None: ...
+
 
 class AppChanges:
     """One request's writes to one application session, each key in one kind of change."""
@@ -76,6 +78,7 @@ class AppSession(MutableMapping[str, Any]):
         self._members: list[str] = []
         self._where: tuple[str | None, str | None] = (None, None)
         self.version = 0
+        self.commits = 0              # commits of this request's made so far
         # this request's writes, and the values handed out (mutable: compared at commit)
         self.changes = AppChanges()
         self._handed: set[str] = set()
@@ -92,6 +95,22 @@ class AppSession(MutableMapping[str, Any]):
         """Read the values from the primary (joining and touching the application session)."""
         if self._values is None:
             self.loaded(await self._service.open(self.key, member=self.member))
+        return self
+
+    async def refresh(self) -> AppSession:
+        """Read the values again from the primary (this request's writes stay on top):
+        what the others wrote since, in a websocket or a long response."""
+        self._check_session()
+        self.loaded(await self._service.open(self.key, member=self.member))
+        return self
+
+    async def save(self) -> AppSession:
+        """Commit this request's writes now, at the primary (else they are committed with
+        the session's, when the response head is ready): in a websocket, each message's."""
+        self._check_session()
+        await self._service.commit([self], rid=None)
+        if self._values is None:
+            await self.load()
         return self
 
     def loaded(self, state: dict[str, Any]) -> None:

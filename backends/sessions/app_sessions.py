@@ -86,8 +86,11 @@ class AppSessions:
             changes = handle.collect()
             if not changes:
                 return
-            # a retry of the request (the proxy's id) is the same commit: applied once
-            seed = f"{rid}|{handle.key}|{handle.member}" if rid else uuid.uuid4().hex
+            # a retry of the request (the proxy's id) makes the same commits: applied once
+            # (numbered: a request may commit again, after its response head)
+            seed = (f"{rid}|{handle.key}|{handle.member}|{handle.commits}" if rid
+                    else uuid.uuid4().hex)
+            handle.commits += 1
             op = hashlib.sha256(seed.encode()).hexdigest()[:16]
             state = await self._call(handle.key, {"op": "app_commit", "member": handle.member,
                                                   "commit": op, **changes.message()})
