@@ -13,6 +13,7 @@ there on the current value, so that concurrent writers lose nothing (docs/app-se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable, Generator, Iterator, MutableMapping
 from typing import Any, Protocol
@@ -101,6 +102,8 @@ class AppSession(MutableMapping[str, Any]):
         """Read the values again from the primary (this request's writes stay on top):
         what the others wrote since, in a websocket or a long response."""
         self._check_session()
+        self.collect()  # values changed in place: writes of this request's, kept on top
+        self._handed.clear()
         self.loaded(await self._service.open(self.key, member=self.member))
         return self
 
@@ -125,12 +128,17 @@ class AppSession(MutableMapping[str, Any]):
             values.pop(k, None)
         for k, v in c.set.items():
             values[k] = codec.loads(v)
+        # (a value another request made something else meanwhile is shown as it is: the
+        # primary will not apply the increment or append to it either, and logs why)
         for k, n in c.incr.items():
-            values[k] = _number(k, values.get(k, 0)) + n
+            with contextlib.suppress(TypeError):
+                values[k] = _number(k, values.get(k, 0)) + n
         for k, items in c.append.items():
-            values[k] = [*_list(k, values.get(k, [])), *(codec.loads(i) for i in items)]
+            with contextlib.suppress(TypeError):
+                values[k] = [*_list(k, values.get(k, [])), *(codec.loads(i) for i in items)]
         for k in (*c.incr, *c.append):
-            self._baseline[k] = codec.dumps(k, values[k])
+            if k in values:
+                self._baseline[k] = codec.dumps(k, values[k])
         self._values = values
 
     def _data(self) -> dict[str, Any]:
