@@ -243,6 +243,18 @@ class AppSessions:
             if replica is None and (not msg.get("create") or self.home(aid) != ctx.me.id):
                 return _ABSENT
             record = await self._create(aid)  # (create: no primary anywhere, said _locate)
+        first_version = record.version
+        repeated = self._write(record, msg)
+        await self._acknowledge(record, changed=repeated or record.version != first_version,
+                                repeated=repeated)
+        if ctx.store.primaries.get(aid) is not record:
+            return _ABSENT  # moved, fenced or expired meanwhile: the requester looks again
+        return self._state(record)
+
+    def _write(self, record: Primary, msg: dict[str, Any]) -> bool:
+        """Apply a commit's writes (or a read's join and touch) to the record, at once: no
+        other commit comes between reading its values and writing them. True when the
+        commit was applied before (a retry of it)."""
         now = time.time()
         member = str(msg["member"])
         mkey = _MEMBER + member
@@ -251,9 +263,10 @@ class AppSessions:
         deleted: set[str] = set()
         commit = msg["op"] == "app_commit"
         if commit and msg["commit"] in entry["ops"]:
-            if ctx.debug:
-                log.debug("app_commit_repeated", app=aid[:12], member=member, commit=msg["commit"])
-            return self._state(record)  # applied already: this is a retry of it
+            if self.ctx.debug:
+                log.debug("app_commit_repeated", app=record.sid[:12], member=member,
+                          commit=msg["commit"])
+            return True
         if commit:
             set_, deleted = self._changes(record, msg)
             entry["ops"] = [*entry["ops"], msg["commit"]][-_OPS_KEPT:]
@@ -261,27 +274,33 @@ class AppSessions:
             entry["t"] = now  # joined, or seen again (members touch it: expiry)
             set_[mkey] = json.dumps(entry, separators=(",", ":"))
             deleted |= self._gone_members(record, now, keep=mkey)
-        first_version = record.version
         if set_ or deleted:
             record.apply(set_, deleted)
         record.last_access = now
         if record.version == 0:
             record.version = 1
+        if self.ctx.debug and commit:
+            log.debug("app_committed", app=record.sid[:12], member=member,
+                      commit=msg["commit"], version=record.version)
+        return False
+
+    async def _acknowledge(self, record: Primary, *, changed: bool, repeated: bool) -> None:
+        """Bring the record to its secondary and the store, as a session's commit does,
+        before the answer: acknowledged only what two copies hold (sync), under the lease."""
+        ctx = self.ctx
         if ctx.mode != "none":
             if record.version != record.sent_version or record.secondary is None:
                 await self.committer.replicate(record)
+            elif repeated and ctx.mode == "sync" and record.acked_version < record.version:
+                # the first attempt's copy may never have been acknowledged (its
+                # replication failed): this answer must not say it was
+                await self.committer.replicate_now(record)
             elif record.secondary is not None:
-                ctx.touched.setdefault(record.secondary, {})[aid] = now
+                ctx.touched.setdefault(record.secondary, {})[record.sid] = record.last_access
         if ctx.persister is not None:
-            await ctx.persister.committed(record, changed=record.version != first_version)
+            await ctx.persister.committed(record, changed=changed)
         if time.monotonic() >= ctx.membership.ack_until:
-            await ctx.membership.ready()  # acknowledged only under the lease, as a commit
-        if ctx.debug and commit:
-            log.debug("app_committed", app=aid[:12], member=member, commit=msg["commit"],
-                      version=record.version)
-        if ctx.store.primaries.get(aid) is not record:
-            return _ABSENT  # moved, fenced or expired meanwhile: the requester looks again
-        return self._state(record)
+            await ctx.membership.ready()
 
     def _changes(self, record: Primary, msg: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
         """A commit's writes as the record's: sets and deletions as sent, increments and
