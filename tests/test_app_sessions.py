@@ -13,9 +13,11 @@ from tests.stores import postgres, redis_server  # noqa: F401 - fixtures
 APPS = ["tests.room_apps:asgi_rooms", "tests.room_apps:wsgi_rooms"]
 
 
-@pytest.mark.parametrize("app", APPS, ids=["asgi", "wsgi"])
-def test_members_on_three_servers_share_one_room(make_cluster, app):
-    cluster = make_cluster(app=app).start(proxy=False)
+@pytest.mark.parametrize("app,replication", [(APPS[0], "sync"), (APPS[1], "sync"),
+                                             (APPS[0], "async"), (APPS[0], "none")],
+                         ids=["asgi", "wsgi", "asgi-async", "asgi-none"])
+def test_members_on_three_servers_share_one_room(make_cluster, app, replication):
+    cluster = make_cluster(app=app, session={"replication": replication}).start(proxy=False)
     members = [Client(cluster.url(s)) for s in ("s1", "s2", "s3")]
     for i, c in enumerate(members):
         status, body = c.get(f"/post?room=kitchen&msg=m{i}")
