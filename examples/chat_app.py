@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from backends.sessions.app_session import AppSession
 
-KEPT = 200  # messages a room shows (the oldest go when there are more)
+KEPT = 200  # messages a room keeps (the oldest go when there are more)
 
 
 async def _room(request: Request) -> AppSession | None:
@@ -45,8 +45,9 @@ async def _room(request: Request) -> AppSession | None:
 def _say(request: Request, room: AppSession, text: str) -> None:
     # append: applied at the room's primary on its current list, so two users talking at
     # once both land (a plain room["messages"] = [...] would keep only the last writer's)
+    # (keep: the room holds its last KEPT messages, trimmed there as they come)
     room.append("messages", {"from": request.session.get("name", "?"), "text": text[:500],
-                             "at": round(time.time(), 3)})
+                             "at": round(time.time(), 3)}, keep=KEPT)
     room.incr("said")
 
 
@@ -55,7 +56,7 @@ def _state(request: Request, room: AppSession | None) -> dict[str, Any]:
         return {"room": None, "server": request.scope.get("tandem.server")}
     messages = room.get("messages", [])
     return {"room": request.session["room"], "name": request.session.get("name"),
-            "messages": messages[-KEPT:], "said": room.get("said", 0),
+            "messages": messages, "said": room.get("said", 0),
             "members": len(room.members), "primary": room.primary,
             "secondary": room.secondary, "server": request.scope.get("tandem.server")}
 

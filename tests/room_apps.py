@@ -1,8 +1,8 @@
 """Applications with application sessions (rooms) for the end-to-end tests, ASGI and WSGI.
 
 GET /join?room=K            opens room K (joining it); its values and members
-GET /post?room=K&msg=M      room K: append M to "log", incr "n"; the member's session counts
-                            its own posts in "posted"
+GET /post?room=K&msg=M[&keep=N]   room K: append M to "log" (keeping its last N), incr
+                            "n"; the member's session counts its own posts in "posted"
 GET /set?room=K&key=A&value=V   room K: room[A] = V (last writer wins per key)
 GET /bad?room=K             room["bad"] = object(): the TypeError's message
 GET /sync?room=K            (ASGI) the room read without `await`: the error's message
@@ -27,7 +27,7 @@ def _handle(path: str, query: str, session: Any, room: Any, server: str) -> tupl
     args = {k: v[0] for k, v in parse_qs(query).items()}
     info: dict[str, Any] = {"server": server}
     if path == "/post":
-        room.append("log", args["msg"])
+        room.append("log", args["msg"], keep=int(args["keep"]) if "keep" in args else None)
         info["n"] = room.incr("n")
         session["posted"] = session.get("posted", 0) + 1
     elif path == "/set":

@@ -319,3 +319,13 @@ def test_writes_after_the_response_head_are_committed_too(make_cluster):
     while (log := c.get("/join?room=r")[1]["room"]["log"]) != ["x<", "x>", "y<", "y>"]:
         assert time.monotonic() < deadline, log
         time.sleep(0.05)
+
+
+def test_append_keeps_the_last_items_it_is_told_to(make_cluster):
+    cluster = make_cluster(app="tests.room_apps:wsgi_rooms", n=2).start(proxy=False)
+    a, b = Client(cluster.url("s1")), Client(cluster.url("s2"))
+    for i in range(5):
+        for c, name in ((a, "a"), (b, "b")):
+            status, body = c.get(f"/post?room=r&msg={name}{i}&keep=3")
+            assert status == 200 and len(body["room"]["log"]) <= 3, body
+    assert a.get("/join?room=r")[1]["room"] == {"log": ["b3", "a4", "b4"], "n": 10}

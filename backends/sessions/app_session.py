@@ -47,20 +47,21 @@ class AppService(Protocol):
 class AppChanges:
     """One request's writes to one application session, each key in one kind of change."""
 
-    __slots__ = ("set", "deleted", "incr", "append")
+    __slots__ = ("set", "deleted", "incr", "append", "keep")
 
     def __init__(self) -> None:
         self.set: dict[str, str] = {}             # key -> serialized value
         self.deleted: set[str] = set()
         self.incr: dict[str, int | float] = {}    # key -> amount added at the primary
         self.append: dict[str, list[str]] = {}    # key -> serialized items added at the end
+        self.keep: dict[str, int] = {}            # key -> items the list keeps (the last)
 
     def __bool__(self) -> bool:
         return bool(self.set or self.deleted or self.incr or self.append)
 
     def message(self) -> dict[str, Any]:
         return {"set": self.set, "del": sorted(self.deleted), "incr": self.incr,
-                "append": self.append}
+                "append": self.append, "keep": self.keep}
 
 
 class AppSession(MutableMapping[str, Any]):
@@ -135,7 +136,8 @@ class AppSession(MutableMapping[str, Any]):
                 values[k] = _number(k, values.get(k, 0)) + n
         for k, items in c.append.items():
             with contextlib.suppress(TypeError):
-                values[k] = [*_list(k, values.get(k, [])), *(codec.loads(i) for i in items)]
+                values[k] = _kept([*_list(k, values.get(k, [])),
+                                   *(codec.loads(i) for i in items)], c.keep.get(k))
         for k in (*c.incr, *c.append):
             if k in values:
                 self._baseline[k] = codec.dumps(k, values[k])
@@ -202,6 +204,7 @@ class AppSession(MutableMapping[str, Any]):
         c.deleted.discard(key)
         c.incr.pop(key, None)
         c.append.pop(key, None)
+        c.keep.pop(key, None)
         c.set[key] = serialized
         if self._values is not None:
             self._values[key] = value
@@ -212,7 +215,7 @@ class AppSession(MutableMapping[str, Any]):
             raise KeyError(key)
         del values[key]
         c = self.changes
-        for kind in (c.set, c.incr, c.append):
+        for kind in (c.set, c.incr, c.append, c.keep):
             kind.pop(key, None)
         c.deleted.add(key)
         self._handed.discard(key)
@@ -241,19 +244,27 @@ class AppSession(MutableMapping[str, Any]):
         self._baseline[key] = _dumps(key, value)  # (not a change in place: an increment)
         return value
 
-    def append(self, key: str, item: Any) -> None:
+    def append(self, key: str, item: Any, *, keep: int | None = None) -> None:
         """Add `item` at the end of the list at `key` (a new list if absent) at the primary:
-        concurrent appends all land, each once."""
+        concurrent appends all land, each once. `keep`: the list keeps its last `keep`
+        items there (a chat's recent messages), the older ones go."""
         self._check_session()
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)
+                                 or keep < 1):
+            raise ValueError(f"app_session[{key!r}].append: keep must be a positive int, "
+                             f"not {keep!r}")
         serialized = _dumps(key, item)
         c = self.changes
         if key in c.set:
-            c.set[key] = _dumps(key, [*_list(key, codec.loads(c.set[key])), item])
+            c.set[key] = _dumps(key, _kept([*_list(key, codec.loads(c.set[key])), item], keep))
         else:
             c.deleted.discard(key)
             c.append.setdefault(key, []).append(serialized)
+            if keep is not None:
+                c.keep[key] = keep
         if self._values is not None:
-            value = self._values[key] = [*_list(key, self._values.get(key, [])), item]
+            value = self._values[key] = _kept(
+                [*_list(key, self._values.get(key, [])), item], keep)
             self._baseline[key] = _dumps(key, value)  # (not a change in place: an append)
 
     # --- end of request ---------------------------------------------------------------------
@@ -269,6 +280,7 @@ class AppSession(MutableMapping[str, Any]):
                 if now != self._baseline.get(key, self._stored.get(key)):
                     c.incr.pop(key, None)
                     c.append.pop(key, None)
+                    c.keep.pop(key, None)
                     c.set[key] = now
         return self.changes
 
@@ -305,3 +317,7 @@ def _list(key: str, value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise TypeError(f"app_session[{key!r}] is {type(value).__name__}, not a list")
     return value
+
+
+def _kept(items: list[Any], keep: int | None) -> list[Any]:
+    return items if keep is None or len(items) <= keep else items[-keep:]

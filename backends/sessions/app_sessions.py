@@ -321,7 +321,11 @@ class AppSessions:
                 log.error("app_session_conflict", app=record.sid[:12], key=key,
                           error="append to a value that is not a list: not applied")
                 continue
-            set_[key] = codec.dumps(key, [*current, *map(codec.loads, items)])
+            value = [*current, *map(codec.loads, items)]
+            keep = msg.get("keep", {}).get(key)
+            if isinstance(keep, int) and 0 < keep < len(value):
+                value = value[-keep:]  # (the last `keep`: a chat's recent messages)
+            set_[key] = codec.dumps(key, value)
         return set_, deleted
 
     @staticmethod
