@@ -26,13 +26,13 @@ from tandem.token import Route, new_sid
 
 from ..errors import SessionError, SessionInvalidated
 from . import codec
+from .app_session import AppSession, member_id
 
 if TYPE_CHECKING:
     from _collections_abc import dict_items, dict_keys, dict_values
 
     from tandem.config import SessionSection
 
-    from .app_session import AppSession
     from .store import Primary
 
 
@@ -237,8 +237,10 @@ class Session(dict[str, Any]):
         writes are committed with this session's (docs/app-sessions.md). In an async
         handler: `room = await session.app_session(key)`."""
         self._check()
-        if key.__class__ is not str or not key:
-            raise TypeError(f"an application session's key is a non-empty str, not {key!r}")
+        if key.__class__ is not str:
+            raise TypeError(f"an application session's key is a str, not {type(key).__name__}")
+        if not key:
+            raise ValueError("an application session's key may not be empty")
         apps = self._apps
         if apps is None:
             apps = self._apps = {}
@@ -248,7 +250,6 @@ class Session(dict[str, Any]):
             if service is None:
                 raise SessionError("application sessions need a tandem server (this session "
                                    "is kept in this process)")
-            from .app_session import AppSession, member_id
             record = self._ensure()  # a member is a session: it exists from now on
             handle = apps[key] = AppSession(key, member=member_id(record.sid),
                                             service=service, check=self._check)
