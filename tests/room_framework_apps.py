@@ -20,7 +20,7 @@ from backends.frameworks.flask import SessionInterface
 __all__ = ["flask_rooms", "starlette_rooms"]
 
 
-def _answer(room: Any, server: str) -> dict[str, Any]:
+def _answer(room: Any, server: str | None) -> dict[str, Any]:
     return {"room": dict(room), "members": room.members, "primary": room.primary,
             "server": server}
 
@@ -34,7 +34,7 @@ def flask_post() -> Any:
     room = session.app_session(request.args["room"])  # (a WSGI thread: read on first use)
     room.append("log", request.args["msg"])
     room.incr("n")
-    return jsonify(_answer(room, request.environ["tandem.server"]))
+    return jsonify(_answer(room, request.environ.get("tandem.server")))
 
 
 async def starlette_post(request: Request) -> JSONResponse:

@@ -329,3 +329,15 @@ def test_append_keeps_the_last_items_it_is_told_to(make_cluster):
             status, body = c.get(f"/post?room=r&msg={name}{i}&keep=3")
             assert status == 200 and len(body["room"]["log"]) <= 3, body
     assert a.get("/join?room=r")[1]["room"] == {"log": ["b3", "a4", "b4"], "n": 10}
+
+
+def test_flask_test_client_keeps_rooms_in_its_process():
+    """An app's own test suite (Flask's test client, no tandem server): its rooms are shared
+    by the clients of the test process, with the same rules."""
+    from tests.room_framework_apps import flask_rooms
+
+    a, b = flask_rooms.test_client(), flask_rooms.test_client()
+    assert a.get("/post?room=r&msg=a0").json["room"] == {"log": ["a0"], "n": 1}
+    body = b.get("/post?room=r&msg=b0").json
+    assert body["room"] == {"log": ["a0", "b0"], "n": 2}
+    assert len(body["members"]) == 2 and body["primary"] is None

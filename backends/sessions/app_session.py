@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from ..errors import SessionError
 from . import codec
 
-__all__ = ["AppSession", "AppService", "AppChanges", "member_id", "RESERVED"]
+__all__ = ["AppSession", "AppService", "AppChanges", "member_id", "applied", "RESERVED"]
 
 # Keys of an application session's record that are not the application's (its members).
 RESERVED = "\x00"
@@ -151,6 +151,10 @@ class AppSession(MutableMapping[str, Any]):
         return self._values
 
     def _load_blocking(self) -> None:
+        open_now = getattr(self._service, "open_now", None)
+        if open_now is not None:  # kept in this process (a framework's test client)
+            self.loaded(open_now(self.key, member=self.member))
+            return
         loop = self._service.loop
         try:
             asyncio.get_running_loop()
@@ -294,6 +298,32 @@ class AppSession(MutableMapping[str, Any]):
     @property
     def dirty(self) -> bool:
         return bool(self.changes or self._handed)
+
+
+def applied(data: dict[str, str], msg: dict[str, Any]) -> tuple[
+        dict[str, str], set[str], list[tuple[str, str]]]:
+    """A commit's writes (`AppChanges.message()`) as changes of the stored values `data`:
+    sets and deletions as sent, increments and appends applied to the values held now
+    (the concurrency rule: docs/app-sessions.md); with the writes that could not apply."""
+    set_ = {k: v for k, v in msg["set"].items() if not k.startswith(RESERVED)}
+    deleted = {k for k in msg["del"] if not k.startswith(RESERVED) and k in data}
+    conflicts: list[tuple[str, str]] = []
+    for key, amount in msg["incr"].items():
+        current = codec.loads(data[key]) if key in data else 0
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            conflicts.append((key, "incr of a value that is not a number: not applied"))
+            continue
+        set_[key] = codec.dumps(key, current + amount)
+    keep = msg.get("keep", {})
+    for key, items in msg["append"].items():
+        current = codec.loads(data[key]) if key in data else []
+        if not isinstance(current, list):
+            conflicts.append((key, "append to a value that is not a list: not applied"))
+            continue
+        n = keep.get(key)
+        set_[key] = codec.dumps(key, _kept([*current, *map(codec.loads, items)],
+                                           n if isinstance(n, int) and n > 0 else None))
+    return set_, deleted, conflicts
 
 
 def _dumps(key: str, value: Any) -> str:

@@ -32,8 +32,7 @@ from typing import Any
 import structlog
 
 from ..errors import NotServing, PeerTimeout, PeerUnavailable, ReplicationError
-from . import codec
-from .app_session import RESERVED, AppSession
+from .app_session import RESERVED, AppSession, applied
 from .committing import Committer
 from .context import Context
 from .expiry import Expiry
@@ -268,7 +267,9 @@ class AppSessions:
                           commit=msg["commit"])
             return True
         if commit:
-            set_, deleted = self._changes(record, msg)
+            set_, deleted, conflicts = applied(record.data, msg)
+            for key, error in conflicts:
+                log.error("app_session_conflict", app=record.sid[:12], key=key, error=error)
             entry["ops"] = [*entry["ops"], msg["commit"]][-_OPS_KEPT:]
         if commit or mkey not in record.data or now - entry["t"] > record.max_inactive_s / 4:
             entry["t"] = now  # joined, or seen again (members touch it: expiry)
@@ -301,32 +302,6 @@ class AppSessions:
             await ctx.persister.committed(record, changed=changed)
         if time.monotonic() >= ctx.membership.ack_until:
             await ctx.membership.ready()
-
-    def _changes(self, record: Primary, msg: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
-        """A commit's writes as the record's: sets and deletions as sent, increments and
-        appends applied to the values held now."""
-        data = record.data
-        set_ = {k: v for k, v in msg["set"].items() if not k.startswith(RESERVED)}
-        deleted = {k for k in msg["del"] if not k.startswith(RESERVED) and k in data}
-        for key, amount in msg["incr"].items():
-            current = codec.loads(data[key]) if key in data else 0
-            if isinstance(current, bool) or not isinstance(current, (int, float)):
-                log.error("app_session_conflict", app=record.sid[:12], key=key,
-                          error="incr of a value that is not a number: not applied")
-                continue
-            set_[key] = codec.dumps(key, current + amount)
-        for key, items in msg["append"].items():
-            current = codec.loads(data[key]) if key in data else []
-            if not isinstance(current, list):
-                log.error("app_session_conflict", app=record.sid[:12], key=key,
-                          error="append to a value that is not a list: not applied")
-                continue
-            value = [*current, *map(codec.loads, items)]
-            keep = msg.get("keep", {}).get(key)
-            if isinstance(keep, int) and 0 < keep < len(value):
-                value = value[-keep:]  # (the last `keep`: a chat's recent messages)
-            set_[key] = codec.dumps(key, value)
-        return set_, deleted
 
     @staticmethod
     def _gone_members(record: Primary, now: float, *, keep: str) -> set[str]:

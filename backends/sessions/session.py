@@ -26,7 +26,7 @@ from tandem.token import Route, new_sid
 
 from ..errors import SessionError, SessionInvalidated
 from . import codec
-from .app_session import AppSession, member_id
+from .app_session import AppService, AppSession, member_id
 
 if TYPE_CHECKING:
     from _collections_abc import dict_items, dict_keys, dict_values
@@ -93,7 +93,7 @@ class Session(dict[str, Any]):
 
     __slots__ = ("_record", "_create", "_context", "_stored", "_set", "_deleted", "_handed",
                  "_invalidated", "_regenerate", "_max_inactive_s", "accessed", "modified",
-                 "cookie", "cookie_refresh", "_apps", "__weakref__")
+                 "cookie", "cookie_refresh", "app_service", "_apps", "__weakref__")
 
     def __init__(self, record: Primary | None, *, create: Callable[[], Primary],
                  context: SessionContext | None = None) -> None:
@@ -131,6 +131,9 @@ class Session(dict[str, Any]):
         # Max-Age refreshed by each write)
         self.cookie: SessionCookie | None = None
         self.cookie_refresh = False
+        # where its application sessions are (None: the context's, a server's); set by a
+        # framework's glue for sessions kept in its process (backends.frameworks.local)
+        self.app_service: AppService | None = None
         # the application sessions this request opened: key -> handle (None: none yet)
         self._apps: dict[str, AppSession] | None = None
 
@@ -246,10 +249,10 @@ class Session(dict[str, Any]):
             apps = self._apps = {}
         handle = apps.get(key)
         if handle is None:
-            service = getattr(self._context, "app_sessions", None)
+            service = self.app_service or getattr(self._context, "app_sessions", None)
             if service is None:
-                raise SessionError("application sessions need a tandem server (this session "
-                                   "is kept in this process)")
+                raise SessionError("application sessions need a tandem server, or a "
+                                   "framework's glue that keeps them in this process")
             record = self._ensure()  # a member is a session: it exists from now on
             handle = apps[key] = AppSession(key, member=member_id(record.sid),
                                             service=service, check=self._check)
