@@ -15,6 +15,9 @@ POST /say   (form: text)           adds a message to the room
 GET  /leave                        leaves the room (the session forgets it)
 GET  /api/room                     the room as JSON: messages, members, where it lives
 POST /api/say  (JSON: {"text"})    adds a message, answers as /api/room
+WS   /ws       each text message is said (an empty one says nothing), each is answered
+               with the room as /api/room has it: saved and read again at once, not when
+               the socket closes
 """
 
 from __future__ import annotations
@@ -25,16 +28,17 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from backends.sessions.app_session import AppSession
 
 KEPT = 200  # messages a room keeps (the oldest go when there are more)
 
 
-async def _room(request: Request) -> AppSession | None:
+async def _room(request: HTTPConnection) -> AppSession | None:
     """The room of this user's session, read from its primary (None: in no room)."""
     name = request.session.get("room")
     if name is None:
@@ -42,7 +46,7 @@ async def _room(request: Request) -> AppSession | None:
     return await request.session.app_session("room:" + name)
 
 
-def _say(request: Request, room: AppSession, text: str) -> None:
+def _say(request: HTTPConnection, room: AppSession, text: str) -> None:
     # append: applied at the room's primary on its current list, so two users talking at
     # once both land (a plain room["messages"] = [...] would keep only the last writer's)
     # (keep: the room holds its last KEPT messages, trimmed there as they come)
@@ -51,7 +55,7 @@ def _say(request: Request, room: AppSession, text: str) -> None:
     room.incr("said")
 
 
-def _state(request: Request, room: AppSession | None) -> dict[str, Any]:
+def _state(request: HTTPConnection, room: AppSession | None) -> dict[str, Any]:
     if room is None:
         return {"room": None, "server": request.scope.get("tandem.server")}
     messages = room.get("messages", [])
@@ -126,8 +130,26 @@ async def api_say(request: Request) -> Response:
     return JSONResponse(_state(request, room))
 
 
+async def ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    room = await _room(websocket)
+    try:
+        while True:
+            text = await websocket.receive_text()
+            if room is not None:
+                if text:
+                    _say(websocket, room, text)
+                    await room.save()  # now: the others see it before the socket closes
+                else:
+                    await room.refresh()  # what the others said since
+            await websocket.send_json(_state(websocket, room))
+    except WebSocketDisconnect:
+        pass
+
+
 app = Starlette(routes=[
     Route("/", home), Route("/join", join, methods=["POST"]),
     Route("/say", say, methods=["POST"]), Route("/leave", leave),
     Route("/api/room", api_room), Route("/api/say", api_say, methods=["POST"]),
+    WebSocketRoute("/ws", ws),
 ])

@@ -102,3 +102,33 @@ def test_chat_room_behind_tandem_up_keeps_every_message_when_its_primary_dies(
     finally:
         os.killpg(up.pid, signal.SIGKILL)
         up.wait(timeout=10)
+
+
+async def test_chat_over_websockets_on_two_servers_saves_each_message_at_once(make_cluster):
+    import aiohttp
+
+    cluster = make_cluster(app="examples.chat_app:app").start(proxy=False)
+    jars = [aiohttp.CookieJar(unsafe=True) for _ in range(3)]
+    bases = [cluster.url(s) for s in ("s1", "s2", "s3")]
+    async with aiohttp.ClientSession(cookie_jar=jars[0]) as a, \
+            aiohttp.ClientSession(cookie_jar=jars[1]) as b, \
+            aiohttp.ClientSession(cookie_jar=jars[2]) as c:
+        for http, base, name in ((a, bases[0], "ann"), (b, bases[1], "bob"),
+                                 (c, bases[2], "cyd")):
+            async with http.post(base + "/join", data={"name": name, "room": "den"},
+                                 allow_redirects=False) as resp:
+                assert resp.status == 303
+        async with a.ws_connect(bases[0] + "/ws") as wa, b.ws_connect(bases[1] + "/ws") as wb:
+            await wa.send_str("hi")
+            assert [m["text"] for m in (await wa.receive_json())["messages"]] == ["hi"]
+            await wb.send_str("")  # (reads again: what the others said)
+            assert [m["text"] for m in (await wb.receive_json())["messages"]] == ["hi"]
+            await wb.send_str("yo")
+            state = await wb.receive_json()
+            assert [(m["from"], m["text"]) for m in state["messages"]] == [
+                ("ann", "hi"), ("bob", "yo")]
+            # saved at once: a third user sees both while the sockets are still open
+            async with c.get(bases[2] + "/api/room") as resp:
+                room = await resp.json()
+            assert [m["text"] for m in room["messages"]] == ["hi", "yo"]
+            assert room["members"] == 3 and room["said"] == 2
