@@ -29,7 +29,8 @@ negative seconds or a past date end the session at `save()`. Without one, sessio
 `SESSION_COOKIE_AGE` when the project sets it, else the cluster file's
 `session.max_inactive_s`. `clear_expired()` expires idle sessions at once (tandem's sweep
 does it anyway). The token's cookie follows `SESSION_COOKIE_*` (backends.frameworks.
-django_cookie).
+django_cookie). `request.session.app_session(key)`: the application session named `key`
+(docs/app-sessions.md).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from django.utils.cache import patch_vary_headers  # type: ignore[import-untyped
 
 from tandem.token import new_sid
 
+from ..errors import SessionError
 from ..serve.asgi import current_session
 from .django_host import Host, current_host, use
 from .django_request import RequestSession
@@ -59,6 +61,8 @@ from .django_values import ValueCodec, Values
 
 if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponse  # type: ignore[import-untyped]
+
+    from ..sessions.app_session import AppSession
 
 __all__ = ["SessionStore", "SessionMiddleware", "use"]
 
@@ -233,6 +237,14 @@ class SessionStore(SessionBase):  # type: ignore[misc]
         if self._request is not None:
             return self.flush()  # type: ignore[no-any-return]
         return await super().aflush()  # type: ignore[no-any-return]
+
+    def app_session(self, key: str) -> AppSession:
+        """The application session named `key`, shared with every session naming it
+        (docs/app-sessions.md); in a request served by tandem only. In an async view:
+        `room = await request.session.app_session(key)`."""
+        if self._request is None:
+            raise SessionError("application sessions exist in requests served by tandem")
+        return self._request.session.app_session(key)
 
     def _get_new_session_key(self) -> str:
         return new_sid()  # (tandem makes the ids of its sessions; this one is merely unused)

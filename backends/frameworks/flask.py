@@ -27,7 +27,7 @@ rules keep their meaning (docs/frameworks.md has the whole table):
   run unchanged.
 
 The tandem session itself is `session.tandem`; `regenerate_id()` (call it at login),
-`invalidate()` and `encode_url(url)` are forwarded.
+`invalidate()`, `encode_url(url)` and `app_session(key)` are forwarded.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from flask import Flask, Request, Response
     from flask.json.tag import TaggedJSONSerializer
 
+    from ..sessions.app_session import AppSession
     from ..sessions.session import Session as TandemSession
 
 __all__ = ["SessionInterface", "FlaskSession", "FlaskCookie"]
@@ -209,6 +210,11 @@ class FlaskSession(dict[str, Any], SessionMixin):
     def encode_url(self, url: str) -> str:
         """`url` with the session token, for clients that do not keep cookies."""
         return self.tandem.encode_url(url)
+
+    def app_session(self, key: str) -> AppSession:
+        """The application session named `key`, shared with every session naming it (its
+        values are JSON, not Flask's tagged ones: docs/app-sessions.md)."""
+        return self.tandem.app_session(key)
 
     def __repr__(self) -> str:
         return f"<FlaskSession {dict.__repr__(self)}>"

@@ -36,6 +36,7 @@ from tandem.token import (
 )
 
 from ..errors import NotServing, TokenError
+from ..sessions.app_sessions import AppSessions
 from ..sessions.committing import CommitResult
 from ..sessions.manager import SessionManager, SessionMoved
 from ..sessions.session import Session
@@ -85,6 +86,7 @@ class TandemMiddleware:
         self._cookie_attrs = attrs
         self.cookie_secure = s.cookie_secure  # a framework's cookie settings keep it Secure
         self.cluster_settings = s  # what a framework's settings are layered over
+        self.app_sessions = manager.app_sessions  # session.app_session(key)
         # requests of sessions whose primary is another live server go there
         self.forwarder = Forwarder(manager=manager, config=config)
         self._clear_cookie = (f"{s.cookie_name}=; Max-Age=0{attrs}").encode("latin-1")
@@ -414,6 +416,10 @@ class _RequestContext:
     @property
     def cluster_settings(self) -> SessionSection:
         return self._mw.cluster_settings
+
+    @property
+    def app_sessions(self) -> AppSessions:
+        return self._mw.app_sessions
 
     def encode_url(self, url: str, route: Route) -> str:
         if self._origin is None:

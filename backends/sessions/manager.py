@@ -11,6 +11,7 @@
 | `Handover` | handover.py | drain, take-over by a peer, rebalancing |
 | `Failover` | failover.py | membership changes → promotions, re-protection |
 | `Expiry` | expiry.py | touch and expiry loops |
+| `AppSessions` | app_sessions.py | application sessions, read and written at their primary |
 
 Changes are committed when the handler has completed: applied to the primary and, with
 `session.replication = "sync"`, acknowledged by the secondary before the response leaves.
@@ -31,6 +32,7 @@ from tandem.logs import short
 from ..cluster.membership import Membership
 from ..errors import SessionMoved
 from ..persistence.persister import Persister
+from .app_sessions import AppSessions
 from .committing import CommitResult, Committer
 from .context import Context
 from .expiry import Expiry
@@ -57,6 +59,8 @@ class SessionManager:
         self.handover = Handover(ctx, self.committer)
         self.replica_side = ReplicaSide(ctx, self.handover)
         self.failover = Failover(ctx, self.committer)
+        # application sessions: records of the same store, read and written at their primary
+        self.app_sessions = ctx.apps = AppSessions(ctx, self.committer, self.expiry)
         if config.sites:
             from ..sites import Sites  # (builds on this package)
             ctx.sites = Sites(ctx, self.committer)
@@ -90,6 +94,7 @@ class SessionManager:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self.app_sessions.start()
         self._tasks.append(asyncio.create_task(self.expiry.sweep_loop(), name="session-sweeper"))
         self._tasks.append(asyncio.create_task(self.expiry.touch_loop(), name="session-touch"))
         if self.ctx.mode == "async":
@@ -118,7 +123,12 @@ class SessionManager:
     async def commit(self, session: Session, *, discard: bool = False,
                      rid: str | None = None, migrate: bool = False) -> CommitResult:
         """Apply the request's changes and replicate them (sync: acknowledged first); with
-        `migrate`, an overloaded server may hand the session on (the new token says where)."""
+        `migrate`, an overloaded server may hand the session on (the new token says where).
+        Its application sessions' writes are committed first, each at its primary: a request
+        whose session commit fails is retried with them applied once (app_sessions.py)."""
+        apps = session.app_sessions_open
+        if apps and not discard:
+            await self.app_sessions.commit(list(apps.values()), rid=rid)
         result = await self.committer.commit(session, discard=discard, rid=rid)
         record = session.record
         if migrate and result.route is not None and record is not None:

@@ -50,6 +50,8 @@ class ReplicaSide:
             return self._on_replicate(peer, msg)
         if type(op) is str and op.startswith("site_") and self.ctx.sites is not None:
             return self.ctx.sites.handle_local(peer, msg)  # remote copies (backends/sites)
+        if type(op) is str and op.startswith("app_") and self.ctx.apps is not None:
+            return self.ctx.apps.handle(peer, msg)  # application sessions (app_sessions.py)
         if op == "fetch":
             return self._on_fetch(peer, msg["sid"])
         if op == "release":

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tandem.token import Route, new_sid
 
-from ..errors import SessionInvalidated
+from ..errors import SessionError, SessionInvalidated
 from . import codec
+from .app_session import AppService, AppSession, member_id
 
 if TYPE_CHECKING:
     from _collections_abc import dict_items, dict_keys, dict_values
@@ -43,6 +44,7 @@ class SessionContext(Protocol):
     def encode_url(self, url: str, route: Route) -> str: ...
 
     # (optional) cluster_settings: SessionSection — the cluster file's [session] section
+    # (optional) app_sessions: AppService — the server's application sessions
 
 
 class SessionCookie(Protocol):
@@ -91,7 +93,7 @@ class Session(dict[str, Any]):
 
     __slots__ = ("_record", "_create", "_context", "_stored", "_set", "_deleted", "_handed",
                  "_invalidated", "_regenerate", "_max_inactive_s", "accessed", "modified",
-                 "cookie", "cookie_refresh", "__weakref__")
+                 "cookie", "cookie_refresh", "app_service", "_apps", "__weakref__")
 
     def __init__(self, record: Primary | None, *, create: Callable[[], Primary],
                  context: SessionContext | None = None) -> None:
@@ -129,6 +131,11 @@ class Session(dict[str, Any]):
         # Max-Age refreshed by each write)
         self.cookie: SessionCookie | None = None
         self.cookie_refresh = False
+        # where its application sessions are (None: the context's, a server's); set by a
+        # framework's glue for sessions kept in its process (backends.frameworks.local)
+        self.app_service: AppService | None = None
+        # the application sessions this request opened: key -> handle (None: none yet)
+        self._apps: dict[str, AppSession] | None = None
 
     # --- identity -------------------------------------------------------------------------
 
@@ -224,6 +231,38 @@ class Session(dict[str, Any]):
         if route is None or self._context is None:
             return url
         return self._context.encode_url(url, route)
+
+    # --- application sessions -------------------------------------------------------------
+
+    def app_session(self, key: str) -> AppSession:
+        """The application session named `key` (a room, a shared cart, a call): a mapping
+        shared by every session that names the same key, this one a member of it; its
+        writes are committed with this session's (docs/app-sessions.md). In an async
+        handler: `room = await session.app_session(key)`."""
+        self._check()
+        if key.__class__ is not str:
+            raise TypeError(f"an application session's key is a str, not {type(key).__name__}")
+        if not key:
+            raise ValueError("an application session's key may not be empty")
+        apps = self._apps
+        if apps is None:
+            apps = self._apps = {}
+        handle = apps.get(key)
+        if handle is None:
+            service = self.app_service or getattr(self._context, "app_sessions", None)
+            if service is None:
+                raise SessionError("application sessions need a tandem server, or a "
+                                   "framework's glue that keeps them in this process")
+            record = self._ensure()  # a member is a session: it exists from now on
+            handle = apps[key] = AppSession(key, member=member_id(record.sid),
+                                            service=service, check=self._check)
+        self.accessed = True
+        return handle
+
+    @property
+    def app_sessions_open(self) -> dict[str, AppSession] | None:
+        """The application sessions this request opened (None: none)."""
+        return self._apps
 
     # --- Starlette's session API ----------------------------------------------------------
 
@@ -430,7 +469,8 @@ class Session(dict[str, Any]):
     def dirty(self) -> bool:
         """Anything for a commit to look at (values handed out, set, deleted, flags)?"""
         return bool(self._handed or self._set or self._deleted or self._max_inactive_s is not None
-                    or self._regenerate is not None)
+                    or self._regenerate is not None
+                    or (self._apps and any(h.dirty for h in self._apps.values())))
 
     # --- internals ------------------------------------------------------------------------
 
