@@ -42,6 +42,7 @@ from ..sessions.session import Session
 from ..sessions.store import Primary
 from .deadline import DEADLINE_HEADER, Deadline, send_late
 from .forward import HOP_HEADER, Forwarder
+from .metrics import CONTENT_TYPE, METRICS_PATH, metrics_registry, render
 from .origin import Origin, rewrite_url
 from .rewrite import UrlRewriteMiddleware, token_in_urls
 
@@ -93,6 +94,7 @@ class TandemMiddleware:
         if s.url_rewriting:
             self._rewriter = UrlRewriteMiddleware(self._handle, param_name=self.param_name,
                                                   token_of=self._url_token)
+        self._registry = metrics_registry(manager)  # /__tandem/metrics
         # run-time state
         self.bad_tokens = 0
         self.inflight = 0  # requests being handled (a drain waits for them)
@@ -121,6 +123,9 @@ class TandemMiddleware:
             return
         if scope["path"] == HEALTH_PATH:
             await self._health(send)
+            return
+        if scope["path"] == METRICS_PATH:
+            await self._metrics(send)
             return
         if self.manager.draining:
             # Sessions are being handed over: the proxy fails this over to the secondary;
@@ -388,12 +393,22 @@ class TandemMiddleware:
             "standing": m.membership.quorum.standing.value,
             "lease": m.membership.serving_state() is None,
             "stats": m.stats,
+            # session.max_memory_mb / offload (docs/memory.md): accounted bytes, stubs
+            **({"memory": m.ctx.budget.used_bytes()} if m.ctx.budget is not None else {}),
             "tls": m.membership.channel.status(),  # null: plaintext replication
             **({"sites": m.sites.health()} if m.sites is not None else {}),
         }).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+    async def _metrics(self, send: Send) -> None:
+        body = render(self._registry)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", CONTENT_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -463,6 +478,8 @@ async def _send_unavailable(send: Send, exc: SessionMoved, kind: str) -> None:
         return
     body = (b"session moved to another server; retry\n" if exc.state == "moved"
             else b"server draining; retry\n" if exc.state == "draining"
+            else b"memory budget reached: no new session here; retry\n"
+            if exc.state == "memory-budget"
             else f"not serving this session here ({exc.state}); retry\n".encode())
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),

@@ -48,7 +48,8 @@ class Committer:
         record = session.record
         if record is None:
             return CommitResult(None)
-        if ctx.store.primaries.get(record.sid) is not record:
+        if ctx.store.primaries.get(record.sid) is not record and not (
+                ctx.budget is not None and ctx.budget.revive(record)):
             sid = record.sid
             if not (record.superseded or sid in ctx.store.primaries or sid in ctx.store.replicas
                     or sid in ctx.moved_to):
@@ -61,6 +62,8 @@ class Committer:
         if session.invalidated:
             await self.invalidate(record)
             return CommitResult(None, cleared=True)
+        if ctx.budget is not None and not discard and ctx.budget.over():
+            await self._make_room(record)
         first, first_version = record, record.version
         if not discard:
             changes = session.collect_changes()
@@ -78,6 +81,14 @@ class Committer:
         record.last_access = time.time()
         if record.version == 0:
             record.version = 1  # a new session is committed once, even with no keys
+        changed = record is not first or record.version != first_version
+        stored = False
+        if ctx.offload:  # the store first: the secondary gets only what it cannot give
+            assert ctx.persister is not None
+            stored = await ctx.persister.committed(record, changed=changed)
+        if ctx.budget is not None:
+            ctx.budget.committed(record, stored=stored or (
+                not changed and record.sid in ctx.budget.clean))
         if ctx.mode != "none":
             if record.version != record.sent_version or record.secondary is None:
                 await self.replicate(record)
@@ -85,14 +96,28 @@ class Committer:
                 ctx.touched.setdefault(record.secondary, {})[record.sid] = record.last_access
         if ctx.sites is not None:  # the remote sites' copies (MAN: acknowledged first)
             await ctx.sites.committed(record)
-        if ctx.persister is not None:  # after replication: a write (sync: awaited) or a touch
-            await ctx.persister.committed(
-                record, changed=record is not first or record.version != first_version)
+        if ctx.persister is not None and not ctx.offload:
+            # after replication: a write (sync: awaited) or a touch
+            await ctx.persister.committed(record, changed=changed)
         if time.monotonic() >= ctx.membership.ack_until:
             # Acknowledged only under the lease (docs/consistency.md, I1b): without it the
             # majority may have ended us and promoted the copy this write is not in.
             await ctx.membership.ready()
         return CommitResult(Route(record.sid, ctx.me.id, record.secondary))
+
+    async def _make_room(self, record: Primary) -> None:
+        """Past the memory budget: wait (bounded) for the evictor; a new session that still
+        finds no room is refused (503 `memory-budget`; the proxy tries another server)."""
+        ctx = self.ctx
+        assert ctx.budget is not None
+        if await ctx.budget.room(ctx.timeout) or record.version != 0:
+            return  # (an existing session is committed: refusing it would not free memory)
+        ctx.store.remove(record.sid)
+        ctx.stats["refused_memory"] += 1
+        log.warning("session_refused", sid=short(record.sid), reason="memory budget",
+                    **ctx.budget.used_bytes())
+        raise NotServing("memory budget reached: no new session here", peer=ctx.me.id,
+                         state="memory-budget")
 
     async def _regenerate(self, old: Primary, sid: str) -> Primary:
         """The session under the id `regenerate_id()` chose (and handed out already: in the
@@ -158,7 +183,10 @@ class Committer:
                 await membership.wait_view(lambda: ctx.choose_secondary() is None,
                                            ctx.config.cluster.heartbeat_interval_s)
                 continue
-            msg = self._replicate_msg(record)
+            if ctx.offload and ctx.budget is not None and record.sid in ctx.budget.clean:
+                msg = self._stub_msg(record)  # the store holds this version
+            else:
+                msg = self._replicate_msg(record)
             try:
                 reply = await membership.links[peer].call(msg, timeout=ctx.timeout)
             except (PeerUnavailable, PeerTimeout) as exc:
@@ -249,6 +277,19 @@ class Committer:
             pending = record.pending  # (in the data's order: a replica iterates as we do)
             msg["set"] = {k: v for k, v in data.items() if k in pending}
             msg["del"] = [k for k in record.pending if k not in data]
+        record.sent_version = record.version
+        record.pending.clear()
+        return msg
+
+    @staticmethod
+    def _stub_msg(record: Primary) -> dict[str, Any]:
+        """Offload: the store holds this version; the secondary keeps a stub of it (and the
+        last request's id and the values it replaced, for exactly-once retries)."""
+        msg: dict[str, Any] = {"op": "replicate", "sid": record.sid, "v": record.version,
+                               "e": record.epoch, "rid": record.last_rid, "undo": record.undo,
+                               "max_inactive_s": record.max_inactive_s,
+                               "created": record.created, "last_access": record.last_access,
+                               "stub": True}
         record.sent_version = record.version
         record.pending.clear()
         return msg

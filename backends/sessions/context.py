@@ -19,6 +19,7 @@ from ..cluster.membership import Membership
 from ..cluster.ranking import choose_secondary
 from ..errors import PeerTimeout, PeerUnavailable
 from ..persistence.persister import Persister, make_persister
+from .budget import Budget
 from .store import LocalStore, Primary
 
 if TYPE_CHECKING:  # (backends.sites builds on the sessions package)
@@ -55,6 +56,15 @@ class Context:
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         # session.persistence: where sessions found nowhere in memory are loaded from
         self.persister: Persister | None = make_persister(config, stats=self.stats)
+        # persistence.mode = "offload": the store is the home of the state, written before
+        # replication; session.max_memory_mb: records past it evicted to stubs
+        # (sessions/budget.py). None: neither (no accounting on the request path).
+        self.offload = self.persister is not None and self.persister.mode == "offload"
+        limit = config.session.max_memory_mb * 1024 * 1024
+        self.budget: Budget | None = None
+        if limit or self.offload:
+            self.budget = Budget(limit_bytes=limit, store=self.store, persister=self.persister,
+                                 offload=self.offload, stats=self.stats, me=me)
         # requests taking a session over right now: sid -> the record they will produce
         self.opening: dict[str, asyncio.Future[Primary | None]] = {}
         # sessions taken over from a peer that was unreachable: peer -> sid -> our epoch

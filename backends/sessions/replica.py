@@ -7,6 +7,7 @@ touch, supersede (a peer took sessions over while we were unreachable) and load 
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import structlog
 
 from tandem.logs import short
 
+from ..errors import NotServing
 from .context import Context
 from .handover import Handover
 from .store import Primary, Replica
@@ -52,16 +54,21 @@ class ReplicaSide:
             return self.ctx.sites.handle_local(peer, msg)  # remote copies (backends/sites)
         if op == "fetch":
             return self._on_fetch(peer, msg["sid"])
+        budget = self.ctx.budget
         if op == "release":
             replica = self.ctx.store.replicas.get(msg["sid"])
             if replica is not None and replica.primary == peer:
                 del self.ctx.store.replicas[msg["sid"]]
+            if budget is not None:
+                budget.drop(msg["sid"], peer=peer)
             return None
         if op == "invalidate":
             for sid in msg["sids"]:
                 replica = self.ctx.store.replicas.get(sid)
                 if replica is not None and replica.primary == peer:
                     del self.ctx.store.replicas[sid]
+                if budget is not None:
+                    budget.drop(sid, peer=peer)
             return {"ok": True}
         if op == "touch":
             now = time.monotonic()
@@ -70,6 +77,8 @@ class ReplicaSide:
                 if replica is not None and replica.primary == peer:
                     replica.last_access = max(replica.last_access, last_access)
                     replica.last_heard = now
+                elif budget is not None:
+                    budget.touched(sid, peer, last_access)
             return None
         return {"ok": False, "error": f"unknown op {op!r}"}
 
@@ -89,6 +98,20 @@ class ReplicaSide:
         replica = self.ctx.store.replicas.get(sid)
         if replica is not None and epoch < replica.epoch:
             return {"ok": False, "moved": replica.primary}  # a newer primary exists
+        budget = self.ctx.budget
+        if budget is not None and sid in budget.stubs:
+            stub = budget.stubs[sid]
+            if epoch < stub.epoch:
+                return {"ok": False, "moved": stub.peer or self.ctx.me.id}
+            if "data" in msg or msg.get("stub"):
+                budget.drop(sid)  # replaced by what this message brings
+        if msg.get("stub"):  # offload: the store holds this version (sessions/budget.py)
+            if budget is None:
+                return {"ok": False, "error": "a stub, but no store here"}
+            if replica is not None and epoch == replica.epoch and replica.version > version:
+                return {"ok": True, "stale": True}
+            budget.stub_replica(peer, msg)
+            return {"ok": True}
         if "data" in msg:
             if replica is not None and epoch == replica.epoch and replica.version > version:
                 return {"ok": True, "stale": True}  # never go back to an older version
@@ -113,6 +136,8 @@ class ReplicaSide:
         replica.max_inactive_s = float(msg["max_inactive_s"])
         replica.last_access = float(msg["last_access"])
         replica.last_heard = time.monotonic()
+        if budget is not None:
+            budget.replicated(replica)
         return {"ok": True}
 
     def _on_supersede(self, peer: str, sids: dict[str, int]) -> None:
@@ -124,6 +149,8 @@ class ReplicaSide:
             replica = self.ctx.store.replicas.get(sid)
             if replica is not None and replica.epoch < epoch:
                 del self.ctx.store.replicas[sid]
+            if self.ctx.budget is not None:
+                self.ctx.budget.drop(sid, older_than=epoch)
 
     def _drop_superseded(self, record: Primary, *, by: str) -> None:
         self.ctx.store.remove(record.sid)
@@ -140,8 +167,24 @@ class ReplicaSide:
         await self.ctx.call_quietly(holder, {"op": "release", "sid": sid})
         return reply
 
+    async def _fetch_stub(self, peer: str, sid: str) -> Any:
+        """A fetch of a session evicted here: loaded back, then handed over as any other."""
+        assert self.ctx.budget is not None
+        try:
+            record = await self.ctx.budget.reinstate(sid)
+        except NotServing as exc:
+            return {"found": False, "error": str(exc)}
+        if record is None:
+            return {"found": False}
+        reply = self._on_fetch(peer, sid)
+        return await reply if inspect.isawaitable(reply) else reply
+
     def _on_fetch(self, peer: str, sid: str) -> Any:
         record = self.ctx.store.primaries.get(sid)
+        budget = self.ctx.budget
+        if record is None and budget is not None and sid in budget.stubs and (
+                budget.stubs[sid].primary):
+            return self._fetch_stub(peer, sid)
         if record is not None:
             state = record.state()
             self.ctx.store.demote(record, new_primary=peer)  # kept until the new secondary has it

@@ -1,0 +1,400 @@
+"""The memory budget of one server's sessions, and the stubs of sessions held by the store.
+
+`session.max_memory_mb` bounds what this server's primaries and replicas hold: each record
+counts the bytes of its keys and serialized values plus `RECORD_OVERHEAD`, each stub
+`STUB_BYTES` (both measured: docs/memory.md). Past the budget the evictor writes the least
+recently used records to the persistent store — replicas first (they are read only at a
+failover), then primaries — and keeps a `Stub` of each in their place: id, version, epoch,
+the other copy's server. A primary stub is loaded back from the store by the session's next
+request (`reinstate`); a replica stub promoted at a failover becomes a primary stub. Without
+a store nothing can be evicted: new sessions get 503 (`memory-budget`) instead.
+
+`persistence.mode = "offload"` uses the same stubs without a budget too: the store is the
+home of the state and a secondary holds a replica stub of what the store has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+
+from tandem.logs import short
+
+from ..errors import NotServing
+from .store import LocalStore, Primary, Replica
+
+if TYPE_CHECKING:
+    from ..persistence.persister import Persister
+
+__all__ = ["Budget", "Stub", "RECORD_OVERHEAD", "STUB_BYTES", "record_bytes"]
+
+log = structlog.get_logger("tandem.sessions")
+
+# What a record costs besides its keys and values (bytes, measured with tracemalloc on
+# CPython 3.11-3.12, bench/offload.py --measure): the Primary or Replica object with its
+# slots, its dict and empty sets, the store's index entry and the budget's LRU entry.
+RECORD_OVERHEAD = 700
+# What a stub costs (the object, its index entry), measured the same way.
+STUB_BYTES = 200
+# The evictor stops once this share of the budget is used (room for the next burst).
+LOW_WATER = 0.9
+# Records written to the store per eviction round (one pipeline / transaction).
+EVICT_BATCH = 32
+
+R = TypeVar("R", Primary, Replica)
+
+
+def record_bytes(record: Primary | Replica) -> int:
+    """The accounted size of a record: its keys and serialized values, plus the overhead."""
+    return RECORD_OVERHEAD + sum(len(k) + len(v) for k, v in record.data.items())
+
+
+class Stub:
+    """A session whose state is in the store only: what routing and failover need of it.
+
+    `primary`: this server serves it (`peer` its secondary); else it is a replica stub
+    (`peer` its primary, `heard` when that primary last spoke of it)."""
+
+    __slots__ = ("sid", "version", "epoch", "peer", "primary", "last_access",
+                 "max_inactive_s", "rid", "undo", "heard")
+
+    def __init__(self, sid: str, *, version: int, epoch: int, peer: str | None, primary: bool,
+                 last_access: float, max_inactive_s: float, rid: str | None,
+                 undo: dict[str, str | None]) -> None:
+        self.sid = sid
+        self.version = version
+        self.epoch = epoch
+        self.peer = peer
+        self.primary = primary
+        self.last_access = last_access
+        self.max_inactive_s = max_inactive_s
+        # exactly-once retries, as on the record (its last request's id and what it replaced)
+        self.rid = rid
+        self.undo = undo
+        self.heard = time.monotonic()
+
+    @classmethod
+    def of(cls, record: Primary | Replica, *, primary: bool) -> Stub:
+        peer = record.secondary if isinstance(record, Primary) else record.primary
+        return cls(record.sid, version=record.version, epoch=record.epoch, peer=peer,
+                   primary=primary, last_access=record.last_access,
+                   max_inactive_s=record.max_inactive_s, rid=record.last_rid,
+                   undo=record.undo)
+
+    def expired(self, now: float, mono: float) -> bool:
+        if self.primary:
+            return now - self.last_access > self.max_inactive_s
+        return mono - self.heard > 2 * self.max_inactive_s  # (an orphaned replica's rule)
+
+
+class _Tracked(dict[str, R]):
+    """The store's primaries or replicas, each change counted in the budget (only when a
+    budget is set: otherwise the store keeps its plain dicts)."""
+
+    __slots__ = ("_lru", "_changed")
+
+    def __init__(self, items: dict[str, R], lru: OrderedDict[str, int],
+                 changed: Callable[[int], None]) -> None:
+        super().__init__()
+        self._lru = lru
+        self._changed = changed
+        for sid, record in items.items():
+            self[sid] = record
+
+    def __setitem__(self, sid: str, record: R) -> None:
+        dict.__setitem__(self, sid, record)
+        size = record_bytes(record)
+        old = self._lru.pop(sid, 0)
+        self._lru[sid] = size  # (the most recently used end)
+        self._changed(size - old)
+
+    def __delitem__(self, sid: str) -> None:
+        dict.__delitem__(self, sid)
+        self._changed(-self._lru.pop(sid, 0))
+
+    def pop(self, sid: str, *default: Any) -> Any:
+        found = dict.pop(self, sid, *default)
+        if sid in self._lru:
+            self._changed(-self._lru.pop(sid))
+        return found
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self._changed(-sum(self._lru.values()))
+        self._lru.clear()
+
+    def resized(self, record: R) -> None:
+        """The record's values changed (a commit, a delta): counted again, used now."""
+        if dict.get(self, record.sid) is record:
+            self[record.sid] = record
+
+
+class Budget:
+    """Accounting, eviction and stubs of one server's sessions."""
+
+    def __init__(self, *, limit_bytes: int, store: LocalStore, persister: Persister | None,
+                 offload: bool, stats: dict[str, int], me: str) -> None:
+        # configuration
+        self.me = me
+        self.limit = limit_bytes          # 0: unbounded (offload's stubs only)
+        self.offload = offload
+        self.store = store
+        self.persister = persister
+        # accounting: sid -> accounted bytes, least recently used first
+        self.used = 0
+        self.lru_primaries: OrderedDict[str, int] = OrderedDict()
+        self.lru_replicas: OrderedDict[str, int] = OrderedDict()
+        self.primaries: _Tracked[Primary] | None = None
+        self.replicas: _Tracked[Replica] | None = None
+        if limit_bytes:
+            self.primaries = _Tracked(store.primaries, self.lru_primaries, self._count)
+            self.replicas = _Tracked(store.replicas, self.lru_replicas, self._count)
+            store.primaries, store.replicas = self.primaries, self.replicas
+        # sessions whose state is in the store only
+        self.stubs: dict[str, Stub] = {}
+        # primaries held here whose version the store holds too (evicted without a write)
+        self.clean: set[str] = set()
+        self.stats = stats
+        for key in ("evicted", "stub_loaded", "refused_memory"):
+            stats.setdefault(key, 0)
+        # the evictor
+        self._over = asyncio.Event()
+        self._room = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- accounting ---------------------------------------------------------------------
+
+    def _count(self, delta: int) -> None:
+        self.used += delta
+        if self.limit and self.used > self.limit:
+            self._room.clear()
+            self._over.set()
+
+    def over(self) -> bool:
+        """Is more held than the budget allows (stubs included)?"""
+        return bool(self.limit) and self.used + STUB_BYTES * len(self.stubs) > self.limit
+
+    def used_bytes(self) -> dict[str, int]:
+        """What the health JSON and the metrics show."""
+        return {"limit": self.limit, "used": self.used + STUB_BYTES * len(self.stubs),
+                "primaries": sum(self.lru_primaries.values()),
+                "replicas": sum(self.lru_replicas.values()),
+                "stubs": len(self.stubs)}
+
+    def used_now(self, record: Primary) -> None:
+        """A request opened this primary: the least recently used are evicted first."""
+        if self.lru_primaries and record.sid in self.lru_primaries:
+            self.lru_primaries.move_to_end(record.sid)
+
+    def committed(self, record: Primary, *, stored: bool) -> None:
+        """After a commit: its new size counted; `stored` — the store holds this version."""
+        if self.primaries is not None:
+            self.primaries.resized(record)
+        if stored:
+            self.clean.add(record.sid)
+        else:
+            self.clean.discard(record.sid)
+
+    def replicated(self, replica: Replica) -> None:
+        """A delta changed this replica: counted again."""
+        if self.replicas is not None:
+            self.replicas.resized(replica)
+
+    async def room(self, timeout: float) -> bool:
+        """Wait (bounded) for the evictor to bring the server under its budget."""
+        if not self.over() or self.persister is None:
+            return not self.over()
+        self._over.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.over():
+                    self._room.clear()
+                    await self._room.wait()
+        return not self.over()
+
+    # --- stubs --------------------------------------------------------------------------
+
+    def stub_replica(self, peer: str, msg: dict[str, Any]) -> None:
+        """A primary's replication of a version the store holds (offload): a replica stub
+        in place of any copy held of it."""
+        sid = msg["sid"]
+        self.store.replicas.pop(sid, None)
+        stub = Stub(sid, version=int(msg["v"]), epoch=int(msg.get("e", 0)), peer=peer,
+                    primary=False, last_access=float(msg["last_access"]),
+                    max_inactive_s=float(msg["max_inactive_s"]), rid=msg.get("rid"),
+                    undo=msg.get("undo") or {})
+        self.stubs[sid] = stub
+
+    def replica_stub(self, sid: str) -> Stub | None:
+        stub = self.stubs.get(sid)
+        return stub if stub is not None and not stub.primary else None
+
+    def drop(self, sid: str, *, peer: str | None = None, older_than: int | None = None) -> None:
+        """Forget a stub (of `peer`'s, of an epoch older than `older_than`, when given)."""
+        stub = self.stubs.get(sid)
+        if stub is None or (peer is not None and stub.peer != peer and not stub.primary) or (
+                older_than is not None and stub.epoch >= older_than):
+            return
+        del self.stubs[sid]
+
+    def touched(self, sid: str, peer: str, last_access: float) -> None:
+        stub = self.stubs.get(sid)
+        if stub is not None and not stub.primary and stub.peer == peer:
+            stub.last_access = max(stub.last_access, last_access)
+            stub.heard = time.monotonic()
+
+    def promote_stubs(self, peer: str, *, epoch_of: Callable[[int], int]) -> dict[str, int]:
+        """The view ended `peer`: its replica stubs here become primary stubs (the store
+        holds their state; the next request loads it). sid -> the new epoch."""
+        promoted: dict[str, int] = {}
+        now = time.time()
+        for stub in [s for s in self.stubs.values() if not s.primary and s.peer == peer]:
+            if now - stub.last_access > stub.max_inactive_s:
+                del self.stubs[stub.sid]
+                continue
+            stub.primary, stub.peer, stub.epoch = True, None, epoch_of(stub.epoch)
+            promoted[stub.sid] = stub.epoch
+        return promoted
+
+    def clear(self) -> None:
+        """Fenced: nothing held here is ours to serve any more."""
+        self.stubs.clear()
+        self.clean.clear()
+
+    async def reinstate(self, sid: str) -> Primary | None:
+        """The primary of a primary stub, loaded back from the store (None: not a primary
+        stub here, or the store no longer has this session or has a newer owner's)."""
+        stub = self.stubs.get(sid)
+        if stub is None or not stub.primary or self.persister is None:
+            return None
+        state = await self.persister.load(sid)
+        if state is None and self.persister.failing:
+            # The store cannot be read now: the session is there still. 503, the stub kept.
+            raise NotServing("the session is in the store, which fails", peer=self.me,
+                             state="store-unavailable")
+        if self.stubs.get(sid) is not stub:  # a concurrent request loaded it meanwhile
+            return self.store.primaries.get(sid)
+        del self.stubs[sid]
+        if state is None or int(state.get("e", 0)) > stub.epoch or int(state["v"]) < stub.version:
+            # expired, lost by the store, or taken over by another server since
+            log.warning("stub_not_loaded", sid=short(sid), version=stub.version,
+                        stored=None if state is None else state["v"])
+            return None
+        record = Primary(sid, data=state["data"], version=int(state["v"]), epoch=stub.epoch,
+                         max_inactive_s=stub.max_inactive_s, created=float(state["created"]),
+                         last_access=max(stub.last_access, float(state["last_access"])),
+                         last_rid=stub.rid, undo=stub.undo)
+        self.store.primaries[sid] = record
+        if stub.peer is not None:
+            # the secondary holds this version (a copy or a stub: a later delta to a stub
+            # is answered need_full, and the whole state is sent)
+            self.store.assign_secondary(record, stub.peer)
+            record.sent_version = record.acked_version = record.version
+        self.clean.add(sid)
+        self.stats["stub_loaded"] += 1
+        log.info("stub_loaded", sid=short(sid), version=record.version)
+        return record
+
+    def revive(self, record: Primary) -> bool:
+        """A request held this primary while it was evicted: it is served from memory again
+        (True), if its stub is still the one made of it."""
+        stub = self.stubs.get(record.sid)
+        if stub is None or not stub.primary or (stub.epoch, stub.version) != (
+                record.epoch, record.version) or record.sid in self.store.primaries:
+            return False
+        del self.stubs[record.sid]
+        self.store.primaries[record.sid] = record
+        if stub.peer is not None:
+            self.store.assign_secondary(record, stub.peer)
+            record.sent_version = record.acked_version = record.version
+        return True
+
+    # --- eviction -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.limit and self.persister is not None:
+            self._tasks.append(asyncio.create_task(self._evict_loop(), name="session-evictor"))
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="stub-sweeper"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _evict_loop(self) -> None:
+        while True:
+            await self._over.wait()
+            self._over.clear()
+            while self.used + STUB_BYTES * len(self.stubs) > self.limit * LOW_WATER:
+                if not await self._evict_round():
+                    await asyncio.sleep(1.0)  # the store is failing: try again later
+                    break
+                self._room.set()
+            self._room.set()
+
+    async def _evict_round(self) -> bool:
+        """Write a batch of the least recently used records to the store and stub them;
+        False when nothing could be evicted."""
+        assert self.persister is not None
+        victims: list[Primary | Replica] = []
+        for lru, held in ((self.lru_replicas, self.store.replicas),
+                          (self.lru_primaries, self.store.primaries)):
+            for sid in lru:
+                if len(victims) >= EVICT_BATCH:
+                    break
+                record = held.get(sid)
+                if record is not None:
+                    victims.append(record)
+        if not victims:
+            return False
+        ages = {r.sid: (r.epoch, r.version) for r in victims}
+        to_write = [r for r in victims if not (isinstance(r, Primary) and r.sid in self.clean
+                                               and not self.persister.pending(r.sid))]
+        if to_write and not await self.persister.save_states([_state(r) for r in to_write]):
+            return False
+        evicted = 0
+        for record in victims:
+            if (record.epoch, record.version) != ages[record.sid]:
+                continue  # changed while it was written: it stays (and is used now)
+            if isinstance(record, Primary):
+                if self.store.primaries.get(record.sid) is not record:
+                    continue
+                self.store.remove(record.sid)
+                self.clean.discard(record.sid)
+                self.stubs[record.sid] = Stub.of(record, primary=True)
+            else:
+                if self.store.replicas.get(record.sid) is not record:
+                    continue
+                del self.store.replicas[record.sid]
+                self.stubs[record.sid] = Stub.of(record, primary=False)
+            evicted += 1
+        self.stats["evicted"] += evicted
+        if evicted:
+            log.info("sessions_evicted", sessions=evicted, used=self.used, limit=self.limit)
+        return evicted > 0
+
+    async def _sweep_loop(self) -> None:
+        interval = 5.0
+        while True:
+            await asyncio.sleep(interval)
+            now, mono = time.time(), time.monotonic()
+            dead = [s.sid for s in self.stubs.values() if s.expired(now, mono)]
+            for sid in dead:
+                del self.stubs[sid]
+            if dead:
+                log.info("stubs_expired", stubs=len(dead))
+
+
+def _state(record: Primary | Replica) -> dict[str, Any]:
+    """What the store keeps of a record (`Primary.state()`'s shape, for either kind)."""
+    return {"sid": record.sid, "v": record.version, "e": record.epoch, "data": record.data,
+            "max_inactive_s": record.max_inactive_s, "created": record.created,
+            "last_access": record.last_access}

@@ -1,0 +1,197 @@
+"""The memory budget (session.max_memory_mb, max_session_bytes) and offload mode: real
+backend processes, real Redis, kill -9."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from backends.errors import SessionTooLarge
+from backends.sessions.session import Session
+from backends.sessions.store import Primary
+from tandem.config import SessionSection
+from tests.budget_app import digest, value_of
+from tests.cluster import Client, Cluster
+from tests.stores import make_redis, redis_server, with_persistence  # noqa: F401 - fixtures
+
+APP = "tests.budget_app:app"
+KB = 1024
+
+
+def raw_get(url: str) -> tuple[int, Any, bytes]:
+    """Status, headers (case-insensitive) and body."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def fill(client: Client, key: str, n: int, seed: str, base: str | None = None) -> Any:
+    return client.get(f"/fill?key={key}&bytes={n}&seed={seed}", base=base)
+
+
+# --- session.max_session_bytes ------------------------------------------------------------
+
+
+class _Settings:
+    cluster_settings = SessionSection(max_session_bytes=100)
+
+    def route_of(self, record: Primary) -> Any:
+        raise NotImplementedError
+
+    def encode_url(self, url: str, route: Any) -> str:
+        return url
+
+
+def test_an_assignment_past_max_session_bytes_raises_naming_key_and_sizes():
+    record = Primary("sid", max_inactive_s=60)
+    record.data = {"a": '"' + "x" * 40 + '"'}  # 1 + 42 bytes held
+    session = Session(record, create=lambda: record, context=_Settings())
+    session["b"] = "y" * 40  # 43 + 43 = 86: fits
+    with pytest.raises(SessionTooLarge) as info:
+        session["c"] = "z" * 20  # + 1 + 22 = 109
+    assert info.value.key == "c" and info.value.size == 109 and info.value.limit == 100
+    assert "session['c']" in str(info.value) and "max_session_bytes = 100" in str(info.value)
+    assert "c" not in session  # nothing of it was kept
+    with pytest.raises(SessionTooLarge):
+        session.update({"d": 1, "e": "w" * 30})  # all or nothing
+    assert "d" not in session
+    del session["a"]  # room again
+    session["c"] = "z" * 20
+    changes = session.collect_changes()
+    assert set(changes.set) == {"b", "c"} and changes.deleted == {"a"}
+    # a value mutated in place past the bound keeps its last value, with the reason
+    session.reset()
+    record.apply(changes.set, changes.deleted)
+    session["l"] = []
+    session["l"].extend(range(40))
+    changes = session.collect_changes()
+    assert changes.set == {"l": "[]"} and "max_session_bytes" in changes.errors[0]
+
+
+def test_max_session_bytes_live(make_cluster):
+    cluster = make_cluster(n=1, app=APP, session={"max_session_bytes": 10 * KB}).start(
+        proxy=False)
+    c = Client(cluster.url("s1"))
+    status, body = fill(c, "a", 6 * KB, "1")
+    assert status == 200 and "error" not in body
+    status, body = fill(c, "b", 6 * KB, "2")
+    assert status == 200 and body["key"] == "b" and body["limit"] == 10 * KB
+    assert body["size"] > 10 * KB and "max_session_bytes" in body["error"]
+    status, body = c.get("/read?key=a")
+    assert body["len"] == 6 * KB and c.get("/read?key=b")[1]["len"] is None
+
+
+# --- a budget without a store -------------------------------------------------------------
+
+
+def test_past_the_budget_without_a_store_new_sessions_get_503(make_cluster):
+    cluster = make_cluster(n=1, app=APP, session={"max_memory_mb": 1}).start(proxy=False)
+    url = cluster.url("s1")
+    clients, refused = [], None
+    for i in range(40):  # 40 x 64 KiB: far past 1 MiB
+        c = Client(url)
+        status, body = fill(c, "v", 64 * KB, str(i))
+        if status == 503:
+            refused = i
+            break
+        assert status == 200, body
+        clients.append(c)
+    assert refused is not None and 12 <= refused <= 17, refused
+    status, headers, body = raw_get(f"{url}/fill?key=v&bytes=10&seed=x")
+    assert status == 503 and headers["X-Tandem-State"] == "memory-budget"
+    assert b"memory budget" in body and headers["Set-Cookie"] is None
+    health = cluster.health("s1")
+    memory = health["memory"]
+    assert memory["used"] <= memory["limit"] + 80 * KB, memory
+    assert health["stats"]["refused_memory"] == 2 and health["primaries"] == len(clients)
+    # the sessions held are served as before, and the server lives
+    for i, c in enumerate(clients):
+        status, body = c.get("/read?key=v")
+        assert status == 200 and body["sha256"] == digest(value_of(str(i), 64 * KB))
+    assert cluster.servers["s1"]["proc"].poll() is None
+    events = cluster.events("s1")
+    assert any(e["event"] == "session_refused" for e in events)
+
+
+# --- a budget with Redis: evicted, read back ----------------------------------------------
+
+
+def test_past_the_budget_sessions_go_to_redis_and_come_back_intact(make_cluster, redis_server):
+    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1,
+                                                  "persistence": "redis"})
+    with_persistence(cluster, url=redis_server.url, timeout_s=2.0)
+    cluster.start(proxy=False)
+    url = cluster.url("s1")
+    clients = []
+    for i in range(40):  # 40 x 64 KiB on s1, their replicas on s2 and s3
+        c = Client(url)
+        status, body = fill(c, "v", 64 * KB, str(i))
+        assert status == 200 and "error" not in body, body
+        clients.append(c)
+    time.sleep(0.5)
+    for sid in ("s1", "s2", "s3"):
+        memory = cluster.health(sid)["memory"]
+        assert memory["used"] <= memory["limit"] + 64 * KB, (sid, memory)
+    health = cluster.health("s1")
+    assert health["stats"]["evicted"] > 0 and health["memory"]["stubs"] > 0
+    for i, c in enumerate(clients):  # every one readable, loaded back when evicted
+        status, body = c.get("/read?key=v")
+        assert status == 200 and body["server"] == "s1", body
+        assert body["sha256"] == digest(value_of(str(i), 64 * KB)), i
+    health = cluster.health("s1")
+    assert health["stats"]["stub_loaded"] > 0 and health["stats"]["lost"] == 0
+    status, headers, text = raw_get(f"{url}/__tandem/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    metrics = text.decode()
+    assert 'tandem_backend_session_evictions_total{server="s1"}' in metrics
+    assert 'tandem_backend_session_loads_total{server="s1"}' in metrics
+    assert 'tandem_backend_session_bytes{kind="primary",server="s1"}' in metrics
+    assert 'tandem_backend_session_budget_bytes{server="s1"} 1.048576e+06' in metrics
+    # an evicted session keeps counting where it left off, and survives its primary's kill
+    status, body = clients[0].get("/count")
+    assert body["counter"] == 1
+    secondary = clients[0].route[2]
+    cluster.kill("s1")
+    cluster.wait_formed(["s2", "s3"])
+    for i, c in enumerate(clients):
+        status, body = c.get("/read?key=v", base=cluster.url(c.route[2]))
+        assert status == 200 and body["sha256"] == digest(value_of(str(i), 64 * KB)), body
+    status, body = clients[0].get("/count", base=cluster.url(secondary))
+    assert body["counter"] == 2
+
+
+# --- offload ------------------------------------------------------------------------------
+
+
+def test_offload_kill_9_of_the_primary_loses_no_acknowledged_write(make_cluster, redis_server):
+    cluster = make_cluster(n=3, app=APP, session={"persistence": "redis"})
+    with_persistence(cluster, url=redis_server.url, mode="offload", timeout_s=2.0)
+    cluster.start(proxy=False)
+    clients = [Client(cluster.url("s1")) for _ in range(20)]
+    for i, c in enumerate(clients):
+        assert fill(c, "v", 32 * KB, str(i))[0] == 200
+        for n in range(1, 4):
+            assert c.get("/count")[1]["counter"] == n
+    # the secondaries hold stubs only: the state is in Redis
+    held = {s: cluster.health(s) for s in ("s2", "s3")}
+    assert sum(h["replicas"] for h in held.values()) == 0
+    assert sum(h["memory"]["stubs"] for h in held.values()) == 20
+    assert all(h["memory"]["used"] <= 20 * 300 for h in held.values()), held
+    routes = [c.route for c in clients]
+    cluster.kill("s1", signal.SIGKILL)
+    cluster.wait_formed(["s2", "s3"])
+    for i, (c, route) in enumerate(zip(clients, routes, strict=True)):
+        status, body = c.get("/count", base=cluster.url(route[2]))
+        assert status == 200 and body["counter"] == 4 and body["server"] == route[2], body
+        read = c.get("/read?key=v", base=cluster.url(route[2]))[1]
+        assert read["sha256"] == digest(value_of(str(i), 32 * KB))
+    stats = {s: cluster.health(s)["stats"] for s in ("s2", "s3")}
+    assert sum(s["stub_loaded"] for s in stats.values()) == 20
+    assert sum(s["lost"] for s in stats.values()) == 0
