@@ -16,8 +16,8 @@ from backends.sessions.session import Session
 from backends.sessions.store import Primary
 from tandem.config import SessionSection
 from tests.budget_app import digest, value_of
-from tests.cluster import Client, Cluster
-from tests.stores import make_redis, redis_server, with_persistence  # noqa: F401 - fixtures
+from tests.cluster import Client
+from tests.stores import RedisServer, redis_server, with_persistence  # noqa: F401 - a fixture
 
 APP = "tests.budget_app:app"
 KB = 1024
@@ -123,10 +123,11 @@ def test_past_the_budget_without_a_store_new_sessions_get_503(make_cluster):
 # --- a budget with Redis: evicted, read back ----------------------------------------------
 
 
-def test_past_the_budget_sessions_go_to_redis_and_come_back_intact(make_cluster, redis_server):
+def test_past_the_budget_sessions_go_to_redis_and_come_back_intact(make_cluster, request):
+    redis: RedisServer = request.getfixturevalue("redis_server")
     cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1,
                                                   "persistence": "redis"})
-    with_persistence(cluster, url=redis_server.url, timeout_s=2.0)
+    with_persistence(cluster, url=redis.url, timeout_s=2.0)
     cluster.start(proxy=False)
     url = cluster.url("s1")
     clients = []
@@ -170,9 +171,10 @@ def test_past_the_budget_sessions_go_to_redis_and_come_back_intact(make_cluster,
 # --- offload ------------------------------------------------------------------------------
 
 
-def test_offload_kill_9_of_the_primary_loses_no_acknowledged_write(make_cluster, redis_server):
+def test_offload_kill_9_of_the_primary_loses_no_acknowledged_write(make_cluster, request):
+    redis: RedisServer = request.getfixturevalue("redis_server")
     cluster = make_cluster(n=3, app=APP, session={"persistence": "redis"})
-    with_persistence(cluster, url=redis_server.url, mode="offload", timeout_s=2.0)
+    with_persistence(cluster, url=redis.url, mode="offload", timeout_s=2.0)
     cluster.start(proxy=False)
     clients = [Client(cluster.url("s1")) for _ in range(20)]
     for i, c in enumerate(clients):
@@ -195,3 +197,19 @@ def test_offload_kill_9_of_the_primary_loses_no_acknowledged_write(make_cluster,
     stats = {s: cluster.health(s)["stats"] for s in ("s2", "s3")}
     assert sum(s["stub_loaded"] for s in stats.values()) == 20
     assert sum(s["lost"] for s in stats.values()) == 0
+
+
+def test_djangos_session_dictionary_checks_max_session_bytes_at_assignment():
+    pytest.importorskip("django")
+    from backends.frameworks.django_values import Values
+    from backends.sessions import codec
+
+    values = Values(codec.dumps, {"a": "x" * 40}, limit=100)  # 1 + 42 bytes
+    values["b"] = "y" * 40
+    with pytest.raises(SessionTooLarge) as info:
+        values["c"] = "z" * 20
+    assert (info.value.key, info.value.size, info.value.limit) == ("c", 109, 100)
+    assert "c" not in values
+    del values["a"]
+    values["c"] = "z" * 20
+    assert set(values) == {"b", "c"}
