@@ -359,7 +359,8 @@ class Session(dict[str, Any]):
         values = dict(*args, **kwargs)
         serialized = {k: codec.dumps(k, v) for k, v in values.items()}  # all or nothing
         if serialized and self._limit:
-            self._fits(serialized)
+            self._fits(serialized)  # SessionTooLarge: nothing changes
+        if serialized:
             self._ensure()
             self._set.update(serialized)
             self._deleted.difference_update(serialized)
