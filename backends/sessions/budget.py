@@ -1,13 +1,14 @@
 """The memory budget of one server's sessions, and the stubs of sessions held by the store.
 
 `session.max_memory_mb` bounds what this server's primaries and replicas hold: each record
-counts the bytes of its keys and serialized values plus `RECORD_OVERHEAD`, each stub
-`STUB_BYTES` (both measured: docs/memory.md). Past the budget the evictor writes the least
-recently used records to the persistent store — replicas first (they are read only at a
-failover), then primaries — and keeps a `Stub` of each in their place: id, version, epoch,
-the other copy's server. A primary stub is loaded back from the store by the session's next
-request (`reinstate`); a replica stub promoted at a failover becomes a primary stub. Without
-a store nothing can be evicted: new sessions get 503 (`memory-budget`) instead.
+counts the bytes of its keys and serialized values plus a fixed overhead per record and per
+key, each stub `STUB_BYTES` (all measured: docs/memory.md, `bench/offload.py --measure`).
+Past the budget the evictor writes the least recently used records to the persistent store
+— replicas first (they are read only at a failover), then primaries — and keeps a `Stub` of
+each in their place: id, version, epoch, the other copy's server. A primary stub is loaded
+back from the store by the session's next request (`reinstate`); a replica stub promoted at
+a failover becomes a primary stub. Without a store nothing can be evicted: new sessions get
+503 (`memory-budget`) instead.
 
 `persistence.mode = "offload"` uses the same stubs without a budget too: the store is the
 home of the state and a secondary holds a replica stub of what the store has.
@@ -32,16 +33,22 @@ from .store import LocalStore, Primary, Replica
 if TYPE_CHECKING:
     from ..persistence.persister import Persister
 
-__all__ = ["Budget", "Stub", "RECORD_OVERHEAD", "STUB_BYTES", "record_bytes"]
+__all__ = ["Budget", "Stub", "PRIMARY_OVERHEAD", "REPLICA_OVERHEAD", "KEY_OVERHEAD",
+           "STUB_BYTES", "record_bytes"]
 
 log = structlog.get_logger("tandem.sessions")
 
 # What a record costs besides its keys and values (bytes, measured with tracemalloc on
-# CPython 3.11-3.12, bench/offload.py --measure): the Primary or Replica object with its
-# slots, its dict and empty sets, the store's index entry and the budget's LRU entry.
-RECORD_OVERHEAD = 700
-# What a stub costs (the object, its index entry), measured the same way.
-STUB_BYTES = 200
+# CPython 3.11, `bench/offload.py --measure`): the Primary or Replica object with its slots,
+# its dict (and a primary's sets), the store's index entry and the budget's LRU entry.
+PRIMARY_OVERHEAD = 1250
+REPLICA_OVERHEAD = 520
+# What each key adds besides the characters of its name and value: the value's str object
+# header and the dict entry.
+KEY_OVERHEAD = 50
+# What a stub costs (the object, its request id, its undo and index entry), measured the
+# same way.
+STUB_BYTES = 420
 # The evictor stops once this share of the budget is used (room for the next burst).
 LOW_WATER = 0.9
 # Records written to the store per eviction round (one pipeline / transaction).
@@ -51,8 +58,9 @@ R = TypeVar("R", Primary, Replica)
 
 
 def record_bytes(record: Primary | Replica) -> int:
-    """The accounted size of a record: its keys and serialized values, plus the overhead."""
-    return RECORD_OVERHEAD + sum(len(k) + len(v) for k, v in record.data.items())
+    """The accounted size of a record: its keys and serialized values, plus the overheads."""
+    overhead = PRIMARY_OVERHEAD if isinstance(record, Primary) else REPLICA_OVERHEAD
+    return overhead + sum(len(k) + len(v) + KEY_OVERHEAD for k, v in record.data.items())
 
 
 class Stub:
