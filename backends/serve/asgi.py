@@ -213,8 +213,9 @@ class TandemMiddleware:
             # nothing ran here.
             await _send_unavailable(send, exc, kind)
             return
+        context = _RequestContext(self, scope) if in_urls else None
         session = Session(record, create=manager.new_session,
-                          context=_RequestContext(self, scope) if in_urls else self)
+                          context=self if context is None else context)
         scope["session"] = session
         scope["tandem.server"] = manager.me.id
         scope["tandem.token_via"] = via  # "cookie" | "path" | "query" | None
@@ -297,6 +298,10 @@ class TandemMiddleware:
             raise
         finally:
             current_session.reset(bound)
+            if context is not None:
+                # scope -> session -> context -> scope: a cycle only the collector would free,
+                # with the session's values in it (large sessions: megabytes per request)
+                context.release()
         if (not replaced and not dropped and session.record is not None
                 and not session.invalidated and session.dirty):
             # Changes made after the response head (streaming handlers, websockets).
@@ -426,6 +431,10 @@ class _RequestContext:
     def route_of(self, record: Primary) -> Route:
         return self._mw.route_of(record)
 
+    def release(self) -> None:
+        """The request is over: let go of its scope (the origin, if made, stays)."""
+        self._scope = _NO_SCOPE
+
     @property
     def cluster_settings(self) -> SessionSection:
         return self._mw.cluster_settings
@@ -437,6 +446,9 @@ class _RequestContext:
         # same-origin URLs only: a token never goes to another site
         return rewrite_url(url, param=mw.param_name, token=mw.codec.encode(route),
                            origin=self._origin)
+
+
+_NO_SCOPE: Scope = {}  # (a released context's: never written to)
 
 
 def _older(proxy_view: bytes, ours: str) -> bool:

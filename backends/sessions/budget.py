@@ -353,14 +353,17 @@ class Budget:
         False when nothing could be evicted."""
         assert self.persister is not None
         victims: list[Primary | Replica] = []
+        # as many as bring the server under the low-water mark (large sessions: a few)
+        excess = self.used + STUB_BYTES * len(self.stubs) - int(self.limit * LOW_WATER)
         for lru, held in ((self.lru_replicas, self.store.replicas),
                           (self.lru_primaries, self.store.primaries)):
-            for sid in lru:
-                if len(victims) >= EVICT_BATCH:
+            for sid, size in lru.items():
+                if len(victims) >= EVICT_BATCH or excess <= 0:
                     break
                 record = held.get(sid)
                 if record is not None:
                     victims.append(record)
+                    excess -= size - STUB_BYTES
         if not victims:
             return False
         ages = {r.sid: (r.epoch, r.version) for r in victims}
