@@ -3,6 +3,7 @@ backend processes, real Redis, kill -9."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import urllib.error
@@ -213,3 +214,31 @@ def test_djangos_session_dictionary_checks_max_session_bytes_at_assignment():
     del values["a"]
     values["c"] = "z" * 20
     assert set(values) == {"b", "c"}
+
+
+# --- what a request leaves behind ---------------------------------------------------------
+
+
+async def test_a_request_leaves_no_session_for_the_collector_to_free():
+    """A cookie-less request's session (its values decoded) is freed when the request ends,
+    not at the next collection: with large sessions that garbage was the memory past the
+    budget (a new session's first request holds its value twice)."""
+    import gc
+
+    import aiohttp
+
+    from tests.test_rewrite import local_backend
+
+    async with local_backend(APP) as base, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar()) as http:
+        gc.collect()
+        gc.disable()
+        try:
+            for path in ("/fill?key=v&bytes=100000&seed=1", "/count"):
+                async with http.get(base + path) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+            await asyncio.sleep(0.05)
+            assert [o for o in gc.get_objects() if isinstance(o, Session)] == []
+        finally:
+            gc.enable()
