@@ -18,7 +18,13 @@ from backends.sessions.store import Primary
 from tandem.config import SessionSection
 from tests.budget_app import digest, value_of
 from tests.cluster import Client
-from tests.stores import RedisServer, redis_server, with_persistence  # noqa: F401 - a fixture
+from tests.stores import (  # noqa: F401 - fixtures
+    RedisClusterServers,
+    RedisServer,
+    redis_cluster,
+    redis_server,
+    with_persistence,
+)
 
 APP = "tests.budget_app:app"
 KB = 1024
@@ -35,6 +41,44 @@ def raw_get(url: str) -> tuple[int, Any, bytes]:
 
 def fill(client: Client, key: str, n: int, seed: str, base: str | None = None) -> Any:
     return client.get(f"/fill?key={key}&bytes={n}&seed={seed}", base=base)
+
+
+# --- the keys -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,key,value", [
+    ("[session]\nmax_memory_mb = -1", "session.max_memory_mb", -1),
+    ('[session]\nmax_memory_mb = "lots"', "session.max_memory_mb", "lots"),
+    ("[session]\nmax_session_bytes = -5", "session.max_session_bytes", -5),
+    ("[session]\nmax_memory_mb = 1\nmax_session_bytes = 2000000",
+     "session.max_session_bytes", 2000000),
+    ('[session]\npersistence = "sqlite"\n[persistence]\nmode = "offload"',
+     "persistence.mode", "offload"),
+    ('[persistence]\nmode = "elsewhere"', "persistence.mode", "elsewhere"),
+])
+def test_bad_memory_keys_name_key_value_and_file(text, key, value):
+    from tandem.config import loads
+    from tandem.errors import ConfigError
+
+    servers = '\n[[servers]]\nid = "s1"\nhttp = "127.0.0.1:9001"\nreplication = "127.0.0.1:9101"'
+    with pytest.raises(ConfigError) as info:
+        loads(text + servers, source="cluster.toml")
+    err = info.value
+    assert (err.key, err.value, err.file) == (key, value, "cluster.toml"), str(err)
+    assert str(err).startswith(f"{key}: ") and "cluster.toml" in str(err)
+
+
+def test_memory_keys_load():
+    from tandem.config import loads
+
+    config = loads('[session]\nmax_memory_mb = 256\nmax_session_bytes = 1048576\n'
+                   'persistence = "redis"\n[persistence]\nmode = "offload"\n'
+                   '[[servers]]\nid = "s1"\nhttp = "127.0.0.1:9001"\n'
+                   'replication = "127.0.0.1:9101"')
+    assert config.session.max_memory_mb == 256 and config.session.max_session_bytes == 1 << 20
+    assert config.persistence.mode == "offload"
+    assert loads('[[servers]]\nid = "s1"\nhttp = "127.0.0.1:9001"\n'
+                 'replication = "127.0.0.1:9101"').session.max_memory_mb == 0  # unbounded
 
 
 # --- session.max_session_bytes ------------------------------------------------------------
@@ -172,10 +216,15 @@ def test_past_the_budget_sessions_go_to_redis_and_come_back_intact(make_cluster,
 # --- offload ------------------------------------------------------------------------------
 
 
-def test_offload_kill_9_of_the_primary_loses_no_acknowledged_write(make_cluster, request):
-    redis: RedisServer = request.getfixturevalue("redis_server")
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_offload_kill_9_of_the_primary_loses_no_acknowledged_write(make_cluster, request, kind):
     cluster = make_cluster(n=3, app=APP, session={"persistence": "redis"})
-    with_persistence(cluster, url=redis.url, mode="offload", timeout_s=2.0)
+    if kind == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        with_persistence(cluster, url=redis.url, mode="offload", timeout_s=2.0)
+    else:  # every operation is a one-key script: the same code on a Redis Cluster
+        nodes: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        with_persistence(cluster, urls=nodes.urls, mode="offload", timeout_s=2.0)
     cluster.start(proxy=False)
     clients = [Client(cluster.url("s1")) for _ in range(20)]
     for i, c in enumerate(clients):
