@@ -53,6 +53,8 @@ STUB_BYTES = 420
 LOW_WATER = 0.9
 # Records written to the store per eviction round (one pipeline / transaction).
 EVICT_BATCH = 32
+# Stubs looked at per slice of a sweep, between which the loop serves others.
+SWEEP_SLICE = 10_000
 
 R = TypeVar("R", Primary, Replica)
 
@@ -147,27 +149,31 @@ class Budget:
     """Accounting, eviction and stubs of one server's sessions."""
 
     def __init__(self, *, limit_bytes: int, store: LocalStore, persister: Persister | None,
-                 offload: bool, stats: dict[str, int], me: str) -> None:
+                 offload: bool, stats: dict[str, int], me: str,
+                 sweep_interval_s: float = 5.0) -> None:
         # configuration
         self.me = me
         self.limit = limit_bytes          # 0: unbounded (offload's stubs only)
         self.offload = offload
         self.store = store
         self.persister = persister
-        # accounting: sid -> accounted bytes, least recently used first
+        # accounting: sid -> accounted bytes, least recently used first; the totals
         self.used = 0
+        self.used_primaries = 0
+        self.used_replicas = 0
         self.lru_primaries: OrderedDict[str, int] = OrderedDict()
         self.lru_replicas: OrderedDict[str, int] = OrderedDict()
         self.primaries: _Tracked[Primary] | None = None
         self.replicas: _Tracked[Replica] | None = None
         if limit_bytes:
-            self.primaries = _Tracked(store.primaries, self.lru_primaries, self._count)
-            self.replicas = _Tracked(store.replicas, self.lru_replicas, self._count)
+            self.primaries = _Tracked(store.primaries, self.lru_primaries, self._count_primary)
+            self.replicas = _Tracked(store.replicas, self.lru_replicas, self._count_replica)
             store.primaries, store.replicas = self.primaries, self.replicas
         # sessions whose state is in the store only
         self.stubs: dict[str, Stub] = {}
         # primaries held here whose version the store holds too (evicted without a write)
         self.clean: set[str] = set()
+        self.sweep_interval_s = sweep_interval_s  # stubs of idle sessions go this often
         self.stats = stats
         for key in ("evicted", "stub_loaded", "refused_memory"):
             stats.setdefault(key, 0)
@@ -177,6 +183,14 @@ class Budget:
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- accounting ---------------------------------------------------------------------
+
+    def _count_primary(self, delta: int) -> None:
+        self.used_primaries += delta
+        self._count(delta)
+
+    def _count_replica(self, delta: int) -> None:
+        self.used_replicas += delta
+        self._count(delta)
 
     def _count(self, delta: int) -> None:
         self.used += delta
@@ -191,8 +205,7 @@ class Budget:
     def used_bytes(self) -> dict[str, int]:
         """What the health JSON and the metrics show."""
         return {"limit": self.limit, "used": self.used + STUB_BYTES * len(self.stubs),
-                "primaries": sum(self.lru_primaries.values()),
-                "replicas": sum(self.lru_replicas.values()),
+                "primaries": self.used_primaries, "replicas": self.used_replicas,
                 "stubs": len(self.stubs)}
 
     def used_now(self, record: Primary) -> None:
@@ -393,15 +406,19 @@ class Budget:
         return evicted > 0
 
     async def _sweep_loop(self) -> None:
-        interval = 5.0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.sweep_interval_s)
             now, mono = time.time(), time.monotonic()
-            dead = [s.sid for s in self.stubs.values() if s.expired(now, mono)]
-            for sid in dead:
-                del self.stubs[sid]
+            stubs, dead = list(self.stubs.values()), 0
+            for start in range(0, len(stubs), SWEEP_SLICE):
+                if start:
+                    await asyncio.sleep(0)  # (a million stubs: the loop is not held)
+                for stub in stubs[start:start + SWEEP_SLICE]:
+                    if stub.expired(now, mono) and self.stubs.get(stub.sid) is stub:
+                        del self.stubs[stub.sid]
+                        dead += 1
             if dead:
-                log.info("stubs_expired", stubs=len(dead))
+                log.info("stubs_expired", stubs=dead)
 
 
 def _state(record: Primary | Replica) -> dict[str, Any]:

@@ -64,7 +64,9 @@ class Context:
         self.budget: Budget | None = None
         if limit or self.offload:
             self.budget = Budget(limit_bytes=limit, store=self.store, persister=self.persister,
-                                 offload=self.offload, stats=self.stats, me=me)
+                                 offload=self.offload, stats=self.stats, me=me,
+                                 sweep_interval_s=max(0.5, min(
+                                     60.0, config.session.max_inactive_s / 10)))
         # requests taking a session over right now: sid -> the record they will produce
         self.opening: dict[str, asyncio.Future[Primary | None]] = {}
         # sessions taken over from a peer that was unreachable: peer -> sid -> our epoch
