@@ -291,3 +291,55 @@ async def test_a_request_leaves_no_session_for_the_collector_to_free():
             assert [o for o in gc.get_objects() if type(o) is Session] == []  # (not a proxy)
         finally:
             gc.enable()
+
+
+def test_through_the_proxy_full_servers_send_new_sessions_on_and_none_outgrows_its_budget(
+        make_cluster):
+    """Without a store: a server past its budget takes no new session and no copy of one
+    (503 memory-budget: the proxy tries the next server, keeping this one), so the cluster
+    fills up and then refuses, and no server grows past its budget."""
+    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1}).start()
+    made: list[tuple[Client, int]] = []
+    statuses = []
+    for i in range(60):  # 60 x 64 KiB, each held twice: far past 3 x 1 MiB
+        c = Client(cluster.proxy_url)
+        status, body = fill(c, "v", 64 * KB, str(i))
+        statuses.append(status)
+        if status == 200:
+            made.append((c, i))
+    assert set(statuses) == {200, 503}, statuses
+    first_refused = statuses.index(503)
+    assert first_refused >= 15, statuses  # the others took what a full one refused
+    for sid in cluster.servers:
+        health = cluster.health(sid)
+        assert cluster.servers[sid]["proc"].poll() is None
+        memory = health["memory"]
+        assert memory["used"] <= memory["limit"] + 2 * 70 * KB, (sid, memory)
+    for c, i in made:  # every session made is served, whole
+        status, body = c.get("/read?key=v")
+        assert status == 200 and body["sha256"] == digest(value_of(str(i), 64 * KB)), body
+
+
+def test_without_a_store_a_full_server_takes_no_copy_of_a_new_session(make_cluster):
+    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1}).start(proxy=False)
+    for i in range(30):  # s2 full of its own sessions (their copies on s1 and s3)
+        if fill(Client(cluster.url("s2")), "v", 64 * KB, f"a{i}")[0] == 503:
+            break
+    else:
+        raise AssertionError("s2 never refused a session")
+    # new sessions on s1: s2 refuses their copies, s3 takes them while it has room
+    statuses, secondaries = [], set()
+    for i in range(12):
+        c = Client(cluster.url("s1"))
+        status, body = fill(c, "v", 64 * KB, f"b{i}")
+        statuses.append(status)
+        if status == 200:
+            secondaries.add(c.route[2])
+    assert statuses[:4] == [200] * 4 and secondaries == {"s3"}, (statuses, secondaries)
+    for sid in ("s2", "s3"):
+        memory = cluster.health(sid)["memory"]
+        assert memory["used"] <= memory["limit"] + 70 * KB, (sid, memory)
+    if 503 in statuses:  # s3 full too: refused, nothing kept
+        status, headers, body = raw_get(f"{cluster.url('s1')}/fill?key=v&bytes=10&seed=c")
+        assert status == 503 and headers["X-Tandem-State"] == "memory-budget"
+        assert cluster.health("s1")["primaries"] == statuses.count(200)

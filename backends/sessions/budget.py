@@ -202,6 +202,11 @@ class Budget:
         """Is more held than the budget allows (stubs included)?"""
         return bool(self.limit) and self.used + STUB_BYTES * len(self.stubs) > self.limit
 
+    def full(self, version: int) -> bool:
+        """Must the copy of a session at this version be refused? A new session's (its
+        first version), past the budget, when nothing can be evicted (no store)."""
+        return version <= 1 and self.persister is None and self.over()
+
     def used_bytes(self) -> dict[str, int]:
         """What the health JSON and the metrics show."""
         return {"limit": self.limit, "used": self.used + STUB_BYTES * len(self.stubs),

@@ -91,7 +91,15 @@ class Committer:
                 not changed and record.sid in ctx.budget.clean))
         if ctx.mode != "none":
             if record.version != record.sent_version or record.secondary is None:
-                await self.replicate(record)
+                try:
+                    await self.replicate(record)
+                except NotServing as exc:
+                    if exc.state == "memory-budget" and first_version == 0:
+                        # its secondary has no room for a new session's copy: nothing of
+                        # it stays here either (503 memory-budget, the proxy goes on)
+                        ctx.store.remove(record.sid)
+                        ctx.stats["refused_memory"] += 1
+                    raise
             elif record.secondary is not None:
                 ctx.touched.setdefault(record.secondary, {})[record.sid] = record.last_access
         if ctx.sites is not None:  # the remote sites' copies (MAN: acknowledged first)
@@ -170,6 +178,7 @@ class Committer:
         ctx = self.ctx
         membership = ctx.membership
         waited = False
+        full: frozenset[str] = frozenset()  # peers without room for this new session's copy
         for _ in range(len(membership.roster) + 2):
             peer = self.planned_secondary(record)
             if peer is not None and not membership.is_alive(peer):
@@ -217,11 +226,18 @@ class Committer:
                 ctx.stats["moved"] += 1
                 log.warning("session_moved", sid=short(record.sid), to=reply["moved"])
                 raise SessionMoved(f"session is primary at {reply['moved']}", peer=peer)
+            record.sent_version = -1
+            if reply.get("state") == "memory-budget":
+                # No room there for a new session's copy: another peer may have it.
+                full = full | {peer}
+                other = ctx.choose_secondary(besides=full)
+                if other is not None:
+                    ctx.store.assign_secondary(record, other)
+                    continue
             log.error("replication_rejected", sid=short(record.sid), peer=peer,
                       reply=reply.get("error"))
-            record.sent_version = -1
             raise NotServing(f"{peer} refused the copy: {reply.get('error')}",
-                             peer=peer, state="unprotected")
+                             peer=peer, state=str(reply.get("state") or "unprotected"))
         if ctx.membership.recently_stalled():
             # Right after our own stall a secondary that does not answer has most likely
             # taken this session over: acknowledging would lose the write. The proxy fails

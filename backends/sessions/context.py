@@ -89,9 +89,12 @@ class Context:
             view = self.membership.quorum.view.number
         return (max(after // _EPOCH_STRIDE + 1, view)) * _EPOCH_STRIDE + self.index
 
-    def choose_secondary(self) -> str | None:
-        chosen = choose_secondary(self.me, self.membership.alive_peers(),
-                                  self.store.replica_counts)
+    def choose_secondary(self, *, besides: frozenset[str] = frozenset()) -> str | None:
+        """The live peer to hold a new copy (by rank), other than those in `besides`."""
+        peers = self.membership.alive_peers()
+        if besides:
+            peers = [p for p in peers if p.id not in besides]
+        chosen = choose_secondary(self.me, peers, self.store.replica_counts)
         return None if chosen is None else chosen.id
 
     # --- the replication channel --------------------------------------------------------

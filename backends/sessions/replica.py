@@ -112,6 +112,10 @@ class ReplicaSide:
                 return {"ok": True, "stale": True}
             budget.stub_replica(peer, msg)
             return {"ok": True}
+        if "data" in msg and replica is None and budget is not None and budget.full(version):
+            # Past the budget with nowhere to evict to: no copy of a new session (the primary
+            # answers its request 503 memory-budget), as no new session of our own.
+            return {"ok": False, "error": "memory budget reached", "state": "memory-budget"}
         if "data" in msg:
             if replica is not None and epoch == replica.epoch and replica.version > version:
                 return {"ok": True, "stale": True}  # never go back to an older version
