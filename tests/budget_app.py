@@ -4,6 +4,7 @@ GET /fill?key=K&bytes=N&seed=S   session[K] = N characters derived from S (`valu
                                  a SessionTooLarge is answered 200 {"error", "size", "limit"}
 GET /read?key=K                  {"len", "sha256"} of session[K] (null when absent)
 GET /count                       increments session["counter"]
+GET /invalidate                  ends the session
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         value = session.get(args["key"])
         info.update(len=None if value is None else len(value),
                     sha256=None if value is None else digest(value))
+    elif path == "/invalidate":
+        session.invalidate()
     elif path == "/count":
         session["counter"] = session.get("counter", 0) + 1
         info["counter"] = session["counter"]

@@ -343,3 +343,31 @@ def test_without_a_store_a_full_server_takes_no_copy_of_a_new_session(make_clust
         status, headers, body = raw_get(f"{cluster.url('s1')}/fill?key=v&bytes=10&seed=c")
         assert status == 503 and headers["X-Tandem-State"] == "memory-budget"
         assert cluster.health("s1")["primaries"] == statuses.count(200)
+
+
+def test_an_invalidated_session_whose_copy_was_evicted_stays_ended(make_cluster, request):
+    """The replica holder wrote its evicted copy to the store; the primary's invalidation
+    deletes it there again, so the old token finds nothing, even after the primary dies."""
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1,
+                                                  "persistence": "redis"})
+    with_persistence(cluster, url=redis.url, timeout_s=2.0)
+    cluster.start(proxy=False)
+    clients = [Client(cluster.url("s1")) for _ in range(40)]
+    for i, c in enumerate(clients):
+        assert fill(c, "v", 64 * KB, str(i))[0] == 200
+    time.sleep(0.5)
+    # the oldest replicas went to the store first, from their holders
+    holders = {s: cluster.health(s) for s in ("s2", "s3")}
+    assert sum(h["stats"]["evicted"] for h in holders.values()) > 0, holders
+    victims = clients[:5]
+    for c in victims:
+        token = c.token
+        assert c.get("/invalidate")[0] == 200
+        c.token = token  # the old token, kept (a stolen cookie, say)
+        assert redis.command("EXISTS", f"tandem:session:{c.route[0]}") == ":0"
+    cluster.kill("s1")
+    cluster.wait_formed(["s2", "s3"])
+    for c in victims:
+        status, body = c.get("/read?key=v", base=cluster.url(c.route[2]))
+        assert status == 200 and body["len"] is None, body  # a new, empty session

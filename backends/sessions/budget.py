@@ -177,7 +177,9 @@ class Budget:
         self.stats = stats
         for key in ("evicted", "stub_loaded", "refused_memory"):
             stats.setdefault(key, 0)
-        # the evictor
+        # the evictor; the sessions it is writing, and those of them ended meanwhile
+        self._writing: set[str] = set()
+        self._ended: set[str] = set()
         self._over = asyncio.Event()
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -261,13 +263,26 @@ class Budget:
         stub = self.stubs.get(sid)
         return stub if stub is not None and not stub.primary else None
 
-    def drop(self, sid: str, *, peer: str | None = None, older_than: int | None = None) -> None:
-        """Forget a stub (of `peer`'s, of an epoch older than `older_than`, when given)."""
+    def drop(self, sid: str, *, peer: str | None = None,
+             older_than: int | None = None) -> Stub | None:
+        """Forget a stub (of `peer`'s, of an epoch older than `older_than`, when given);
+        the stub forgotten."""
         stub = self.stubs.get(sid)
         if stub is None or (peer is not None and stub.peer != peer and not stub.primary) or (
                 older_than is not None and stub.epoch >= older_than):
-            return
+            return None
         del self.stubs[sid]
+        return stub
+
+    def ended(self, sid: str, stub: Stub | None) -> bool:
+        """The session was invalidated or expired by its primary (`stub`: the replica stub
+        it had here). True when it must be deleted from the store now: an eviction here
+        may have written it back after its primary deleted it. (A write still in flight:
+        deleted by the evictor once it lands.)"""
+        if sid in self._writing:
+            self._ended.add(sid)
+            return False
+        return stub is not None and not stub.primary
 
     def touched(self, sid: str, peer: str, last_access: float) -> None:
         stub = self.stubs.get(sid)
@@ -387,7 +402,15 @@ class Budget:
         ages = {r.sid: (r.epoch, r.version) for r in victims}
         to_write = [r for r in victims if not (isinstance(r, Primary) and r.sid in self.clean
                                                and not self.persister.pending(r.sid))]
-        if to_write and not await self.persister.save_states([_state(r) for r in to_write]):
+        self._writing = {r.sid for r in to_write}
+        try:
+            saved = not to_write or await self.persister.save_states(
+                [_state(r) for r in to_write])
+        finally:
+            self._writing, ended, self._ended = set(), self._ended, set()
+        for sid in ended:  # (a replica's primary ended it while its write was in flight)
+            await self.persister.invalidated(sid)
+        if not saved:
             return False
         evicted = 0
         for record in victims:

@@ -63,13 +63,14 @@ class ReplicaSide:
                 budget.drop(msg["sid"], peer=peer)
             return None
         if op == "invalidate":
+            stored: list[str] = []  # evicted here: written to the store by us, maybe late
             for sid in msg["sids"]:
                 replica = self.ctx.store.replicas.get(sid)
                 if replica is not None and replica.primary == peer:
                     del self.ctx.store.replicas[sid]
-                if budget is not None:
-                    budget.drop(sid, peer=peer)
-            return {"ok": True}
+                if budget is not None and budget.ended(sid, budget.drop(sid, peer=peer)):
+                    stored.append(sid)
+            return self._delete_stored(stored) if stored else {"ok": True}
         if op == "touch":
             now = time.monotonic()
             for sid, last_access in msg["items"].items():
@@ -142,6 +143,14 @@ class ReplicaSide:
         replica.last_heard = time.monotonic()
         if budget is not None:
             budget.replicated(replica)
+        return {"ok": True}
+
+    async def _delete_stored(self, sids: list[str]) -> dict[str, Any]:
+        """Invalidated sessions whose copy we evicted: gone from the store before the ack."""
+        persister = self.ctx.persister
+        if persister is not None:
+            for sid in sids:
+                await persister.invalidated(sid)
         return {"ok": True}
 
     def _on_supersede(self, peer: str, sids: dict[str, int]) -> None:
