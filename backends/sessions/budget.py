@@ -259,16 +259,12 @@ class Budget:
                     undo=msg.get("undo") or {})
         self.stubs[sid] = stub
 
-    def replica_stub(self, sid: str) -> Stub | None:
-        stub = self.stubs.get(sid)
-        return stub if stub is not None and not stub.primary else None
-
     def drop(self, sid: str, *, peer: str | None = None,
              older_than: int | None = None) -> Stub | None:
-        """Forget a stub (of `peer`'s, of an epoch older than `older_than`, when given);
-        the stub forgotten."""
+        """Forget a stub — with `peer`, only a replica stub of that primary's; with
+        `older_than`, only one of an older epoch. The stub forgotten."""
         stub = self.stubs.get(sid)
-        if stub is None or (peer is not None and stub.peer != peer and not stub.primary) or (
+        if stub is None or (peer is not None and (stub.primary or stub.peer != peer)) or (
                 older_than is not None and stub.epoch >= older_than):
             return None
         del self.stubs[sid]
