@@ -76,10 +76,10 @@ class Failover:
                     record.superseded = True  # a request holding it gets 503, not "ended"
                 store.primaries.clear()
                 store.replicas.clear()
-            if ctx.budget is not None:  # (sessions held in the store only: not ours either)
-                ctx.budget.clear()
                 log.warning("fenced", view=event.new.number, sessions_dropped=held,
                             standing=quorum.standing.value)
+            if ctx.budget is not None:  # (sessions held in the store only: not ours either)
+                ctx.budget.clear()
             return
         ended = set(event.removed) | set(event.restarted)
         if not ended or ctx.mode == "none" or ctx.draining:
