@@ -371,3 +371,30 @@ def test_an_invalidated_session_whose_copy_was_evicted_stays_ended(make_cluster,
     for c in victims:
         status, body = c.get("/read?key=v", base=cluster.url(c.route[2]))
         assert status == 200 and body["len"] is None, body  # a new, empty session
+
+
+def test_an_evicted_session_taken_over_by_a_third_server_comes_from_the_store(
+        make_cluster, request):
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1, "persistence": "redis",
+                                                  "foreign_requests": "take_over"})
+    with_persistence(cluster, url=redis.url, timeout_s=2.0)
+    cluster.start(proxy=False)
+    clients = [Client(cluster.url("s1")) for _ in range(30)]
+    for i, c in enumerate(clients):
+        assert fill(c, "v", 64 * KB, str(i))[0] == 200
+    # the oldest are stubs on s1 now; each goes to the server that is not its secondary
+    moved = list(enumerate(clients[:6]))
+    for i, c in moved:
+        third = ({"s2", "s3"} - {c.route[2]}).pop()
+        status, body = c.get("/read?key=v", base=cluster.url(third))
+        assert status == 200 and body["server"] == third, body
+        assert body["sha256"] == digest(value_of(str(i), 64 * KB))
+        assert c.route[1] == third  # its primary now
+    s1 = cluster.health("s1")
+    assert s1["stats"]["stub_loaded"] >= len(moved) and s1["stats"]["lost"] == 0
+    cluster.kill("s1")
+    cluster.wait_formed(["s2", "s3"])
+    for _i, c in moved:  # and it stays there, with s1 gone
+        status, body = c.get("/count", base=cluster.url(c.route[1]))
+        assert status == 200 and body["counter"] == 1 and body["server"] == c.route[1]
