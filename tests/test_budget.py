@@ -21,6 +21,7 @@ from tests.cluster import Client
 from tests.stores import (  # noqa: F401 - fixtures
     RedisClusterServers,
     RedisServer,
+    make_redis,
     redis_cluster,
     redis_server,
     with_persistence,
@@ -398,3 +399,30 @@ def test_an_evicted_session_taken_over_by_a_third_server_comes_from_the_store(
     for _i, c in moved:  # and it stays there, with s1 gone
         status, body = c.get("/count", base=cluster.url(c.route[1]))
         assert status == 200 and body["counter"] == 1 and body["server"] == c.route[1]
+
+
+def test_with_its_store_down_a_full_server_refuses_new_sessions_and_serves_its_own(
+        make_cluster, request):
+    redis: RedisServer = request.getfixturevalue("make_redis")()
+    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1, "persistence": "redis"},
+                           cluster={"replication_timeout_s": 0.5})  # (how long a commit
+    with_persistence(cluster, url=redis.url, timeout_s=0.5)         # waits for room)
+    cluster.start(proxy=False)
+    url = cluster.url("s1")
+    held = []
+    for i in range(8):  # half the budget, in memory
+        c = Client(url)
+        assert fill(c, "v", 64 * KB, str(i))[0] == 200
+        held.append(c)
+    redis.kill()
+    statuses = [fill(Client(url), "v", 64 * KB, f"x{i}")[0] for i in range(14)]
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    status, headers, body = raw_get(f"{url}/fill?key=v&bytes=10&seed=y")
+    assert status == 503 and headers["X-Tandem-State"] == "memory-budget"
+    memory = cluster.health("s1")["memory"]
+    assert memory["used"] <= memory["limit"] + 70 * KB and memory["stubs"] == 0, memory
+    for i, c in enumerate(held):  # what it holds it serves, from memory
+        status, body = c.get("/read?key=v")
+        assert status == 200 and body["sha256"] == digest(value_of(str(i), 64 * KB))
+    assert cluster.servers["s1"]["proc"].poll() is None
+    assert cluster.health("s1")["stats"]["store_errors"] > 0
