@@ -426,3 +426,24 @@ def test_with_its_store_down_a_full_server_refuses_new_sessions_and_serves_its_o
         assert status == 200 and body["sha256"] == digest(value_of(str(i), 64 * KB))
     assert cluster.servers["s1"]["proc"].poll() is None
     assert cluster.health("s1")["stats"]["store_errors"] > 0
+
+
+def test_offload_through_the_proxy_fails_over_to_the_stub(make_cluster, request):
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    cluster = make_cluster(n=3, app=APP, session={"persistence": "redis"})
+    with_persistence(cluster, url=redis.url, mode="offload", timeout_s=2.0)
+    cluster.start()
+    clients = [Client(cluster.proxy_url) for _ in range(12)]
+    for c in clients:
+        for n in range(1, 4):
+            assert c.get("/count")[1]["counter"] == n
+    victim = clients[0].route[1]
+    ours = [c for c in clients if c.route[1] == victim]
+    cluster.kill(victim)
+    for c in clients:  # the proxy goes to the secondary, which loads the stub's state
+        status, body = c.get("/count")
+        assert status == 200 and body["counter"] == 4, body
+    assert all(c.route[1] != victim for c in ours)
+    loaded = sum(cluster.health(s)["stats"]["stub_loaded"] for s in cluster.servers
+                 if s != victim)
+    assert loaded == len(ours)
