@@ -7,7 +7,7 @@ write), reads every one back from s1 (checking its SHA-256), kills s1 with SIGKI
 and counts every one at its secondary. The servers' RSS is sampled every 0.1 s throughout.
 
     python bench/offload.py --sessions 2000 --size 1048576 --budget-mb 256
-    python bench/offload.py --measure    # the per-record overheads of sessions/budget.py
+    python bench/offload.py --measure    # the per-record overheads of sessions/accounting.py
 
 Prints one JSON summary (and writes it to --out/summary.json).
 """
@@ -150,9 +150,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def measure(n: int = 20000) -> dict[str, Any]:
     """Bytes per record as tracemalloc counts them (a 200-byte value under one key),
-    beside what sessions/budget.py accounts for it."""
+    beside what sessions/accounting.py accounts for it."""
     from backends.sessions import codec
-    from backends.sessions.budget import Budget, Stub, record_bytes
+    from backends.sessions.accounting import STUB_BYTES, Stub, record_bytes
+    from backends.sessions.budget import Budget
     from backends.sessions.store import LocalStore, Replica
     from tandem.token import new_sid
 
@@ -191,7 +192,6 @@ async def measure(n: int = 20000) -> dict[str, Any]:
         elif kind == "replica":
             accounted = record_bytes(next(iter(store.replicas.values())))
         else:
-            from backends.sessions.budget import STUB_BYTES
             accounted = STUB_BYTES
         result[kind] = {"measured_bytes": round(used), "accounted_bytes": accounted}
     return result

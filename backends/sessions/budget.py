@@ -2,7 +2,7 @@
 
 `session.max_memory_mb` bounds what this server's primaries and replicas hold: each record
 counts the bytes of its keys and serialized values plus a fixed overhead per record and per
-key, each stub `STUB_BYTES` (all measured: docs/memory.md, `bench/offload.py --measure`).
+key, each stub a fixed size (all measured: sessions/accounting.py, docs/memory.md).
 Past the budget the evictor writes the least recently used records to the persistent store
 — replicas first (they are read only at a failover), then primaries — and keeps a `Stub` of
 each in their place: id, version, epoch, the other copy's server. A primary stub is loaded
@@ -21,128 +21,29 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from tandem.logs import short
 
 from ..errors import NotServing
+from .accounting import STUB_BYTES, Stub, Tracked
 from .store import LocalStore, Primary, Replica
 
 if TYPE_CHECKING:
     from ..persistence.persister import Persister
 
-__all__ = ["Budget", "Stub", "PRIMARY_OVERHEAD", "REPLICA_OVERHEAD", "KEY_OVERHEAD",
-           "STUB_BYTES", "record_bytes"]
+__all__ = ["Budget", "LOW_WATER", "EVICT_BATCH"]
 
 log = structlog.get_logger("tandem.sessions")
 
-# What a record costs besides its keys and values (bytes, measured with tracemalloc on
-# CPython 3.11, `bench/offload.py --measure`): the Primary or Replica object with its slots,
-# its dict (and a primary's sets), the store's index entry and the budget's LRU entry.
-PRIMARY_OVERHEAD = 1250
-REPLICA_OVERHEAD = 520
-# What each key adds besides the characters of its name and value: the value's str object
-# header and the dict entry.
-KEY_OVERHEAD = 50
-# What a stub costs (the object, its request id, its undo and index entry), measured the
-# same way.
-STUB_BYTES = 420
 # The evictor stops once this share of the budget is used (room for the next burst).
 LOW_WATER = 0.9
 # Records written to the store per eviction round (one pipeline / transaction).
 EVICT_BATCH = 32
 # Stubs looked at per slice of a sweep, between which the loop serves others.
 SWEEP_SLICE = 10_000
-
-R = TypeVar("R", Primary, Replica)
-
-
-def record_bytes(record: Primary | Replica) -> int:
-    """The accounted size of a record: its keys and serialized values, plus the overheads."""
-    overhead = PRIMARY_OVERHEAD if isinstance(record, Primary) else REPLICA_OVERHEAD
-    return overhead + sum(len(k) + len(v) + KEY_OVERHEAD for k, v in record.data.items())
-
-
-class Stub:
-    """A session whose state is in the store only: what routing and failover need of it.
-
-    `primary`: this server serves it (`peer` its secondary); else it is a replica stub
-    (`peer` its primary, `heard` when that primary last spoke of it)."""
-
-    __slots__ = ("sid", "version", "epoch", "peer", "primary", "last_access",
-                 "max_inactive_s", "rid", "undo", "heard")
-
-    def __init__(self, sid: str, *, version: int, epoch: int, peer: str | None, primary: bool,
-                 last_access: float, max_inactive_s: float, rid: str | None,
-                 undo: dict[str, str | None]) -> None:
-        self.sid = sid
-        self.version = version
-        self.epoch = epoch
-        self.peer = peer
-        self.primary = primary
-        self.last_access = last_access
-        self.max_inactive_s = max_inactive_s
-        # exactly-once retries, as on the record (its last request's id and what it replaced)
-        self.rid = rid
-        self.undo = undo
-        self.heard = time.monotonic()
-
-    @classmethod
-    def of(cls, record: Primary | Replica, *, primary: bool) -> Stub:
-        peer = record.secondary if isinstance(record, Primary) else record.primary
-        return cls(record.sid, version=record.version, epoch=record.epoch, peer=peer,
-                   primary=primary, last_access=record.last_access,
-                   max_inactive_s=record.max_inactive_s, rid=record.last_rid,
-                   undo=record.undo)
-
-    def expired(self, now: float, mono: float) -> bool:
-        if self.primary:
-            return now - self.last_access > self.max_inactive_s
-        return mono - self.heard > 2 * self.max_inactive_s  # (an orphaned replica's rule)
-
-
-class _Tracked(dict[str, R]):
-    """The store's primaries or replicas, each change counted in the budget (only when a
-    budget is set: otherwise the store keeps its plain dicts)."""
-
-    __slots__ = ("_lru", "_changed")
-
-    def __init__(self, items: dict[str, R], lru: OrderedDict[str, int],
-                 changed: Callable[[int], None]) -> None:
-        super().__init__()
-        self._lru = lru
-        self._changed = changed
-        for sid, record in items.items():
-            self[sid] = record
-
-    def __setitem__(self, sid: str, record: R) -> None:
-        dict.__setitem__(self, sid, record)
-        size = record_bytes(record)
-        old = self._lru.pop(sid, 0)
-        self._lru[sid] = size  # (the most recently used end)
-        self._changed(size - old)
-
-    def __delitem__(self, sid: str) -> None:
-        dict.__delitem__(self, sid)
-        self._changed(-self._lru.pop(sid, 0))
-
-    def pop(self, sid: str, *default: Any) -> Any:
-        found = dict.pop(self, sid, *default)
-        if sid in self._lru:
-            self._changed(-self._lru.pop(sid))
-        return found
-
-    def clear(self) -> None:
-        dict.clear(self)
-        self._changed(-sum(self._lru.values()))
-        self._lru.clear()
-
-    def resized(self, record: R) -> None:
-        """The record's values changed (a commit, a delta): counted again, used now."""
-        if dict.get(self, record.sid) is record:
-            self[record.sid] = record
 
 
 class Budget:
@@ -163,11 +64,11 @@ class Budget:
         self.used_replicas = 0
         self.lru_primaries: OrderedDict[str, int] = OrderedDict()
         self.lru_replicas: OrderedDict[str, int] = OrderedDict()
-        self.primaries: _Tracked[Primary] | None = None
-        self.replicas: _Tracked[Replica] | None = None
+        self.primaries: Tracked[Primary] | None = None
+        self.replicas: Tracked[Replica] | None = None
         if limit_bytes:
-            self.primaries = _Tracked(store.primaries, self.lru_primaries, self._count_primary)
-            self.replicas = _Tracked(store.replicas, self.lru_replicas, self._count_replica)
+            self.primaries = Tracked(store.primaries, self.lru_primaries, self._count_primary)
+            self.replicas = Tracked(store.replicas, self.lru_replicas, self._count_replica)
             store.primaries, store.replicas = self.primaries, self.replicas
         # sessions whose state is in the store only
         self.stubs: dict[str, Stub] = {}
