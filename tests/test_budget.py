@@ -447,3 +447,27 @@ def test_offload_through_the_proxy_fails_over_to_the_stub(make_cluster, request)
     loaded = sum(cluster.health(s)["stats"]["stub_loaded"] for s in cluster.servers
                  if s != victim)
     assert loaded == len(ours)
+
+
+def test_offload_with_its_store_down_replicates_the_writes_themselves(make_cluster, request):
+    """What the store cannot give, the secondary gets: with Redis gone, each write goes to
+    the secondary whole, and a kill -9 of the primary still loses none."""
+    redis: RedisServer = request.getfixturevalue("make_redis")()
+    cluster = make_cluster(n=3, app=APP, session={"persistence": "redis"})
+    with_persistence(cluster, url=redis.url, mode="offload", timeout_s=0.5)
+    cluster.start(proxy=False)
+    clients = [Client(cluster.url("s1")) for _ in range(6)]
+    for c in clients:
+        assert [c.get("/count")[1]["counter"] for _ in range(2)] == [1, 2]
+    assert sum(cluster.health(s)["replicas"] for s in ("s2", "s3")) == 0  # stubs only
+    redis.kill()
+    for c in clients:
+        status, body = c.get("/count")
+        assert status == 200 and body["counter"] == 3, body
+    assert sum(cluster.health(s)["replicas"] for s in ("s2", "s3")) == len(clients)
+    routes = [c.route for c in clients]
+    cluster.kill("s1")
+    cluster.wait_formed(["s2", "s3"])
+    for c, route in zip(clients, routes, strict=True):
+        status, body = c.get("/count", base=cluster.url(route[2]))
+        assert status == 200 and body["counter"] == 4, body
