@@ -193,7 +193,8 @@ class Budget:
         promoted: dict[str, int] = {}
         now = time.time()
         for stub in [s for s in self.stubs.values() if not s.primary and s.peer == peer]:
-            if now - stub.last_access > stub.max_inactive_s:
+            if now - stub.last_access > stub.max_inactive_s or (
+                    stub.sid in self.store.primaries):  # (handed to us since: stale)
                 del self.stubs[stub.sid]
                 continue
             stub.primary, stub.peer, stub.epoch = True, None, epoch_of(stub.epoch)
