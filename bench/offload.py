@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import gc
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -143,6 +144,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler.stop.set()
         cluster.close()
         redis.stop()
+        if args.keep:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     out["peak_rss_mib"] = {phase: {s: round(k / 1024, 1) for s, k in peaks.items()}
                            for phase, peaks in sampler.peaks.items()}
     return out
@@ -204,6 +209,8 @@ def main() -> None:
     parser.add_argument("--budget-mb", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", default="bench/out/offload")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the servers' logs and files (else removed at the end)")
     parser.add_argument("--measure", action="store_true",
                         help="only measure the per-record overheads (no cluster)")
     args = parser.parse_args()
