@@ -16,6 +16,7 @@ __all__ = [
     "MalformedToken",
     "SessionError",
     "SessionInvalidated",
+    "SessionTooLarge",
     "ReplicationError",
     "PeerUnavailable",
     "PeerTimeout",
@@ -37,6 +38,18 @@ class SessionError(ClusterError):
 
 class SessionInvalidated(SessionError, RuntimeError):
     """The session was invalidated earlier in this request and can no longer be used."""
+
+
+class SessionTooLarge(SessionError, ValueError):
+    """An assignment would make the session larger than `session.max_session_bytes`;
+    nothing of it is kept."""
+
+    def __init__(self, key: str, *, size: int, limit: int) -> None:
+        super().__init__(f"session[{key!r}]: the session would hold {size} bytes, over "
+                         f"session.max_session_bytes = {limit}; nothing was assigned")
+        self.key = key
+        self.size = size
+        self.limit = limit
 
 
 # --- replication channel --------------------------------------------------------------------

@@ -188,8 +188,11 @@ class Exchange(Attempts):
 
 
 # X-Tandem-State of a 503 that concerns one session, not its server: the server keeps its
-# place (no skip mark); the request still fails over to the next candidate.
-_SESSION_STATES = frozenset({b"unprotected", b"owner-unreachable", b"late"})
+# place (no skip mark); the request still fails over to the next candidate. (`memory-budget`:
+# the server takes no new session, and keeps serving its own; `store-unavailable`: this
+# session is in the store only, which fails.)
+_SESSION_STATES = frozenset({b"unprotected", b"owner-unreachable", b"late", b"memory-budget",
+                             b"store-unavailable"})
 
 
 def _server_wide(raw: list[tuple[bytes, bytes]]) -> bool:

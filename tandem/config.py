@@ -112,6 +112,19 @@ def _check_membership_url(cluster: ClusterSection, source: str) -> None:
                           key="cluster.membership_url", value="***", file=source)
 
 
+def _check_memory(session: SessionSection, persistence: PersistenceSection,
+                  source: str) -> None:
+    """Offload needs its store; a session must fit in the budget it is counted in."""
+    if persistence.mode == "offload" and session.persistence != "redis":
+        raise ConfigError('offload keeps sessions in Redis: set session.persistence = "redis"',
+                          key="persistence.mode", value="offload", file=source)
+    budget = session.max_memory_mb * 1024 * 1024
+    if budget and session.max_session_bytes > budget:
+        raise ConfigError(f"larger than session.max_memory_mb ({session.max_memory_mb} MiB): "
+                          "such a session could never be held", key="session.max_session_bytes",
+                          value=session.max_session_bytes, file=source)
+
+
 def _check_proxy_hosts(hosts: tuple[str, ...], source: str) -> None:
     for host in hosts:
         bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -190,6 +203,13 @@ class SessionSection:
     # async replication: flush when this many changes are queued, or after this interval.
     async_flush_threshold: int = field(default=100, metadata={"min": 1})
     async_flush_interval_s: float = field(default=0.05, metadata=_positive())
+    # The memory budget of one server's sessions, primaries and replicas (docs/memory.md):
+    # past it the least recently used go to the store, leaving a stub; without a store, new
+    # sessions get 503 (`memory-budget`). 0: unbounded.
+    max_memory_mb: int = field(default=0, metadata={"min": 0})
+    # The most one session may hold (keys + serialized values, bytes); an assignment past
+    # it raises SessionTooLarge at once. 0: unbounded.
+    max_session_bytes: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +251,9 @@ class PersistenceSection:
     dsns: tuple[str, ...] = ()
     url: str = "redis://127.0.0.1:6379/0"
     urls: tuple[str, ...] = ()
-    mode: str = field(default="sync", metadata=_choice("sync", "batched"))
+    # "offload": the store is the home of session state, the servers a bounded cache
+    # (docs/memory.md); Redis only for now.
+    mode: str = field(default="sync", metadata=_choice("sync", "batched", "offload"))
     flush_interval_s: float = field(default=1.0, metadata=_positive())
     flush_threshold: int = field(default=100, metadata={"min": 1})
     # How long one store operation (or a connection attempt) may take before it counts
@@ -378,6 +400,7 @@ def loads(text: str, *, source: str = "<memory>",
     _check_membership_url(cluster, source)
     _check_proxy_hosts(sections["proxy"].hosts, source)
     _check_proxy_tls(sections["proxy"], source)
+    _check_memory(sections["session"], sections["persistence"], source)
     cookie = sections["session"].cookie_name
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cookie):
         raise ConfigError("must be letters, digits, '-' or '_'", key="session.cookie_name",

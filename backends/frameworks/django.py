@@ -85,6 +85,9 @@ class SessionStore(SessionBase):  # type: ignore[misc]
             session_key = self._request.live_key()
         super().__init__(session_key)
         self._codec = ValueCodec(self.serializer)
+        # session.max_session_bytes, checked at assignment as tandem's Session checks it
+        settings = None if tandem is None else tandem.cluster_settings
+        self._limit = 0 if settings is None else settings.max_session_bytes
 
     # --- the dictionary: assignments are checked by SESSION_SERIALIZER ----------------------
 
@@ -92,8 +95,8 @@ class SessionStore(SessionBase):  # type: ignore[misc]
         return self._values  # (AttributeError until loaded: SessionBase relies on it)
 
     def _set_cache(self, values: dict[str, Any]) -> None:
-        self._values = values if isinstance(values, Values) else Values(self._codec.dumps,
-                                                                        values)
+        self._values = values if isinstance(values, Values) else Values(
+            self._codec.dumps, values, limit=self._limit)
 
     _session_cache = property(_get_cache, _set_cache)
 

@@ -26,6 +26,7 @@ from django.contrib.sessions.serializers import (  # type: ignore[import-untyped
 )
 from django.core.signing import JSONSerializer as _SigningJSON  # type: ignore[import-untyped]
 
+from ..errors import SessionTooLarge
 from ..sessions import codec
 
 __all__ = ["ValueCodec", "Values"]
@@ -69,18 +70,46 @@ class ValueCodec:
 
 
 class Values(dict[str, Any]):
-    """The session dictionary of one `SessionStore`: assignments are checked at once."""
+    """The session dictionary of one `SessionStore`: assignments are checked at once — by
+    the serializer, and against `session.max_session_bytes` (`limit`, 0: none)."""
 
-    __slots__ = ("_check",)
+    __slots__ = ("_check", "_limit", "_sizes")
 
-    def __init__(self, check: Callable[[Any, Any], object],
-                 items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+    def __init__(self, check: Callable[[Any, Any], str],
+                 items: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), *,
+                 limit: int = 0) -> None:
         super().__init__(items)
         self._check = check
+        self._limit = limit
+        self._sizes: dict[str, int] = {}  # key -> bytes it holds, once measured
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._check(key, value)
+        serialized = self._check(key, value)
+        if self._limit:
+            size = _bytes(key) + _bytes(serialized)
+            total = size + sum(self._size(k) for k in self if k != key)
+            if total > self._limit:
+                raise SessionTooLarge(key, size=total, limit=self._limit)
+            self._sizes[key] = size
         super().__setitem__(key, value)
+
+    def _size(self, key: str) -> int:
+        size = self._sizes.get(key)
+        if size is None:  # (a value loaded, or mutated in place: measured when needed)
+            size = self._sizes[key] = _bytes(key) + _bytes(self._check(key, self[key]))
+        return size
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._sizes.pop(key, None)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._sizes.pop(key, None)
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        super().clear()
+        self._sizes.clear()
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
@@ -94,6 +123,10 @@ class Values(dict[str, Any]):
     def __ior__(self, other: Any) -> Values:  # type: ignore[override,misc]
         self.update(other)
         return self
+
+
+def _bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _name(cls: Any) -> str:

@@ -8,6 +8,8 @@ expiry — and the persister decides when the store sees them:
   together (group commit: one transaction, one pipeline).
 - `batched`: changed sessions are queued and written every `flush_interval_s`, or as soon
   as `flush_threshold` of them wait.
+- `offload`: written as in `sync`, but before replication: the store is the home of the
+  state, and the secondary is sent only a stub of what the store holds (docs/memory.md).
 - Read-only requests never write the session: their last-access times are batched and sent
   as touches with the next flush, in both modes.
 
@@ -65,8 +67,8 @@ class Persister:
     def __init__(self, *, store: SessionStore, mode: str, flush_interval_s: float,
                  flush_threshold: int, timeout_s: float, sweep_interval_s: float,
                  stats: dict[str, int]) -> None:
-        if mode not in ("sync", "batched"):
-            raise ValueError(f"mode must be sync or batched, got {mode!r}")
+        if mode not in ("sync", "batched", "offload"):
+            raise ValueError(f"mode must be sync, batched or offload, got {mode!r}")
         # configuration
         self.store = store
         self.mode = mode
@@ -80,7 +82,7 @@ class Persister:
         self._deletes: set[str] = set()
         # sync writes waiting for the group writer
         self._group: dict[str, Primary] = {}
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[bool]] = []
         self._writer: asyncio.Task[None] | None = None
         # health
         self._down_until = 0.0   # monotonic: until then sync commits queue instead of waiting
@@ -146,31 +148,53 @@ class Persister:
         log.info("session_loaded", sid=short(sid), version=state["v"], store=self.store.kind)
         return state
 
-    async def committed(self, record: Primary, *, changed: bool) -> None:
-        """After a commit (and its replication): write or touch per the mode."""
+    async def committed(self, record: Primary, *, changed: bool) -> bool:
+        """After a commit (offload: before its replication): write or touch per the mode.
+        True when this version of the session is in the store now (a sync write landed)."""
         sid = record.sid
         if not changed:
             if sid not in self._writes and sid not in self._group:
                 self._touches[sid] = (record.last_access, record.max_inactive_s)
                 self._queued()
-            return
+            return False
         self._touches.pop(sid, None)
         if self.mode == "batched" or time.monotonic() < self._down_until:
             self._writes[sid] = record
             self._queued()
-            return
+            return False
         self._writes.pop(sid, None)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._group[sid] = record
+        return await self.write(record)
+
+    async def write(self, record: Primary) -> bool:
+        """Write this record now, in the next group (True: it is in the store)."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._group[record.sid] = record
         self._waiters.append(fut)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_groups(), name="store-group-write")
-        await fut
+        return await fut
+
+    async def save_states(self, states: list[State]) -> bool:
+        """Write these states now, as one batch (evictions); False if the store failed."""
+        rows = [StoredSession.of(state) for state in states]
+        if await self._call("save", self.store.save, rows) is _FAILED:
+            return False
+        self.stats["store_saved"] += len(rows)
+        return True
+
+    @property
+    def failing(self) -> bool:
+        """Has the store failed within the last flush interval?"""
+        return time.monotonic() < self._down_until
+
+    def pending(self, sid: str) -> bool:
+        """Is a write of this session queued, not yet in the store?"""
+        return sid in self._writes or sid in self._group
 
     async def invalidated(self, sid: str) -> None:
         """The session was invalidated: remove it (sync: before the response leaves)."""
         self._forget(sid)
-        if self.mode == "batched":
+        if self.mode == "batched":  # (offload: deleted before the response, as sync)
             self._deletes.add(sid)
             self._queued()
             return
@@ -207,19 +231,21 @@ class Persister:
                 group, waiters = self._group, self._waiters
                 self._group, self._waiters = {}, []
                 rows = [StoredSession.of(r.state()) for r in group.values()]
-                if await self._call("save", self.store.save, rows) is _FAILED:
+                saved = await self._call("save", self.store.save, rows) is not _FAILED
+                if not saved:
                     for sid, record in group.items():
                         self._writes.setdefault(sid, record)  # retried by the next flush
                 else:
                     self.stats["store_saved"] += len(rows)
+                del rows  # (offload: their bodies are the size of the sessions)
                 for fut in waiters:
                     if not fut.done():
-                        fut.set_result(None)
+                        fut.set_result(saved)
         finally:
             self._writer = None
             for fut in self._waiters:  # only when cancelled mid-way
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(False)
 
     async def _flush(self) -> None:
         """Write the queued sessions, touches and deletes; keep what failed for next time."""

@@ -43,6 +43,7 @@ from ..sessions.session import Session
 from ..sessions.store import Primary
 from .deadline import DEADLINE_HEADER, Deadline, send_late
 from .forward import HOP_HEADER, Forwarder
+from .metrics import CONTENT_TYPE, METRICS_PATH, metrics_registry, render
 from .origin import Origin, rewrite_url
 from .rewrite import UrlRewriteMiddleware, token_in_urls
 
@@ -95,6 +96,7 @@ class TandemMiddleware:
         if s.url_rewriting:
             self._rewriter = UrlRewriteMiddleware(self._handle, param_name=self.param_name,
                                                   token_of=self._url_token)
+        self._registry = metrics_registry(manager)  # /__tandem/metrics
         # run-time state
         self.bad_tokens = 0
         self.inflight = 0  # requests being handled (a drain waits for them)
@@ -123,6 +125,9 @@ class TandemMiddleware:
             return
         if scope["path"] == HEALTH_PATH:
             await self._health(send)
+            return
+        if scope["path"] == METRICS_PATH:
+            await self._metrics(send)
             return
         if self.manager.draining:
             # Sessions are being handed over: the proxy fails this over to the secondary;
@@ -210,8 +215,9 @@ class TandemMiddleware:
             # nothing ran here.
             await _send_unavailable(send, exc, kind)
             return
+        context = _RequestContext(self, scope) if in_urls else None
         session = Session(record, create=manager.new_session,
-                          context=_RequestContext(self, scope) if in_urls else self)
+                          context=self if context is None else context)
         scope["session"] = session
         scope["tandem.server"] = manager.me.id
         scope["tandem.token_via"] = via  # "cookie" | "path" | "query" | None
@@ -294,6 +300,10 @@ class TandemMiddleware:
             raise
         finally:
             current_session.reset(bound)
+            if context is not None:
+                # scope -> session -> context -> scope: a cycle only the collector would free,
+                # with the session's values in it (large sessions: megabytes per request)
+                context.release()
         if (not replaced and not dropped and session.record is not None
                 and not session.invalidated and session.dirty):
             # Changes made after the response head (streaming handlers, websockets).
@@ -390,12 +400,22 @@ class TandemMiddleware:
             "standing": m.membership.quorum.standing.value,
             "lease": m.membership.serving_state() is None,
             "stats": m.stats,
+            # session.max_memory_mb / offload (docs/memory.md): accounted bytes, stubs
+            **({"memory": m.ctx.budget.used_bytes()} if m.ctx.budget is not None else {}),
             "tls": m.membership.channel.status(),  # null: plaintext replication
             **({"sites": m.sites.health()} if m.sites is not None else {}),
         }).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+    async def _metrics(self, send: Send) -> None:
+        body = render(self._registry)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", CONTENT_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -413,6 +433,10 @@ class _RequestContext:
     def route_of(self, record: Primary) -> Route:
         return self._mw.route_of(record)
 
+    def release(self) -> None:
+        """The request is over: let go of its scope (the origin, if made, stays)."""
+        self._scope = _NO_SCOPE
+
     @property
     def cluster_settings(self) -> SessionSection:
         return self._mw.cluster_settings
@@ -428,6 +452,9 @@ class _RequestContext:
         # same-origin URLs only: a token never goes to another site
         return rewrite_url(url, param=mw.param_name, token=mw.codec.encode(route),
                            origin=self._origin)
+
+
+_NO_SCOPE: Scope = {}  # (a released context's: never written to)
 
 
 def _older(proxy_view: bytes, ours: str) -> bool:
@@ -469,6 +496,8 @@ async def _send_unavailable(send: Send, exc: SessionMoved, kind: str) -> None:
         return
     body = (b"session moved to another server; retry\n" if exc.state == "moved"
             else b"server draining; retry\n" if exc.state == "draining"
+            else b"memory budget reached: no new session here; retry\n"
+            if exc.state == "memory-budget"
             else f"not serving this session here ({exc.state}); retry\n".encode())
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),

@@ -36,7 +36,7 @@ from .app_session import RESERVED, AppSession, applied
 from .committing import Committer
 from .context import Context
 from .expiry import Expiry
-from .store import Primary
+from .store import APP_PREFIX, Primary
 
 __all__ = ["AppSessions", "app_id"]
 
@@ -52,7 +52,7 @@ _ABSENT: dict[str, Any] = {"ok": False, "absent": True}
 def app_id(key: str) -> str:
     """The record id of the application session named `key` (never a session's id: those
     have no dot)."""
-    return "app." + hashlib.sha256(key.encode()).hexdigest()[:40]
+    return APP_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
 class AppSessions:

@@ -48,7 +48,8 @@ class Committer:
         record = session.record
         if record is None:
             return CommitResult(None)
-        if ctx.store.primaries.get(record.sid) is not record:
+        if ctx.store.primaries.get(record.sid) is not record and not (
+                ctx.budget is not None and ctx.budget.revive(record)):
             sid = record.sid
             if not (record.superseded or sid in ctx.store.primaries or sid in ctx.store.replicas
                     or sid in ctx.moved_to):
@@ -61,6 +62,8 @@ class Committer:
         if session.invalidated:
             await self.invalidate(record)
             return CommitResult(None, cleared=True)
+        if ctx.budget is not None and not discard and ctx.budget.over():
+            await self._make_room(record)
         first, first_version = record, record.version
         if not discard:
             changes = session.collect_changes()
@@ -78,21 +81,51 @@ class Committer:
         record.last_access = time.time()
         if record.version == 0:
             record.version = 1  # a new session is committed once, even with no keys
+        changed = record is not first or record.version != first_version
+        stored = False
+        if ctx.offload:  # the store first: the secondary gets only what it cannot give
+            assert ctx.persister is not None
+            stored = await ctx.persister.committed(record, changed=changed)
+        if ctx.budget is not None:
+            ctx.budget.committed(record, stored=stored or (
+                not changed and record.sid in ctx.budget.clean))
         if ctx.mode != "none":
             if record.version != record.sent_version or record.secondary is None:
-                await self.replicate(record)
+                try:
+                    await self.replicate(record)
+                except NotServing as exc:
+                    if exc.state == "memory-budget" and first_version == 0:
+                        # its secondary has no room for a new session's copy: nothing of
+                        # it stays here either (503 memory-budget, the proxy goes on)
+                        ctx.store.remove(record.sid)
+                        ctx.stats["refused_memory"] += 1
+                    raise
             elif record.secondary is not None:
                 ctx.touched.setdefault(record.secondary, {})[record.sid] = record.last_access
         if ctx.sites is not None:  # the remote sites' copies (MAN: acknowledged first)
             await ctx.sites.committed(record)
-        if ctx.persister is not None:  # after replication: a write (sync: awaited) or a touch
-            await ctx.persister.committed(
-                record, changed=record is not first or record.version != first_version)
+        if ctx.persister is not None and not ctx.offload:
+            # after replication: a write (sync: awaited) or a touch
+            await ctx.persister.committed(record, changed=changed)
         if time.monotonic() >= ctx.membership.ack_until:
             # Acknowledged only under the lease (docs/consistency.md, I1b): without it the
             # majority may have ended us and promoted the copy this write is not in.
             await ctx.membership.ready()
         return CommitResult(Route(record.sid, ctx.me.id, record.secondary))
+
+    async def _make_room(self, record: Primary) -> None:
+        """Past the memory budget: wait (bounded) for the evictor; a new session that still
+        finds no room is refused (503 `memory-budget`; the proxy tries another server)."""
+        ctx = self.ctx
+        assert ctx.budget is not None
+        if await ctx.budget.room(ctx.timeout) or record.version != 0:
+            return  # (an existing session is committed: refusing it would not free memory)
+        ctx.store.remove(record.sid)
+        ctx.stats["refused_memory"] += 1
+        log.warning("session_refused", sid=short(record.sid), reason="memory budget",
+                    **ctx.budget.used_bytes())
+        raise NotServing("memory budget reached: no new session here", peer=ctx.me.id,
+                         state="memory-budget")
 
     async def _regenerate(self, old: Primary, sid: str) -> Primary:
         """The session under the id `regenerate_id()` chose (and handed out already: in the
@@ -145,6 +178,7 @@ class Committer:
         ctx = self.ctx
         membership = ctx.membership
         waited = False
+        full: frozenset[str] = frozenset()  # peers without room for this new session's copy
         for _ in range(len(membership.roster) + 2):
             peer = self.planned_secondary(record)
             if peer is not None and not membership.is_alive(peer):
@@ -158,7 +192,10 @@ class Committer:
                 await membership.wait_view(lambda: ctx.choose_secondary() is None,
                                            ctx.config.cluster.heartbeat_interval_s)
                 continue
-            msg = self._replicate_msg(record)
+            if ctx.offload and ctx.budget is not None and record.sid in ctx.budget.clean:
+                msg = self._stub_msg(record)  # the store holds this version
+            else:
+                msg = self._replicate_msg(record)
             try:
                 reply = await membership.links[peer].call(msg, timeout=ctx.timeout)
             except (PeerUnavailable, PeerTimeout) as exc:
@@ -189,11 +226,18 @@ class Committer:
                 ctx.stats["moved"] += 1
                 log.warning("session_moved", sid=short(record.sid), to=reply["moved"])
                 raise SessionMoved(f"session is primary at {reply['moved']}", peer=peer)
+            record.sent_version = -1
+            if reply.get("state") == "memory-budget":
+                # No room there for a new session's copy: another peer may have it.
+                full = full | {peer}
+                other = ctx.choose_secondary(besides=full)
+                if other is not None:
+                    ctx.store.assign_secondary(record, other)
+                    continue
             log.error("replication_rejected", sid=short(record.sid), peer=peer,
                       reply=reply.get("error"))
-            record.sent_version = -1
             raise NotServing(f"{peer} refused the copy: {reply.get('error')}",
-                             peer=peer, state="unprotected")
+                             peer=peer, state=str(reply.get("state") or "unprotected"))
         if ctx.membership.recently_stalled():
             # Right after our own stall a secondary that does not answer has most likely
             # taken this session over: acknowledging would lose the write. The proxy fails
@@ -249,6 +293,19 @@ class Committer:
             pending = record.pending  # (in the data's order: a replica iterates as we do)
             msg["set"] = {k: v for k, v in data.items() if k in pending}
             msg["del"] = [k for k in record.pending if k not in data]
+        record.sent_version = record.version
+        record.pending.clear()
+        return msg
+
+    @staticmethod
+    def _stub_msg(record: Primary) -> dict[str, Any]:
+        """Offload: the store holds this version; the secondary keeps a stub of it (and the
+        last request's id and the values it replaced, for exactly-once retries)."""
+        msg: dict[str, Any] = {"op": "replicate", "sid": record.sid, "v": record.version,
+                               "e": record.epoch, "rid": record.last_rid, "undo": record.undo,
+                               "max_inactive_s": record.max_inactive_s,
+                               "created": record.created, "last_access": record.last_access,
+                               "stub": True}
         record.sent_version = record.version
         record.pending.clear()
         return msg

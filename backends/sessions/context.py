@@ -19,6 +19,7 @@ from ..cluster.membership import Membership
 from ..cluster.ranking import choose_secondary
 from ..errors import PeerTimeout, PeerUnavailable
 from ..persistence.persister import Persister, make_persister
+from .budget import Budget
 from .store import LocalStore, Primary
 
 if TYPE_CHECKING:  # (backends.sites builds on the sessions package)
@@ -56,6 +57,17 @@ class Context:
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         # session.persistence: where sessions found nowhere in memory are loaded from
         self.persister: Persister | None = make_persister(config, stats=self.stats)
+        # persistence.mode = "offload": the store is the home of the state, written before
+        # replication; session.max_memory_mb: records past it evicted to stubs
+        # (sessions/budget.py). None: neither (no accounting on the request path).
+        self.offload = self.persister is not None and self.persister.mode == "offload"
+        limit = config.session.max_memory_mb * 1024 * 1024
+        self.budget: Budget | None = None
+        if limit or self.offload:
+            self.budget = Budget(limit_bytes=limit, store=self.store, persister=self.persister,
+                                 offload=self.offload, stats=self.stats, me=me,
+                                 sweep_interval_s=max(0.5, min(
+                                     60.0, config.session.max_inactive_s / 10)))
         # requests taking a session over right now: sid -> the record they will produce
         self.opening: dict[str, asyncio.Future[Primary | None]] = {}
         # sessions taken over from a peer that was unreachable: peer -> sid -> our epoch
@@ -80,9 +92,12 @@ class Context:
             view = self.membership.quorum.view.number
         return (max(after // _EPOCH_STRIDE + 1, view)) * _EPOCH_STRIDE + self.index
 
-    def choose_secondary(self) -> str | None:
-        chosen = choose_secondary(self.me, self.membership.alive_peers(),
-                                  self.store.replica_counts)
+    def choose_secondary(self, *, besides: frozenset[str] = frozenset()) -> str | None:
+        """The live peer to hold a new copy (by rank), other than those in `besides`."""
+        peers = self.membership.alive_peers()
+        if besides:
+            peers = [p for p in peers if p.id not in besides]
+        chosen = choose_secondary(self.me, peers, self.store.replica_counts)
         return None if chosen is None else chosen.id
 
     # --- the replication channel --------------------------------------------------------

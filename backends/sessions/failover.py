@@ -78,6 +78,8 @@ class Failover:
                 store.replicas.clear()
                 log.warning("fenced", view=event.new.number, sessions_dropped=held,
                             standing=quorum.standing.value)
+            if ctx.budget is not None:  # (sessions held in the store only: not ours either)
+                ctx.budget.clear()
             return
         ended = set(event.removed) | set(event.restarted)
         if not ended or ctx.mode == "none" or ctx.draining:
@@ -116,10 +118,15 @@ class Failover:
             record = ctx.store.promote(replica, epoch=ctx.next_epoch(replica.epoch, view=view))
             superseded[record.sid] = record.epoch
             promoted.append(record)
-        if promoted:
-            ctx.stats["promoted"] += len(promoted)
-            log.info("promoted", sessions=len(promoted), old_primary=peer,
-                     cause=f"view {view} ended it")
+        stubs: dict[str, int] = {}
+        if ctx.budget is not None:  # stubs: primaries now, loaded by their next request
+            stubs = ctx.budget.promote_stubs(
+                peer, epoch_of=lambda epoch: ctx.next_epoch(epoch, view=view))
+            superseded.update(stubs)
+        if promoted or stubs:
+            ctx.stats["promoted"] += len(promoted) + len(stubs)
+            log.info("promoted", sessions=len(promoted) + len(stubs), stubs=len(stubs),
+                     old_primary=peer, cause=f"view {view} ended it")
         return promoted
 
     async def reprotect(self, records: list[Primary], *, cause: str) -> None:

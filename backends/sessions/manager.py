@@ -102,6 +102,8 @@ class SessionManager:
                                                    name="async-replication"))
         if self.ctx.persister is not None:
             self.ctx.persister.start()
+        if self.ctx.budget is not None:
+            self.ctx.budget.start()
 
     async def close(self) -> None:
         if self.ctx.mode == "async":
@@ -111,6 +113,8 @@ class SessionManager:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.ctx.budget is not None:
+            await self.ctx.budget.close()
         if self.ctx.persister is not None:  # batched writes flushed, then the store closed
             await self.ctx.persister.close()
 

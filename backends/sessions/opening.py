@@ -77,6 +77,12 @@ class Opener:
             # take-overs); wait briefly for it (a renewal, the cluster forming) or 503.
             await ctx.membership.ready()
         record = ctx.store.primaries.get(route.sid)
+        budget = ctx.budget
+        if budget is not None:
+            if record is None and route.sid in budget.stubs:
+                record = await budget.reinstate(route.sid)  # evicted: back from the store
+            if record is not None:
+                budget.used_now(record)
         if record is not None:
             if record.expired(time.time()):
                 self.expiry.expire([record], [])
@@ -209,6 +215,8 @@ class Opener:
                 log.info("session_expired", sid=short(sid))
                 return None
             store.primaries[sid] = record
+            if source == "store" and ctx.budget is not None:
+                ctx.budget.clean.add(sid)  # (offload: its secondary needs only a stub)
             ctx.stats["fetched"] += 1
             log.info("fetched", sid=short(sid), version=record.version, from_=source)
         else:
@@ -247,7 +255,10 @@ class Opener:
         if not await membership.wait_view(waiting, timeout, redial=owners):
             raise NotServing(f"{', '.join(owners)} unreachable and still in the view",
                              peer=ctx.me.id, state="owner-unreachable")
-        return ctx.store.primaries.get(sid)
+        record = ctx.store.primaries.get(sid)
+        if record is None and ctx.budget is not None:
+            record = await ctx.budget.reinstate(sid)  # promoted here as a stub
+        return record
 
     async def _fetch(self, peer: str, sid: str) -> dict[str, Any] | None:
         ctx = self.ctx

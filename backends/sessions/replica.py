@@ -7,6 +7,7 @@ touch, supersede (a peer took sessions over while we were unreachable) and load 
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import structlog
 
 from tandem.logs import short
 
+from ..errors import NotServing
 from .context import Context
 from .handover import Handover
 from .store import Primary, Replica
@@ -54,17 +56,23 @@ class ReplicaSide:
             return self.ctx.apps.handle(peer, msg)  # application sessions (app_sessions.py)
         if op == "fetch":
             return self._on_fetch(peer, msg["sid"])
+        budget = self.ctx.budget
         if op == "release":
             replica = self.ctx.store.replicas.get(msg["sid"])
             if replica is not None and replica.primary == peer:
                 del self.ctx.store.replicas[msg["sid"]]
+            if budget is not None:
+                budget.drop(msg["sid"], peer=peer)
             return None
         if op == "invalidate":
+            stored: list[str] = []  # evicted here: written to the store by us, maybe late
             for sid in msg["sids"]:
                 replica = self.ctx.store.replicas.get(sid)
                 if replica is not None and replica.primary == peer:
                     del self.ctx.store.replicas[sid]
-            return {"ok": True}
+                if budget is not None and budget.ended(sid, budget.drop(sid, peer=peer)):
+                    stored.append(sid)
+            return self._delete_stored(stored) if stored else {"ok": True}
         if op == "touch":
             now = time.monotonic()
             for sid, last_access in msg["items"].items():
@@ -72,6 +80,8 @@ class ReplicaSide:
                 if replica is not None and replica.primary == peer:
                     replica.last_access = max(replica.last_access, last_access)
                     replica.last_heard = now
+                elif budget is not None:
+                    budget.touched(sid, peer, last_access)
             return None
         return {"ok": False, "error": f"unknown op {op!r}"}
 
@@ -91,6 +101,24 @@ class ReplicaSide:
         replica = self.ctx.store.replicas.get(sid)
         if replica is not None and epoch < replica.epoch:
             return {"ok": False, "moved": replica.primary}  # a newer primary exists
+        budget = self.ctx.budget
+        if budget is not None and sid in budget.stubs:
+            stub = budget.stubs[sid]
+            if epoch < stub.epoch:
+                return {"ok": False, "moved": stub.peer or self.ctx.me.id}
+            if "data" in msg or msg.get("stub"):
+                budget.drop(sid)  # replaced by what this message brings
+        if msg.get("stub"):  # offload: the store holds this version (sessions/budget.py)
+            if budget is None:
+                return {"ok": False, "error": "a stub, but no store here"}
+            if replica is not None and epoch == replica.epoch and replica.version > version:
+                return {"ok": True, "stale": True}
+            budget.stub_replica(peer, msg)
+            return {"ok": True}
+        if "data" in msg and replica is None and budget is not None and budget.full(version):
+            # Past the budget with nowhere to evict to: no copy of a new session (the primary
+            # answers its request 503 memory-budget), as no new session of our own.
+            return {"ok": False, "error": "memory budget reached", "state": "memory-budget"}
         if "data" in msg:
             if replica is not None and epoch == replica.epoch and replica.version > version:
                 return {"ok": True, "stale": True}  # never go back to an older version
@@ -115,6 +143,16 @@ class ReplicaSide:
         replica.max_inactive_s = float(msg["max_inactive_s"])
         replica.last_access = float(msg["last_access"])
         replica.last_heard = time.monotonic()
+        if budget is not None:
+            budget.replicated(replica)
+        return {"ok": True}
+
+    async def _delete_stored(self, sids: list[str]) -> dict[str, Any]:
+        """Invalidated sessions whose copy we evicted: gone from the store before the ack."""
+        persister = self.ctx.persister
+        if persister is not None:
+            for sid in sids:
+                await persister.invalidated(sid)
         return {"ok": True}
 
     def _on_supersede(self, peer: str, sids: dict[str, int]) -> None:
@@ -126,6 +164,8 @@ class ReplicaSide:
             replica = self.ctx.store.replicas.get(sid)
             if replica is not None and replica.epoch < epoch:
                 del self.ctx.store.replicas[sid]
+            if self.ctx.budget is not None:
+                self.ctx.budget.drop(sid, older_than=epoch)
 
     def _drop_superseded(self, record: Primary, *, by: str) -> None:
         self.ctx.store.remove(record.sid)
@@ -142,8 +182,24 @@ class ReplicaSide:
         await self.ctx.call_quietly(holder, {"op": "release", "sid": sid})
         return reply
 
+    async def _fetch_stub(self, peer: str, sid: str) -> Any:
+        """A fetch of a session evicted here: loaded back, then handed over as any other."""
+        assert self.ctx.budget is not None
+        try:
+            record = await self.ctx.budget.reinstate(sid)
+        except NotServing as exc:
+            return {"found": False, "error": str(exc)}
+        if record is None:
+            return {"found": False}
+        reply = self._on_fetch(peer, sid)
+        return await reply if inspect.isawaitable(reply) else reply
+
     def _on_fetch(self, peer: str, sid: str) -> Any:
         record = self.ctx.store.primaries.get(sid)
+        budget = self.ctx.budget
+        if record is None and budget is not None and sid in budget.stubs and (
+                budget.stubs[sid].primary):
+            return self._fetch_stub(peer, sid)
         if record is not None:
             state = record.state()
             self.ctx.store.demote(record, new_primary=peer)  # kept until the new secondary has it

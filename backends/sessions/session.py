@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tandem.token import Route, new_sid
 
-from ..errors import SessionError, SessionInvalidated
+from ..errors import SessionError, SessionInvalidated, SessionTooLarge
 from . import codec
 from .app_session import AppService, AppSession, member_id
 
@@ -93,7 +93,8 @@ class Session(dict[str, Any]):
 
     __slots__ = ("_record", "_create", "_context", "_stored", "_set", "_deleted", "_handed",
                  "_invalidated", "_regenerate", "_max_inactive_s", "accessed", "modified",
-                 "cookie", "cookie_refresh", "app_service", "_apps", "__weakref__")
+                 "cookie", "cookie_refresh", "app_service", "_apps", "_limit", "_bytes",
+                 "__weakref__")
 
     def __init__(self, record: Primary | None, *, create: Callable[[], Primary],
                  context: SessionContext | None = None) -> None:
@@ -136,6 +137,11 @@ class Session(dict[str, Any]):
         self.app_service: AppService | None = None
         # the application sessions this request opened: key -> handle (None: none yet)
         self._apps: dict[str, AppSession] | None = None
+        # session.max_session_bytes (0: unbounded), and what the session holds in bytes
+        # (keys + serialized values; counted at the first assignment, then kept up to date)
+        settings = getattr(context, "cluster_settings", None)
+        self._limit: int = settings.max_session_bytes if settings is not None else 0
+        self._bytes: int | None = None
 
     # --- identity -------------------------------------------------------------------------
 
@@ -344,6 +350,8 @@ class Session(dict[str, Any]):
             serialized = direct(value) if direct is not None else codec.dumps(key, value)
         except ValueError:  # an int past Python's digit limit: codec.dumps says TypeError
             serialized = codec.dumps(key, value)  # (before anything changes)
+        if self._limit:
+            self._fits({key: serialized})  # SessionTooLarge: nothing changes
         self._ensure()
         self._set[key] = serialized
         self._deleted.discard(key)
@@ -383,12 +391,15 @@ class Session(dict[str, Any]):
             self._deleted.add(key)
         dict.clear(self)
         self._handed.clear()
+        self._bytes = None
         self.accessed = self.modified = True
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         self._check()
         values = dict(*args, **kwargs)
         serialized = {k: codec.dumps(k, v) for k, v in values.items()}  # all or nothing
+        if serialized and self._limit:
+            self._fits(serialized)  # SessionTooLarge: nothing changes
         if serialized:
             self._ensure()
             self._set.update(serialized)
@@ -434,10 +445,30 @@ class Session(dict[str, Any]):
                 continue
             if before is not None or now != stored.get(key, _MISSING):
                 changes.set[key] = now
+        if self._limit and handed:
+            self._bound_mutations(changes, record.data)
         if self._deleted:
             changes.deleted = {k for k in self._deleted if k in record.data}
         changes.max_inactive_s = self._max_inactive_s
         return changes
+
+    def _bound_mutations(self, changes: Changes, data: dict[str, str]) -> None:
+        """Values mutated in place past `session.max_session_bytes`: their last value is
+        kept, and the reason listed in `changes.errors` (no assignment to raise at)."""
+        final = {**data, **changes.set}
+        for key in changes.deleted:
+            final.pop(key, None)
+        size = sum(_entry_bytes(k, v) for k, v in final.items())
+        assigned = self._set
+        for key in [k for k, v in changes.set.items() if v != assigned.get(k)]:
+            if size <= self._limit:
+                break
+            over, now = size, changes.set.pop(key)
+            before = assigned.get(key)  # the value assigned this request, else the stored one
+            if before is not None:
+                changes.set[key] = before
+            size -= _entry_bytes(key, now) - _entry_bytes(key, before or data.get(key))
+            changes.errors.append(str(SessionTooLarge(key, size=over, limit=self._limit)))
 
     def reset(self) -> None:
         """Forget this request's changes: what is stored now is what later changes are
@@ -487,10 +518,31 @@ class Session(dict[str, Any]):
         self._record = record
 
     def _deleted_now(self, key: str) -> None:
+        if self._bytes is not None:  # (the key is gone from the dict already)
+            self._bytes -= _entry_bytes(key, self._set.get(key) or self._stored.get(key))
         self._set.pop(key, None)
         self._handed.discard(key)
         self._deleted.add(key)
         self.accessed = self.modified = True
+
+    def _serialized(self, key: str) -> str | None:
+        """The serialized form the session holds for `key` (None: absent)."""
+        serialized = self._set.get(key)
+        if serialized is None and dict.__contains__(self, key):
+            serialized = self._stored.get(key)
+        return serialized
+
+    def _fits(self, serialized: dict[str, str]) -> None:
+        """Raise SessionTooLarge (naming the key and the sizes) if assigning these would
+        make the session hold more than `session.max_session_bytes`; else count them."""
+        if self._bytes is None:
+            self._bytes = sum(_entry_bytes(k, self._serialized(k)) for k in dict.keys(self))
+        size = self._bytes
+        for key, value in serialized.items():
+            size += _entry_bytes(key, value) - _entry_bytes(key, self._serialized(key))
+            if size > self._limit:
+                raise SessionTooLarge(key, size=size, limit=self._limit)
+        self._bytes = size
 
     def _hand_out_all(self) -> None:
         self._check()
@@ -499,3 +551,11 @@ class Session(dict[str, Any]):
         for key, value in dict.items(self):
             if value.__class__ not in _SCALARS:
                 handed.add(key)
+
+
+def _entry_bytes(key: str, serialized: str | None) -> int:
+    """What one key holds: its name and its serialized value, in UTF-8 bytes (0: absent)."""
+    if serialized is None:
+        return 0
+    return ((len(key) if key.isascii() else len(key.encode()))
+            + (len(serialized) if serialized.isascii() else len(serialized.encode())))

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 
 from tandem.token import new_sid
 
-__all__ = ["Primary", "Replica", "LocalStore"]
+__all__ = ["Primary", "Replica", "LocalStore", "APP_PREFIX"]
+
+# The ids of application sessions' records begin with it (sessions' ids have no dot).
+APP_PREFIX = "app."
 
 
 class Primary:
