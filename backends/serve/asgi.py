@@ -388,6 +388,7 @@ class TandemMiddleware:
             "standing": m.membership.quorum.standing.value,
             "lease": m.membership.serving_state() is None,
             "stats": m.stats,
+            "loop": m.loop_lag.health(),  # how long the event loop was held
             "tls": m.membership.channel.status(),  # null: plaintext replication
             **({"sites": m.sites.health()} if m.sites is not None else {}),
         }).encode()

@@ -23,6 +23,7 @@ from .store import LocalStore, Primary
 
 if TYPE_CHECKING:  # (backends.sites builds on the sessions package)
     from ..sites import Sites
+    from .promotion import Promotion
 
 __all__ = ["Context", "age", "STAT_NAMES"]
 
@@ -68,6 +69,8 @@ class Context:
         self.draining = False
         # the remote sites' copies ([[sites]], docs/sites.md): set by the manager
         self.sites: Sites | None = None
+        # promotions and re-protections under way (promotion.py): set by the manager
+        self.promotion: Promotion
 
     def next_epoch(self, after: int, *, view: int | None = None) -> int:
         """An epoch newer than `after` that no other server can produce (no ties), from
