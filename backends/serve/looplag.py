@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 from typing import Any
 
@@ -36,17 +35,6 @@ class LoopLag:
         # (wall-clock second, longest hold in it), oldest first
         self._seconds: collections.deque[tuple[int, float]] = collections.deque(
             maxlen=_SECONDS)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     def health(self) -> dict[str, Any]:
         return {"lag_max_ms": round(self.max_ms, 1), "held_over_ms": WARN_MS,
@@ -66,7 +54,8 @@ class LoopLag:
             self.held += 1
             log.warning("loop_held", ms=round(lag_ms, 1))
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The timer (a task of the server's for its whole life)."""
         clock = time.monotonic
         while True:
             before = clock()

@@ -94,7 +94,7 @@ class SessionManager:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.loop_lag.start()
+        self._tasks.append(asyncio.create_task(self.loop_lag.run(), name="loop-lag"))
         self._tasks.append(asyncio.create_task(self.expiry.sweep_loop(), name="session-sweeper"))
         self._tasks.append(asyncio.create_task(self.expiry.touch_loop(), name="session-touch"))
         if self.ctx.mode == "async":
@@ -107,7 +107,6 @@ class SessionManager:
         if self.ctx.mode == "async":
             await self.committer.flush_async()  # what was acknowledged goes out before we stop
         await self.ctx.promotion.close()
-        await self.loop_lag.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
