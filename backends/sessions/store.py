@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
+from typing import cast
 
 from tandem.token import new_sid
 
@@ -35,7 +36,21 @@ def unpack_undo(undo: Undo | None) -> dict[str, str | None]:
     return {str(undo[i]): undo[i + 1] for i in range(0, len(undo), 2)}
 
 
-class Primary:
+class _Record:
+    """The memory layout of both kinds of record, so that a replica is promoted in place (its
+    class changes): promoting a million allocates no new object, which Python's collector
+    would have to scan, holding the loop for a quarter of a second at a time."""
+
+    __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
+                 "last_rid", "_undo",
+                 # a primary's
+                 "secondary", "sent_version", "acked_version", "_pending", "_stale_holders",
+                 "superseded", "_site_pending",
+                 # a replica's (kept by a promoted one: its `primary` is the old primary)
+                 "primary", "last_heard")
+
+
+class Primary(_Record):
     """A session served by this server.
 
     The change sets and the undo map are empty for nearly every session nearly all the time:
@@ -43,9 +58,7 @@ class Primary:
     session: docs/memory.md), and read through properties that give an empty one instead.
     """
 
-    __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
-                 "secondary", "sent_version", "acked_version", "_pending", "_stale_holders",
-                 "last_rid", "_undo", "superseded", "_site_pending")
+    __slots__ = ()
 
     def __init__(self, sid: str, *, data: dict[str, str] | None = None, version: int = 0,
                  epoch: int = 0, max_inactive_s: float, created: float | None = None,
@@ -61,6 +74,13 @@ class Primary:
         self.max_inactive_s = max_inactive_s
         self.created = now if created is None else created
         self.last_access = now if last_access is None else last_access
+        # exactly-once retries: the proxy's id of the request behind the last commit, and
+        # the values that commit replaced (None: the key was absent)
+        self.last_rid = last_rid
+        self._undo = pack_undo(undo)
+        self._primary_state()
+
+    def _primary_state(self) -> None:
         # replication state
         self.secondary: str | None = None      # server holding the replica
         self.sent_version = -1                 # version last sent to `secondary` (-1: nothing)
@@ -71,10 +91,6 @@ class Primary:
         # keys changed since every remote site's copy last acknowledged this session's
         # version (backends/sites: a delta from that version; cleared by the replicator)
         self._site_pending: set[str] | None = None
-        # exactly-once retries: the proxy's id of the request behind the last commit, and
-        # the values that commit replaced (None: the key was absent)
-        self.last_rid = last_rid
-        self._undo = pack_undo(undo)
         # dropped here because another server took it over (we were thought failed)
         self.superseded = False
 
@@ -161,11 +177,10 @@ class Primary:
                 "last_access": self.last_access, "rid": self.last_rid, "undo": self.undo}
 
 
-class Replica:
+class Replica(_Record):
     """A copy of a session whose primary is another server."""
 
-    __slots__ = ("sid", "data", "version", "epoch", "max_inactive_s", "created", "last_access",
-                 "primary", "last_heard", "last_rid", "_undo")
+    __slots__ = ()
 
     def __init__(self, sid: str, *, data: dict[str, str], version: int, epoch: int,
                  max_inactive_s: float, created: float, last_access: float,
@@ -178,8 +193,8 @@ class Replica:
         self.max_inactive_s = max_inactive_s
         self.created = created
         self.last_access = last_access
-        self.primary = primary
-        self.last_heard = time.monotonic()     # last message from the primary about it
+        self.primary: str = primary
+        self.last_heard: float = time.monotonic()     # last message from the primary about it
         self.last_rid = last_rid               # as on the primary (exactly-once retries)
         self._undo = pack_undo(undo)           # as on the primary
 
@@ -220,10 +235,10 @@ class LocalStore:
     def promote(self, replica: Replica, *, epoch: int) -> Primary:
         """Turn a replica into a primary served here (same version, a newer epoch)."""
         self.replicas.pop(replica.sid, None)
-        record = Primary(replica.sid, data=replica.data, version=replica.version,
-                         epoch=epoch, last_rid=replica.last_rid, undo=replica.undo,
-                         max_inactive_s=replica.max_inactive_s, created=replica.created,
-                         last_access=replica.last_access)
+        replica.__class__ = Primary  # type: ignore[assignment]  # (in place: see _Record)
+        record = cast(Primary, replica)
+        record.epoch = epoch
+        record._primary_state()
         self.primaries[record.sid] = record
         return record
 
