@@ -221,14 +221,24 @@ class Committer:
         refusal, a lost link) goes the one-by-one way, `replicate_now`, with its waits."""
         ctx = self.ctx
         primaries, membership = ctx.store.primaries, ctx.membership
+        # Frames in flight: a batch is built only when one is free, so that the copies
+        # waiting to be sent are a few batches, never the whole set.
         in_flight = asyncio.Semaphore(4)
         one_by_one: list[Primary] = []
-        sends: list[asyncio.Task[None]] = []
+        sends: set[asyncio.Task[None]] = set()
         batches: dict[str, list[tuple[Primary, dict[str, Any]]]] = {}
 
         async def send(peer: str, items: list[tuple[Primary, dict[str, Any]]]) -> None:
-            async with in_flight:
+            try:
                 await self._send_batch(peer, items, one_by_one)
+            finally:
+                in_flight.release()
+
+        async def start(peer: str) -> None:
+            await in_flight.acquire()
+            task = asyncio.create_task(send(peer, batches.pop(peer)))
+            sends.add(task)
+            task.add_done_callback(sends.discard)
 
         deadline = time.monotonic() + BATCH_SLICE_S
         for i, record in enumerate(records):
@@ -242,14 +252,20 @@ class Committer:
             if peer is None or not membership.is_alive(peer):
                 one_by_one.append(record)
                 continue
+            batch = batches.setdefault(peer, [])
+            if not batch and in_flight.locked():
+                await in_flight.acquire()  # (wait for a free frame before building one)
+                in_flight.release()
+                if primaries.get(record.sid) is not record or record.sent_version >= 0:
+                    continue
             msg = self._replicate_msg(record)
             del msg["op"]
-            batch = batches.setdefault(peer, [])
             batch.append((record, msg))
             if len(batch) >= BATCH:
-                sends.append(asyncio.create_task(send(peer, batches.pop(peer))))
-        sends += [asyncio.create_task(send(peer, items)) for peer, items in batches.items()]
-        await asyncio.gather(*sends)
+                await start(peer)
+        for peer in [p for p, batch in batches.items() if batch]:
+            await start(peer)
+        await asyncio.gather(*list(sends))
         if one_by_one:
             sem = asyncio.Semaphore(64)
 
