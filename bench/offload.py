@@ -177,8 +177,8 @@ async def measure(n: int = 20000) -> dict[str, Any]:
                 record = store.create(sid)
                 record.apply({"key": value}, set())
                 store.assign_secondary(record, "s2")
-                record.pending.clear()
-                record.site_pending.clear()
+                record.clear_pending()
+                record.clear_site_pending()
                 budget.committed(record, stored=False)
             elif kind == "replica":
                 store.replicas[sid] = Replica(sid, data={"key": value}, version=1, epoch=0,

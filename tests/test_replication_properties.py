@@ -70,6 +70,7 @@ class Node:
                 link._task.cancel()
         for task in self.manager._tasks:
             task.cancel()
+        self.manager.ctx.promotion.clear()
         for task in (self.membership._quorum_task, self.membership._stall_task):
             if task is not None:
                 task.cancel()

@@ -117,7 +117,7 @@ class LocalSessions:
         if changes.max_inactive_s is not None:
             record.max_inactive_s = changes.max_inactive_s
         if changes.set or changes.deleted:
-            record.apply(changes.set, changes.deleted)
+            record.apply(changes.set, changes.deleted, replicated=False)
         new_id = session.regenerate_requested
         if new_id is not None:
             old, record = record, store.create(new_id)

@@ -402,6 +402,7 @@ class TandemMiddleware:
             "stats": m.stats,
             # session.max_memory_mb / offload (docs/memory.md): accounted bytes, stubs
             **({"memory": m.ctx.budget.used_bytes()} if m.ctx.budget is not None else {}),
+            "loop": m.loop_lag.health(),  # how long the event loop was held
             "tls": m.membership.channel.status(),  # null: plaintext replication
             **({"sites": m.sites.health()} if m.sites is not None else {}),
         }).encode()

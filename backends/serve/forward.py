@@ -134,6 +134,8 @@ class Forwarder:
         sid = route.sid
         if sid in ctx.opening:
             return None  # being taken over here already
+        if ctx.promotion.active and ctx.promotion.claim(sid) is not None:
+            return None  # its primary ended: promoted here (backends/sessions/promotion.py)
         # Who is primary: where we handed it, what our replica names, what the token says.
         local = ctx.store.replicas.get(sid)
         owner = ctx.moved_to.get(sid) or (local.primary if local is not None else None) \

@@ -17,8 +17,8 @@ __all__ = ["Stub", "Tracked", "record_bytes", "PRIMARY_OVERHEAD", "REPLICA_OVERH
 
 # What a record costs besides its keys and values (bytes, measured with tracemalloc on
 # CPython 3.11, `bench/offload.py --measure`): the Primary or Replica object with its slots,
-# its dict (and a primary's sets), the store's index entry and the budget's LRU entry.
-PRIMARY_OVERHEAD = 1250
+# its dict, the store's index entry and the budget's LRU entry.
+PRIMARY_OVERHEAD = 540
 REPLICA_OVERHEAD = 520
 # What each key adds besides the characters of its name and value: the value's str object
 # header and the dict entry.

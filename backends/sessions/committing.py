@@ -15,14 +15,17 @@ import structlog
 from tandem.logs import short
 from tandem.token import Route
 
-from ..errors import NotServing, PeerTimeout, PeerUnavailable, SessionMoved
+from ..errors import NotServing, PeerTimeout, PeerUnavailable, ReplicationError, SessionMoved
 from .context import Context
 from .session import Session
 from .store import Primary
 
-__all__ = ["Committer", "CommitResult"]
+__all__ = ["Committer", "CommitResult", "BATCH"]
 
 log = structlog.get_logger("tandem.sessions")
+
+BATCH = 500  # sessions per re-protection frame (~250 KB with 200-byte values)
+BATCH_SLICE_S = 0.02  # seconds of the loop building batches may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,8 @@ class Committer:
             if changes.max_inactive_s is not None:
                 record.max_inactive_s = changes.max_inactive_s
             if changes.set or changes.deleted:
-                record.apply(changes.set, changes.deleted, rid=rid)
+                record.apply(changes.set, changes.deleted, rid=rid,
+                             replicated=ctx.mode != "none", sites=ctx.sites is not None)
             new_id = session.regenerate_requested
             if new_id is not None:
                 record = await self._regenerate(record, new_id)
@@ -254,6 +258,101 @@ class Committer:
             log.warning("session_unprotected", sid=short(record.sid), was=record.secondary)
         ctx.store.assign_secondary(record, None)
 
+    async def replicate_batches(self, records: list[Primary]) -> None:
+        """Give these sessions (left without a secondary) one, `BATCH` full copies per frame
+        and a few frames in flight: re-protecting a failed server's sessions one frame each
+        would take minutes for a million. A session a batch cannot place (no live peer, a
+        refusal, a lost link) goes the one-by-one way, `replicate_now`, with its waits."""
+        ctx = self.ctx
+        primaries, membership = ctx.store.primaries, ctx.membership
+        # Frames in flight: a batch is built only when one is free, so that the copies
+        # waiting to be sent are a few batches, never the whole set.
+        in_flight = asyncio.Semaphore(4)
+        one_by_one: list[Primary] = []
+        sends: set[asyncio.Task[None]] = set()
+        batches: dict[str, list[tuple[Primary, dict[str, Any]]]] = {}
+
+        async def send(peer: str, items: list[tuple[Primary, dict[str, Any]]]) -> None:
+            try:
+                await self._send_batch(peer, items, one_by_one)
+            finally:
+                in_flight.release()
+
+        async def start(peer: str) -> None:
+            await in_flight.acquire()
+            task = asyncio.create_task(send(peer, batches.pop(peer)))
+            sends.add(task)
+            task.add_done_callback(sends.discard)
+
+        deadline = time.monotonic() + BATCH_SLICE_S
+        for i, record in enumerate(records):
+            if i % 256 == 0 and time.monotonic() > deadline:
+                await asyncio.sleep(0)  # (the loop is not held while a million are built)
+                deadline = time.monotonic() + BATCH_SLICE_S
+            if primaries.get(record.sid) is not record or (
+                    record.secondary is not None and record.sent_version >= 0):
+                continue  # ended meanwhile, or a request of it replicated it already
+            peer = self.planned_secondary(record)
+            if peer is None or not membership.is_alive(peer):
+                one_by_one.append(record)
+                continue
+            batch = batches.setdefault(peer, [])
+            if not batch and in_flight.locked():
+                await in_flight.acquire()  # (wait for a free frame before building one)
+                in_flight.release()
+                if primaries.get(record.sid) is not record or record.sent_version >= 0:
+                    continue
+            msg = self._replicate_msg(record)
+            del msg["op"]
+            batch.append((record, msg))
+            if len(batch) >= BATCH:
+                await start(peer)
+        for peer in [p for p, batch in batches.items() if batch]:
+            await start(peer)
+        await asyncio.gather(*list(sends))
+        if one_by_one:
+            sem = asyncio.Semaphore(64)
+
+            async def one(record: Primary) -> None:
+                async with sem:
+                    if primaries.get(record.sid) is record:
+                        with contextlib.suppress(ReplicationError):
+                            await self.replicate_now(record)
+
+            await asyncio.gather(*(one(r) for r in one_by_one))
+
+    async def _send_batch(self, peer: str, items: list[tuple[Primary, dict[str, Any]]],
+                          one_by_one: list[Primary]) -> None:
+        ctx = self.ctx
+        store = ctx.store
+        link = ctx.membership.links.get(peer)
+        try:
+            if link is None:
+                raise PeerUnavailable("no link", peer=peer)
+            reply = await link.call({"op": "replicate_batch", "items": [m for _, m in items]},
+                                    timeout=ctx.timeout)
+        except (PeerUnavailable, PeerTimeout) as exc:
+            ctx.stats["replication_failures"] += 1
+            ctx.peer_error(peer, exc)
+            reply = {}
+        replies = reply.get("replies")
+        if not isinstance(replies, list) or len(replies) != len(items):
+            replies = [{"ok": False}] * len(items)  # (lost, or a peer without batches)
+        for (record, msg), answer in zip(items, replies, strict=True):
+            if store.primaries.get(record.sid) is not record:
+                continue  # ended, or moved, while the batch was out
+            if answer is None or answer.get("ok"):
+                record.acked_version = max(record.acked_version, int(msg["v"]))
+                ctx.stats["replicated"] += 1
+                self._release_stale(record)
+            elif answer.get("moved"):
+                store.remove(record.sid)
+                ctx.stats["moved"] += 1
+                log.warning("session_moved", sid=short(record.sid), to=answer["moved"])
+            else:  # need_full, refused, lost: the one-by-one way says what to do
+                record.sent_version = -1
+                one_by_one.append(record)
+
     def _others_in_view(self) -> bool:
         """Is another member of the view one that could hold a copy? (A witness votes and
         holds none: with only witnesses besides us we are a one-server cluster.)"""
@@ -294,7 +393,7 @@ class Committer:
             msg["set"] = {k: v for k, v in data.items() if k in pending}
             msg["del"] = [k for k in record.pending if k not in data]
         record.sent_version = record.version
-        record.pending.clear()
+        record.clear_pending()
         return msg
 
     @staticmethod
@@ -307,14 +406,14 @@ class Committer:
                                "created": record.created, "last_access": record.last_access,
                                "stub": True}
         record.sent_version = record.version
-        record.pending.clear()
+        record.clear_pending()
         return msg
 
     def _release_stale(self, record: Primary) -> None:
         if record.stale_holders:
             for peer in record.stale_holders - {record.secondary}:
                 self.ctx.send(peer, {"op": "release", "sid": record.sid})
-            record.stale_holders = set()
+            record.stale_holders = ()
 
     def planned_secondary(self, record: Primary) -> str | None:
         """The secondary a token handed out now must name (in a link the app renders before

@@ -25,6 +25,7 @@ from .store import LocalStore, Primary
 if TYPE_CHECKING:  # (backends.sites builds on the sessions package)
     from ..sites import Sites
     from .app_sessions import AppSessions
+    from .promotion import Promotion
 
 __all__ = ["Context", "age", "STAT_NAMES"]
 
@@ -83,6 +84,8 @@ class Context:
         self.sites: Sites | None = None
         # the application sessions (app_sessions.py): set by the manager
         self.apps: AppSessions | None = None
+        # promotions and re-protections under way (promotion.py): set by the manager
+        self.promotion: Promotion
 
     def next_epoch(self, after: int, *, view: int | None = None) -> int:
         """An epoch newer than `after` that no other server can produce (no ties), from

@@ -5,10 +5,12 @@ and sessions idle past `max_inactive_s` (with replicas whose primary stays silen
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 
 from .context import Context
+from .promotion import SLICE_S
 from .store import Primary, Replica
 
 __all__ = ["Expiry"]
@@ -38,9 +40,39 @@ class Expiry:
         interval = max(0.1, min(30.0, self.ctx.config.session.max_inactive_s / 10))
         while True:
             await asyncio.sleep(interval)
-            primaries, replicas = self.ctx.store.expired()
+            primaries, replicas = await self._expired()
             if primaries or replicas:
                 self.expire(primaries, replicas)
+
+    async def _expired(self) -> tuple[list[Primary], list[Replica]]:
+        """Remove and return the primaries past max_inactive and the orphaned replicas,
+        looking at them in slices (a million records take a quarter of a second)."""
+        store = self.ctx.store
+        now, mono = time.time(), time.monotonic()
+        old_p: list[Primary] = []
+        old_r: list[Replica] = []
+        deadline = time.monotonic() + SLICE_S
+        for i, record in enumerate(list(store.primaries.values())):
+            if i % 256 == 0 and time.monotonic() > deadline:
+                await asyncio.sleep(0)
+                deadline = time.monotonic() + SLICE_S
+            if record.expired(now):
+                old_p.append(record)
+        for i, replica in enumerate(list(store.replicas.values())):
+            if i % 256 == 0 and time.monotonic() > deadline:
+                await asyncio.sleep(0)
+                deadline = time.monotonic() + SLICE_S
+            if replica.orphaned(mono):
+                old_r.append(replica)
+        # (what a request or a message renewed between the slices stays)
+        now, mono = time.time(), time.monotonic()
+        dead_p = [r for r in old_p if store.primaries.get(r.sid) is r and r.expired(now)]
+        for r in dead_p:
+            store.remove(r.sid)
+        dead_r = [c for c in old_r if store.replicas.get(c.sid) is c and c.orphaned(mono)]
+        for c in dead_r:
+            del store.replicas[c.sid]
+        return dead_p, dead_r
 
     def expire(self, primaries: list[Primary], replicas: list[Replica]) -> None:
         """Forget these sessions here, at their secondaries and in the store."""

@@ -10,8 +10,6 @@ and tell a peer that is back which of its sessions were taken over meanwhile.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 
 import structlog
@@ -19,10 +17,8 @@ import structlog
 from ..cluster.link import PeerState
 from ..cluster.quorum import Standing
 from ..cluster.view import ViewChanged
-from ..errors import ReplicationError
 from .committing import Committer
 from .context import Context
-from .store import Primary
 
 __all__ = ["Failover"]
 
@@ -35,7 +31,6 @@ class Failover:
     def __init__(self, ctx: Context, committer: Committer) -> None:
         self.ctx = ctx
         self.committer = committer
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def peer_changed(self, peer: str, state: PeerState, cause: str) -> None:
         ctx = self.ctx
@@ -52,24 +47,29 @@ class Failover:
             orphans = list(store.primaries_with_secondary(peer))
             for record in orphans:
                 store.assign_secondary(record, None)
-                record.stale_holders.add(peer)
+                record.add_stale_holder(peer)
         else:
             # Failed or left: repaired when the view removes it. Until then it may be alive
             # and its replicas promotable (a partition); moving them would race that.
             return
         if orphans:
-            await self.reprotect(orphans, cause=f"{peer} {state.value}")
+            started = time.monotonic()
+            await self.committer.replicate_batches(orphans)
+            log.info("reprotected", sessions=len(orphans), cause=f"{peer} {state.value}",
+                     seconds=round(time.monotonic() - started, 3))
 
     def view_changed(self, event: ViewChanged) -> None:
         """A decided view: fence ourselves, or promote and re-home for the servers it ended.
 
         Runs synchronously as the view is adopted, before any other request or message is
-        handled: a request for a session whose primary just ended finds it promoted here.
+        handled: a request for a session whose primary just ended finds it promoted here —
+        by its slice if that ran already, else on the spot (promotion.py: `claim`).
         """
         ctx = self.ctx
         store = ctx.store
         quorum = ctx.membership.quorum
         if quorum.standing is not Standing.MEMBER:
+            ctx.promotion.clear()
             held = len(store.primaries) + len(store.replicas)
             if held:
                 for record in store.primaries.values():
@@ -84,62 +84,30 @@ class Failover:
         ended = set(event.removed) | set(event.restarted)
         if not ended or ctx.mode == "none" or ctx.draining:
             return
-        orphans: list[Primary] = []
-        for peer in sorted(ended):
+        for peer in ended:
             ctx.superseded.pop(peer, None)  # a later process of it holds nothing to release
-            for record in list(store.primaries_with_secondary(peer)):
-                store.assign_secondary(record, None)
-                orphans.append(record)
-            orphans += self.promote_orphans(peer, view=event.new.number)
-        if orphans:
-            cause = f"view {event.new.number} ended {', '.join(sorted(ended))}"
-            task = asyncio.get_running_loop().create_task(self.reprotect(orphans, cause=cause))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # Promoting the replicas whose primary ended: waiting for each session's next
+        # request (as WebLogic does) would leave it with a single copy for as long as its
+        # user is idle, and a second failure would lose it. The token still names the
+        # ended primary first, so the proxy's next candidate — its secondary, this server —
+        # serves it, and the response carries the new token. The ended process acknowledges
+        # nothing any more (its lease ran out before the view was decided), and the epoch,
+        # from this view's number, orders this copy after its own.
+        ctx.promotion.ended(sorted(ended), view=event.new.number,
+                            cause=f"view {event.new.number} ended {', '.join(sorted(ended))}")
+        if ctx.budget is not None:
+            self._promote_stubs(sorted(ended), view=event.new.number)
 
-    def promote_orphans(self, peer: str, *, view: int) -> list[Primary]:
-        """Promote the replicas whose primary the view `view` ended.
-
-        Waiting for each session's next request (as WebLogic does) would leave it with a
-        single copy for as long as its user is idle: a second failure would lose it. The
-        token still names the ended primary first, so the proxy's next candidate — its
-        secondary, this server — serves it, and the response carries the new token. The
-        ended process acknowledges nothing any more (its lease ran out before the view was
-        decided), and the epoch, from this view's number, orders this copy after its own.
-        """
+    def _promote_stubs(self, peers: list[str], *, view: int) -> None:
+        """The stubs of sessions held by the store whose primary the view ended: primaries
+        here now, loaded by their next request (docs/memory.md)."""
         ctx = self.ctx
-        replicas = [r for r in ctx.store.replicas.values() if r.primary == peer]
-        promoted = []
-        superseded = ctx.superseded.setdefault(peer, {})
-        for replica in replicas:
-            if time.time() - replica.last_access > replica.max_inactive_s:
-                del ctx.store.replicas[replica.sid]
-                continue
-            record = ctx.store.promote(replica, epoch=ctx.next_epoch(replica.epoch, view=view))
-            superseded[record.sid] = record.epoch
-            promoted.append(record)
-        stubs: dict[str, int] = {}
-        if ctx.budget is not None:  # stubs: primaries now, loaded by their next request
+        assert ctx.budget is not None
+        for peer in peers:
             stubs = ctx.budget.promote_stubs(
                 peer, epoch_of=lambda epoch: ctx.next_epoch(epoch, view=view))
-            superseded.update(stubs)
-        if promoted or stubs:
-            ctx.stats["promoted"] += len(promoted) + len(stubs)
-            log.info("promoted", sessions=len(promoted) + len(stubs), stubs=len(stubs),
-                     old_primary=peer, cause=f"view {view} ended it")
-        return promoted
-
-    async def reprotect(self, records: list[Primary], *, cause: str) -> None:
-        started = time.monotonic()
-        sem = asyncio.Semaphore(64)
-        primaries = self.ctx.store.primaries
-
-        async def one(record: Primary) -> None:
-            async with sem:
-                if primaries.get(record.sid) is record:
-                    with contextlib.suppress(ReplicationError):
-                        await self.committer.replicate_now(record)
-
-        await asyncio.gather(*(one(r) for r in records))
-        log.info("reprotected", sessions=len(records), cause=cause,
-                 seconds=round(time.monotonic() - started, 3))
+            if stubs:
+                ctx.superseded.setdefault(peer, {}).update(stubs)
+                ctx.stats["promoted"] += len(stubs)
+                log.info("promoted", sessions=len(stubs), stubs=len(stubs), old_primary=peer,
+                         cause=f"view {view} ended it")

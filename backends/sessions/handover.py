@@ -61,6 +61,7 @@ class Handover:
                         return
                 log.warning("session_not_handed_over", sid=short(record.sid))
 
+        ctx.promotion.claim_all()  # (those of an ended primary are ours already)
         # Replicas whose primary is gone have no one to re-home them: we hold their only
         # copy, so we take them over and hand them on like our own primaries.
         for replica in [r for r in store.replicas.values()

@@ -32,6 +32,7 @@ from tandem.logs import short
 from ..cluster.membership import Membership
 from ..errors import SessionMoved
 from ..persistence.persister import Persister
+from ..serve.looplag import LoopLag
 from .app_sessions import AppSessions
 from .committing import CommitResult, Committer
 from .context import Context
@@ -39,6 +40,7 @@ from .expiry import Expiry
 from .failover import Failover
 from .handover import Handover
 from .opening import Opener
+from .promotion import Promotion
 from .replica import ReplicaSide
 from .session import Session
 from .store import LocalStore, Primary
@@ -54,6 +56,7 @@ class SessionManager:
     def __init__(self, *, config: Config, me: str, membership: Membership) -> None:
         self.ctx = ctx = Context(config=config, me=me, membership=membership)
         self.committer = Committer(ctx)
+        ctx.promotion = Promotion(ctx, self.committer)
         self.expiry = Expiry(ctx)
         self.opener = Opener(ctx, self.committer, self.expiry)
         self.handover = Handover(ctx, self.committer)
@@ -66,6 +69,7 @@ class SessionManager:
             ctx.sites = Sites(ctx, self.committer)
         self.sites = ctx.sites
         self._tasks: list[asyncio.Task[None]] = []
+        self.loop_lag = LoopLag()  # how long the loop is held (GET /__tandem/health)
         membership.on_change(self.failover.peer_changed)
         membership.on_view_change(self.failover.view_changed)
         # What the server reads, fixed for the server's life. The per-request and
@@ -95,6 +99,7 @@ class SessionManager:
 
     def start(self) -> None:
         self.app_sessions.start()
+        self._tasks.append(asyncio.create_task(self.loop_lag.run(), name="loop-lag"))
         self._tasks.append(asyncio.create_task(self.expiry.sweep_loop(), name="session-sweeper"))
         self._tasks.append(asyncio.create_task(self.expiry.touch_loop(), name="session-touch"))
         if self.ctx.mode == "async":
@@ -108,6 +113,7 @@ class SessionManager:
     async def close(self) -> None:
         if self.ctx.mode == "async":
             await self.committer.flush_async()  # what was acknowledged goes out before we stop
+        await self.ctx.promotion.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -63,7 +63,8 @@ class Opener:
         """
         record = await self._open(route)
         if rid is not None and record is not None and record.last_rid == rid:
-            record.roll_back()
+            record.roll_back(replicated=self.ctx.mode != "none",
+                             sites=self.ctx.sites is not None)
             self.ctx.stats["retries_rolled_back"] += 1
             log.info("retry_rolled_back", sid=short(record.sid), version=record.version)
         return record
@@ -77,6 +78,8 @@ class Opener:
             # take-overs); wait briefly for it (a renewal, the cluster forming) or 503.
             await ctx.membership.ready()
         record = ctx.store.primaries.get(route.sid)
+        if record is None and ctx.promotion.active:
+            record = ctx.promotion.claim(route.sid)  # its primary ended: promoted now
         budget = ctx.budget
         if budget is not None:
             if record is None and route.sid in budget.stubs:

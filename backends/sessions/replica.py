@@ -35,6 +35,8 @@ class ReplicaSide:
     # --- replica side: messages from peers ----------------------------------------------
 
     def handle(self, peer: str, msg: dict[str, Any]) -> Any:
+        if self.ctx.promotion.active:  # as if every ended primary's replica were promoted
+            self.ctx.promotion.claim_message(msg)
         op = msg.get("op")
         if op == "ping":
             return {"op": "pong"}
@@ -50,6 +52,10 @@ class ReplicaSide:
             return None
         if op == "replicate":
             return self._on_replicate(peer, msg)
+        if op == "replicate_batch":  # re-protection: full copies, many per frame
+            ok = {"ok": True}
+            replies = [self._on_replicate(peer, item) for item in msg["items"]]
+            return {"replies": [None if r == ok else r for r in replies]}
         if type(op) is str and op.startswith("site_") and self.ctx.sites is not None:
             return self.ctx.sites.handle_local(peer, msg)  # remote copies (backends/sites)
         if type(op) is str and op.startswith("app_") and self.ctx.apps is not None:
@@ -122,12 +128,14 @@ class ReplicaSide:
         if "data" in msg:
             if replica is not None and epoch == replica.epoch and replica.version > version:
                 return {"ok": True, "stale": True}  # never go back to an older version
-            replica = Replica(sid, data=msg["data"], version=version, epoch=epoch,
-                              max_inactive_s=float(msg["max_inactive_s"]),
+            store = self.ctx.store
+            replica = Replica(sid, data=store.interned(msg["data"]), version=version,
+                              epoch=epoch,
+                              max_inactive_s=store.inactive(float(msg["max_inactive_s"])),
                               created=float(msg["created"]),
-                              last_access=float(msg["last_access"]), primary=peer)
-            replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
-            self.ctx.store.replicas[sid] = replica
+                              last_access=float(msg["last_access"]), primary=peer,
+                              last_rid=msg.get("rid"), undo=msg.get("undo"))
+            store.replicas[sid] = replica
             return {"ok": True}
         if replica is None or replica.version != msg["base"]:
             if replica is not None and epoch == replica.epoch and replica.version >= version:
@@ -139,8 +147,8 @@ class ReplicaSide:
         replica.version = version
         replica.epoch = epoch
         replica.primary = peer
-        replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo") or {}
-        replica.max_inactive_s = float(msg["max_inactive_s"])
+        replica.last_rid, replica.undo = msg.get("rid"), msg.get("undo")
+        replica.max_inactive_s = self.ctx.store.inactive(float(msg["max_inactive_s"]))
         replica.last_access = float(msg["last_access"])
         replica.last_heard = time.monotonic()
         if budget is not None:

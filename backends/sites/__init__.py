@@ -112,6 +112,8 @@ class Sites:
 
     def handle_remote(self, peer: str, msg: dict[str, Any]) -> Any:
         """A remote site's server, on the inter-site channel."""
+        if self.ctx.promotion.active:  # as if every ended primary's replica were promoted
+            self.ctx.promotion.claim_message(msg)
         op = msg.get("op")
         if op == "ping":
             return {"op": "pong"}

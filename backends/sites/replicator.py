@@ -173,7 +173,7 @@ class SiteReplicator:
         record = self.ctx.store.primaries.get(sid)
         if record is not None and all(self.acked[s.name].get(sid) == (
                 record.epoch, record.version) for s in self.sites):
-            record.site_pending.clear()  # every remote copy is at this version: no base older
+            record.clear_site_pending()  # every remote copy is at this version: no base older
 
     def holder_lost(self, server: str, site: str) -> None:
         """A remote server's link failed: the copies it held are sent again (to the next

@@ -1,0 +1,63 @@
+"""How long the event loop was held: a timer that should fire every `INTERVAL_S`, and how
+late it fired.
+
+A server answers nothing while one callback holds its loop, so the work that scales with
+the number of sessions (promotion, re-protection, expiry) runs in slices. This is what
+shows whether the slices are short: `/__tandem/health` reports the longest hold since the
+start, one maximum per second for the last minute, and how many holds passed `WARN_MS`
+(each logged as `loop_held`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+import structlog
+
+__all__ = ["LoopLag"]
+
+log = structlog.get_logger("tandem.server")
+
+INTERVAL_S = 0.01  # the timer's period
+WARN_MS = 50.0     # a hold longer than this is logged (the slicing rule: docs/memory.md)
+_SECONDS = 60      # per-second maxima kept
+
+
+class LoopLag:
+    """The loop-lag monitor of one server."""
+
+    def __init__(self) -> None:
+        self.max_ms = 0.0                          # longest hold since the start
+        self.held = 0                              # holds longer than WARN_MS
+        # (wall-clock second, longest hold in it), oldest first
+        self._seconds: collections.deque[tuple[int, float]] = collections.deque(
+            maxlen=_SECONDS)
+
+    def health(self) -> dict[str, Any]:
+        return {"lag_max_ms": round(self.max_ms, 1), "held_over_ms": WARN_MS,
+                "held": self.held,
+                "per_second": [[t, round(ms, 1)] for t, ms in self._seconds]}
+
+    def record(self, lag_ms: float, now: float) -> None:
+        second = int(now)
+        if self._seconds and self._seconds[-1][0] == second:
+            if lag_ms > self._seconds[-1][1]:
+                self._seconds[-1] = (second, lag_ms)
+        else:
+            self._seconds.append((second, lag_ms))
+        if lag_ms > self.max_ms:
+            self.max_ms = lag_ms
+        if lag_ms > WARN_MS:
+            self.held += 1
+            log.warning("loop_held", ms=round(lag_ms, 1))
+
+    async def run(self) -> None:
+        """The timer (a task of the server's for its whole life)."""
+        clock = time.monotonic
+        while True:
+            before = clock()
+            await asyncio.sleep(INTERVAL_S)
+            self.record(max(0.0, (clock() - before - INTERVAL_S) * 1000), time.time())
