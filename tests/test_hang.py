@@ -53,7 +53,9 @@ def wait_failed(cluster: Any, victim: str, observers: tuple[str, ...]) -> None:
 
 
 def test_hung_primary(make_cluster):
-    cluster = make_cluster(proxy={"io_timeout_s": 1.0},
+    # (io timeout 2 s: a GET failed over to the secondary waits there for the removal of
+    # s1 — 3 missed heartbeats of 0.5 s, then the vote; with 1 s it raced that under load)
+    cluster = make_cluster(proxy={"io_timeout_s": 2.0},
                            cluster={"replication_timeout_s": 0.5}).start()
     clients: list[Client] = []
     while sum(c.route[1] == "s1" for c in clients) < 4:
