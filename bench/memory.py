@@ -221,6 +221,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                                  conns=args.probe_conns, stop=stop))
         await asyncio.sleep(2.0)
         before = rss_bytes(cluster.servers["s2"]["proc"].pid)
+        loop_before = cluster.health("s2")["loop"]
         killed_wall, killed = time.time(), time.monotonic()
         cluster.servers["s1"]["proc"].send_signal(signal.SIGKILL)
 
@@ -250,7 +251,11 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "view_adopted": view_at and view_at.get("timestamp"),
             "reprotected_events": reprotected,
             "loop_hold_max_ms_during": max(window, default=None),
-            "loop_held_over_50ms": h2["loop"]["held"],
+            "loop_held_over_50ms": h2["loop"]["held"] - loop_before["held"],
+            "s2_gc_full_runs": h2["loop"]["gc_full_runs"] - loop_before["gc_full_runs"],
+            "s2_gc_full_ms": round(h2["loop"]["gc_full_total_ms"]
+                                   - loop_before["gc_full_total_ms"]),
+            "s2_gc_full_max_ms": h2["loop"]["gc_full_max_ms"],
             "probe_requests": len(during), "probe_errors": len(during) - len(lat),
             "probe_wrong_value": len(lost),
             "probe_p50_ms": _percentile(lat, 50), "probe_p99_ms": _percentile(lat, 99),
@@ -272,9 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fill-conns", type=int, default=64)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--keep", action="store_true", help="keep the servers' logs (printed)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tandem-memory-") as tmp:
+    if args.keep:
+        tmp = tempfile.mkdtemp(prefix="tandem-memory-")
+        print(f"logs in {tmp}", flush=True)
         out = asyncio.run(run(args, Path(tmp)))
+    else:
+        with tempfile.TemporaryDirectory(prefix="tandem-memory-") as tmp:
+            out = asyncio.run(run(args, Path(tmp)))
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import time
 from typing import Any
 
@@ -35,11 +36,32 @@ class LoopLag:
         # (wall-clock second, longest hold in it), oldest first
         self._seconds: collections.deque[tuple[int, float]] = collections.deque(
             maxlen=_SECONDS)
+        # Python's cycle collector: its full runs scan every tracked object (a million
+        # session records: a quarter of a second), with the loop held
+        self.gc_full_runs = 0
+        self.gc_full_max_ms = 0.0
+        self.gc_full_ms = 0.0
+        self._gc_started = 0.0
 
     def health(self) -> dict[str, Any]:
         return {"lag_max_ms": round(self.max_ms, 1), "held_over_ms": WARN_MS,
                 "held": self.held,
-                "per_second": [[t, round(ms, 1)] for t, ms in self._seconds]}
+                "per_second": [[t, round(ms, 1)] for t, ms in self._seconds],
+                "gc_full_runs": self.gc_full_runs, "gc_full_max_ms": round(self.gc_full_max_ms, 1),
+                "gc_full_total_ms": round(self.gc_full_ms, 1)}
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._gc_started) * 1000
+        self.gc_full_runs += 1
+        self.gc_full_ms += ms
+        self.gc_full_max_ms = max(self.gc_full_max_ms, ms)
+        if ms > WARN_MS:
+            log.warning("gc_full_run", ms=round(ms, 1), collected=info.get("collected"))
 
     def record(self, lag_ms: float, now: float) -> None:
         second = int(now)
@@ -57,7 +79,11 @@ class LoopLag:
     async def run(self) -> None:
         """The timer (a task of the server's for its whole life)."""
         clock = time.monotonic
-        while True:
-            before = clock()
-            await asyncio.sleep(INTERVAL_S)
-            self.record(max(0.0, (clock() - before - INTERVAL_S) * 1000), time.time())
+        gc.callbacks.append(self._gc)
+        try:
+            while True:
+                before = clock()
+                await asyncio.sleep(INTERVAL_S)
+                self.record(max(0.0, (clock() - before - INTERVAL_S) * 1000), time.time())
+        finally:
+            gc.callbacks.remove(self._gc)

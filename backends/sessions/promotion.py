@@ -156,6 +156,15 @@ class Promotion:
         return record
 
     async def _run(self) -> None:
+        try:
+            await self._rounds()
+        except Exception:  # a bug: said once, loudly; a later view change starts anew
+            log.exception("promotion_failed")
+            self._ended.clear()
+            self._scan.clear()
+            self._orphans.clear()
+
+    async def _rounds(self) -> None:
         started = time.monotonic()
         while self._scan or self._orphans:
             if self._scan:
