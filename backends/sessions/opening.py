@@ -250,7 +250,7 @@ class Opener:
         if not await membership.wait_view(waiting, timeout, redial=owners):
             raise NotServing(f"{', '.join(owners)} unreachable and still in the view",
                              peer=ctx.me.id, state="owner-unreachable")
-        return ctx.store.primaries.get(sid)
+        return ctx.promotion.claim(sid)  # (promoted by the view that removed them, or now)
 
     async def _fetch(self, peer: str, sid: str) -> dict[str, Any] | None:
         ctx = self.ctx
