@@ -244,7 +244,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         lat = [r[1] * 1000 for r in during if r[2] == 200]
         lost = [r for r in during if r[2] == 200 and (r[3] or {}).get("values", {}).get("v")
                 != VALUE]
-        window = [ms for t, ms in h2["loop"]["per_second"] if killed_wall - 1 <= t]
+        window = [ms for t, ms, _ in h2["loop"]["per_second"] if killed_wall - 1 <= t]
+        busy = [b for t, _, b in h2["loop"]["per_second"] if killed_wall - 1 <= t]
         out["kill"] = {
             "to_done_s": round(finished - killed, 2),
             "per_s_from_kill": round(created / (finished - killed)),
@@ -252,6 +253,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "reprotected_events": reprotected,
             "loop_hold_max_ms_during": max(window, default=None),
             "loop_held_over_50ms": h2["loop"]["held"] - loop_before["held"],
+            "loop_busy_max_ms_during": max(busy, default=None),
+            "loop_busy_over_50ms": h2["loop"]["busy_held"] - loop_before["busy_held"],
             "s2_gc_full_runs": h2["loop"]["gc_full_runs"] - loop_before["gc_full_runs"],
             "s2_gc_full_ms": round(h2["loop"]["gc_full_total_ms"]
                                    - loop_before["gc_full_total_ms"]),

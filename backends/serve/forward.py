@@ -153,7 +153,7 @@ class Forwarder:
             # (docs/consistency.md, I2); wait for that as a take-over would, so that the
             # request can then go where the session lives, rather than move it here.
             await self._await_removal(owner, sid)
-        if membership.in_view(owner) or sid in ctx.store.primaries:
+        if membership.in_view(owner) or ctx.promotion.claim(sid) is not None:
             return None  # draining, or promoted here: the take-over rules decide
         # Removed from the view: the token's secondary promoted its copy as it adopted
         # that view (I3), and serves the session now.

@@ -5,7 +5,8 @@ A server answers nothing while one callback holds its loop, so the work that sca
 the number of sessions (promotion, re-protection, expiry) runs in slices. This is what
 shows whether the slices are short: `/__tandem/health` reports the longest hold since the
 start, one maximum per second for the last minute, and how many holds passed `WARN_MS`
-(each logged as `loop_held`).
+(each logged as `loop_held`) — and, apart, how much CPU the loop's thread spent within one
+period: a hold it spent waiting for a CPU (a machine short of them) is not its own work.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ class LoopLag:
     def __init__(self) -> None:
         self.max_ms = 0.0                          # longest hold since the start
         self.held = 0                              # holds longer than WARN_MS
-        # (wall-clock second, longest hold in it), oldest first
-        self._seconds: collections.deque[tuple[int, float]] = collections.deque(
+        # the CPU time the loop's thread spent within one period at most: a hold it spent
+        # running (its own work) rather than waiting for a CPU (a machine short of them)
+        self.busy_max_ms = 0.0
+        self.busy_held = 0                         # periods with more than WARN_MS of it
+        # (wall-clock second, longest hold in it, most CPU in one period), oldest first
+        self._seconds: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=_SECONDS)
         # Python's cycle collector: its full runs scan every tracked object (a million
         # session records: a quarter of a second), with the loop held
@@ -45,8 +50,10 @@ class LoopLag:
 
     def health(self) -> dict[str, Any]:
         return {"lag_max_ms": round(self.max_ms, 1), "held_over_ms": WARN_MS,
-                "held": self.held,
-                "per_second": [[t, round(ms, 1)] for t, ms in self._seconds],
+                "held": self.held, "busy_max_ms": round(self.busy_max_ms, 1),
+                "busy_held": self.busy_held,
+                "per_second": [[t, round(ms, 1), round(busy, 1)]
+                               for t, ms, busy in self._seconds],
                 "gc_full_runs": self.gc_full_runs, "gc_full_max_ms": round(self.gc_full_max_ms, 1),
                 "gc_full_total_ms": round(self.gc_full_ms, 1)}
 
@@ -63,27 +70,32 @@ class LoopLag:
         if ms > WARN_MS:
             log.warning("gc_full_run", ms=round(ms, 1), collected=info.get("collected"))
 
-    def record(self, lag_ms: float, now: float) -> None:
+    def record(self, lag_ms: float, now: float, busy_ms: float = 0.0) -> None:
         second = int(now)
         if self._seconds and self._seconds[-1][0] == second:
-            if lag_ms > self._seconds[-1][1]:
-                self._seconds[-1] = (second, lag_ms)
+            _, lag, busy = self._seconds[-1]
+            self._seconds[-1] = (second, max(lag, lag_ms), max(busy, busy_ms))
         else:
-            self._seconds.append((second, lag_ms))
+            self._seconds.append((second, lag_ms, busy_ms))
         if lag_ms > self.max_ms:
             self.max_ms = lag_ms
+        if busy_ms > self.busy_max_ms:
+            self.busy_max_ms = busy_ms
+        if busy_ms > WARN_MS:
+            self.busy_held += 1
         if lag_ms > WARN_MS:
             self.held += 1
-            log.warning("loop_held", ms=round(lag_ms, 1))
+            log.warning("loop_held", ms=round(lag_ms, 1), cpu_ms=round(busy_ms, 1))
 
     async def run(self) -> None:
         """The timer (a task of the server's for its whole life)."""
-        clock = time.monotonic
+        clock, cpu = time.monotonic, time.thread_time
         gc.callbacks.append(self._gc)
         try:
             while True:
-                before = clock()
+                before, cpu_before = clock(), cpu()
                 await asyncio.sleep(INTERVAL_S)
-                self.record(max(0.0, (clock() - before - INTERVAL_S) * 1000), time.time())
+                self.record(max(0.0, (clock() - before - INTERVAL_S) * 1000), time.time(),
+                            (cpu() - cpu_before) * 1000)
         finally:
             gc.callbacks.remove(self._gc)

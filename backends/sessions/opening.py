@@ -258,7 +258,8 @@ class Opener:
         if not await membership.wait_view(waiting, timeout, redial=owners):
             raise NotServing(f"{', '.join(owners)} unreachable and still in the view",
                              peer=ctx.me.id, state="owner-unreachable")
-        record = ctx.store.primaries.get(sid)
+        # (promoted by the view that removed its primary, or now)
+        record = ctx.promotion.claim(sid)
         if record is None and ctx.budget is not None:
             record = await ctx.budget.reinstate(sid)  # promoted here as a stub
         return record
