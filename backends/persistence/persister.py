@@ -31,6 +31,7 @@ import structlog
 
 from tandem.logs import short
 
+from ..tasks import cancel_and_wait
 from . import open_store
 from .base import SessionStore, State, StoredSession
 from .errors import StoreError, StoreTimeout
@@ -114,11 +115,7 @@ class Persister:
 
     async def close(self) -> None:
         """Stop the loops, write what is queued (bounded by the timeout), close the store."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._writer is not None:
             await asyncio.wait([self._writer])

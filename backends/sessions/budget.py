@@ -28,6 +28,7 @@ import structlog
 from tandem.logs import short
 
 from ..errors import NotServing
+from ..tasks import cancel_and_wait
 from .accounting import STUB_BYTES, Stub, Tracked
 from .store import APP_PREFIX, LocalStore, Primary, Replica
 
@@ -262,11 +263,7 @@ class Budget:
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="stub-sweeper"))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
 
     async def _evict_loop(self) -> None:
         while True:

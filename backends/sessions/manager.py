@@ -20,7 +20,6 @@ Changes are committed when the handler has completed: applied to the primary and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from ..cluster.membership import Membership
 from ..errors import SessionMoved
 from ..persistence.persister import Persister
 from ..serve.looplag import LoopLag
+from ..tasks import cancel_and_wait
 from .app_sessions import AppSessions
 from .committing import CommitResult, Committer
 from .context import Context
@@ -114,11 +114,7 @@ class SessionManager:
         if self.ctx.mode == "async":
             await self.committer.flush_async()  # what was acknowledged goes out before we stop
         await self.ctx.promotion.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self.ctx.budget is not None:
             await self.ctx.budget.close()
         if self.ctx.persister is not None:  # batched writes flushed, then the store closed

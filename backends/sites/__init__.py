@@ -18,6 +18,7 @@ from tandem.token import Route
 from ..sessions.committing import Committer
 from ..sessions.context import Context
 from ..sessions.store import Primary
+from ..tasks import cancel_and_wait
 from .channel import SiteChannel
 from .copies import RemoteCopies
 from .replicator import SiteReplicator
@@ -55,11 +56,7 @@ class Sites:
 
     async def close(self) -> None:
         """Flush what is queued for the remote sites (bounded), then close the channel."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.replicator.flush(), 2 * self.ctx.timeout)
         await self.channel.close()
