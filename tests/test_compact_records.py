@@ -80,3 +80,24 @@ def test_a_replica_promoted_in_place_is_the_primary_it_would_have_been() -> None
     record.roll_back()
     assert record.data == {"n": "0"} and record.version == 8 and record.last_rid is None
     assert set(record.pending) == {"n", "gone"} and record.undo == {}
+
+
+def test_what_was_taken_over_from_a_peer_costs_16_bytes_a_session() -> None:
+    from backends.sessions.taken_over import TakenOver
+
+    sids = [f"s{i:031d}" for i in range(20_000)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        taken = TakenOver()
+        for i, sid in enumerate(sids):
+            taken.add(sid, 1024 * 3 + 1 + (i % 2))
+        per_session = (tracemalloc.get_traced_memory()[0] - before) / len(sids)
+    finally:
+        tracemalloc.stop()
+    assert per_session < 20, per_session  # (a dict of sid -> epoch: ~40 and up)
+    taken.update({sids[0]: 9 * 1024 + 1})  # taken again later: the later epoch counts
+    told = taken.as_dict()
+    assert len(told) == len(sids) and told[sids[0]] == 9 * 1024 + 1
+    assert told[sids[1]] == 1024 * 3 + 2 and len(taken) == len(sids) + 1

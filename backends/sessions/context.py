@@ -21,6 +21,7 @@ from ..errors import PeerTimeout, PeerUnavailable
 from ..persistence.persister import Persister, make_persister
 from .budget import Budget
 from .store import LocalStore, Primary
+from .taken_over import TakenOver
 
 if TYPE_CHECKING:  # (backends.sites builds on the sessions package)
     from ..sites import Sites
@@ -71,8 +72,9 @@ class Context:
                                      60.0, config.session.max_inactive_s / 10)))
         # requests taking a session over right now: sid -> the record they will produce
         self.opening: dict[str, asyncio.Future[Primary | None]] = {}
-        # sessions taken over from a peer that was unreachable: peer -> sid -> our epoch
-        self.superseded: dict[str, dict[str, int]] = {}
+        # sessions taken over from a peer that was unreachable or ended: peer -> their ids
+        # and our epochs (taken_over.py), told to that peer when it is back
+        self.superseded: dict[str, TakenOver] = {}
         # where the sessions we handed on went (a stale token still finds them)
         self.moved_to: dict[str, str] = {}
         # the peers' primary counts, from their load reports (rebalancing)
@@ -86,6 +88,13 @@ class Context:
         self.apps: AppSessions | None = None
         # promotions and re-protections under way (promotion.py): set by the manager
         self.promotion: Promotion
+
+    def taken_over(self, peer: str) -> TakenOver:
+        """What we took over from `peer` (added to by promotions and take-overs)."""
+        taken = self.superseded.get(peer)
+        if taken is None:
+            taken = self.superseded[peer] = TakenOver()
+        return taken
 
     def next_epoch(self, after: int, *, view: int | None = None) -> int:
         """An epoch newer than `after` that no other server can produce (no ties), from

@@ -36,7 +36,7 @@ class Failover:
         ctx = self.ctx
         store = ctx.store
         if state is PeerState.ALIVE and peer in ctx.superseded:
-            superseded = ctx.superseded.pop(peer)
+            superseded = ctx.superseded.pop(peer).as_dict()
             ctx.send(peer, {"op": "supersede", "sids": superseded})
             log.info("supersede_sent", peer=peer, sessions=len(superseded))
         if ctx.mode == "none" or ctx.draining:
@@ -107,7 +107,7 @@ class Failover:
             stubs = ctx.budget.promote_stubs(
                 peer, epoch_of=lambda epoch: ctx.next_epoch(epoch, view=view))
             if stubs:
-                ctx.superseded.setdefault(peer, {}).update(stubs)
+                ctx.taken_over(peer).update(stubs)
                 ctx.stats["promoted"] += len(stubs)
                 log.info("promoted", sessions=len(stubs), stubs=len(stubs), old_primary=peer,
                          cause=f"view {view} ended it")

@@ -67,7 +67,7 @@ class Handover:
         for replica in [r for r in store.replicas.values()
                         if not membership.is_alive(r.primary)]:
             record = store.promote(replica, epoch=ctx.next_epoch(replica.epoch))
-            ctx.superseded.setdefault(replica.primary, {})[record.sid] = record.epoch
+            ctx.taken_over(replica.primary).add(record.sid, record.epoch)
         await asyncio.gather(*(hand_over(r) for r in list(store.primaries.values())))
         # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
         while any(membership.is_alive(r.primary) for r in store.replicas.values()) \

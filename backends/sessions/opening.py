@@ -229,7 +229,7 @@ class Opener:
             return None
         # Named owners we could not reach may only be hung: told to let go when they are back.
         for peer in silent:
-            ctx.superseded.setdefault(peer, {})[sid] = record.epoch
+            ctx.taken_over(peer).add(sid, record.epoch)
         # Protect the taken-over state before the handler runs: the new secondary gets it
         # now (a holder that already has this version is kept), the other holders let go.
         if ctx.mode != "none":
