@@ -240,6 +240,11 @@ class PeerLink:
             served_since = float("inf")
             try:
                 await self._connect()
+                if self._closing:
+                    # close() came while we dialled, and its cancel may have been lost as the
+                    # connection came up (Python 3.11's wait_for): serving it would never end
+                    self._drop("closing")
+                    return
                 backoff = 0.05
                 served_since = time.monotonic()
                 await self._serve()
