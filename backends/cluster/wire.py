@@ -21,6 +21,8 @@ from collections.abc import Callable, Collection, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from tandem.errors import ConfigError
 
 from ..errors import HandshakeFailed, PeerUnavailable, ProtocolViolation
@@ -30,26 +32,24 @@ __all__ = ["MAX_FRAME", "write_frame", "encode_frame", "read_frame", "FrameReade
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
-# Made once: json.dumps with options builds an encoder per call, and JSONEncoder.encode a
-# C encoder per call. Frames are built by us from plain values (session values travel
-# already serialized): no cycle to look for.
+# Frames are encoded and decoded by orjson: a re-protection frame of 500 sessions costs
+# 0.16 µs a session to encode where the standard library's C encoder takes 2.9 (its float
+# repr alone, three timestamps a session, is 1.7), and a third of its time to decode. What
+# orjson refuses (an int past 64 bits, NaN from a peer) goes the standard library's way.
+_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
-_c_encode = getattr(json.encoder, "c_make_encoder", None)
-if _c_encode is not None:  # CPython's C accelerator, as JSONEncoder.encode would call it
-    _c_encode = _c_encode(None, _encoder.default, json.encoder.encode_basestring, None, ":", ",",
-                          False, False, True)
-# raw_decode: no leading and trailing whitespace to skip (frames have none, see _parse)
 _raw_decode = json.JSONDecoder().raw_decode
 
 
-def _encode(msg: dict[str, Any]) -> str:
-    if _c_encode is not None:
-        return "".join(_c_encode(msg, 0))
-    return _encoder.encode(msg)
+def _encode(msg: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(msg, option=_ORJSON_OPTS)
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        return _encoder.encode(msg).encode()
 
 
 def encode_frame(msg: dict[str, Any]) -> bytes:
-    body = _encode(msg).encode()
+    body = _encode(msg)
     return _LEN.pack(len(body)) + body
 
 
@@ -71,14 +71,22 @@ async def read_frame(reader: asyncio.StreamReader, *, peer: str) -> dict[str, An
 
 def _parse(body: bytes | bytearray, peer: str) -> dict[str, Any]:
     try:
+        msg = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        msg = _parse_strictly(body, peer)  # (what orjson refuses: NaN, say; or not JSON)
+    if not isinstance(msg, dict):
+        raise ProtocolViolation("frame is not a JSON object", peer=peer)
+    return msg
+
+
+def _parse_strictly(body: bytes | bytearray, peer: str) -> Any:
+    try:
         text = body.decode()
         msg, end = _raw_decode(text)
     except ValueError as exc:  # UnicodeDecodeError included
         raise ProtocolViolation("frame is not JSON", peer=peer) from exc
     if end != len(text):
         raise ProtocolViolation("frame has data after its JSON value", peer=peer)
-    if not isinstance(msg, dict):
-        raise ProtocolViolation("frame is not a JSON object", peer=peer)
     return msg
 
 

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .shards import SHARDS, Shards
 from .store import Primary, Replica
 
 __all__ = ["Stub", "Tracked", "record_bytes", "PRIMARY_OVERHEAD", "REPLICA_OVERHEAD",
@@ -74,43 +75,44 @@ class Stub:
         return mono - self.heard > 2 * self.max_inactive_s  # (an orphaned replica's rule)
 
 
-class Tracked(dict[str, R]):
+class Tracked(Shards[R]):
     """The store's primaries or replicas, each change counted in the budget (only when a
-    budget is set: otherwise the store keeps its plain dicts)."""
+    budget is set: otherwise the store keeps its plain maps)."""
 
     __slots__ = ("_lru", "_changed")
 
-    def __init__(self, items: dict[str, R], lru: OrderedDict[str, int],
+    def __init__(self, items: Shards[R], lru: OrderedDict[str, int],
                  changed: Callable[[int], None]) -> None:
         super().__init__()
         self._lru = lru
         self._changed = changed
-        for sid, record in items.items():
-            self[sid] = record
+        for shard in items.shards:
+            for sid, record in shard.items():
+                self[sid] = record
 
     def __setitem__(self, sid: str, record: R) -> None:
-        dict.__setitem__(self, sid, record)
+        self.shards[hash(sid) & (SHARDS - 1)][sid] = record  # (as Shards does)
         size = record_bytes(record)
         old = self._lru.pop(sid, 0)
         self._lru[sid] = size  # (the most recently used end)
         self._changed(size - old)
 
     def __delitem__(self, sid: str) -> None:
-        dict.__delitem__(self, sid)
+        super().__delitem__(sid)
         self._changed(-self._lru.pop(sid, 0))
 
     def pop(self, sid: str, *default: Any) -> Any:
-        found = dict.pop(self, sid, *default)
+        found = super().pop(sid, *default)
         if sid in self._lru:
             self._changed(-self._lru.pop(sid))
         return found
 
     def clear(self) -> None:
-        dict.clear(self)
+        super().clear()
         self._changed(-sum(self._lru.values()))
         self._lru.clear()
 
     def resized(self, record: R) -> None:
         """The record's values changed (a commit, a delta): counted again, used now."""
-        if dict.get(self, record.sid) is record:
+        if self.get(record.sid) is record:
             self[record.sid] = record

@@ -30,6 +30,8 @@ from tandem.logs import short
 from ..errors import NotServing
 from ..tasks import cancel_and_wait
 from .accounting import STUB_BYTES, Stub, Tracked
+from .shards import Shards
+from .slices import chunks
 from .store import APP_PREFIX, LocalStore, Primary, Replica
 
 if TYPE_CHECKING:
@@ -43,8 +45,6 @@ log = structlog.get_logger("tandem.sessions")
 LOW_WATER = 0.9
 # Records written to the store per eviction round (one pipeline / transaction).
 EVICT_BATCH = 32
-# Stubs looked at per slice of a sweep, between which the loop serves others.
-SWEEP_SLICE = 10_000
 
 
 class Budget:
@@ -72,7 +72,7 @@ class Budget:
             self.replicas = Tracked(store.replicas, self.lru_replicas, self._count_replica)
             store.primaries, store.replicas = self.primaries, self.replicas
         # sessions whose state is in the store only
-        self.stubs: dict[str, Stub] = {}
+        self.stubs: Shards[Stub] = Shards()
         # primaries held here whose version the store holds too (evicted without a write)
         self.clean: set[str] = set()
         self.sweep_interval_s = sweep_interval_s  # stubs of idle sessions go this often
@@ -334,11 +334,9 @@ class Budget:
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             now, mono = time.time(), time.monotonic()
-            stubs, dead = list(self.stubs.values()), 0
-            for start in range(0, len(stubs), SWEEP_SLICE):
-                if start:
-                    await asyncio.sleep(0)  # (a million stubs: the loop is not held)
-                for stub in stubs[start:start + SWEEP_SLICE]:
+            dead = 0
+            async for stubs in chunks(self.stubs.walk_values()):  # (a million: in slices)
+                for stub in stubs:
                     if stub.expired(now, mono) and self.stubs.get(stub.sid) is stub:
                         del self.stubs[stub.sid]
                         dead += 1

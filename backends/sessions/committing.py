@@ -12,12 +12,14 @@ from typing import Any
 
 import structlog
 
+from tandem.config import ServerConfig
 from tandem.logs import short
 from tandem.token import Route
 
 from ..errors import NotServing, PeerTimeout, PeerUnavailable, ReplicationError, SessionMoved
 from .context import Context
 from .session import Session
+from .slices import chunks
 from .store import Primary
 
 __all__ = ["Committer", "CommitResult", "BATCH"]
@@ -25,7 +27,6 @@ __all__ = ["Committer", "CommitResult", "BATCH"]
 log = structlog.get_logger("tandem.sessions")
 
 BATCH = 500  # sessions per re-protection frame (~250 KB with 200-byte values)
-BATCH_SLICE_S = 0.02  # seconds of the loop building batches may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,29 +285,27 @@ class Committer:
             sends.add(task)
             task.add_done_callback(sends.discard)
 
-        deadline = time.monotonic() + BATCH_SLICE_S
-        for i, record in enumerate(records):
-            if i % 256 == 0 and time.monotonic() > deadline:
-                await asyncio.sleep(0)  # (the loop is not held while a million are built)
-                deadline = time.monotonic() + BATCH_SLICE_S
-            if primaries.get(record.sid) is not record or (
-                    record.secondary is not None and record.sent_version >= 0):
-                continue  # ended meanwhile, or a request of it replicated it already
-            peer = self.planned_secondary(record)
-            if peer is None or not membership.is_alive(peer):
-                one_by_one.append(record)
-                continue
-            batch = batches.setdefault(peer, [])
-            if not batch and in_flight.locked():
-                await in_flight.acquire()  # (wait for a free frame before building one)
-                in_flight.release()
-                if primaries.get(record.sid) is not record or record.sent_version >= 0:
+        async for chunk in chunks(records):  # (the loop is not held while a million go)
+            peers = membership.alive_peers()  # (once a chunk: the same for its sessions)
+            for record in chunk:
+                if primaries.get(record.sid) is not record or (
+                        record.secondary is not None and record.sent_version >= 0):
+                    continue  # ended meanwhile, or a request of it replicated it already
+                peer = self.planned_secondary(record, peers)
+                if peer is None or not membership.is_alive(peer):
+                    one_by_one.append(record)
                     continue
-            msg = self._replicate_msg(record)
-            del msg["op"]
-            batch.append((record, msg))
-            if len(batch) >= BATCH:
-                await start(peer)
+                batch = batches.setdefault(peer, [])
+                if not batch and in_flight.locked():
+                    await in_flight.acquire()  # (wait for a free frame before building one)
+                    in_flight.release()
+                    if primaries.get(record.sid) is not record or record.sent_version >= 0:
+                        continue
+                msg = self._replicate_msg(record)
+                del msg["op"]
+                batch.append((record, msg))
+                if len(batch) >= BATCH:
+                    await start(peer)
         for peer in [p for p, batch in batches.items() if batch]:
             await start(peer)
         await asyncio.gather(*list(sends))
@@ -381,9 +380,11 @@ class Committer:
     @staticmethod
     def _replicate_msg(record: Primary) -> dict[str, Any]:
         msg: dict[str, Any] = {"op": "replicate", "sid": record.sid, "v": record.version,
-                               "e": record.epoch, "rid": record.last_rid, "undo": record.undo,
-                               "max_inactive_s": record.max_inactive_s,
+                               "e": record.epoch, "max_inactive_s": record.max_inactive_s,
                                "created": record.created, "last_access": record.last_access}
+        if record.last_rid is not None:  # (absent: none, as a replica reads it)
+            msg["rid"] = record.last_rid
+            msg["undo"] = record.undo
         if record.sent_version < 0:
             msg["data"] = record.data
         else:
@@ -415,10 +416,12 @@ class Committer:
                 self.ctx.send(peer, {"op": "release", "sid": record.sid})
             record.stale_holders = ()
 
-    def planned_secondary(self, record: Primary) -> str | None:
+    def planned_secondary(self, record: Primary,
+                          peers: list[ServerConfig] | None = None) -> str | None:
         """The secondary a token handed out now must name (in a link the app renders before
         its commit): the current one while it is alive, else the one the next commit will
-        replicate to, chosen now — not NONE just because a re-protection is under way."""
+        replicate to, chosen now — not NONE just because a re-protection is under way.
+        `peers`: the live peers, when the caller has them already."""
         ctx = self.ctx
         peer = record.secondary
         if ctx.mode == "none" or (peer is not None and (
@@ -428,7 +431,7 @@ class Committer:
             # No new secondary right after our own stall: it would hold no copy, and its
             # ack would say nothing of whether the session lives on elsewhere since.
             return peer
-        peer = ctx.choose_secondary()
+        peer = ctx.choose_secondary(peers=peers)
         if peer is not None:
             ctx.store.assign_secondary(record, peer)
         return peer

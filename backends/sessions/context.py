@@ -104,9 +104,12 @@ class Context:
             view = self.membership.quorum.view.number
         return (max(after // _EPOCH_STRIDE + 1, view)) * _EPOCH_STRIDE + self.index
 
-    def choose_secondary(self, *, besides: frozenset[str] = frozenset()) -> str | None:
-        """The live peer to hold a new copy (by rank), other than those in `besides`."""
-        peers = self.membership.alive_peers()
+    def choose_secondary(self, *, besides: frozenset[str] = frozenset(),
+                         peers: list[ServerConfig] | None = None) -> str | None:
+        """The live peer to hold a new copy (by rank), other than those in `besides`
+        (`peers`: the live peers, when the caller has them already)."""
+        if peers is None:
+            peers = self.membership.alive_peers()
         if besides:
             peers = [p for p in peers if p.id not in besides]
         chosen = choose_secondary(self.me, peers, self.store.replica_counts)

@@ -10,7 +10,7 @@ import time
 import structlog
 
 from .context import Context
-from .promotion import SLICE_S
+from .slices import chunks
 from .store import Primary, Replica
 
 __all__ = ["Expiry"]
@@ -51,19 +51,10 @@ class Expiry:
         now, mono = time.time(), time.monotonic()
         old_p: list[Primary] = []
         old_r: list[Replica] = []
-        deadline = time.monotonic() + SLICE_S
-        for i, record in enumerate(list(store.primaries.values())):
-            if i % 256 == 0 and time.monotonic() > deadline:
-                await asyncio.sleep(0)
-                deadline = time.monotonic() + SLICE_S
-            if record.expired(now):
-                old_p.append(record)
-        for i, replica in enumerate(list(store.replicas.values())):
-            if i % 256 == 0 and time.monotonic() > deadline:
-                await asyncio.sleep(0)
-                deadline = time.monotonic() + SLICE_S
-            if replica.orphaned(mono):
-                old_r.append(replica)
+        async for records in chunks(store.primaries.walk_values()):
+            old_p.extend(r for r in records if r.expired(now))
+        async for replicas in chunks(store.replicas.walk_values()):
+            old_r.extend(c for c in replicas if c.orphaned(mono))
         # (what a request or a message renewed between the slices stays)
         now, mono = time.time(), time.monotonic()
         dead_p = [r for r in old_p if store.primaries.get(r.sid) is r and r.expired(now)]

@@ -10,6 +10,7 @@ and tell a peer that is back which of its sessions were taken over meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -19,10 +20,14 @@ from ..cluster.quorum import Standing
 from ..cluster.view import ViewChanged
 from .committing import Committer
 from .context import Context
+from .slices import chunks
 
 __all__ = ["Failover"]
 
 log = structlog.get_logger("tandem.sessions")
+
+# Sessions per `supersede` message (the peer applies one in a few ms)
+SUPERSEDE_PART = 5_000
 
 
 class Failover:
@@ -36,18 +41,25 @@ class Failover:
         ctx = self.ctx
         store = ctx.store
         if state is PeerState.ALIVE and peer in ctx.superseded:
-            superseded = ctx.superseded.pop(peer).as_dict()
-            ctx.send(peer, {"op": "supersede", "sids": superseded})
-            log.info("supersede_sent", peer=peer, sessions=len(superseded))
+            taken = ctx.superseded.pop(peer)
+            # (in parts: a million in one message would pass the frame limit, and building
+            # or applying it would hold either loop for a second)
+            for part in taken.parts(SUPERSEDE_PART):
+                ctx.send(peer, {"op": "supersede", "sids": part})
+                await asyncio.sleep(0)
+            log.info("supersede_sent", peer=peer, sessions=len(taken))
         if ctx.mode == "none" or ctx.draining:
             return
         if state is PeerState.ALIVE:
-            orphans = list(store.primaries_with_secondary(None))
+            orphans = [r async for chunk in chunks(store.primaries.walk_values())
+                       for r in chunk if r.secondary is None]
         elif state is PeerState.DRAINING:  # it still holds the copies: released after
-            orphans = list(store.primaries_with_secondary(peer))
+            orphans = [r async for chunk in chunks(store.primaries.walk_values())
+                       for r in chunk if r.secondary == peer]
             for record in orphans:
-                store.assign_secondary(record, None)
-                record.add_stale_holder(peer)
+                if store.primaries.get(record.sid) is record and record.secondary == peer:
+                    store.assign_secondary(record, None)
+                    record.add_stale_holder(peer)
         else:
             # Failed or left: repaired when the view removes it. Until then it may be alive
             # and its replicas promotable (a partition); moving them would race that.

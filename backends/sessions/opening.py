@@ -51,7 +51,7 @@ class Opener:
         if ctx.mode != "none":  # chosen now, so that links built by the handler name it
             ctx.store.assign_secondary(record, ctx.choose_secondary())
         ctx.stats["created"] += 1
-        log.info("session_created", sid=short(record.sid))
+        log.debug("session_created", sid=short(record.sid))
         return record
 
     async def open(self, route: Route | None, *, rid: str | None = None) -> Primary | None:

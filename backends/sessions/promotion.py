@@ -2,10 +2,10 @@
 
 When a view ends a server, every replica it was primary for is promoted here and sent to a
 new secondary. A server holding a million of them cannot do that in one go: the event loop
-would answer nothing for seconds. So the work runs in slices of at most `SLICE_S` of the
-loop, yielding between slices, and what a request or a peer's message touches before its
-slice comes is promoted on the spot (`claim`) — the same promotion, with the same epoch
-(from the number of the view that ended its primary), so nothing can tell the order apart.
+would answer nothing for seconds. So the work runs in slices of the loop (slices.py), and
+what a request or a peer's message touches before its slice comes is promoted on the spot
+(`claim`) — the same promotion, with the same epoch (from the number of the view that ended
+its primary), so nothing can tell the order apart.
 
 Which replicas the view ended: those naming an ended process as primary that were last
 heard of before the view was adopted. A replica changed since (by a message of a peer: a
@@ -25,16 +25,12 @@ import structlog
 
 from .committing import Committer
 from .context import Context
+from .slices import chunks
 from .store import Primary
 
-__all__ = ["Promotion", "SLICE_S"]
+__all__ = ["Promotion"]
 
 log = structlog.get_logger("tandem.sessions")
-
-# Seconds of the event loop one slice may hold (the rule: under 50 ms, and a slice may end
-# with a resize of the store's primaries: ~35 ms at 700,000 entries)
-SLICE_S = 0.01
-_CHECK_EVERY = 256  # sessions between two looks at the clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +138,12 @@ class Promotion:
 
     # --- the slices ---------------------------------------------------------------------
 
-    def _promote_one(self, sid: str, peer: str, mark: _Ended) -> Primary | None:
+    def _promote_one(self, sid: str, peer: str, mark: _Ended,
+                     now: float | None = None) -> Primary | None:
         ctx = self.ctx
         store = ctx.store
         replica = store.replicas[sid]
-        if time.time() - replica.last_access > replica.max_inactive_s:
+        if (time.time() if now is None else now) - replica.last_access > replica.max_inactive_s:
             del store.replicas[sid]
             return None
         key = (replica.epoch, mark.view)
@@ -192,23 +189,20 @@ class Promotion:
     async def _promote(self, scan: dict[str, _Ended]) -> None:
         """Promote, slice by slice, the replicas whose primary `scan` ended."""
         store = self.ctx.store
-        sids = list(store.replicas)  # (8 bytes a session, for the round)
         promoted = 0
-        deadline = time.monotonic() + SLICE_S
-        for i, sid in enumerate(sids):
-            if i % _CHECK_EVERY == 0 and time.monotonic() > deadline:
-                await asyncio.sleep(0)  # requests and messages run between slices
-                deadline = time.monotonic() + SLICE_S
-            replica = store.replicas.get(sid)
-            if replica is None:
-                continue
-            mark = scan.get(replica.primary)
-            if mark is None or replica.last_heard > mark.at:
-                continue
-            record = self._promote_one(sid, replica.primary, mark)
-            if record is not None:
-                promoted += 1
-                self._orphans.append(record)
+        async for sids in chunks(store.replicas.walk()):
+            now = time.time()  # (once a chunk: a few ms at most)
+            for sid in sids:
+                replica = store.replicas.get(sid)
+                if replica is None:
+                    continue
+                mark = scan.get(replica.primary)
+                if mark is None or replica.last_heard > mark.at:
+                    continue
+                record = self._promote_one(sid, replica.primary, mark, now)
+                if record is not None:
+                    promoted += 1
+                    self._orphans.append(record)
         self.ctx.stats["promoted"] += promoted
         promoted, self._claimed = promoted + self._claimed, 0
         if promoted:
@@ -219,12 +213,8 @@ class Promotion:
     async def _unassign(self, scan: dict[str, _Ended]) -> None:
         """The sessions whose secondary `scan` ended get a new one."""
         store = self.ctx.store
-        records = list(store.primaries.values())
-        deadline = time.monotonic() + SLICE_S
-        for i, record in enumerate(records):
-            if i % _CHECK_EVERY == 0 and time.monotonic() > deadline:
-                await asyncio.sleep(0)
-                deadline = time.monotonic() + SLICE_S
-            if record.secondary in scan and store.primaries.get(record.sid) is record:
-                store.assign_secondary(record, None)
-                self._orphans.append(record)
+        async for records in chunks(store.primaries.walk_values()):
+            for record in records:
+                if record.secondary in scan and store.primaries.get(record.sid) is record:
+                    store.assign_secondary(record, None)
+                    self._orphans.append(record)

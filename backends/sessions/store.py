@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from typing import cast
 
 from tandem.token import new_sid
+
+from .shards import Shards
 
 __all__ = ["Primary", "Replica", "LocalStore", "APP_PREFIX"]
 
@@ -219,8 +221,8 @@ class LocalStore:
 
     def __init__(self, *, max_inactive_s: float) -> None:
         self.max_inactive_s = max_inactive_s
-        self.primaries: dict[str, Primary] = {}
-        self.replicas: dict[str, Replica] = {}
+        self.primaries: Shards[Primary] = Shards()
+        self.replicas: Shards[Replica] = Shards()
         # how many of this server's primaries each peer holds as secondary (rank tie-break)
         self.replica_counts: dict[str, int] = {}
 
@@ -266,9 +268,6 @@ class LocalStore:
         for c in dead_r:
             del self.replicas[c.sid]
         return dead_p, dead_r
-
-    def primaries_with_secondary(self, peer: str | None) -> Iterator[Primary]:
-        return (r for r in list(self.primaries.values()) if r.secondary == peer)
 
     def assign_secondary(self, record: Primary, peer: str | None) -> None:
         """Point `record` at a new secondary (which has been sent nothing yet)."""

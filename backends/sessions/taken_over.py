@@ -11,7 +11,7 @@ of a dict of 700,000 entries holds the event loop for ~35 ms).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 __all__ = ["TakenOver"]
 
@@ -35,8 +35,16 @@ class TakenOver:
             self.add(sid, epoch)
 
     def as_dict(self) -> dict[str, int]:
-        """sid -> epoch, what the `supersede` message carries."""
+        """sid -> epoch, what a `supersede` message carries."""
         return dict(zip(self._sids, self._epochs, strict=True))
+
+    def parts(self, size: int) -> Iterator[dict[str, int]]:
+        """`as_dict` in parts of at most `size` sessions, in the order taken (a session
+        taken twice may appear in two parts: the later one, with the later epoch, is
+        applied last)."""
+        for start in range(0, len(self._sids), size):
+            yield dict(zip(self._sids[start:start + size], self._epochs[start:start + size],
+                           strict=True))
 
     def __len__(self) -> int:
         return len(self._sids)
