@@ -58,17 +58,18 @@ class LoopLag:
                 "gc_full_total_ms": round(self.gc_full_ms, 1)}
 
     def _gc(self, phase: str, info: dict[str, int]) -> None:
-        if info.get("generation") != 2:
-            return
         if phase == "start":
             self._gc_started = time.perf_counter()
             return
         ms = (time.perf_counter() - self._gc_started) * 1000
-        self.gc_full_runs += 1
-        self.gc_full_ms += ms
-        self.gc_full_max_ms = max(self.gc_full_max_ms, ms)
-        if ms > WARN_MS:
-            log.warning("gc_full_run", ms=round(ms, 1), collected=info.get("collected"))
+        generation = info.get("generation")
+        if generation == 2:
+            self.gc_full_runs += 1
+            self.gc_full_ms += ms
+            self.gc_full_max_ms = max(self.gc_full_max_ms, ms)
+        if ms > WARN_MS:  # (a young generation's run too: it says what piled up there)
+            log.warning("gc_full_run" if generation == 2 else "gc_run", ms=round(ms, 1),
+                        generation=generation, collected=info.get("collected"))
 
     def record(self, lag_ms: float, now: float, busy_ms: float = 0.0) -> None:
         second = int(now)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,7 +260,7 @@ class Committer:
             log.warning("session_unprotected", sid=short(record.sid), was=record.secondary)
         ctx.store.assign_secondary(record, None)
 
-    async def replicate_batches(self, records: list[Primary]) -> None:
+    async def replicate_batches(self, records: Iterable[Primary]) -> None:
         """Give these sessions (left without a secondary) one, `BATCH` full copies per frame
         and a few frames in flight: re-protecting a failed server's sessions one frame each
         would take minutes for a million. A session a batch cannot place (no live peer, a

@@ -73,8 +73,11 @@ class Context:
         # requests taking a session over right now: sid -> the record they will produce
         self.opening: dict[str, asyncio.Future[Primary | None]] = {}
         # sessions taken over from a peer that was unreachable or ended: peer -> their ids
-        # and our epochs (taken_over.py), told to that peer when it is back
-        self.superseded: dict[str, TakenOver] = {}
+        # and our epochs (taken_over.py), told to that peer when it is back (made now for
+        # the peers of the file: a list made at start-up is never walked by the cycle
+        # collector's young runs, and a promotion puts a million items in one)
+        self.superseded: dict[str, TakenOver] = {
+            s.id: TakenOver() for s in config.servers if s.id != me}
         # where the sessions we handed on went (a stale token still finds them)
         self.moved_to: dict[str, str] = {}
         # the peers' primary counts, from their load reports (rebalancing)

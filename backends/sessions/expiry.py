@@ -40,32 +40,32 @@ class Expiry:
         interval = max(0.1, min(30.0, self.ctx.config.session.max_inactive_s / 10))
         while True:
             await asyncio.sleep(interval)
-            primaries, replicas = await self._expired()
+            primaries, replicas = await self._sweep()
             if primaries or replicas:
-                self.expire(primaries, replicas)
+                log.info("sessions_expired", primaries=primaries, replicas=replicas)
 
-    async def _expired(self) -> tuple[list[Primary], list[Replica]]:
-        """Remove and return the primaries past max_inactive and the orphaned replicas,
-        looking at them in slices (a million records take a quarter of a second)."""
+    async def _sweep(self) -> tuple[int, int]:
+        """Expire the primaries past max_inactive and the orphaned replicas, in slices (a
+        million records take a quarter of a second), each slice's at once: no list of a
+        million to walk again (see promotion.py). How many of each went."""
         store = self.ctx.store
-        now, mono = time.time(), time.monotonic()
-        old_p: list[Primary] = []
-        old_r: list[Replica] = []
+        expired = orphaned = 0
         async for records in chunks(store.primaries.walk_values()):
-            old_p.extend(r for r in records if r.expired(now))
+            now = time.time()
+            dead = [r for r in records if r.expired(now) and store.primaries.get(r.sid) is r]
+            if dead:
+                self.expire(dead, [], quiet=True)
+                expired += len(dead)
         async for replicas in chunks(store.replicas.walk_values()):
-            old_r.extend(c for c in replicas if c.orphaned(mono))
-        # (what a request or a message renewed between the slices stays)
-        now, mono = time.time(), time.monotonic()
-        dead_p = [r for r in old_p if store.primaries.get(r.sid) is r and r.expired(now)]
-        for r in dead_p:
-            store.remove(r.sid)
-        dead_r = [c for c in old_r if store.replicas.get(c.sid) is c and c.orphaned(mono)]
-        for c in dead_r:
-            del store.replicas[c.sid]
-        return dead_p, dead_r
+            mono = time.monotonic()
+            for c in replicas:
+                if c.orphaned(mono) and store.replicas.get(c.sid) is c:
+                    del store.replicas[c.sid]
+                    orphaned += 1
+        return expired, orphaned
 
-    def expire(self, primaries: list[Primary], replicas: list[Replica]) -> None:
+    def expire(self, primaries: list[Primary], replicas: list[Replica], *,
+               quiet: bool = False) -> None:
         """Forget these sessions here, at their secondaries and in the store."""
         ctx = self.ctx
         by_peer: dict[str, list[str]] = {}
@@ -78,4 +78,5 @@ class Expiry:
         ctx.stats["expired"] += len(primaries)
         if ctx.persister is not None:
             ctx.persister.expired([r.sid for r in primaries])
-        log.info("sessions_expired", primaries=len(primaries), replicas=len(replicas))
+        if not quiet:
+            log.info("sessions_expired", primaries=len(primaries), replicas=len(replicas))

@@ -40,14 +40,16 @@ class Failover:
     async def peer_changed(self, peer: str, state: PeerState, cause: str) -> None:
         ctx = self.ctx
         store = ctx.store
-        if state is PeerState.ALIVE and peer in ctx.superseded:
-            taken = ctx.superseded.pop(peer)
+        taken = ctx.superseded.get(peer)
+        if state is PeerState.ALIVE and taken:
             # (in parts: a million in one message would pass the frame limit, and building
             # or applying it would hold either loop for a second)
-            for part in taken.parts(SUPERSEDE_PART):
+            told = len(taken)
+            for part in taken.parts(SUPERSEDE_PART, upto=told):
                 ctx.send(peer, {"op": "supersede", "sids": part})
                 await asyncio.sleep(0)
-            log.info("supersede_sent", peer=peer, sessions=len(taken))
+            taken.drop(told)
+            log.info("supersede_sent", peer=peer, sessions=told)
         if ctx.mode == "none" or ctx.draining:
             return
         if state is PeerState.ALIVE:
@@ -97,7 +99,9 @@ class Failover:
         if not ended or ctx.mode == "none" or ctx.draining:
             return
         for peer in ended:
-            ctx.superseded.pop(peer, None)  # a later process of it holds nothing to release
+            taken = ctx.superseded.get(peer)
+            if taken:  # a later process of it holds nothing to release
+                taken.drop(len(taken))
         # Promoting the replicas whose primary ended: waiting for each session's next
         # request (as WebLogic does) would leave it with a single copy for as long as its
         # user is idle, and a second failure would lose it. The token still names the

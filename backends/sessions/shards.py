@@ -25,6 +25,17 @@ _MASK = SHARDS - 1
 _MISSING: Any = object()
 
 
+class _Shard(dict[str, V]):
+    """One shard: a dict, of a subclass so that the cycle collector keeps it tracked from
+    the start. A plain dict holding no object it tracks (an empty one) is untracked, and
+    tracked again by its first insert, as a *young* object: a promotion that fills the
+    empty primaries of a server with a million records within a second or two would then
+    have every young run of the collector walk them (~0.1 s each). A subclass's dict is
+    tracked when made and never untracked: made at start-up, it is old."""
+
+    __slots__ = ()
+
+
 class _Values(Generic[V]):
     """The values, as a view: iterated shard after shard, and counted."""
 
@@ -61,7 +72,7 @@ class Shards(MutableMapping[str, V]):
     __slots__ = ("_shards",)
 
     def __init__(self, items: dict[str, V] | None = None) -> None:
-        self._shards: tuple[dict[str, V], ...] = tuple({} for _ in range(SHARDS))
+        self._shards: tuple[dict[str, V], ...] = tuple(_Shard() for _ in range(SHARDS))
         if items:
             for sid, value in items.items():
                 self[sid] = value

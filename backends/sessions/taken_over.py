@@ -38,13 +38,20 @@ class TakenOver:
         """sid -> epoch, what a `supersede` message carries."""
         return dict(zip(self._sids, self._epochs, strict=True))
 
-    def parts(self, size: int) -> Iterator[dict[str, int]]:
-        """`as_dict` in parts of at most `size` sessions, in the order taken (a session
-        taken twice may appear in two parts: the later one, with the later epoch, is
-        applied last)."""
-        for start in range(0, len(self._sids), size):
-            yield dict(zip(self._sids[start:start + size], self._epochs[start:start + size],
-                           strict=True))
+    def parts(self, size: int, upto: int | None = None) -> Iterator[dict[str, int]]:
+        """`as_dict` of the first `upto` (all) in parts of at most `size` sessions, in the
+        order taken (a session taken twice may appear in two parts: the later one, with
+        the later epoch, is applied last)."""
+        end = len(self._sids) if upto is None else upto
+        for start in range(0, end, size):
+            stop = min(start + size, end)
+            yield dict(zip(self._sids[start:stop], self._epochs[start:stop], strict=True))
+
+    def drop(self, n: int) -> None:
+        """Forget the first `n` (told to the peer). The lists stay the same objects: made
+        at start-up, the cycle collector's young runs never walk their million items."""
+        del self._sids[:n]
+        del self._epochs[:n]
 
     def __len__(self) -> int:
         return len(self._sids)
