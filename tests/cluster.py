@@ -263,24 +263,34 @@ class Client:
 
     def get(self, path: str | None = None, *, base: str | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        path = path or self.next_path
-        req = urllib.request.Request((base or self.base) + path, headers=dict(headers or {}))
+        return self._send(path or self.next_path, None, base=base, headers=headers)
+
+    def post(self, path: str, data: Any, *, base: str | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """POST `data` as JSON (with the session's cookie, keeping the token it sets)."""
+        return self._send(path, json.dumps(data).encode(), base=base,
+                          headers={"Content-Type": "application/json", **(headers or {})})
+
+    def _send(self, path: str, body: bytes | None, *, base: str | None,
+              headers: dict[str, str] | None) -> tuple[int, Any]:
+        req = urllib.request.Request((base or self.base) + path, data=body,
+                                     headers=dict(headers or {}))
         if self.cookies and self.token:
             req.add_header("Cookie", f"{self.cookie_name}={self.token}")
         try:
             with urllib.request.urlopen(req, timeout=10, context=self.context) as resp:
-                status, body, hdrs = resp.status, resp.read(), resp.headers
+                status, answer, hdrs = resp.status, resp.read(), resp.headers
         except urllib.error.HTTPError as exc:
-            status, body, hdrs = exc.code, exc.read(), exc.headers
+            status, answer, hdrs = exc.code, exc.read(), exc.headers
         for value in hdrs.get_all("Set-Cookie") or []:
             self.set_cookie_seen.append(value)
             name, _, rest = value.partition("=")
             if name == self.cookie_name and self.cookies:
                 self.token = rest.split(";", 1)[0] or None
         try:
-            data = json.loads(body)
+            data = json.loads(answer)
         except ValueError:
-            data = body.decode(errors="replace")
+            data = answer.decode(errors="replace")
         if isinstance(data, dict) and data.get("next") and not self.cookies:
             self.next_path = data["next"]
             self.token = data["next"].split("=", 1)[1]

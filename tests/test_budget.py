@@ -44,6 +44,25 @@ def fill(client: Client, key: str, n: int, seed: str, base: str | None = None) -
     return client.get(f"/fill?key={key}&bytes={n}&seed={seed}", base=base)
 
 
+def evicting_cluster(make_cluster: Any, redis_url: str, **session: Any) -> Any:
+    """Three servers of a 1 MB budget each, evicting to Redis (no proxy), started."""
+    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1, "persistence": "redis",
+                                                  **session})
+    with_persistence(cluster, url=redis_url, timeout_s=2.0)
+    return cluster.start(proxy=False)
+
+
+def filled_on_s1(cluster: Any, n: int) -> list[Client]:
+    """`n` sessions of 64 KiB made on s1 (past its budget: the oldest are evicted)."""
+    clients = []
+    for i in range(n):
+        c = Client(cluster.url("s1"))
+        status, body = fill(c, "v", 64 * KB, str(i))
+        assert status == 200 and "error" not in body, body
+        clients.append(c)
+    return clients
+
+
 # --- the keys -----------------------------------------------------------------------------
 
 
@@ -171,17 +190,9 @@ def test_past_the_budget_without_a_store_new_sessions_get_503(make_cluster):
 
 def test_past_the_budget_sessions_go_to_redis_and_come_back_intact(make_cluster, request):
     redis: RedisServer = request.getfixturevalue("redis_server")
-    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1,
-                                                  "persistence": "redis"})
-    with_persistence(cluster, url=redis.url, timeout_s=2.0)
-    cluster.start(proxy=False)
+    cluster = evicting_cluster(make_cluster, redis.url)
     url = cluster.url("s1")
-    clients = []
-    for i in range(40):  # 40 x 64 KiB on s1, their replicas on s2 and s3
-        c = Client(url)
-        status, body = fill(c, "v", 64 * KB, str(i))
-        assert status == 200 and "error" not in body, body
-        clients.append(c)
+    clients = filled_on_s1(cluster, 40)  # 40 x 64 KiB on s1, their replicas on s2 and s3
     time.sleep(0.5)
     for sid in ("s1", "s2", "s3"):
         memory = cluster.health(sid)["memory"]
@@ -350,13 +361,8 @@ def test_an_invalidated_session_whose_copy_was_evicted_stays_ended(make_cluster,
     """The replica holder wrote its evicted copy to the store; the primary's invalidation
     deletes it there again, so the old token finds nothing, even after the primary dies."""
     redis: RedisServer = request.getfixturevalue("redis_server")
-    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1,
-                                                  "persistence": "redis"})
-    with_persistence(cluster, url=redis.url, timeout_s=2.0)
-    cluster.start(proxy=False)
-    clients = [Client(cluster.url("s1")) for _ in range(40)]
-    for i, c in enumerate(clients):
-        assert fill(c, "v", 64 * KB, str(i))[0] == 200
+    cluster = evicting_cluster(make_cluster, redis.url)
+    clients = filled_on_s1(cluster, 40)
     time.sleep(0.5)
     # the oldest replicas went to the store first, from their holders
     holders = {s: cluster.health(s) for s in ("s2", "s3")}
@@ -377,13 +383,8 @@ def test_an_invalidated_session_whose_copy_was_evicted_stays_ended(make_cluster,
 def test_an_evicted_session_taken_over_by_a_third_server_comes_from_the_store(
         make_cluster, request):
     redis: RedisServer = request.getfixturevalue("redis_server")
-    cluster = make_cluster(n=3, app=APP, session={"max_memory_mb": 1, "persistence": "redis",
-                                                  "foreign_requests": "take_over"})
-    with_persistence(cluster, url=redis.url, timeout_s=2.0)
-    cluster.start(proxy=False)
-    clients = [Client(cluster.url("s1")) for _ in range(30)]
-    for i, c in enumerate(clients):
-        assert fill(c, "v", 64 * KB, str(i))[0] == 200
+    cluster = evicting_cluster(make_cluster, redis.url, foreign_requests="take_over")
+    clients = filled_on_s1(cluster, 30)
     # the oldest are stubs on s1 now; each goes to the server that is not its secondary
     moved = list(enumerate(clients[:6]))
     for i, c in moved:

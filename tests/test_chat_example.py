@@ -4,7 +4,6 @@ lost."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,27 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster import ROOT, Client
-
-
-def post(c: Client, path: str, data: dict[str, Any]) -> tuple[int, Any]:
-    """POST JSON as `c` (its cookie), keeping the token the answer sets."""
-    req = urllib.request.Request(c.base + path, data=json.dumps(data).encode(),
-                                 headers={"Content-Type": "application/json"})
-    if c.token:
-        req.add_header("Cookie", f"{c.cookie_name}={c.token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            status, body, headers = resp.status, resp.read(), resp.headers
-    except urllib.error.HTTPError as exc:
-        status, body, headers = exc.code, exc.read(), exc.headers
-    for value in headers.get_all("Set-Cookie") or []:
-        name, _, rest = value.partition("=")
-        if name == c.cookie_name:
-            c.token = rest.split(";", 1)[0] or None
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, body.decode(errors="replace")
 
 
 def join(c: Client, name: str, room: str) -> None:
@@ -75,7 +53,7 @@ def test_chat_room_behind_tandem_up_keeps_every_message_when_its_primary_dies(
             join(c, f"user{i}", "kitchen")
         said = []
         for i, c in enumerate(users):
-            status, body = post(c, "/api/say", {"text": f"hello from {i}"})
+            status, body = c.post("/api/say", {"text": f"hello from {i}"})
             assert status == 200, body
             said.append(f"hello from {i}")
         assert len({c.route[1] for c in users}) >= 2  # the users are on several servers
@@ -87,12 +65,12 @@ def test_chat_room_behind_tandem_up_keeps_every_message_when_its_primary_dies(
         os.kill(int(found[0]), signal.SIGKILL)
 
         for i, c in enumerate(users):
-            status, body = post(c, "/api/say", {"text": f"still here {i}"})
+            status, body = c.post("/api/say", {"text": f"still here {i}"})
             if status == 502:
                 # sent on a connection to the dead server, which the proxy does not retry
                 # for a POST: that server was dead, so the user may say it again
                 assert "connection closed before a response" in body, body
-                status, body = post(c, "/api/say", {"text": f"still here {i}"})
+                status, body = c.post("/api/say", {"text": f"still here {i}"})
             assert status == 200, body
             said.append(f"still here {i}")
         status, state = users[-1].get("/api/room")

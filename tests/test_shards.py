@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,3 +102,15 @@ def test_what_was_taken_over_goes_in_parts_the_later_epoch_last() -> None:
     for part in parts:  # applied in order, as the peer does
         merged.update(part)
     assert merged == taken.as_dict() and merged["s5"] == 9_999 and len(merged) == 12_000
+
+
+def test_an_empty_shard_stays_tracked_so_it_is_old_before_it_fills() -> None:
+    """A plain dict with nothing tracked in it is untracked by a full collection, and its
+    next insert tracks it as young: each young run of the collector would then walk every
+    record a promotion puts in it. The shards are tracked from the start, and stay so."""
+    s: Shards[object] = Shards()
+    gc.collect()
+    assert all(gc.is_tracked(shard) for shard in s.shards)
+    plain: dict[str, object] = {}
+    gc.collect()
+    assert not gc.is_tracked(plain)  # (what a plain dict would do)
