@@ -21,6 +21,7 @@ from ..cluster.view import ViewChanged
 from .committing import Committer
 from .context import Context
 from .slices import chunks
+from .store import Primary
 
 __all__ = ["Failover"]
 
@@ -36,6 +37,11 @@ class Failover:
     def __init__(self, ctx: Context, committer: Committer) -> None:
         self.ctx = ctx
         self.committer = committer
+        # the sessions a peer's return or drain leaves without a secondary: one list, made
+        # at start-up and emptied in place (a new one of a million would be young to the
+        # cycle collector, whose young runs would walk it: docs/memory.md)
+        self._orphans: list[Primary] = []
+        self._rehoming = asyncio.Lock()
 
     async def peer_changed(self, peer: str, state: PeerState, cause: str) -> None:
         ctx = self.ctx
@@ -53,24 +59,33 @@ class Failover:
         if ctx.mode == "none" or ctx.draining:
             return
         if state is PeerState.ALIVE:
-            orphans = [r async for chunk in chunks(store.primaries.walk_values())
-                       for r in chunk if r.secondary is None]
+            def lacking(r: Primary) -> bool:
+                return r.secondary is None
         elif state is PeerState.DRAINING:  # it still holds the copies: released after
-            orphans = [r async for chunk in chunks(store.primaries.walk_values())
-                       for r in chunk if r.secondary == peer]
-            for record in orphans:
-                if store.primaries.get(record.sid) is record and record.secondary == peer:
-                    store.assign_secondary(record, None)
-                    record.add_stale_holder(peer)
+            def lacking(r: Primary) -> bool:
+                return r.secondary == peer
         else:
             # Failed or left: repaired when the view removes it. Until then it may be alive
             # and its replicas promotable (a partition); moving them would race that.
             return
-        if orphans:
-            started = time.monotonic()
-            await self.committer.replicate_batches(orphans)
-            log.info("reprotected", sessions=len(orphans), cause=f"{peer} {state.value}",
-                     seconds=round(time.monotonic() - started, 3))
+        async with self._rehoming:  # (one at a time: they share the list)
+            orphans = self._orphans
+            async for chunk in chunks(store.primaries.walk_values()):
+                orphans.extend(r for r in chunk if lacking(r))
+            if state is PeerState.DRAINING:
+                for record in orphans:
+                    if store.primaries.get(record.sid) is record and record.secondary == peer:
+                        store.assign_secondary(record, None)
+                        record.add_stale_holder(peer)
+            n = len(orphans)
+            if n:
+                started = time.monotonic()
+                try:
+                    await self.committer.replicate_batches(orphans)
+                finally:
+                    orphans.clear()
+                log.info("reprotected", sessions=n, cause=f"{peer} {state.value}",
+                         seconds=round(time.monotonic() - started, 3))
 
     def view_changed(self, event: ViewChanged) -> None:
         """A decided view: fence ourselves, or promote and re-home for the servers it ended.
