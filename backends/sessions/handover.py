@@ -20,11 +20,14 @@ from tandem.token import Route
 from ..errors import PeerTimeout, PeerUnavailable, SessionMoved
 from .committing import Committer
 from .context import Context
+from .slices import chunks
 from .store import Primary
 
 __all__ = ["Handover"]
 
 log = structlog.get_logger("tandem.sessions")
+
+HANDERS = 64  # sessions a drain hands over at once
 
 
 class Handover:
@@ -46,36 +49,53 @@ class Handover:
         membership.broadcast({"op": "draining"})
         if ctx.mode == "async":
             await self.committer.flush_async()
-        sem = asyncio.Semaphore(64)
 
         async def hand_over(record: Primary) -> None:
-            async with sem:
-                if store.primaries.get(record.sid) is not record:
-                    return  # fetched away meanwhile
-                alive = [s.id for s in membership.alive_peers()]
-                targets = [p for p in (record.secondary,) if p and p in alive]
-                targets += [p for p in alive if p not in targets]
-                for peer in targets:
-                    timeout = max(0.1, min(ctx.timeout * 2, deadline - time.monotonic()))
-                    if await self.hand_over(record, peer, timeout=timeout) is not None:
-                        return
-                log.warning("session_not_handed_over", sid=short(record.sid))
+            if store.primaries.get(record.sid) is not record:
+                return  # fetched away meanwhile
+            alive = [s.id for s in membership.alive_peers()]
+            targets = [p for p in (record.secondary,) if p and p in alive]
+            targets += [p for p in alive if p not in targets]
+            for peer in targets:
+                timeout = max(0.1, min(ctx.timeout * 2, deadline - time.monotonic()))
+                if await self.hand_over(record, peer, timeout=timeout) is not None:
+                    return
+            log.warning("session_not_handed_over", sid=short(record.sid))
 
-        ctx.promotion.claim_all()  # (those of an ended primary are ours already)
+        await ctx.promotion.claim_all()  # (those of an ended primary are ours already)
         # Replicas whose primary is gone have no one to re-home them: we hold their only
         # copy, so we take them over and hand them on like our own primaries.
-        for replica in [r for r in store.replicas.values()
-                        if not membership.is_alive(r.primary)]:
-            record = store.promote(replica, epoch=ctx.next_epoch(replica.epoch))
-            ctx.taken_over(replica.primary).add(record.sid, record.epoch)
-        await asyncio.gather(*(hand_over(r) for r in list(store.primaries.values())))
+        async for replicas in chunks(store.replicas.walk_values()):
+            for replica in replicas:
+                if store.replicas.get(replica.sid) is replica \
+                        and not membership.is_alive(replica.primary):
+                    record = store.promote(replica, epoch=ctx.next_epoch(replica.epoch))
+                    ctx.taken_over(replica.primary).add(record.sid, record.epoch)
+        # HANDERS at a time, each taking the next primary from one walk of the store (a
+        # million sessions: not a million tasks made at once)
+        primaries = store.primaries.walk_values()
+
+        async def hander() -> None:
+            for record in primaries:
+                await hand_over(record)
+
+        await asyncio.gather(*(hander() for _ in range(HANDERS)))
         # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
-        while any(membership.is_alive(r.primary) for r in store.replicas.values()) \
-                and membership.alive_peers() and time.monotonic() < deadline:
+        while await self._replicas_of_live_primaries() and membership.alive_peers() \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained", handed_over=ctx.stats["handed_over"],
                  primaries_left=len(store.primaries), replicas_left=len(store.replicas),
                  seconds=round(time.monotonic() - started, 3))
+
+    async def _replicas_of_live_primaries(self) -> bool:
+        """Do we still hold a replica whose primary is alive (it has not re-homed it yet)?
+        Looked for in slices, the first one ends the look."""
+        membership = self.ctx.membership
+        async for replicas in chunks(self.ctx.store.replicas.walk_values()):
+            if any(membership.is_alive(r.primary) for r in replicas):
+                return True
+        return False
 
     async def hand_over(self, record: Primary, peer: str, *,
                         timeout: float) -> Route | None:

@@ -131,11 +131,14 @@ class Promotion:
                     elif isinstance(item, dict) and isinstance(item.get("sid"), str):
                         self.claim(item["sid"])
 
-    def claim_all(self) -> None:
-        """Promote every replica of an ended primary now (before a drain hands them on)."""
-        store = self.ctx.store
-        for replica in list(store.replicas.values()):
-            self.claim(replica.sid)
+    async def claim_all(self) -> None:
+        """Promote every replica of an ended primary now (before a drain hands them on), in
+        slices."""
+        if not self._ended:
+            return
+        async for replicas in chunks(self.ctx.store.replicas.walk_values()):
+            for replica in replicas:
+                self.claim(replica.sid)
 
     # --- the slices ---------------------------------------------------------------------
 
