@@ -311,15 +311,17 @@ class Committer:
             await start(peer)
         await asyncio.gather(*list(sends))
         if one_by_one:
-            sem = asyncio.Semaphore(64)
+            # 64 at a time, each worker taking the next (a new secondary lost midway can
+            # leave hundreds of thousands here: not a task each made at once)
+            left = iter(one_by_one)
 
-            async def one(record: Primary) -> None:
-                async with sem:
+            async def one_by_one_worker() -> None:
+                for record in left:
                     if primaries.get(record.sid) is record:
                         with contextlib.suppress(ReplicationError):
                             await self.replicate_now(record)
 
-            await asyncio.gather(*(one(r) for r in one_by_one))
+            await asyncio.gather(*(one_by_one_worker() for _ in range(64)))
 
     async def _send_batch(self, peer: str, items: list[tuple[Primary, dict[str, Any]]],
                           one_by_one: list[Primary]) -> None:
