@@ -114,3 +114,25 @@ def test_an_empty_shard_stays_tracked_so_it_is_old_before_it_fills() -> None:
     plain: dict[str, object] = {}
     gc.collect()
     assert not gc.is_tracked(plain)  # (what a plain dict would do)
+
+
+async def test_for_each_works_every_item_once_a_few_at_a_time() -> None:
+    """A drain's hand-overs and re-protection's one-by-one fallback: `at_once` workers over
+    one iterator, never a task per item."""
+    from backends.tasks import for_each
+
+    done: list[int] = []
+    running = peak = 0
+
+    async def work(item: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0)
+        done.append(item)
+        running -= 1
+
+    before = len(asyncio.all_tasks())
+    await for_each(range(1000), work, at_once=8)
+    assert sorted(done) == list(range(1000)) and peak == 8
+    assert len(asyncio.all_tasks()) == before

@@ -193,7 +193,7 @@ class ManagerHost(Host):
         await self.manager.commit(session)
 
     def _expire(self, primaries: list[Primary]) -> None:
-        self.manager.expiry.expire(primaries, [])
+        self.manager.expiry.expire(primaries)
 
 
 class LocalHost(Host):

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .shards import SHARDS, Shards
+from .shards import Shards
 from .store import Primary, Replica
 
 __all__ = ["Stub", "Tracked", "record_bytes", "PRIMARY_OVERHEAD", "REPLICA_OVERHEAD",
@@ -91,7 +91,7 @@ class Tracked(Shards[R]):
                 self[sid] = record
 
     def __setitem__(self, sid: str, record: R) -> None:
-        self.shards[hash(sid) & (SHARDS - 1)][sid] = record  # (as Shards does)
+        self.shard_of(sid)[sid] = record
         size = record_bytes(record)
         old = self._lru.pop(sid, 0)
         self._lru[sid] = size  # (the most recently used end)

@@ -233,7 +233,7 @@ class AppSessions:
         aid = msg["aid"]
         record = ctx.store.primaries.get(aid)
         if record is not None and record.expired(time.time()):
-            self.expiry.expire([record], [])
+            self.expiry.expire([record])
             record = None
         if record is None:
             replica = ctx.store.replicas.get(aid)

@@ -18,6 +18,7 @@ from tandem.logs import short
 from tandem.token import Route
 
 from ..errors import NotServing, PeerTimeout, PeerUnavailable, ReplicationError, SessionMoved
+from ..tasks import for_each
 from .context import Context
 from .session import Session
 from .slices import chunks
@@ -311,17 +312,13 @@ class Committer:
             await start(peer)
         await asyncio.gather(*list(sends))
         if one_by_one:
-            # 64 at a time, each worker taking the next (a new secondary lost midway can
-            # leave hundreds of thousands here: not a task each made at once)
-            left = iter(one_by_one)
 
-            async def one_by_one_worker() -> None:
-                for record in left:
-                    if primaries.get(record.sid) is record:
-                        with contextlib.suppress(ReplicationError):
-                            await self.replicate_now(record)
+            async def one(record: Primary) -> None:
+                if primaries.get(record.sid) is record:
+                    with contextlib.suppress(ReplicationError):
+                        await self.replicate_now(record)
 
-            await asyncio.gather(*(one_by_one_worker() for _ in range(64)))
+            await for_each(one_by_one, one, at_once=64)
 
     async def _send_batch(self, peer: str, items: list[tuple[Primary, dict[str, Any]]],
                           one_by_one: list[Primary]) -> None:

@@ -11,7 +11,7 @@ import structlog
 
 from .context import Context
 from .slices import chunks
-from .store import Primary, Replica
+from .store import Primary
 
 __all__ = ["Expiry"]
 
@@ -54,7 +54,7 @@ class Expiry:
             now = time.time()
             dead = [r for r in records if r.expired(now) and store.primaries.get(r.sid) is r]
             if dead:
-                self.expire(dead, [], quiet=True)
+                self.expire(dead, quiet=True)
                 expired += len(dead)
         async for replicas in chunks(store.replicas.walk_values()):
             mono = time.monotonic()
@@ -64,8 +64,7 @@ class Expiry:
                     orphaned += 1
         return expired, orphaned
 
-    def expire(self, primaries: list[Primary], replicas: list[Replica], *,
-               quiet: bool = False) -> None:
+    def expire(self, primaries: list[Primary], *, quiet: bool = False) -> None:
         """Forget these sessions here, at their secondaries and in the store."""
         ctx = self.ctx
         by_peer: dict[str, list[str]] = {}
@@ -79,4 +78,4 @@ class Expiry:
         if ctx.persister is not None:
             ctx.persister.expired([r.sid for r in primaries])
         if not quiet:
-            log.info("sessions_expired", primaries=len(primaries), replicas=len(replicas))
+            log.info("sessions_expired", primaries=len(primaries))

@@ -58,25 +58,23 @@ class Failover:
             log.info("supersede_sent", peer=peer, sessions=told)
         if ctx.mode == "none" or ctx.draining:
             return
-        if state is PeerState.ALIVE:
-            def lacking(r: Primary) -> bool:
-                return r.secondary is None
-        elif state is PeerState.DRAINING:  # it still holds the copies: released after
-            def lacking(r: Primary) -> bool:
-                return r.secondary == peer
-        else:
+        if state not in (PeerState.ALIVE, PeerState.DRAINING):
             # Failed or left: repaired when the view removes it. Until then it may be alive
             # and its replicas promotable (a partition); moving them would race that.
             return
+        # Back: the sessions left without a secondary. Draining: those whose secondary it
+        # is (it still holds their copies: released once they have a new one).
+        whose = None if state is PeerState.ALIVE else peer
         async with self._rehoming:  # (one at a time: they share the list)
             orphans = self._orphans
             async for chunk in chunks(store.primaries.walk_values()):
-                orphans.extend(r for r in chunk if lacking(r))
-            if state is PeerState.DRAINING:
-                for record in orphans:
-                    if store.primaries.get(record.sid) is record and record.secondary == peer:
+                for record in chunk:
+                    if record.secondary != whose or store.primaries.get(record.sid) is not record:
+                        continue
+                    if whose is not None:
                         store.assign_secondary(record, None)
-                        record.add_stale_holder(peer)
+                        record.add_stale_holder(whose)
+                    orphans.append(record)
             n = len(orphans)
             if n:
                 started = time.monotonic()

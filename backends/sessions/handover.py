@@ -18,6 +18,7 @@ from tandem.logs import short
 from tandem.token import Route
 
 from ..errors import PeerTimeout, PeerUnavailable, SessionMoved
+from ..tasks import for_each
 from .committing import Committer
 from .context import Context
 from .slices import chunks
@@ -71,15 +72,8 @@ class Handover:
                         and not membership.is_alive(replica.primary):
                     record = store.promote(replica, epoch=ctx.next_epoch(replica.epoch))
                     ctx.taken_over(replica.primary).add(record.sid, record.epoch)
-        # HANDERS at a time, each taking the next primary from one walk of the store (a
-        # million sessions: not a million tasks made at once)
-        primaries = store.primaries.walk_values()
-
-        async def hander() -> None:
-            for record in primaries:
-                await hand_over(record)
-
-        await asyncio.gather(*(hander() for _ in range(HANDERS)))
+        # (a million sessions: a few at a time from one walk of the store)
+        await for_each(store.primaries.walk_values(), hand_over, at_once=HANDERS)
         # Primaries elsewhere re-protect the sessions we hold replicas of, then release us.
         while await self._replicas_of_live_primaries() and membership.alive_peers() \
                 and time.monotonic() < deadline:

@@ -88,7 +88,7 @@ class Opener:
                 budget.used_now(record)
         if record is not None:
             if record.expired(time.time()):
-                self.expiry.expire([record], [])
+                self.expiry.expire([record])
                 return None
             secondary = record.secondary
             if secondary is not None and not ctx.membership.is_alive(secondary) and (

@@ -36,34 +36,30 @@ class _Shard(dict[str, V]):
     __slots__ = ()
 
 
-class _Values(Generic[V]):
-    """The values, as a view: iterated shard after shard, and counted."""
+class _View(Generic[V]):
+    """A view of the shards: counted, and iterated shard after shard."""
 
     __slots__ = ("_shards",)
 
     def __init__(self, shards: tuple[dict[str, V], ...]) -> None:
         self._shards = shards
+
+    def __len__(self) -> int:
+        return sum(map(len, self._shards))
+
+
+class _Values(_View[V]):
+    __slots__ = ()
 
     def __iter__(self) -> Iterator[V]:
         return chain.from_iterable(shard.values() for shard in self._shards)
 
-    def __len__(self) -> int:
-        return sum(map(len, self._shards))
 
-
-class _Items(Generic[V]):
-    """The (id, value) pairs, as a view."""
-
-    __slots__ = ("_shards",)
-
-    def __init__(self, shards: tuple[dict[str, V], ...]) -> None:
-        self._shards = shards
+class _Items(_View[V]):
+    __slots__ = ()
 
     def __iter__(self) -> Iterator[tuple[str, V]]:
         return chain.from_iterable(shard.items() for shard in self._shards)
-
-    def __len__(self) -> int:
-        return sum(map(len, self._shards))
 
 
 class Shards(MutableMapping[str, V]):
@@ -81,6 +77,10 @@ class Shards(MutableMapping[str, V]):
     def shards(self) -> tuple[dict[str, V], ...]:
         """The dicts themselves, for walks that go one shard at a time (read only)."""
         return self._shards
+
+    def shard_of(self, sid: str) -> dict[str, V]:
+        """The dict that holds (or would hold) `sid`."""
+        return self._shards[hash(sid) & _MASK]
 
     def walk(self) -> Iterator[str]:
         """The ids, shard by shard, each shard copied when it is reached: safe to walk
